@@ -1,0 +1,26 @@
+"""scicevpr: SciceVPR, stable cross-image correlation enhanced visual place recognition.
+
+Quick start::
+
+    import scicevpr
+    model = scicevpr.SciceVPR("SciceVPR-B", weights="auto")   # DINOv2 ViT-B/14, 10752-d
+    teacher = scicevpr.SuperCricaVPR("SciceVPR-S", weights=None)  # random backbone, CPU-sized
+"""
+
+from .backbone import DinoVisionTransformer, RandomWeightsWarning, build_backbone
+from .config import PRESETS, BackboneConfig, ModelConfig, get_config
+from .models import SciceVPR, SuperCricaVPR, VPRModel
+
+__all__ = [
+    "BackboneConfig",
+    "DinoVisionTransformer",
+    "ModelConfig",
+    "PRESETS",
+    "RandomWeightsWarning",
+    "SciceVPR",
+    "SuperCricaVPR",
+    "VPRModel",
+    "build_backbone",
+    "get_config",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,379 @@
+"""DINOv2 ViT with multi-layer outputs (PAPER.md, "Architecture", step 1).
+
+The modules below reproduce the official DINOv2 architecture (Oquab et al. 2023,
+``facebookresearch/dinov2``) with its parameter names, so that an official
+``dinov2_vit{s,b,l,g}14_pretrain.pth`` state dict loads with ``strict=True``. Differences from
+the official code are implementation only: attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU, identical maths),
+and no xFormers, drop-path or chunked blocks (not needed for a frozen backbone).
+
+Weights: ``weights=`` is a path, ``"auto"`` (``$SCICEVPR_WEIGHTS/``, then torch hub's
+checkpoint cache, then the official download, tried once), or ``None`` (a random
+initialisation, flagged by ``model.is_random_init`` and a :class:`RandomWeightsWarning`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig
+
+WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{hub_name}/{hub_name}_pretrain.pth"
+WEIGHTS_ENV = "SCICEVPR_WEIGHTS"
+
+
+class RandomWeightsWarning(UserWarning):
+    """Emitted when a backbone is randomly initialised: results are not the paper's."""
+
+
+# --------------------------------------------------------------------------------------------
+# Layers (official names: patch_embed.proj, blocks.{i}.{norm1,attn.qkv,attn.proj,ls1,norm2,
+# mlp.fc1,mlp.fc2 | mlp.w12,mlp.w3,ls2}, norm, cls_token, pos_embed, mask_token)
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` x ``patch_size`` patches -> tokens (a strided conv)."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H*p, W*p) -> (B, H*W, C)."""
+        x = self.proj(x)  # (B, C, H, W)
+        return x.flatten(2).transpose(1, 2)  # (B, C, HW) -> (B, HW, C)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, computed by SDPA."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, C/heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, heads, C/heads) -> (B, N, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """Feed-forward network: fc1 -> GELU -> fc2 (ViT-S/B/L)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU feed-forward network of ViT-g/14 (official ``SwiGLUFFNFused`` widths)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma`` on a residual branch (Touvron et al., CaiT)."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale.
+
+    ``x = x + ls1(attn(norm1(x)))`` then ``x = x + ls2(mlp(norm2(x)))``. An optional
+    ``adapter`` (set by models that adapt the frozen backbone, e.g. CricaVPR) is added to the
+    feed-forward branch: ``x = x + ls2(mlp(h) + adapter_scale * adapter(h, grid))`` with
+    ``h = norm2(x)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn: str, layerscale_init: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim) if ffn == "mlp" else SwiGLUFFN(dim, 4 * dim)
+        self.ls2 = LayerScale(dim, layerscale_init)
+        self.adapter: nn.Module | None = None
+        self.adapter_scale = 1.0
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 1 + H*W, C) -> (B, 1 + H*W, C); ``grid`` = (H, W) is passed to the adapter."""
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        h = self.norm2(x)
+        f = self.mlp(h)
+        if self.adapter is not None:
+            f = f + self.adapter_scale * self.adapter(h, grid)
+        return x + self.ls2(f)
+
+
+# --------------------------------------------------------------------------------------------
+# The ViT
+# --------------------------------------------------------------------------------------------
+
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv2 ViT/14 (official architecture and parameter names).
+
+    Args:
+        config: which ViT and its patch / position-embedding settings.
+        weights: a state-dict path, ``"auto"`` or ``None`` (random init; see module docstring).
+
+    Attributes:
+        is_random_init: True when no pretrained weights were loaded. Every figure or table
+            built on such a model must say so.
+        weights_path: the file the weights came from, or None.
+    """
+
+    def __init__(self, config: BackboneConfig, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.config = config
+        C = config.embed_dim
+        self.patch_size = config.patch_size
+        self.embed_dim = C
+        self.num_heads = config.num_heads
+        pretrain_grid = config.pretrain_img_size // config.patch_size  # 518 / 14 = 37
+        self.patch_embed = PatchEmbed(config.patch_size, C)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pretrain_grid**2, C))
+        self.mask_token = nn.Parameter(torch.zeros(1, C))  # unused here; kept for strict loading
+        self.blocks = nn.ModuleList(
+            Block(C, config.num_heads, config.spec["ffn"], config.layerscale_init)
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(C, eps=1e-6)
+        self._init_weights()
+        self.is_random_init = True
+        self.weights_path: Path | None = None
+        path = resolve_weights(weights, config)
+        if path is None:
+            warnings.warn(
+                f"DINOv2 {config.arch} is randomly initialised (weights=None): descriptors and "
+                f"recalls are NOT those of pretrained DINOv2. Pass weights='auto' or a path to "
+                f"{config.hub_name}_pretrain.pth for real results.",
+                RandomWeightsWarning,
+                stacklevel=3,
+            )
+        else:
+            self.load_pretrained(path)
+
+    def _init_weights(self) -> None:
+        """Official DINOv2 initialisation (timm ViT): trunc-normal 0.02, zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load an official DINOv2 state dict strictly."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{path} is not a DINOv2 {self.config.arch} state dict "
+                f"(expected {self.config.hub_name}_pretrain.pth): {e}"
+            ) from None
+        self.is_random_init = False
+        self.weights_path = Path(path)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (H/p, W/p) for an image; raises unless both sides are multiples of p."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"DINOv2 needs image sides that are multiples of the patch size {p}; got "
+                f"{height} x {width}. Resize to e.g. {height // p * p} x {width // p * p} "
+                f"(224 = 16 * 14 is the paper's size)."
+            )
+        return height // p, width // p
+
+    def interpolate_pos_encoding(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Position embedding for a ``grid`` = (H, W) patch grid: (1, 1 + H*W, C).
+
+        As the official code: bicubic resize of the 37 x 37 table with scale factors
+        ``(H + 0.1) / 37`` and ``(W + 0.1) / 37`` (the offset avoids an off-by-one output size
+        from floating-point error, and the scale factor, not the size, sets the sampling grid).
+        """
+        N = self.pos_embed.shape[1] - 1
+        M = int(math.sqrt(N))  # 37
+        H, W = grid
+        if H * W == N and H == W:
+            return self.pos_embed.to(dtype)
+        pos_embed = self.pos_embed.float()
+        cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+        C = pos_embed.shape[-1]
+        off = self.config.interpolate_offset
+        patch_pos = patch_pos.reshape(1, M, M, C).permute(0, 3, 1, 2)  # (1, C, 37, 37)
+        patch_pos = F.interpolate(
+            patch_pos, scale_factor=((H + off) / M, (W + off) / M), mode="bicubic"
+        )  # (1, C, H, W)
+        if patch_pos.shape[-2:] != (H, W):
+            raise RuntimeError(f"position embedding resized to {tuple(patch_pos.shape[-2:])}, expected {grid}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, H * W, C)  # (1, HW, C)
+        return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
+
+    def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H*p, W*p) images -> (B, 1 + H*W, C) tokens with CLS and position, and (H, W)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        grid = self.grid_size(x.shape[-2], x.shape[-1])
+        tokens = self.patch_embed(x)  # (B, HW, C)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype)  # (B, 1, C)
+        tokens = torch.cat((cls, tokens), dim=1)  # (B, 1 + HW, C)
+        return tokens + self.interpolate_pos_encoding(grid, tokens.dtype), grid
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, layers: Sequence[int], norm: bool = True
+    ) -> list[torch.Tensor]:
+        """Outputs of the chosen blocks (0-based), each (B, 1 + H*W, C), after the final norm.
+
+        Blocks after ``max(layers)`` are not run.
+        """
+        wanted = set(layers)
+        if not wanted or min(wanted) < 0 or max(wanted) >= len(self.blocks):
+            raise ValueError(f"layers {list(layers)} out of range for {len(self.blocks)} blocks")
+        tokens, grid = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            tokens = block(tokens, grid)
+            if i in wanted:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        return outputs
+
+    def forward_multilayer(self, x: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """Multi-layer patch features: (B, 3, H*p, W*p) -> (B, M*C, H, W).
+
+        The M chosen blocks' outputs pass through the final LayerNorm, the CLS token is dropped,
+        and the layers are concatenated on channels in the order given (official SciceVPR).
+        """
+        B = x.shape[0]
+        H, W = self.grid_size(x.shape[-2], x.shape[-1])
+        outs = self.get_intermediate_layers(x, layers)  # M x (B, 1 + HW, C)
+        feats = torch.cat([o[:, 1:] for o in outs], dim=-1)  # (B, HW, M*C)
+        return feats.transpose(1, 2).reshape(B, -1, H, W)  # (B, M*C, HW) -> (B, M*C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Final normalised CLS token: (B, 3, H, W) -> (B, C)."""
+        return self.get_intermediate_layers(x, [len(self.blocks) - 1])[0][:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Weight resolution
+# --------------------------------------------------------------------------------------------
+
+_download_failed: set[str] = set()
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _download(url: str, dst: Path, timeout: float = 20.0) -> None:
+    """Download ``url`` to ``dst`` atomically (temp file + rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(r, f)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -> Path | None:
+    """Find the DINOv2 weight file for ``weights`` (a path, ``"auto"`` or ``None``).
+
+    ``"auto"`` looks for ``<hub name>_pretrain.pth`` in ``$SCICEVPR_WEIGHTS/``, then in torch
+    hub's checkpoint cache, then tries the official download once per process. Offline, it
+    fails at once with a message naming the file and where to put it.
+    """
+    if weights is None:
+        return None
+    fname = f"{config.hub_name}_pretrain.pth"
+    if str(weights) != "auto":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"DINOv2 weights file {path} does not exist. Pass the path to {fname}, "
+                f"weights='auto' to search ${WEIGHTS_ENV} and the torch hub cache, or "
+                f"weights=None for a random initialisation."
+            )
+        return path
+    candidates = []
+    if os.environ.get(WEIGHTS_ENV):
+        candidates.append(Path(os.environ[WEIGHTS_ENV]).expanduser() / fname)
+    hub_dir = _hub_checkpoint_dir()
+    candidates.append(hub_dir / fname)
+    for c in candidates:
+        if c.is_file():
+            return c
+    url = WEIGHTS_URL.format(hub_name=config.hub_name)
+    where = " or ".join(str(c) for c in candidates)
+    hint = (
+        f"Download {fname} from {url} on a machine with internet access and put it at {where} "
+        f"(or set ${WEIGHTS_ENV} to its folder), or pass weights=None for a random "
+        f"initialisation."
+    )
+    if url in _download_failed:
+        raise FileNotFoundError(f"DINOv2 weights {fname} not found and the download failed earlier. {hint}")
+    try:
+        _download(url, hub_dir / fname)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        _download_failed.add(url)
+        raise FileNotFoundError(
+            f"DINOv2 weights {fname} not found locally and the download failed ({e}). {hint}"
+        ) from None
+    return hub_dir / fname
+
+
+def build_backbone(config: BackboneConfig, weights: str | os.PathLike | None = None) -> DinoVisionTransformer:
+    """A frozen DINOv2 (all parameters ``requires_grad=False``)."""
+    model = DinoVisionTransformer(config, weights)
+    model.requires_grad_(False)
+    return model

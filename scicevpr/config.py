@@ -1,0 +1,202 @@
+"""Configuration dataclasses whose defaults are the paper's values.
+
+Every function in the package takes one of these configs (or explicit arguments), never an
+argparse namespace. The command line and the notebooks only *build* configs.
+
+Paper symbols used throughout (PAPER.md, Sec. "Architecture"):
+
+- ``M``      number of last DINOv2 blocks fused (``len(ModelConfig.layers)``)
+- ``C``      DINOv2 embedding width (384 / 768 / 1024 / 1536 for S / B / L / g)
+- ``C_mix``  width after the 1x1 channel-fusion conv (``ModelConfig.mix_dim``)
+- ``r``      token-mixer MLP ratio (``ModelConfig.token_mlp_ratio``)
+- ``p``      GeM exponent (``ModelConfig.gem_p``)
+- ``B``      images in a batch; the cross-image encoder attends across ``B``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+# Official DINOv2 architectures (facebookresearch/dinov2 hubconf): the key is the short name
+# used by scicevpr, the value the hub name, which is also the prefix of the official weight
+# file ``<hub name>_pretrain.pth``.
+BACKBONE_ARCHS: dict[str, dict[str, Any]] = {
+    "vits14": dict(hub_name="dinov2_vits14", embed_dim=384, depth=12, num_heads=6, ffn="mlp"),
+    "vitb14": dict(hub_name="dinov2_vitb14", embed_dim=768, depth=12, num_heads=12, ffn="mlp"),
+    "vitl14": dict(hub_name="dinov2_vitl14", embed_dim=1024, depth=24, num_heads=16, ffn="mlp"),
+    "vitg14": dict(hub_name="dinov2_vitg14", embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
+}
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """DINOv2 ViT, official architecture (Oquab et al. 2023): patch 14, trained at 518 px.
+
+    Attributes:
+        arch: one of ``BACKBONE_ARCHS`` (``"vits14"``, ``"vitb14"``, ``"vitl14"``, ``"vitg14"``).
+        patch_size: side of a square patch in pixels.
+        pretrain_img_size: image size the position embedding was learned for (518 -> 37 x 37).
+        layerscale_init: LayerScale init value (1.0 in the official hub models).
+        interpolate_offset: the official ``+0.1`` in the position-embedding resize factor.
+    """
+
+    arch: str = "vitb14"
+    patch_size: int = 14
+    pretrain_img_size: int = 518
+    layerscale_init: float = 1.0
+    interpolate_offset: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.arch not in BACKBONE_ARCHS:
+            raise ValueError(
+                f"Unknown DINOv2 architecture {self.arch!r}; expected one of "
+                f"{sorted(BACKBONE_ARCHS)}."
+            )
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return BACKBONE_ARCHS[self.arch]
+
+    @property
+    def embed_dim(self) -> int:  # C
+        return self.spec["embed_dim"]
+
+    @property
+    def depth(self) -> int:
+        return self.spec["depth"]
+
+    @property
+    def num_heads(self) -> int:
+        return self.spec["num_heads"]
+
+    @property
+    def hub_name(self) -> str:
+        return self.spec["hub_name"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A SciceVPR / Super-CricaVPR model. Defaults: SciceVPR-B (PAPER.md, "Architecture").
+
+    Attributes:
+        name: preset name, for display and checkpoints.
+        backbone: the frozen DINOv2.
+        layers: 0-based indices of the fused blocks; ``M = len(layers)``.
+        image_size: input side in pixels (square); must be a multiple of the patch size.
+        mix_dim: ``C_mix``, output channels of the 1x1 fusion conv.
+        num_token_mixers: token-mixer blocks after the channel fusion (Fig. 5b).
+        token_mlp_ratio: ``r``, hidden width of a token mixer is ``HW * r``.
+        gem_p, gem_eps: GeM exponent init and clamp.
+        encoder_heads, encoder_ffn, encoder_dropout: ``nn.TransformerEncoderLayer`` settings.
+        teacher_layers: depth of the cross-image encoder of Super-CricaVPR.
+        student_layers: depth of the self-enhanced encoder of SciceVPR.
+    """
+
+    name: str = "SciceVPR-B"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    layers: tuple[int, ...] = (8, 9, 10, 11)
+    image_size: int = 224
+    mix_dim: int = 768
+    num_token_mixers: int = 2
+    token_mlp_ratio: float = 1.0
+    gem_p: float = 3.0
+    gem_eps: float = 1e-6
+    encoder_heads: int = 16
+    encoder_ffn: int = 2048
+    encoder_dropout: float = 0.1
+    teacher_layers: int = 2
+    student_layers: int = 1
+
+    def __post_init__(self) -> None:
+        depth = self.backbone.depth
+        if not self.layers or any(not 0 <= i < depth for i in self.layers):
+            raise ValueError(
+                f"layers={self.layers} must be non-empty block indices in [0, {depth}) for "
+                f"DINOv2 {self.backbone.arch}."
+            )
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers={self.layers} must be strictly increasing.")
+        p = self.backbone.patch_size
+        if self.image_size % p:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of the patch size {p}; "
+                f"use e.g. {self.image_size // p * p} or {(self.image_size // p + 1) * p}."
+            )
+        if self.mix_dim % self.encoder_heads:
+            raise ValueError(
+                f"mix_dim={self.mix_dim} (C_mix) must be divisible by encoder_heads="
+                f"{self.encoder_heads}."
+            )
+
+    @property
+    def num_fused_layers(self) -> int:  # M
+        return len(self.layers)
+
+    @property
+    def in_channels(self) -> int:  # M * C
+        return self.num_fused_layers * self.backbone.embed_dim
+
+    @property
+    def grid_size(self) -> int:  # H = W = image_size / patch_size
+        return self.image_size // self.backbone.patch_size
+
+    @property
+    def num_regions(self) -> int:  # 1 + 2*2 + 3*3
+        return 14
+
+    @property
+    def descriptor_dim(self) -> int:  # 14 * C_mix
+        return self.num_regions * self.mix_dim
+
+    def with_overrides(self, **overrides: Any) -> "ModelConfig":
+        """A copy with some fields replaced; ``backbone_arch=`` sets the backbone's arch."""
+        valid = {f.name for f in fields(self)} | {"backbone_arch"}
+        unknown = set(overrides) - valid
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; valid: {sorted(valid)}.")
+        arch = overrides.pop("backbone_arch", None)
+        if arch is not None:
+            overrides["backbone"] = replace(self.backbone, arch=arch)
+        if "layers" in overrides:
+            overrides["layers"] = tuple(overrides["layers"])
+        return replace(self, **overrides)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "SciceVPR-B": ModelConfig(),
+    "SciceVPR-L": ModelConfig(
+        name="SciceVPR-L",
+        backbone=BackboneConfig(arch="vitl14"),
+        layers=(20, 21, 22, 23),
+        mix_dim=1024,
+    ),
+    # The CPU-sized variant of the offline path: ViT-S/14, blocks 8-11, 1536 -> 384.
+    "SciceVPR-S": ModelConfig(
+        name="SciceVPR-S",
+        backbone=BackboneConfig(arch="vits14"),
+        layers=(8, 9, 10, 11),
+        mix_dim=384,
+    ),
+}
+
+
+def get_config(preset_or_config: "str | ModelConfig", **overrides: Any) -> ModelConfig:
+    """Resolve a preset name (``"SciceVPR-B"``, ``"SciceVPR-L"``, ``"SciceVPR-S"``) or a config.
+
+    Keyword overrides replace fields, e.g. ``get_config("SciceVPR-S", image_size=112)``.
+    """
+    if isinstance(preset_or_config, ModelConfig):
+        cfg = preset_or_config
+    elif isinstance(preset_or_config, str):
+        if preset_or_config not in PRESETS:
+            raise ValueError(
+                f"Unknown preset {preset_or_config!r}; expected one of {sorted(PRESETS)} "
+                f"or a scicevpr.ModelConfig."
+            )
+        cfg = PRESETS[preset_or_config]
+    else:
+        raise TypeError(
+            f"Expected a preset name or ModelConfig, got {type(preset_or_config).__name__}."
+        )
+    return cfg.with_overrides(**overrides) if overrides else cfg

@@ -1,0 +1,248 @@
+"""Super-CricaVPR (teacher) and SciceVPR (student), assembled (PAPER.md; paper Fig. 3).
+
+Both models are the same pipeline and share every line of code but their encoder::
+
+    image (B, 3, 224, 224)
+      -> frozen DINOv2, blocks l_1..l_M after the final LayerNorm   (B, M*C, 16, 16)
+      -> 1x1 channel fusion + ReLU                                  (B, C_mix, 16, 16)
+      -> token mixers                                               (B, C_mix, 16, 16)
+      -> 14-region GeM, each region L2-normalised                   (B, 14, C_mix)
+      -> encoder: cross-image (teacher) | self-enhanced (student)   (B, 14, C_mix)
+      -> flatten + L2 normalisation                                 (B, 14 * C_mix)
+
+The backbone is frozen in both training stages, and in stage 2 so is the 1x1 conv copied from
+the teacher: :meth:`VPRModel.extract_features` (backbone + conv) is then the same for both
+models and can be computed once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import build_backbone
+from .config import ModelConfig, get_config
+from .encoders import CrossImageEncoder, SelfEnhancedEncoder
+from .fusion import MultiLayerFusion
+from .pooling import MultiRegionGeM
+
+# Official checkpoint names (authors' code) -> scicevpr names, as ordered prefix rewrites.
+_OFFICIAL_TO_OURS = (
+    ("backbone.dino_model.", "backbone."),
+    ("conv.", "fusion.conv."),
+    ("tokenmix.", "fusion.token_mixers."),
+    ("gem.p", "pool.p"),
+    ("encoder.layers.", "encoder.layers."),
+)
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    for src, dst in table:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: ``{"model_state_dict": ...}``, ``{"state_dict": ...}``
+    or a bare state dict, with a DataParallel/DDP ``module.`` prefix removed."""
+    if isinstance(obj, (str, os.PathLike)):
+        obj = torch.load(obj, map_location="cpu", weights_only=False)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a checkpoint path or a state dict, got {type(obj).__name__}")
+    for key in ("model_state_dict", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+
+class VPRModel(nn.Module):
+    """The pipeline shared by :class:`SuperCricaVPR` and :class:`SciceVPR`.
+
+    Args:
+        preset_or_config: ``"SciceVPR-B"``, ``"SciceVPR-L"``, ``"SciceVPR-S"`` or a ModelConfig.
+        weights: DINOv2 weights: a path, ``"auto"`` or ``None`` (random init, reported by
+            ``is_random_init`` and a warning).
+        backbone: an existing frozen backbone to share instead of building one (used when a
+            student is built from its teacher).
+        **overrides: ModelConfig fields to replace, e.g. ``image_size=112``.
+    """
+
+    encoder_cls: type[nn.Module]
+    cross_image: bool  # True when a descriptor depends on the rest of the batch
+
+    def __init__(
+        self,
+        preset_or_config: str | ModelConfig = "SciceVPR-B",
+        weights: str | os.PathLike | None = "auto",
+        backbone: nn.Module | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        cfg = get_config(preset_or_config, **overrides)
+        self.config = cfg
+        grid = (cfg.grid_size, cfg.grid_size)
+        if backbone is not None:
+            if getattr(backbone, "config", None) != cfg.backbone:
+                raise ValueError(f"the shared backbone is not a {cfg.backbone.arch} as the config asks")
+            self.backbone = backbone
+        else:
+            self.backbone = build_backbone(cfg.backbone, weights)
+        self.fusion = MultiLayerFusion(cfg.in_channels, cfg.mix_dim, grid, cfg.num_token_mixers, cfg.token_mlp_ratio)
+        self.pool = MultiRegionGeM(grid, cfg.gem_p, cfg.gem_eps)
+        self.encoder = self.encoder_cls(
+            cfg.mix_dim, cfg.encoder_heads, cfg.encoder_ffn, cfg.encoder_dropout, self.encoder_depth(cfg)
+        )
+
+    @staticmethod
+    def encoder_depth(cfg: ModelConfig) -> int:
+        raise NotImplementedError
+
+    # ---- properties ------------------------------------------------------------------------
+
+    @property
+    def is_random_init(self) -> bool:
+        """True when the DINOv2 backbone has random weights (results are then not the paper's)."""
+        return bool(self.backbone.is_random_init)
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.config.descriptor_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def train(self, mode: bool = True) -> "VPRModel":
+        """As ``nn.Module.train``, but the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor) -> None:
+        s = self.config.image_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
+            raise ValueError(
+                f"{type(self).__name__} ({self.config.name}) expects images of shape "
+                f"(B, 3, {s}, {s}), got {tuple(x.shape)}. Resize inputs to {s} x {s} (the "
+                f"evaluation transform does this) or build the model with image_size=<your size> "
+                f"(a multiple of {self.config.backbone.patch_size})."
+            )
+
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, M*C, H, W), the fused DINOv2 layers. No autograd graph is kept
+        while every backbone parameter is frozen."""
+        self.check_input(x)
+        trainable = any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return self.backbone.forward_multilayer(x, self.config.layers)
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, C_mix, H, W): backbone and 1x1 channel fusion + ReLU."""
+        return self.fusion.channel_fusion(self.backbone_features(x))
+
+    def aggregate(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, C_mix, H, W) channel-fused features -> (B, 14 * C_mix) unit-norm descriptors."""
+        f = self.fusion.mix_tokens(f)  # (B, C_mix, H, W)
+        r = self.pool(f)  # (B, 14, C_mix), fp32
+        r = self.encoder(r)  # (B, 14, C_mix)
+        return F.normalize(r.flatten(1).float(), p=2, dim=-1)  # (B, 14, C) -> (B, 14*C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images -> (B, 14 * C_mix) L2-normalised descriptors."""
+        return self.aggregate(self.extract_features(x))
+
+    # ---- official checkpoints --------------------------------------------------------------
+
+    def load_official(self, path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> "VPRModel":
+        """Load the authors' training checkpoint strictly.
+
+        Accepts ``{"model_state_dict": ...}`` or a bare state dict, keys with or without
+        ``module.``, in the authors' names (``backbone.dino_model.*``, ``conv.*``,
+        ``tokenmix.{i}.*``, ``gem.p``, ``encoder.layers.{i}.*``). Anything else raises an
+        error listing the missing and unexpected keys. Loading real backbone weights this way
+        clears ``is_random_init``.
+        """
+        source = unwrap_state_dict(path_or_state_dict)
+        ours, unexpected = {}, []
+        for k, v in source.items():
+            new = _rename(k, _OFFICIAL_TO_OURS)
+            if new is None:
+                unexpected.append(k)
+            else:
+                ours[new] = v
+        expected = set(self.state_dict())
+        missing = sorted(expected - set(ours))
+        unexpected += sorted(_rename_back(k) for k in set(ours) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"not a {type(self).__name__} ({self.config.name}) checkpoint in the authors' "
+                f"format.\n  missing keys ({len(missing)}): {_preview([_rename_back(k) for k in missing])}"
+                f"\n  unexpected keys ({len(unexpected)}): {_preview(unexpected)}\n"
+                f"Check the model class (SuperCricaVPR has a 2-layer encoder, SciceVPR 1 layer) "
+                f"and the preset (backbone size, mix_dim, image_size)."
+            )
+        try:
+            self.load_state_dict(ours, strict=True)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"checkpoint does not fit {self.config.name}: {e}") from None
+        self.backbone.is_random_init = False
+        return self
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights in the authors' key names (inverse of :meth:`load_official`)."""
+        return {_rename_back(k): v for k, v in self.state_dict().items()}
+
+
+def _rename_back(key: str) -> str:
+    back = tuple((dst, src) for src, dst in _OFFICIAL_TO_OURS)
+    return _rename(key, back) or key
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "") if keys else "none"
+
+
+class SuperCricaVPR(VPRModel):
+    """Super-CricaVPR, the teacher: multi-layer fusion + a 2-layer cross-image encoder.
+
+    A descriptor depends on the other images of its batch (paper Fig. 1-2).
+    """
+
+    encoder_cls = CrossImageEncoder
+    cross_image = True
+
+    @staticmethod
+    def encoder_depth(cfg: ModelConfig) -> int:
+        return cfg.teacher_layers
+
+
+class SciceVPR(VPRModel):
+    """SciceVPR, the student: multi-layer fusion + a 1-layer self-enhanced encoder.
+
+    Descriptors are the same whatever the batch.
+    """
+
+    encoder_cls = SelfEnhancedEncoder
+    cross_image = False
+
+    @staticmethod
+    def encoder_depth(cfg: ModelConfig) -> int:
+        return cfg.student_layers
+
+    @classmethod
+    def from_teacher(cls, teacher: SuperCricaVPR) -> "SciceVPR":
+        """Stage-2 initialisation (PAPER.md, "Training"): share the teacher's frozen backbone,
+        copy its 1x1 fusion conv and freeze it; token mixers, GeM and encoder start fresh."""
+        student = cls(teacher.config, backbone=teacher.backbone)
+        student.fusion.conv.load_state_dict(teacher.fusion.conv.state_dict())
+        student.fusion.conv.requires_grad_(False)
+        return student.to(next(teacher.parameters()).device)
