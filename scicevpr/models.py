@@ -149,12 +149,24 @@ class VPRModel(nn.Module):
         """(B, 3, S, S) -> (B, C_mix, H, W): backbone and 1x1 channel fusion + ReLU."""
         return self.fusion.channel_fusion(self.backbone_features(x))
 
-    def aggregate(self, f: torch.Tensor) -> torch.Tensor:
-        """(B, C_mix, H, W) channel-fused features -> (B, 14 * C_mix) unit-norm descriptors."""
-        f = self.fusion.mix_tokens(f)  # (B, C_mix, H, W)
-        r = self.pool(f)  # (B, 14, C_mix), fp32
+    def regional_features(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, C_mix, H, W) channel-fused features -> (B, 14, C_mix) regional GeM vectors.
+
+        Everything up to here is computed per image; only :meth:`encode` can mix images.
+        """
+        return self.pool(self.fusion.mix_tokens(f))  # (B, C_mix, H, W) -> (B, 14, C_mix), fp32
+
+    def encode(self, r: torch.Tensor) -> torch.Tensor:
+        """(B, 14, C_mix) regional features -> (B, 14 * C_mix) unit-norm descriptors.
+
+        The only step where the teacher lets the images of a batch see each other.
+        """
         r = self.encoder(r)  # (B, 14, C_mix)
         return F.normalize(r.flatten(1).float(), p=2, dim=-1)  # (B, 14, C) -> (B, 14*C)
+
+    def aggregate(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, C_mix, H, W) channel-fused features -> (B, 14 * C_mix) unit-norm descriptors."""
+        return self.encode(self.regional_features(f))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> (B, 14 * C_mix) L2-normalised descriptors."""
