@@ -1,0 +1,435 @@
+"""Evaluation: descriptors, exact FAISS search, Recall@N, PCA and the batch-stability sweep.
+
+Protocol (PAPER.md, "Evaluation protocol", the Visual Geo-localization Benchmark convention):
+database and query images are hard-resized to the model size and fed **in file order, in
+batches of 16** (this matters only for cross-image models: the teacher, CricaVPR); descriptors
+are searched exhaustively with ``faiss.IndexFlatL2``; a query is correct at N when one of its N
+nearest database images lies within 25 m. ``Recall@N`` is the percentage of correct queries.
+
+For the batch-stability experiment (paper Fig. 1-2) the per-image part of a model (backbone,
+fusion, pooling) is computed once and only the encoder, the single step where images of a batch
+can see each other, is re-run for each query batch size and order.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
+from .data.vg import ImageFileDataset, VGSplit
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How descriptors are computed and scored. Defaults: the official protocol.
+
+    Attributes:
+        batch_size: images per forward pass for the database (and queries unless
+            ``query_batch_size`` is set); 16 officially (8 for CricaVPR on Pitts30k).
+        query_batch_size: a different batch size for the queries, or None.
+        recall_values: the N of Recall@N.
+        device: None keeps the model where it is; else the model is moved there.
+        amp: bf16 autocast; None means on for CUDA, off for CPU.
+        gpu_decode: decode JPEGs in batches on the GPU (nvJPEG) when the device is CUDA;
+            None means on for CUDA.
+        num_workers: DataLoader worker processes (decoding or file reading).
+        pca_dim: project descriptors with a PCA of this many dimensions (fitted separately).
+        progress: tqdm progress bars.
+    """
+
+    batch_size: int = 16
+    query_batch_size: int | None = None
+    recall_values: tuple[int, ...] = (1, 5, 10, 100)
+    device: str | None = None
+    amp: bool | None = None
+    gpu_decode: bool | None = None
+    num_workers: int = 2
+    pca_dim: int | None = None
+    progress: bool = True
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, amp: bool | None):
+    on = (device.type == "cuda") if amp is None else amp
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+
+
+def _prepare(model: torch.nn.Module, config: EvalConfig) -> torch.device:
+    if config.device is not None:
+        model.to(config.device)
+    model.eval()
+    return model_device(model)
+
+
+def iterate_images(
+    paths: Sequence[PathLike],
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 2,
+    gpu_decode: bool | None = None,
+    progress: bool = True,
+    desc: str = "images",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(images (b, 3, S, S) on device, indices (b,))`` in the order of ``paths``.
+
+    On CUDA (unless ``gpu_decode=False``) workers only read bytes and the batch is decoded on
+    the GPU; otherwise workers decode with PIL.
+    """
+    gpu = device.type == "cuda" if gpu_decode is None else gpu_decode and device.type == "cuda"
+    if gpu:
+        ds = JpegBytesDataset(paths)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_jpeg_bytes)
+    else:
+        ds = ImageFileDataset(paths, image_size)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+    for batch, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if gpu:
+            x = decode_jpeg_bytes(batch, image_size, device, [ds.paths[i] for i in idx.tolist()])
+        else:
+            x = batch.to(device, non_blocking=True)
+        yield x, idx
+
+
+@torch.no_grad()
+def compute_descriptors(
+    model: torch.nn.Module,
+    paths: Sequence[PathLike],
+    config: EvalConfig = EvalConfig(),
+    batch_size: int | None = None,
+    desc: str = "descriptors",
+) -> np.ndarray:
+    """(N, D) float32 descriptors of image files, fed in file order in batches of ``batch_size``
+    (default ``config.batch_size``), as the official protocol does."""
+    device = _prepare(model, config)
+    bs = batch_size or config.batch_size
+    out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
+    for x, idx in iterate_images(paths, model.image_size, bs, device, config.num_workers,
+                                 config.gpu_decode, config.progress, desc):
+        with _autocast(device, config.amp):
+            d = model(x)
+        out[idx.numpy()] = d.float().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def compute_regional_features(
+    model: torch.nn.Module, paths: Sequence[PathLike], config: EvalConfig = EvalConfig(), desc: str = "features"
+) -> torch.Tensor:
+    """(N, R, C) per-image regional features (everything before the encoder), on the CPU, fp32.
+
+    These do not depend on the batch, so they are computed once; :func:`encode_in_batches`
+    then replays the encoder under any batching.
+    """
+    device = _prepare(model, config)
+    chunks, order = [], []
+    for x, idx in iterate_images(paths, model.image_size, config.batch_size, device, config.num_workers,
+                                 config.gpu_decode, config.progress, desc):
+        with _autocast(device, config.amp):
+            r = model.regional_features(model.extract_features(x))
+        chunks.append(r.float().cpu())
+        order.append(idx)
+    feats = torch.cat(chunks)
+    return feats[torch.argsort(torch.cat(order))]
+
+
+@torch.no_grad()
+def encode_in_batches(
+    model: torch.nn.Module,
+    regional: torch.Tensor,
+    batch_size: int,
+    order: np.ndarray | None = None,
+    amp: bool | None = None,
+) -> np.ndarray:
+    """Descriptors from regional features (N, R, C), the images grouped into consecutive
+    batches of ``batch_size`` following ``order`` (default: file order). Returns (N, D) in the
+    original index order."""
+    device = model_device(model)
+    model.eval()
+    n = regional.shape[0]
+    order = np.arange(n) if order is None else np.asarray(order)
+    out = np.zeros((n, model.descriptor_dim), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        r = regional[torch.as_tensor(idx)].to(device)
+        with _autocast(device, amp):
+            out[idx] = model.encode(r).float().cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Search and recall
+# --------------------------------------------------------------------------------------------
+
+
+def search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact L2 search (``faiss.IndexFlatL2``): (distances, indices), each (N_q, min(k, N_db))."""
+    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
+        raise ValueError(f"descriptor shapes do not match: database {database.shape}, queries {queries.shape}")
+    index = faiss.IndexFlatL2(database.shape[1])
+    index.add(np.ascontiguousarray(database, dtype=np.float32))
+    k = min(k, database.shape[0])
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def recall_at_n(
+    predictions: np.ndarray, positives: Sequence[np.ndarray], recall_values: Sequence[int] = (1, 5, 10, 100)
+) -> tuple[dict[int, float], np.ndarray]:
+    """Recall@N in percent, and the (N_q, k) boolean matrix "prediction j of query i is a positive".
+
+    A query without any positive counts as a failure (the VG-benchmark convention). N larger
+    than the number of predictions uses all of them.
+    """
+    if len(positives) != predictions.shape[0]:
+        raise ValueError(f"{predictions.shape[0]} queries predicted but {len(positives)} positive lists")
+    correct = np.zeros(predictions.shape, dtype=bool)
+    for i, pos in enumerate(positives):
+        correct[i] = np.isin(predictions[i], pos)
+    hit_rank = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    n_q = max(len(positives), 1)
+    recalls = {int(n): float(100.0 * (hit_rank < n).sum() / n_q) for n in recall_values}
+    return recalls, correct
+
+
+# --------------------------------------------------------------------------------------------
+# PCA
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PCA:
+    """``y = (x - mean) @ components.T``: (N, D) -> (N, d). No whitening (official protocol)."""
+
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (d, D), rows orthonormal, by decreasing variance
+    explained_variance: np.ndarray  # (d,)
+
+    @property
+    def dim(self) -> int:
+        return self.components.shape[0]
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) @ self.components.T).astype(np.float32)
+
+
+def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
+    """PCA of (N, D) descriptors keeping ``min(dim, N - 1, D)`` components (N centred samples
+    span at most N - 1 directions); exact SVD in float64."""
+    x = torch.as_tensor(descriptors, dtype=torch.float64)
+    n, d_in = x.shape
+    if n < 2:
+        raise ValueError(f"PCA needs at least 2 descriptors, got {n}")
+    dim = min(dim, n - 1, d_in)
+    mean = x.mean(0)
+    xc = x - mean
+    if n <= d_in:
+        _, s, vh = torch.linalg.svd(xc, full_matrices=False)  # vh (N, D)
+        comps, var = vh[:dim], s[:dim] ** 2 / max(n - 1, 1)
+    else:
+        evals, evecs = torch.linalg.eigh(xc.T @ xc / max(n - 1, 1))  # ascending
+        comps, var = evecs.flip(1)[:, :dim].T, evals.flip(0)[:dim]
+    return PCA(mean.numpy().astype(np.float32), comps.numpy().astype(np.float32), var.numpy())
+
+
+def fit_pca_on_images(
+    model: torch.nn.Module,
+    paths: Sequence[PathLike],
+    dim: int = 4096,
+    max_images: int = 2**14,
+    seed: int = 0,
+    config: EvalConfig = EvalConfig(),
+) -> PCA:
+    """PCA fitted on the descriptors of up to ``max_images`` training images (official: 2^14)."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no images to fit the PCA on: pass the training images (e.g. GSV-Cities files)")
+    if len(paths) > max_images:
+        rng = np.random.default_rng(seed)
+        paths = [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
+    return fit_pca(compute_descriptors(model, paths, config, desc="PCA descriptors"), dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Recall@N of one model on one split, with everything needed for galleries and tables."""
+
+    split: VGSplit
+    recalls: dict[int, float]
+    predictions: np.ndarray  # (N_q, k) database indices, nearest first
+    distances: np.ndarray  # (N_q, k) squared L2 distances
+    correct: np.ndarray  # (N_q, k) bool
+    database_descriptors: np.ndarray
+    query_descriptors: np.ndarray
+    model_name: str = ""
+    pca_dim: int | None = None
+    per_condition: pd.DataFrame | None = field(default=None)
+
+    def table(self) -> pd.DataFrame:
+        """One row: model, dataset, split, dimension, R@N columns (percent, 2 decimals)."""
+        row = {
+            "model": self.model_name,
+            "dataset": self.split.dataset,
+            "split": self.split.split,
+            "dim": self.query_descriptors.shape[1],
+        }
+        row.update({f"R@{n}": round(v, 2) for n, v in self.recalls.items()})
+        return pd.DataFrame([row])
+
+    def save_descriptors(self, folder: PathLike) -> tuple[Path, Path]:
+        """Write ``database.npy`` and ``queries.npy`` (fp16) for reuse; returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = folder / "database.npy", folder / "queries.npy"
+        for p, d in zip(paths, (self.database_descriptors, self.query_descriptors)):
+            save_descriptors(p, d)
+        return paths
+
+
+def save_descriptors(path: PathLike, descriptors: np.ndarray) -> Path:
+    """Save (N, D) descriptors as fp16 ``.npy``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.save(f, descriptors.astype(np.float16))
+    os.replace(tmp, path)
+    return path
+
+
+def load_descriptors(path: PathLike) -> np.ndarray:
+    """Load descriptors saved by :func:`save_descriptors` as float32."""
+    return np.load(path).astype(np.float32)
+
+
+def recall_by_condition(
+    correct: np.ndarray, conditions: Sequence[str], recall_values: Sequence[int] = (1, 5, 10, 100)
+) -> pd.DataFrame:
+    """Recall@N per query condition (night, fog, ...): one row per condition plus "all"."""
+    conditions = np.asarray(conditions)
+    if len(conditions) != correct.shape[0]:
+        raise ValueError(f"{len(conditions)} conditions for {correct.shape[0]} queries")
+    hit = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    rows = []
+    for cond in [*sorted(set(conditions.tolist())), "all"]:
+        mask = np.ones(len(conditions), bool) if cond == "all" else conditions == cond
+        row = {"condition": cond, "queries": int(mask.sum())}
+        row.update({f"R@{n}": round(float(100.0 * (hit[mask] < n).mean()), 2) for n in recall_values})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    split: VGSplit,
+    config: EvalConfig = EvalConfig(),
+    pca: PCA | None = None,
+    name: str | None = None,
+) -> EvalResult:
+    """Recall@N of ``model`` on ``split`` under the official protocol (see module docstring).
+
+    ``pca``: a fitted :class:`PCA` applied to both database and query descriptors.
+    """
+    if split.num_database == 0 or split.num_queries == 0:
+        raise ValueError(f"{split.dataset}/{split.split} has {split.num_database} database images and "
+                         f"{split.num_queries} queries; both must be non-empty")
+    db = compute_descriptors(model, split.database_paths, config, desc=f"{split.dataset} database")
+    q = compute_descriptors(model, split.query_paths, config, batch_size=config.query_batch_size,
+                            desc=f"{split.dataset} queries")
+    return score(model, split, db, q, config, pca, name)
+
+
+def score(
+    model: torch.nn.Module | None,
+    split: VGSplit,
+    database: np.ndarray,
+    queries: np.ndarray,
+    config: EvalConfig = EvalConfig(),
+    pca: PCA | None = None,
+    name: str | None = None,
+) -> EvalResult:
+    """Search and Recall@N for descriptors already computed."""
+    if pca is not None:
+        database, queries = pca.transform(database), pca.transform(queries)
+    dist, pred = search(database, queries, max(config.recall_values))
+    recalls, correct = recall_at_n(pred, split.positives, config.recall_values)
+    per_condition = None
+    if split.query_conditions is not None:
+        per_condition = recall_by_condition(correct, split.query_conditions, config.recall_values)
+    if name is None and model is not None:
+        name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+        name = f"{type(model).__name__} ({name})" if name != type(model).__name__ else name
+    return EvalResult(split, recalls, pred, dist, correct, database, queries, name or "",
+                      None if pca is None else pca.dim, per_condition)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch stability (paper Fig. 1-2)
+# --------------------------------------------------------------------------------------------
+
+
+def batch_stability(
+    model: torch.nn.Module,
+    split: VGSplit,
+    query_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    num_orders: int = 3,
+    seed: int = 0,
+    database_batch_size: int = 16,
+    config: EvalConfig = EvalConfig(),
+    name: str | None = None,
+) -> pd.DataFrame:
+    """Recall of ``model`` when the queries are encoded with other batch sizes and orders.
+
+    The database is encoded in file order, in batches of ``database_batch_size``; the queries
+    with every batch size in ``query_batch_sizes``, in file order (``order`` 0) and in
+    ``num_orders - 1`` random orders (1, 2, ...). Returns a tidy table: one row per
+    (batch_size, order) with R@N and ``max_abs_change``, the largest change of any query
+    descriptor component relative to encoding the queries one at a time.
+    """
+    name = name or f"{type(model).__name__}"
+    q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
+    db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
+    db = encode_in_batches(model, db_regional, database_batch_size, amp=config.amp)
+    alone = encode_in_batches(model, q_regional, 1, amp=config.amp)
+    rng = np.random.default_rng(seed)
+    orders = [np.arange(split.num_queries)] + [rng.permutation(split.num_queries) for _ in range(num_orders - 1)]
+    rows = []
+    for bs in query_batch_sizes:
+        for o, order in enumerate(orders):
+            q = alone if bs == 1 and o == 0 else encode_in_batches(model, q_regional, bs, order, amp=config.amp)
+            res = score(None, split, db, q, config)
+            row = {"model": name, "batch_size": bs, "order": o,
+                   "max_abs_change": float(np.abs(q - alone).max())}
+            row.update({f"R@{n}": round(v, 2) for n, v in res.recalls.items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def stability_summary(table: pd.DataFrame, metric: str = "R@1") -> pd.DataFrame:
+    """Per model: min, max and spread (max - min) of ``metric`` over all batch settings."""
+    g = table.groupby("model", sort=False)[metric]
+    out = pd.DataFrame({"min": g.min(), "max": g.max()})
+    out["spread"] = (out["max"] - out["min"]).round(2)
+    out["max_abs_change"] = table.groupby("model", sort=False)["max_abs_change"].max()
+    return out.reset_index()

@@ -1,0 +1,153 @@
+"""Descriptors, FAISS search, Recall@N, PCA and the batch-stability sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import scicevpr
+from scicevpr.data.vg import load_vg_split
+from scicevpr.evaluate import (
+    EvalConfig,
+    batch_stability,
+    compute_descriptors,
+    compute_regional_features,
+    encode_in_batches,
+    evaluate,
+    fit_pca,
+    load_descriptors,
+    recall_at_n,
+    recall_by_condition,
+    search,
+    stability_summary,
+)
+
+CFG = EvalConfig(num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy_split(tmp_path_factory):
+    """A VG-layout split: 12 database images every 10 m, 10 noisy queries near them."""
+    root = tmp_path_factory.mktemp("vg")
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, size=(12, 8, 8, 3))
+    for role, n in (("database", 12), ("queries", 10)):
+        folder = root / "toy" / "images" / "test" / role
+        folder.mkdir(parents=True)
+        for i in range(n):
+            place = i if role == "database" else (i * 5) % 12
+            img = base[place] if role == "database" else np.clip(base[place] + rng.normal(0, 40, (8, 8, 3)), 0, 255)
+            east = 500000.0 + 10.0 * place + (3.0 if role == "queries" else 0.0)
+            Image.fromarray(img.astype(np.uint8)).resize((64, 64), Image.NEAREST).save(
+                folder / f"@{east:.2f}@4100000.00@{i:03d}@.jpg", quality=95
+            )
+    return load_vg_split(root, "toy", "test")
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(0)
+    return scicevpr.SciceVPR("SciceVPR-S", weights=None, image_size=56).eval()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return scicevpr.SuperCricaVPR("SciceVPR-S", weights=None, image_size=56).eval()
+
+
+def test_recall_at_n_by_hand():
+    predictions = np.array([[3, 1, 2], [0, 4, 1], [2, 0, 1], [4, 3, 2]])
+    positives = [np.array([3]), np.array([1]), np.array([], dtype=int), np.array([2, 9])]
+    recalls, correct = recall_at_n(predictions, positives, (1, 2, 3, 100))
+    # query 0 at rank 1, query 1 at rank 3, query 2 never (no positive), query 3 at rank 3
+    assert recalls == {1: 25.0, 2: 25.0, 3: 75.0, 100: 75.0}
+    assert correct.tolist()[1] == [False, False, True]
+
+
+def test_recall_by_condition_by_hand():
+    correct = np.array([[True, False], [False, True], [False, False], [True, True]])
+    table = recall_by_condition(correct, ["day", "night", "night", "day"], (1, 2))
+    rows = table.set_index("condition")
+    assert rows.loc["day", "R@1"] == 100.0 and rows.loc["night", "R@1"] == 0.0
+    assert rows.loc["night", "R@2"] == 50.0 and rows.loc["all", "R@2"] == 75.0
+    assert rows.loc["all", "queries"] == 4
+
+
+def test_search_is_exact():
+    rng = np.random.default_rng(1)
+    db, q = rng.normal(size=(50, 7)).astype(np.float32), rng.normal(size=(9, 7)).astype(np.float32)
+    dist, pred = search(db, q, k=5)
+    brute = ((q[:, None] - db[None]) ** 2).sum(-1)
+    assert np.array_equal(pred, np.argsort(brute, axis=1)[:, :5])
+    np.testing.assert_allclose(dist, np.sort(brute, axis=1)[:, :5], rtol=1e-4)
+    assert search(db[:3], q, k=100)[1].shape == (9, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        search(db, q[:, :3], k=1)
+
+
+@pytest.mark.parametrize("n,d,dim", [(40, 10, 6), (8, 30, 100)])
+def test_pca_matches_numpy_svd_and_is_capped(n, d, dim):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(n, d)) * np.linspace(3, 0.1, d)
+    pca = fit_pca(x, dim)
+    k = min(dim, n - 1, d)
+    assert pca.dim == k and pca.transform(x).shape == (n, k)
+    np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(k), atol=1e-5)
+    _, s, vh = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    np.testing.assert_allclose(np.abs(pca.components), np.abs(vh[:k]), atol=1e-4)
+    np.testing.assert_allclose(pca.explained_variance, s[:k] ** 2 / (n - 1), rtol=1e-6)
+
+
+def test_evaluate_end_to_end(toy_split, student, tmp_path):
+    res = evaluate(student, toy_split, CFG)
+    assert res.database_descriptors.shape == (12, student.descriptor_dim)
+    assert res.predictions.shape == (10, 12)
+    assert set(res.recalls) == {1, 5, 10, 100} and res.recalls[100] == 100.0
+    assert 0.0 <= res.recalls[1] <= res.recalls[5] <= res.recalls[10] <= 100.0
+    np.testing.assert_allclose(np.linalg.norm(res.query_descriptors, axis=1), 1.0, atol=1e-5)
+    table = res.table()
+    assert list(table.columns[:4]) == ["model", "dataset", "split", "dim"] and table.loc[0, "dataset"] == "toy"
+    db_path, q_path = res.save_descriptors(tmp_path / "desc")
+    saved = load_descriptors(db_path)
+    assert np.load(db_path).dtype == np.float16
+    np.testing.assert_allclose(saved, res.database_descriptors, atol=1e-3)
+    pca = fit_pca(res.database_descriptors, 4096)
+    res_pca = evaluate(student, toy_split, CFG, pca=pca)
+    assert res_pca.query_descriptors.shape == (10, 11) and res_pca.pca_dim == 11
+
+
+def test_streamed_and_replayed_encoders_agree(toy_split, teacher):
+    """Full forward in batches of 16 == per-image features + encoder replayed in batches of 16."""
+    full = compute_descriptors(teacher, toy_split.database_paths, CFG, batch_size=4)
+    regional = compute_regional_features(teacher, toy_split.database_paths, CFG)
+    replay = encode_in_batches(teacher, regional, 4)
+    np.testing.assert_allclose(full, replay, atol=1e-5)
+    assert np.abs(encode_in_batches(teacher, regional, 1) - replay).max() > 1e-3
+
+
+def test_batch_stability_student_flat_teacher_not(toy_split, student, teacher):
+    kw = dict(query_batch_sizes=(1, 2, 4, 8), num_orders=2, config=CFG)
+    table = pd_concat([batch_stability(student, toy_split, name="SciceVPR", **kw),
+                       batch_stability(teacher, toy_split, name="Super-CricaVPR", **kw)])
+    assert len(table) == 2 * 4 * 2
+    summary = stability_summary(table).set_index("model")
+    assert summary.loc["SciceVPR", "spread"] == 0.0
+    assert summary.loc["SciceVPR", "max_abs_change"] <= 1e-6
+    assert summary.loc["Super-CricaVPR", "max_abs_change"] > 1e-3
+
+
+def pd_concat(tables):
+    import pandas as pd
+
+    return pd.concat(tables, ignore_index=True)
+
+
+def test_empty_split_is_rejected(toy_split, student):
+    import dataclasses
+
+    empty = dataclasses.replace(toy_split, query_paths=[], query_utms=np.zeros((0, 2)), positives=[])
+    with pytest.raises(ValueError, match="must be non-empty"):
+        evaluate(student, empty, CFG)
