@@ -151,3 +151,17 @@ def test_empty_split_is_rejected(toy_split, student):
     empty = dataclasses.replace(toy_split, query_paths=[], query_utms=np.zeros((0, 2)), positives=[])
     with pytest.raises(ValueError, match="must be non-empty"):
         evaluate(student, empty, CFG)
+
+
+def test_fast_flag_resolution_and_bf16_agreement(toy_split, student):
+    from scicevpr.evaluate import amp_enabled, fast_enabled, gpu_decode_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not fast_enabled(EvalConfig(), cpu) and fast_enabled(EvalConfig(), cuda)
+    assert not amp_enabled(EvalConfig(fast=False), cuda) and not gpu_decode_enabled(EvalConfig(fast=False), cuda)
+    assert amp_enabled(EvalConfig(fast=True), cpu) and not gpu_decode_enabled(EvalConfig(fast=True), cpu)
+    assert amp_enabled(EvalConfig(fast=False, amp=True), cpu)
+    ref = compute_descriptors(student, toy_split.query_paths, CFG)
+    fast = compute_descriptors(student, toy_split.query_paths, EvalConfig(num_workers=0, progress=False, fast=True))
+    cos = (ref * fast).sum(1) / np.linalg.norm(fast, axis=1)
+    assert cos.min() > 0.99 and np.abs(ref - fast).max() > 0  # bf16 really ran
