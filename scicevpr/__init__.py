@@ -9,10 +9,12 @@ Quick start::
 
 from .backbone import DinoVisionTransformer, RandomWeightsWarning, build_backbone
 from .config import PRESETS, BackboneConfig, ModelConfig, get_config
+from .cricavpr import CricaVPR
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 
 __all__ = [
     "BackboneConfig",
+    "CricaVPR",
     "DinoVisionTransformer",
     "ModelConfig",
     "PRESETS",

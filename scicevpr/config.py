@@ -163,6 +163,56 @@ class ModelConfig:
         return replace(self, **overrides)
 
 
+@dataclass(frozen=True)
+class CricaVPRConfig(ModelConfig):
+    """CricaVPR (Lu et al., CVPR 2024), the cross-image baseline of the paper's Fig. 1-2.
+
+    Reuses :class:`ModelConfig` with these meanings: ``layers`` is the single block whose
+    output (after the final LayerNorm) is pooled, the last one; ``mix_dim`` must equal ``C``
+    (no channel fusion: regional features keep DINOv2's width), so ``descriptor_dim`` is
+    ``14 * C``; ``teacher_layers`` is the depth of the cross-image encoder (2).
+    ``num_token_mixers``, ``token_mlp_ratio`` and ``student_layers`` are unused.
+
+    Attributes:
+        adapter_scale: weight of the adapter on the feed-forward branch (0.2).
+        adapter_bn_eps: BatchNorm eps in the adapter's conv branches (1e-3).
+
+    Adapter widths follow ``C`` (:attr:`adapter_channels`): official ViT-B (C = 768) is
+    768 -> 384 -> 768 with branches 192; 24 -> 96 (3x3); 24 -> 96 (5x5), i.e. ``C/2``
+    bottleneck, ``C/4`` and ``C/32 -> C/8`` twice. "CricaVPR-S" (ViT-S, not an official
+    model) uses the same proportions: 384 -> 192 -> 384, branches 96; 12 -> 48; 12 -> 48.
+    """
+
+    name: str = "CricaVPR"
+    layers: tuple[int, ...] = (11,)
+    num_token_mixers: int = 0
+    adapter_scale: float = 0.2
+    adapter_bn_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        C = self.backbone.embed_dim
+        if len(self.layers) != 1:
+            raise ValueError(
+                f"CricaVPR pools one block's output; got layers={self.layers}. Use "
+                f"layers=({self.backbone.depth - 1},) (the last block, as the official model)."
+            )
+        if self.mix_dim != C:
+            raise ValueError(
+                f"CricaVPR's regional features keep DINOv2's width, so mix_dim must be "
+                f"C = {C} for {self.backbone.arch}; got mix_dim={self.mix_dim}. Pass "
+                f"mix_dim={C} (or use the 'CricaVPR' / 'CricaVPR-S' presets)."
+            )
+        if C % 32:
+            raise ValueError(f"adapter widths are C/2, C/4, C/8, C/32; C = {C} is not a multiple of 32.")
+
+    @property
+    def adapter_channels(self) -> tuple[int, int, int, int, int, int]:
+        """(hidden, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5) = C * (1/2, 1/4, 1/32, 1/8, 1/32, 1/8)."""
+        C = self.backbone.embed_dim
+        return C // 2, C // 4, C // 32, C // 8, C // 32, C // 8
+
+
 PRESETS: dict[str, ModelConfig] = {
     "SciceVPR-B": ModelConfig(),
     "SciceVPR-L": ModelConfig(
@@ -178,11 +228,18 @@ PRESETS: dict[str, ModelConfig] = {
         layers=(8, 9, 10, 11),
         mix_dim=384,
     ),
+    # CricaVPR, the baseline: ViT-B/14 with adapters, CLS + 13 regions, 10752-d.
+    "CricaVPR": CricaVPRConfig(),
+    # Its CPU-sized variant (not an official model): ViT-S/14, adapters scaled with C.
+    "CricaVPR-S": CricaVPRConfig(
+        name="CricaVPR-S", backbone=BackboneConfig(arch="vits14"), mix_dim=384
+    ),
 }
 
 
 def get_config(preset_or_config: "str | ModelConfig", **overrides: Any) -> ModelConfig:
-    """Resolve a preset name (``"SciceVPR-B"``, ``"SciceVPR-L"``, ``"SciceVPR-S"``) or a config.
+    """Resolve a preset name (``"SciceVPR-B"``, ``"SciceVPR-L"``, ``"SciceVPR-S"``,
+    ``"CricaVPR"``, ``"CricaVPR-S"``) or a config.
 
     Keyword overrides replace fields, e.g. ``get_config("SciceVPR-S", image_size=112)``.
     """

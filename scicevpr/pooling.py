@@ -8,6 +8,10 @@ The 14 regions are the whole map, a 2 x 2 split and a 3 x 3 split, in that order
 At the paper's 16 x 16 grid the official slices are ``0:8, 8:16`` and ``0:5, 5:11, 11:16``;
 :func:`region_boxes` keeps these proportions on any grid. All 14 regional means are one matrix
 product with a (14, HW) averaging matrix.
+
+CricaVPR (Lu et al. 2024) pools the same regions differently, and :class:`MultiRegionGeM` has
+options for it: the whole map is left out (its slot holds the CLS token instead), each patch
+vector is L2-normalised before pooling, and the regional vectors are not normalised after.
 """
 
 from __future__ import annotations
@@ -58,29 +62,51 @@ class MultiRegionGeM(nn.Module):
     Args:
         grid: (H, W) of the input maps (fixes the averaging matrix).
         p, eps: GeM exponent init and clamp.
+        whole_map: pool the whole map as region 0 (SciceVPR). False keeps only the 13 regions
+            of the 2 x 2 and 3 x 3 splits (CricaVPR).
+        normalize_input: L2-normalise every patch vector over its C channels before pooling
+            (CricaVPR).
+        normalize_output: L2-normalise every regional vector after pooling (SciceVPR).
 
     Computed in fp32 even under autocast: ``x^p`` with p = 3 loses precision in bf16.
     """
 
-    def __init__(self, grid: tuple[int, int], p: float = 3.0, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        p: float = 3.0,
+        eps: float = 1e-6,
+        *,
+        whole_map: bool = True,
+        normalize_input: bool = False,
+        normalize_output: bool = True,
+    ) -> None:
         super().__init__()
         self.grid = tuple(grid)
         self.p = nn.Parameter(torch.ones(1) * p)
         self.eps = eps
-        self.register_buffer("region_avg", region_average_matrix(*self.grid), persistent=False)
+        self.normalize_input = normalize_input
+        self.normalize_output = normalize_output
+        avg = region_average_matrix(*self.grid)  # (14, HW)
+        if not whole_map:
+            avg = avg[1:]  # (13, HW): the 2 x 2 and 3 x 3 splits only
+        self.register_buffer("region_avg", avg, persistent=False)
 
     @property
-    def num_regions(self) -> int:
+    def num_regions(self) -> int:  # R: 14, or 13 without the whole map
         return self.region_avg.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 14, C)."""
+        """(B, C, H, W) -> (B, R, C), R = ``num_regions``."""
         B, C, H, W = x.shape
         if (H, W) != self.grid:
             raise ValueError(f"MultiRegionGeM built for a {self.grid} grid, got {(H, W)}")
         with torch.autocast(device_type=x.device.type, enabled=False):
             p = self.p.float()
-            x = x.float().flatten(2).clamp(min=self.eps).pow(p)  # (B, C, HW)
-            x = torch.matmul(x, self.region_avg.t())  # (B, C, HW) @ (HW, 14) -> (B, C, 14)
-            x = x.pow(1.0 / p).transpose(1, 2)  # (B, C, 14) -> (B, 14, C)
-            return F.normalize(x, p=2, dim=-1)
+            x = x.float().flatten(2)  # (B, C, H, W) -> (B, C, HW)
+            if self.normalize_input:
+                x = F.normalize(x, p=2, dim=1)  # each patch vector to unit norm over C
+            x = x.clamp(min=self.eps).pow(p)  # (B, C, HW)
+            x = torch.matmul(x, self.region_avg.t())  # (B, C, HW) @ (HW, R) -> (B, C, R)
+            x = x.pow(1.0 / p).transpose(1, 2)  # (B, C, R) -> (B, R, C)
+            return F.normalize(x, p=2, dim=-1) if self.normalize_output else x
