@@ -53,7 +53,7 @@ from torch import nn
 from .backbone import build_backbone
 from .config import CricaVPRConfig, get_config
 from .encoders import CrossImageEncoder
-from .models import VPRModel, _preview, _rename, unwrap_state_dict
+from .models import VPRModel
 from .pooling import MultiRegionGeM
 
 # Authors' checkpoint names -> scicevpr names, as ordered prefix rewrites.
@@ -255,49 +255,12 @@ class CricaVPR(VPRModel):
 
     # ---- official checkpoints --------------------------------------------------------------
 
-    def load_official(self, path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> "CricaVPR":
-        """Load the authors' CricaVPR checkpoint strictly (names in the module docstring).
+    official_key_map = _OFFICIAL_TO_OURS
 
-        Accepts ``{"model_state_dict": ...}`` or a bare state dict, keys with or without
-        ``module.``. Anything else raises an error listing the missing and unexpected keys.
-        The checkpoint holds the whole DINOv2, so ``is_random_init`` becomes False.
-        """
-        source = unwrap_state_dict(path_or_state_dict)
-        ours, unexpected = {}, []
-        for k, v in source.items():
-            new = _rename(k, _OFFICIAL_TO_OURS)
-            if new is None:
-                unexpected.append(k)
-            else:
-                ours[new] = v
-        expected = set(self.state_dict())
-        missing = sorted(_official_name(k) for k in expected - set(ours))
-        unexpected = sorted(unexpected + [_official_name(k) for k in set(ours) - expected])
-        if missing or unexpected:
-            hint = (
+    def official_hint(self, source_keys: list[str]) -> str:
+        if any(k.startswith(_SCICEVPR_MARKERS) for k in source_keys):
+            return (
                 "These are SciceVPR / Super-CricaVPR keys: load this file with "
                 "scicevpr.SuperCricaVPR(...).load_official or scicevpr.SciceVPR(...).load_official."
-                if any(k.startswith(_SCICEVPR_MARKERS) for k in source)
-                else "Check the preset ('CricaVPR' is ViT-B/14 with 2 encoder layers; "
-                "'CricaVPR-S' is ViT-S/14)."
             )
-            raise ValueError(
-                f"not a CricaVPR ({self.config.name}) checkpoint in the authors' format.\n"
-                f"  missing keys ({len(missing)}): {_preview(missing)}\n"
-                f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}\n{hint}"
-            )
-        try:
-            self.load_state_dict(ours, strict=True)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"checkpoint does not fit {self.config.name}: {e}") from None
-        self.backbone.is_random_init = False
-        return self
-
-    def official_state_dict(self) -> dict[str, torch.Tensor]:
-        """This model's weights in the authors' key names (inverse of :meth:`load_official`)."""
-        return {_official_name(k): v for k, v in self.state_dict().items()}
-
-
-def _official_name(key: str) -> str:
-    back = tuple((dst, src) for src, dst in _OFFICIAL_TO_OURS)
-    return _rename(key, back) or key
+        return "Check the preset ('CricaVPR' is ViT-B/14 with 2 encoder layers; 'CricaVPR-S' is ViT-S/14)."

@@ -174,33 +174,49 @@ class VPRModel(nn.Module):
 
     # ---- official checkpoints --------------------------------------------------------------
 
+    # Authors' checkpoint names -> scicevpr names (ordered prefix rewrites); subclasses whose
+    # authors used other names override this table and :meth:`official_hint`.
+    official_key_map: tuple[tuple[str, str], ...] = _OFFICIAL_TO_OURS
+
+    def official_hint(self, source_keys: list[str]) -> str:
+        """The advice appended to a failed :meth:`load_official`."""
+        return (
+            "Check the model class (SuperCricaVPR has a 2-layer encoder, SciceVPR 1 layer, "
+            "CricaVPR checkpoints have 'aggregation.*' keys) and the preset (backbone size, "
+            "mix_dim, image_size)."
+        )
+
+    def _official_name(self, key: str) -> str:
+        back = tuple((dst, src) for src, dst in self.official_key_map)
+        return _rename(key, back) or key
+
     def load_official(self, path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> "VPRModel":
         """Load the authors' training checkpoint strictly.
 
         Accepts ``{"model_state_dict": ...}`` or a bare state dict, keys with or without
-        ``module.``, in the authors' names (``backbone.dino_model.*``, ``conv.*``,
-        ``tokenmix.{i}.*``, ``gem.p``, ``encoder.layers.{i}.*``). Anything else raises an
-        error listing the missing and unexpected keys. Loading real backbone weights this way
-        clears ``is_random_init``.
+        ``module.``, in the authors' names (for SciceVPR / Super-CricaVPR:
+        ``backbone.dino_model.*``, ``conv.*``, ``tokenmix.{i}.*``, ``gem.p``,
+        ``encoder.layers.{i}.*``). Anything else raises an error listing the missing and
+        unexpected keys. The checkpoint holds the whole DINOv2, so ``is_random_init`` becomes
+        False.
         """
         source = unwrap_state_dict(path_or_state_dict)
         ours, unexpected = {}, []
         for k, v in source.items():
-            new = _rename(k, _OFFICIAL_TO_OURS)
+            new = _rename(k, self.official_key_map)
             if new is None:
                 unexpected.append(k)
             else:
                 ours[new] = v
         expected = set(self.state_dict())
-        missing = sorted(expected - set(ours))
-        unexpected += sorted(_rename_back(k) for k in set(ours) - expected)
+        missing = sorted(self._official_name(k) for k in expected - set(ours))
+        unexpected = sorted(unexpected + [self._official_name(k) for k in set(ours) - expected])
         if missing or unexpected:
             raise ValueError(
                 f"not a {type(self).__name__} ({self.config.name}) checkpoint in the authors' "
-                f"format.\n  missing keys ({len(missing)}): {_preview([_rename_back(k) for k in missing])}"
+                f"format.\n  missing keys ({len(missing)}): {_preview(missing)}"
                 f"\n  unexpected keys ({len(unexpected)}): {_preview(unexpected)}\n"
-                f"Check the model class (SuperCricaVPR has a 2-layer encoder, SciceVPR 1 layer) "
-                f"and the preset (backbone size, mix_dim, image_size)."
+                f"{self.official_hint(list(source))}"
             )
         try:
             self.load_state_dict(ours, strict=True)
@@ -211,12 +227,7 @@ class VPRModel(nn.Module):
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights in the authors' key names (inverse of :meth:`load_official`)."""
-        return {_rename_back(k): v for k, v in self.state_dict().items()}
-
-
-def _rename_back(key: str) -> str:
-    back = tuple((dst, src) for src, dst in _OFFICIAL_TO_OURS)
-    return _rename(key, back) or key
+        return {self._official_name(k): v for k, v in self.state_dict().items()}
 
 
 def _preview(keys: list[str], n: int = 8) -> str:
