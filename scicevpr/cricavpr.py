@@ -44,7 +44,7 @@ of the authors' repository, and ours:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
