@@ -1,0 +1,369 @@
+"""The ``scicevpr`` command: the long jobs a notebook should not hold.
+
+    scicevpr synth          --preset small                       # offline synthetic benchmark
+    scicevpr train-teacher  --gsv-root ... --val-root ...        # stage 1: Super-CricaVPR
+    scicevpr train-student  --teacher runs/teacher/best.pt ...   # stage 2: distil SciceVPR
+    scicevpr eval           --checkpoint runs/student/best.pt --vg-root ... --dataset pitts30k
+    scicevpr stability      --checkpoint ... --vg-root ... --dataset tokyo247
+    scicevpr extract        --checkpoint ... --images folder/ --out descriptors.npy
+    scicevpr demo                                                # run every notebook headlessly
+
+Multi-GPU training: ``torchrun --nproc_per_node 4 -m scicevpr.cli train-teacher ...``.
+
+This module only turns arguments into configs and calls the package; configs are dataclasses
+whose fields become ``--options`` automatically, so every default is the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass <-> argparse
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if s.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    """Parse ``text`` for a field annotated ``annotation`` (str | int | float | bool | tuple | None)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if text.lower() in {"none", "null"} and (type(None) in typing.get_args(annotation)):
+        return None
+    if origin in (tuple, list):
+        inner = args[0] if args else str
+        return tuple(_parse_value(t, inner) for t in text.split(",") if t)
+    if args and origin is not None:  # Optional[X] / X | None / Union
+        for a in args:
+            try:
+                return _parse_value(text, a)
+            except (ValueError, argparse.ArgumentTypeError):
+                continue
+        raise ValueError(f"cannot parse {text!r} as {annotation}")
+    if annotation is bool:
+        return _parse_bool(text)
+    if annotation in (int, float, str):
+        return annotation(text)
+    return text
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add ``--field-name`` for every simple field of dataclass ``cls`` (default: unchanged)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (defaults: the paper's values)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        ann = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        flag, dest = "--" + f.name.replace("_", "-"), f"{cls.__name__}.{f.name}"
+        if ann is bool:
+            group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                               help=f"default: {default!r}")
+            continue
+        group.add_argument(
+            flag, dest=dest, default=argparse.SUPPRESS,
+            metavar=getattr(ann, "__name__", "VALUE").upper(), type=lambda s, a=ann: _parse_value(s, a),
+            help=f"default: {default!r}",
+        )
+
+
+def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    prefix = f"{cls.__name__}."
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
+def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["image_size=112", "mix_dim=256"]`` -> ModelConfig overrides with parsed types."""
+    from .config import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        if key == "backbone_arch":
+            out[key] = value
+            continue
+        if key not in hints:
+            raise SystemExit(f"--set: unknown model field {key!r}; valid: {sorted(hints)} and backbone_arch")
+        out[key] = _parse_value(value, hints[key])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+MODEL_KINDS = ("SciceVPR", "SuperCricaVPR", "CricaVPR")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a native checkpoint, an official one, or an untrained preset)")
+    g.add_argument("--checkpoint", help="a scicevpr checkpoint (runs/<name>/best.pt)")
+    g.add_argument("--official", help="the authors' checkpoint (needs --model and --preset)")
+    g.add_argument("--model", default="SciceVPR", choices=MODEL_KINDS, help="model class for --official or untrained")
+    g.add_argument("--preset", default="SciceVPR-B", help="SciceVPR-B | SciceVPR-L | SciceVPR-S (| CricaVPR presets)")
+    g.add_argument("--weights", default="auto", help="DINOv2 weights: a path, 'auto' or 'none' (random init)")
+    g.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. image_size=112")
+
+
+def build_model(args: argparse.Namespace):
+    import scicevpr
+
+    if args.checkpoint:
+        from .checkpoint import load_model
+
+        return load_model(args.checkpoint)
+    cls = getattr(scicevpr, args.model, None)
+    if cls is None:
+        raise SystemExit(f"model {args.model!r} is not available in this version of scicevpr")
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    if args.official:
+        weights = None  # the official checkpoint carries the backbone
+    model = cls(args.preset, weights=weights, **parse_model_overrides(args.set))
+    if args.official:
+        model.load_official(args.official)
+    return model
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    from .evaluate import EvalConfig
+
+    g = p.add_argument_group("dataset (VG-benchmark layout, see data/README.md)")
+    g.add_argument("--vg-root", required=True, help="folder holding <dataset>/images/<split>/{database,queries}")
+    g.add_argument("--dataset", required=True, help="e.g. pitts30k, msls, tokyo247, nordland, synthetic")
+    g.add_argument("--split", default="test")
+    g.add_argument("--radius", type=float, default=25.0, help="positive radius in metres")
+    add_dataclass_options(p, EvalConfig, skip=("progress",))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def eval_config(args: argparse.Namespace):
+    from .evaluate import EvalConfig
+
+    return EvalConfig(progress=not args.quiet, **dataclass_overrides(args, EvalConfig))
+
+
+def load_split(args: argparse.Namespace):
+    from .data.vg import load_vg_split
+
+    return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius)
+
+
+def _write_table(table, out: str | None) -> None:
+    print(table.to_string(index=False))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+        print(f"written {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, fit_pca_on_images
+
+    model, split, cfg = build_model(args), load_split(args), eval_config(args)
+    print(f"{split}")
+    pca = None
+    if cfg.pca_dim:
+        if not args.pca_images:
+            raise SystemExit("--pca-dim needs --pca-images: a folder of training images (e.g. GSV-Cities Images/)")
+        paths = sorted(Path(args.pca_images).rglob("*.jpg"))
+        pca = fit_pca_on_images(model, paths, cfg.pca_dim, config=cfg)
+    result = evaluate(model, split, cfg, pca=pca)
+    _write_table(result.table(), args.out)
+    if result.per_condition is not None:
+        print(result.per_condition.to_string(index=False))
+    if args.save_descriptors:
+        for p in result.save_descriptors(args.save_descriptors):
+            print(f"written {p}")
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from .evaluate import batch_stability, stability_summary
+
+    model, split, cfg = build_model(args), load_split(args), eval_config(args)
+    table = batch_stability(model, split, args.batch_sizes, args.orders, args.seed, cfg.batch_size, cfg)
+    _write_table(table, args.out)
+    print(stability_summary(table).to_string(index=False))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .evaluate import compute_descriptors, save_descriptors
+
+    model, cfg = build_model(args), eval_config(args)
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise SystemExit(f"--images {folder} is not a folder of .jpg images")
+    paths = sorted(folder.rglob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no .jpg files under {folder}")
+    desc = compute_descriptors(model, paths, cfg)
+    save_descriptors(args.out, desc)
+    list_path = Path(args.out).with_suffix(".txt")
+    list_path.write_text("".join(f"{p}\n" for p in paths))
+    print(f"written {args.out} ({desc.shape[0]} x {desc.shape[1]}, fp16) and {list_path} (row order)")
+    return 0
+
+
+def add_train_parsers(sub) -> None:
+    from .losses import LossConfig
+    from .train import TrainConfig
+
+    for stage, help_ in (
+        ("teacher", "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS"),
+        ("student", "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D"),
+    ):
+        p = sub.add_parser(
+            f"train-{stage}", help=help_, description=help_ + ". Every option defaults to the paper's value; "
+            "a run folder holds config.json, log.csv, last.pt and best.pt. Several GPUs: "
+            f"torchrun --nproc_per_node N -m scicevpr.cli train-{stage} ...",
+        )
+        skip = ("model_overrides", "loss", "progress") + (("teacher",) if stage == "teacher" else ())
+        add_dataclass_options(p, TrainConfig, skip=skip)
+        add_dataclass_options(p, LossConfig)
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="ModelConfig overrides, e.g. image_size=112 mix_dim=256")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_train, stage=stage)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .losses import LossConfig
+    from .train import TrainConfig, train_student, train_teacher
+
+    config = TrainConfig(
+        model_overrides=parse_model_overrides(args.set),
+        loss=LossConfig(**dataclass_overrides(args, LossConfig)),
+        progress=not args.quiet,
+        **dataclass_overrides(args, TrainConfig),
+    )
+    if args.stage == "student" and config.teacher is None:
+        raise SystemExit("train-student needs --teacher: stage 1's best.pt or the authors' Super-CricaVPR checkpoint")
+    result = (train_teacher if args.stage == "teacher" else train_student)(config)
+    print(f"run folder: {result.run_dir}")
+    if result.best_path is not None:
+        recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in (result.best_recalls or {}).items())
+        print(f"best checkpoint: {result.best_path} (epoch {result.best_epoch}: {recalls})")
+    return 0
+
+
+def repo_root() -> Path:
+    here = Path.cwd()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() and (d / "notebooks").is_dir():
+            return d
+    raise SystemExit("run `scicevpr demo` from inside the scicevpr repository (needs notebooks/)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Execute every notebook headlessly, in order, then print the final results table."""
+    root = repo_root()
+    notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise SystemExit(f"no notebooks in {root / 'notebooks'}")
+    for nb in notebooks:
+        print(f"running {nb.relative_to(root)} ...", flush=True)
+        cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+               "--ExecutePreprocessor.timeout=3600", str(nb)]
+        cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
+        subprocess.run(cmd, check=True, cwd=nb.parent, env={**os.environ, "MPLBACKEND": "Agg"})
+    results = root / "figures" / "results.md"
+    print(f"\nfigures written to {root / 'figures'}")
+    if results.is_file():
+        print(f"\nFinal results ({results.relative_to(root)}):\n")
+        print(results.read_text())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scicevpr", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .data.synthetic import add_cli as add_synth
+
+    add_synth(sub)
+
+    add_train_parsers(sub)
+
+    p = sub.add_parser("eval", help="Recall@N of a model on a VG-layout dataset",
+                       description="Recall@1/5/10/100 under the official protocol (file order, batches of 16, exact L2 search).")
+    add_model_options(p)
+    add_eval_options(p)
+    p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim)")
+    p.add_argument("--out", help="write the results table to this CSV")
+    p.add_argument("--save-descriptors", help="folder for database.npy / queries.npy (fp16)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("stability", help="R@N under other query batch sizes and orders (paper Fig. 1-2)",
+                       description="Database in file order, batches of 16; queries re-encoded with each batch size and order.")
+    add_model_options(p)
+    add_eval_options(p)
+    p.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 2, 4, 8, 16, 32))
+    p.add_argument("--orders", type=int, default=3, help="file order + (orders - 1) random orders")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the tidy table to this CSV")
+    p.set_defaults(func=cmd_stability)
+
+    p = sub.add_parser("extract", help="descriptors of a folder of images, saved as fp16 .npy")
+    add_model_options(p)
+    from .evaluate import EvalConfig
+
+    add_dataclass_options(p, EvalConfig, skip=("progress", "recall_values", "pca_dim", "query_batch_size"))
+    p.add_argument("--images", required=True, help="folder searched recursively for .jpg")
+    p.add_argument("--out", required=True, help="output .npy path")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("demo", help="execute every notebook headlessly and print the final results")
+    p.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
+                   help="store outputs in the notebooks (default) or, with --no-inplace, in --output-dir")
+    p.add_argument("--output-dir", default="runs/notebooks")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"scicevpr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
