@@ -1,0 +1,135 @@
+"""Image transforms shared by every input path (paper: "Training" and "Evaluation protocol").
+
+Evaluation: hard resize to (S, S), bilinear with antialiasing, ImageNet mean/std.
+Training (GSV-Cities): the same resize, RandAugment with 3 ops, the same normalisation.
+
+All PIL images are first turned into uint8 tensors, so the PIL path (``eval_transform``) and the
+batched JPEG path (``scicevpr.data.decode``) share one resize + normalise implementation,
+``normalize_uint8_batch``; they can then differ only by the JPEG decoder's rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_BILINEAR = T.InterpolationMode.BILINEAR
+
+
+def _check_size(image_size: int) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (the side S of the square model input), got {image_size!r}")
+    return image_size
+
+
+def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """PIL image (any mode) or (3, H, W) uint8 tensor -> (3, H, W) uint8 RGB tensor."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise TypeError(f"expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+        return image
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return TF.pil_to_tensor(image)  # (H, W, 3) bytes -> (3, H, W) uint8
+
+
+def _resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, S, S) uint8; bilinear, antialiased (PIL-like), rounded."""
+    if tuple(x.shape[-2:]) == (image_size, image_size):
+        return x
+    return TF.resize(x, [image_size, image_size], interpolation=_BILINEAR, antialias=True)
+
+
+def _normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float32 in ImageNet-normalised units."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x_uint8.device).view(1, 3, 1, 1)
+    return (x_uint8.to(torch.float32) / 255.0 - mean) / std
+
+
+def normalize_uint8_batch(x_uint8: torch.Tensor | Sequence[torch.Tensor], image_size: int) -> torch.Tensor:
+    """Hard-resize and normalise a batch of uint8 RGB images, on whatever device they live.
+
+    Args:
+        x_uint8: (B, 3, H, W) uint8 tensor, or a sequence of B (3, H_i, W_i) uint8 tensors
+            (images of different sizes, as decoded from a folder of JPEGs).
+        image_size: S, the model's square input side.
+    Returns:
+        (B, 3, S, S) float32 tensor, ImageNet mean/std normalised, on the input's device.
+    """
+    image_size = _check_size(image_size)
+    if isinstance(x_uint8, torch.Tensor):
+        if x_uint8.dtype != torch.uint8 or x_uint8.ndim != 4 or x_uint8.shape[1] != 3:
+            raise TypeError(f"expected a (B, 3, H, W) uint8 tensor, got {tuple(x_uint8.shape)} {x_uint8.dtype}")
+        return _normalize(_resize_uint8(x_uint8, image_size))
+    images = list(x_uint8)
+    if not images:
+        raise ValueError("normalize_uint8_batch got an empty list of images")
+    for im in images:
+        to_uint8_tensor(im)  # validates dtype and shape
+    # Resize image by image (sizes may differ), then normalise the stacked batch.
+    resized = [_resize_uint8(im.unsqueeze(0), image_size) for im in images]  # each (1, 3, S, S)
+    return _normalize(torch.cat(resized, dim=0))  # (B, 3, S, S)
+
+
+class EvalTransform:
+    """PIL image -> (3, S, S) float tensor: hard resize to (S, S), bilinear + antialias, ImageNet normalisation.
+
+    A class rather than a lambda so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, image_size: int):
+        self.image_size = _check_size(image_size)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        x = to_uint8_tensor(image).unsqueeze(0)  # (3, H, W) -> (1, 3, H, W)
+        return normalize_uint8_batch(x, self.image_size)[0]  # (3, S, S)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
+
+
+class TrainTransform:
+    """GSV-Cities training augmentation: resize (S, S) bilinear, RandAugment(num_ops), normalise.
+
+    Uses torch's global RNG (as torchvision's RandAugment does); ``GSVCitiesDataset`` seeds it per
+    sample so that augmentations are reproducible.
+    """
+
+    def __init__(self, image_size: int, randaugment_ops: int = 3):
+        self.image_size = _check_size(image_size)
+        self.randaugment_ops = int(randaugment_ops)
+        self.randaugment = T.RandAugment(num_ops=self.randaugment_ops, interpolation=_BILINEAR)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        x = _resize_uint8(to_uint8_tensor(image).unsqueeze(0), self.image_size)  # (1, 3, S, S) uint8
+        if self.randaugment_ops > 0:
+            x = self.randaugment(x)
+        return _normalize(x)[0]  # (3, S, S)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(image_size={self.image_size}, randaugment_ops={self.randaugment_ops})"
+
+
+def eval_transform(image_size: int) -> EvalTransform:
+    """The evaluation transform: PIL -> normalised (3, S, S) tensor (hard resize, no crop)."""
+    return EvalTransform(image_size)
+
+
+def train_transform(image_size: int, randaugment_ops: int = 3) -> TrainTransform:
+    """The official training augmentation: resize, RandAugment(num_ops=3), normalise."""
+    return TrainTransform(image_size, randaugment_ops)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of the normalisation, for display: (..., 3, H, W) float -> same shape in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0.0, 1.0)

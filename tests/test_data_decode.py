@@ -1,0 +1,93 @@
+"""Input pipeline: PIL decoding in DataLoader workers vs batched torchvision.io.decode_jpeg.
+
+Tolerance: on the CPU both decoders are libjpeg-turbo; outputs must agree within 2 grey levels
+(2/255/std after normalisation, about 0.035), which covers IDCT/upsampling rounding differences
+between libjpeg builds. On a GPU (nvJPEG) the same check allows 6 grey levels at any pixel and a
+mean difference under half a level.
+"""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from scicevpr.data.decode import (
+    CorruptImageError,
+    JpegBytesDataset,
+    collate_jpeg_bytes,
+    decode_jpeg_batch,
+    decode_jpeg_bytes,
+    load_rgb,
+)
+from scicevpr.data.transforms import IMAGENET_STD
+from scicevpr.data.vg import ImageFileDataset
+
+LEVEL = 1 / 255 / min(IMAGENET_STD)  # one grey level, in normalised units
+
+
+@pytest.fixture
+def jpegs(tmp_path, make_jpeg):
+    sizes = [(64, 48), (80, 80), (50, 70), (64, 48), (33, 47)]
+    return [make_jpeg(tmp_path / f"img{i}.jpg", size=s, seed=i) for i, s in enumerate(sizes)]
+
+
+def _pil_batch(paths, size):
+    ds = ImageFileDataset(paths, image_size=size)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def test_cpu_batched_decode_matches_pil_path(jpegs):
+    pil = _pil_batch(jpegs, 32)
+    batched = decode_jpeg_batch(jpegs, 32, device="cpu")
+    assert batched.shape == pil.shape == (len(jpegs), 3, 32, 32)
+    assert batched.dtype == torch.float32
+    diff = (batched - pil).abs()
+    assert diff.max().item() <= 2 * LEVEL + 1e-6, f"max diff {diff.max().item() / LEVEL:.2f} grey levels"
+
+
+def test_bytes_dataset_in_workers_then_batched_decode(jpegs):
+    loader = DataLoader(JpegBytesDataset(jpegs), batch_size=2, num_workers=2, collate_fn=collate_jpeg_bytes)
+    out = torch.zeros(len(jpegs), 3, 24, 24)
+    for datas, idx in loader:
+        assert isinstance(datas, list) and idx.dtype == torch.long
+        out[idx] = decode_jpeg_bytes(datas, 24, device="cpu")
+    torch.testing.assert_close(out, decode_jpeg_batch(jpegs, 24, device="cpu"), atol=0, rtol=0)
+
+
+def test_pil_dataset_in_workers(jpegs):
+    loader = DataLoader(ImageFileDataset(jpegs, image_size=28), batch_size=2, num_workers=2)
+    seen = []
+    for x, idx in loader:
+        assert x.shape[1:] == (3, 28, 28)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(jpegs)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_gpu_decode_matches_cpu(jpegs):
+    cpu = decode_jpeg_batch(jpegs, 32, device="cpu")
+    gpu = decode_jpeg_batch(jpegs, 32, device="cuda")
+    assert gpu.device.type == "cuda"
+    diff = (gpu.cpu() - cpu).abs()
+    assert diff.max().item() <= 6 * LEVEL and diff.mean().item() <= 0.5 * LEVEL
+
+
+def test_truncated_jpeg_is_named_in_both_paths(jpegs, tmp_path):
+    bad = tmp_path / "truncated.jpg"
+    data = jpegs[1].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptImageError, match="truncated.jpg") as e:
+        load_rgb(bad)
+    assert "skip_corrupt=True" in str(e.value)
+    with pytest.raises(CorruptImageError, match="truncated.jpg"):
+        decode_jpeg_batch([jpegs[0], bad], 32, device="cpu")
+
+
+def test_not_an_image_and_missing_file(tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not a jpeg at all" * 10)
+    with pytest.raises(CorruptImageError, match="junk.jpg"):
+        load_rgb(junk)
+    with pytest.raises(CorruptImageError, match="junk.jpg"):
+        decode_jpeg_batch([junk], 16, device="cpu")
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        decode_jpeg_batch([tmp_path / "missing.jpg"], 16, device="cpu")
