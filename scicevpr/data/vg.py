@@ -1,0 +1,320 @@
+"""Visual Geo-localization benchmark layout (Pitts30k, MSLS-val, Tokyo24/7, Nordland, ...).
+
+Layout::
+
+    <root>/<dataset>/images/<split>/database/**/*.jpg
+    <root>/<dataset>/images/<split>/queries/**/*.jpg
+    <root>/<dataset>/images/<split>/metadata.csv      (optional; written by the synthetic generator)
+
+File names carry the position: ``@utm_east@utm_north@...@.jpg``. Only the first two fields are
+read; the full 14-field names written by the public converters
+(``@east@north@zone@letter@lat@lon@pano@tile@heading@pitch@roll@height@timestamp@note@.jpg``)
+parse too. Positives of a query are the database images within ``radius`` metres (UTM), sorted by
+distance (paper: "Evaluation protocol").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .decode import find_corrupt_images, load_rgb, warn_skipped
+from .paths import DATA_ENV, data_root
+from .transforms import eval_transform
+
+PathLike = str | os.PathLike
+
+UTM_PATTERN = "@utm_east@utm_north@...@.jpg"
+METADATA_FILE = "metadata.csv"
+ROLES = ("database", "queries")
+
+
+def parse_utm(path: PathLike) -> tuple[float, float]:
+    """(east, north) in metres from a VG file name ``@east@north@...@.jpg``.
+
+    Raises ValueError naming the file and the expected pattern when the fields are absent.
+    """
+    name = Path(path).name
+    fields = name.split("@")
+    # "@e@n@.jpg".split("@") -> ["", "e", "n", ".jpg"]
+    try:
+        if len(fields) < 4 or fields[0] != "":
+            raise ValueError("too few '@' fields")
+        east, north = float(fields[1]), float(fields[2])
+        if not (np.isfinite(east) and np.isfinite(north)):
+            raise ValueError("non-finite coordinate")
+    except ValueError as e:
+        raise ValueError(
+            f"image file name {name!r} (in {str(Path(path).parent)!r}) has no UTM fields: expected "
+            f"{UTM_PATTERN}, e.g. '@0584790.82@4477197.41@17@T@@.jpg' ({e}). Rename the files with a "
+            "VG-benchmark converter, or check that the folder holds the right dataset."
+        ) from None
+    return east, north
+
+
+def format_vg_name(
+    east: float,
+    north: float,
+    zone: int | str = "",
+    letter: str = "",
+    lat: float | None = None,
+    lon: float | None = None,
+    pano_id: str = "",
+    tile: str = "",
+    heading: float | None = None,
+    pitch: float | None = None,
+    timestamp: str = "",
+    note: str = "",
+) -> str:
+    """A VG-benchmark file name with the public converters' 14 fields (only east/north required)."""
+    lat_s = "" if lat is None else f"{lat:010.5f}"
+    lon_s = "" if lon is None else f"{lon:011.5f}"
+    head_s = "" if heading is None else f"{int(round(heading)) % 360:03d}"
+    pitch_s = "" if pitch is None else f"{int(round(pitch)):03d}"
+    zone_s = f"{int(zone):02d}" if zone != "" else ""
+    fields = [f"{east:010.2f}", f"{north:010.2f}", zone_s, letter, lat_s, lon_s, pano_id, tile,
+              head_s, pitch_s, "", "", timestamp, note]
+    for f in fields:
+        if "@" in f or "/" in f:
+            raise ValueError(f"VG name fields may not contain '@' or '/': {f!r}")
+    return "@" + "@".join(fields) + "@.jpg"
+
+
+def radius_positives(database_utms: np.ndarray, query_utms: np.ndarray, radius: float) -> list[np.ndarray]:
+    """For each query, the database indices within ``radius`` (inclusive), nearest first.
+
+    Exact search, chunked over queries so that memory stays bounded for large databases.
+    """
+    db = np.asarray(database_utms, dtype=np.float64).reshape(-1, 2)  # (N_db, 2)
+    q = np.asarray(query_utms, dtype=np.float64).reshape(-1, 2)  # (N_q, 2)
+    r2 = float(radius) ** 2
+    chunk = max(1, 4_000_000 // max(1, len(db)))
+    positives: list[np.ndarray] = []
+    for start in range(0, len(q), chunk):
+        diff = q[start : start + chunk, None, :] - db[None, :, :]  # (c, N_db, 2)
+        d2 = np.einsum("cnk,cnk->cn", diff, diff)  # (c, N_db)
+        for row in d2:
+            idx = np.flatnonzero(row <= r2)
+            positives.append(idx[np.argsort(row[idx], kind="stable")].astype(np.int64))
+    return positives
+
+
+@dataclass
+class VGSplit:
+    """One split (database + queries) of a VG-layout dataset, with ground truth."""
+
+    root: Path
+    dataset: str
+    split: str
+    database_paths: list[Path]
+    query_paths: list[Path]
+    database_utms: np.ndarray  # (N_db, 2) float64, east/north in metres
+    query_utms: np.ndarray  # (N_q, 2) float64
+    positives: list[np.ndarray]  # per query: database indices within radius, nearest first
+    radius: float = 25.0
+    database_conditions: list[str] | None = None  # from metadata.csv when present
+    query_conditions: list[str] | None = None
+    database_metadata: pd.DataFrame | None = None  # rows aligned with database_paths
+    query_metadata: pd.DataFrame | None = None  # rows aligned with query_paths
+    skipped: list[Path] = field(default_factory=list)  # corrupt files left out (skip_corrupt=True)
+
+    @property
+    def num_database(self) -> int:
+        return len(self.database_paths)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_paths)
+
+    @property
+    def all_paths(self) -> list[Path]:
+        """Database then queries: the order in which descriptors are extracted."""
+        return list(self.database_paths) + list(self.query_paths)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.dataset / "images" / self.split
+
+    @property
+    def queries_without_positives(self) -> np.ndarray:
+        """Indices of queries with no database image within the radius (they count as misses)."""
+        return np.array([i for i, p in enumerate(self.positives) if len(p) == 0], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"VGSplit(dataset={self.dataset!r}, split={self.split!r}, num_database={self.num_database}, "
+            f"num_queries={self.num_queries}, radius={self.radius}, root={str(self.root)!r})"
+        )
+
+
+def _listing(folder: Path) -> str:
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return ""
+    return f" (found there: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''})" if names else " (it is empty)"
+
+
+def _require_dir(folder: Path, what: str, fix: str) -> None:
+    if not folder.is_dir():
+        parent = folder.parent
+        where = _listing(parent) if parent.is_dir() else ""
+        raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist{where}. {fix}")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Every ``*.jpg`` below ``folder``, in a deterministic order (sorted relative POSIX paths)."""
+    paths = [p for p in folder.rglob("*.jpg") if p.is_file()]
+    return sorted(paths, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _check_nonempty(paths: list[Path], folder: Path, role: str) -> None:
+    if paths:
+        return
+    others = sorted({p.suffix for p in folder.rglob("*") if p.is_file()})
+    hint = f" It holds files with extensions {others}; convert them to .jpg." if others else ""
+    raise ValueError(
+        f"the {role} set is empty: no .jpg images under {str(folder)!r}.{hint} Expected files named "
+        f"{UTM_PATTERN} in {folder.name}/ (subfolders allowed)."
+    )
+
+
+def _read_metadata(split_dir: Path, database: list[Path], queries: list[Path]):
+    """Conditions (and every other column) of ``metadata.csv``, aligned with the image lists."""
+    meta_path = split_dir / METADATA_FILE
+    if not meta_path.is_file():
+        return None, None, None, None
+    meta = pd.read_csv(meta_path, keep_default_na=False)
+    missing = [c for c in ("file", "condition") if c not in meta.columns]
+    if missing:
+        raise ValueError(
+            f"metadata file {str(meta_path)!r} lacks column(s) {missing}; it needs at least 'file' "
+            "(path relative to the split folder) and 'condition'. Fix or delete the file."
+        )
+    meta = meta.set_index("file", drop=False)
+    if not meta.index.is_unique:
+        dup = meta.index[meta.index.duplicated()][0]
+        raise ValueError(f"metadata file {str(meta_path)!r} lists {dup!r} more than once")
+    out = []
+    for paths in (database, queries):
+        rel = [p.relative_to(split_dir).as_posix() for p in paths]
+        absent = [r for r in rel if r not in meta.index]
+        if absent:
+            raise ValueError(
+                f"metadata file {str(meta_path)!r} has no row for {len(absent)} image(s), e.g. {absent[0]!r}; "
+                "regenerate it or delete it (conditions are optional)."
+            )
+        rows = meta.loc[rel].reset_index(drop=True)
+        out += [rows["condition"].astype(str).tolist(), rows]
+    return out[0], out[2], out[1], out[3]
+
+
+def load_vg_split(
+    root: PathLike | None,
+    dataset: str,
+    split: str = "test",
+    radius: float = 25.0,
+    skip_corrupt: bool = False,
+) -> VGSplit:
+    """Read ``<root>/<dataset>/images/<split>/{database,queries}`` and compute positives.
+
+    Args:
+        root: folder holding the datasets; None means ``$SCICEVPR_DATA`` (else ``./data``).
+        dataset: e.g. ``"pitts30k"``, ``"msls"``, ``"tokyo247"``, ``"synthetic"``.
+        split: ``"test"``, ``"val"`` or ``"train"``.
+        radius: positives are database images within this distance (metres, UTM) of the query.
+        skip_corrupt: False (default): no image is decoded here and a corrupt file raises when it
+            is loaded. True: every image is test-decoded now; files that fail are left out of the
+            split (positives computed without them), listed in ``.skipped`` and reported in a warning.
+    """
+    root = data_root(root)
+    if radius <= 0:
+        raise ValueError(f"radius must be positive (metres), got {radius}")
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset root {str(root)!r} does not exist. Pass the folder that holds <dataset>/images/<split>/ "
+            f"as root, or set the environment variable {DATA_ENV}."
+        )
+    _require_dir(root / dataset, "dataset", f"Expected {root!s}/{dataset}/images/{split}/{{database,queries}}/; check the dataset name or root.")
+    _require_dir(root / dataset / "images", "images", f"A VG-layout dataset has {dataset}/images/<split>/{{database,queries}}/.")
+    split_dir = root / dataset / "images" / split
+    _require_dir(split_dir, "split", "Check the split name (usually 'train', 'val' or 'test').")
+    folders = {}
+    for role in ROLES:
+        folders[role] = split_dir / role
+        _require_dir(folders[role], role, "A split folder must contain both database/ and queries/.")
+    database = _list_images(folders["database"])
+    queries = _list_images(folders["queries"])
+    _check_nonempty(database, folders["database"], "database")
+    _check_nonempty(queries, folders["queries"], "query")
+    skipped: list[Path] = []
+    if skip_corrupt:
+        bad = set(find_corrupt_images(database + queries))
+        if bad:
+            skipped = [p for p in database + queries if p in bad]
+            database = [p for p in database if p not in bad]
+            queries = [p for p in queries if p not in bad]
+            warn_skipped(skipped, len(database) + len(queries) + len(skipped), str(split_dir))
+            _check_nonempty(database, folders["database"], "database (after skipping corrupt files)")
+            _check_nonempty(queries, folders["queries"], "query (after skipping corrupt files)")
+    db_utms = np.array([parse_utm(p) for p in database], dtype=np.float64).reshape(-1, 2)
+    q_utms = np.array([parse_utm(p) for p in queries], dtype=np.float64).reshape(-1, 2)
+    db_cond, q_cond, db_meta, q_meta = _read_metadata(split_dir, database, queries)
+    return VGSplit(
+        root=root,
+        dataset=dataset,
+        split=split,
+        database_paths=database,
+        query_paths=queries,
+        database_utms=db_utms,
+        query_utms=q_utms,
+        positives=radius_positives(db_utms, q_utms, radius),
+        radius=float(radius),
+        database_conditions=db_cond,
+        query_conditions=q_cond,
+        database_metadata=db_meta,
+        query_metadata=q_meta,
+        skipped=skipped,
+    )
+
+
+class ImageFileDataset(Dataset):
+    """Images from a list of files, for descriptor extraction: yields ``(image (3, S, S), index)``.
+
+    Decoding (PIL) happens in DataLoader workers; the default transform is the evaluation
+    transform (hard resize to S x S, ImageNet normalisation). ``index`` is the position in ``paths``.
+
+    A corrupt file raises ``CorruptImageError`` naming it. With ``skip_corrupt=True`` every file is
+    test-decoded at construction; the ones that fail are left out (``len`` shrinks, the yielded
+    index stays the position in the original ``paths``), listed in ``.skipped`` and reported.
+    """
+
+    def __init__(self, paths, image_size: int, skip_corrupt: bool = False, transform=None):
+        self.paths = [Path(p) for p in paths]
+        self.image_size = image_size
+        self.transform = transform if transform is not None else eval_transform(image_size)
+        self.skipped: list[Path] = []
+        self.indices = np.arange(len(self.paths), dtype=np.int64)
+        if skip_corrupt:
+            bad = set(find_corrupt_images(self.paths))
+            if bad:
+                self.skipped = [p for p in self.paths if p in bad]
+                self.indices = np.array([i for i, p in enumerate(self.paths) if p not in bad], dtype=np.int64)
+                warn_skipped(self.skipped, len(self.paths), "ImageFileDataset")
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        index = int(self.indices[i])
+        return self.transform(load_rgb(self.paths[index])), index
