@@ -1,0 +1,242 @@
+"""GSV-Cities training layout (paper: "Training"; P places x K images per batch).
+
+Layout::
+
+    <root>/Dataframes/<city>.csv    columns: place_id, year, month, northdeg, city_id, lat, lon, panoid
+    <root>/Images/<city_id>/<city_id>_<place_id:07d>_<year:04d>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg
+
+``lat`` and ``lon`` appear in file names as Python writes the floats (``str(float)``), as in the
+dataset's own loader. Place ids are made unique across cities as the official loader does
+(``place_id + city_index * 10**5``). Places with fewer than K images are dropped (or, with
+``drop_small_places=False``, reported as an error). Each item is K images of one place, so
+``DataLoader(ds, batch_size=P)`` yields ``(P, K, 3, S, S)`` images and ``(P, K)`` place ids.
+
+Extra CSV columns are allowed and kept (the synthetic benchmark adds ``condition`` and others).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .decode import load_rgb
+from .paths import DATA_ENV, data_root
+from .transforms import train_transform
+
+PathLike = str | os.PathLike
+
+GSV_COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
+CITY_ID_STRIDE = 10**5  # the official loader's prefix: place ids of city i become id + i * 10**5
+
+
+def gsv_image_name(city_id: str, place_id: int, year: int, month: int, northdeg: int, lat: float, lon: float, panoid: str) -> str:
+    """The dataset's file-name scheme (``place_id`` is the id within its city)."""
+    return f"{city_id}_{int(place_id):07d}_{int(year):04d}_{int(month):02d}_{int(northdeg):03d}_{lat}_{lon}_{panoid}.jpg"
+
+
+def _name_key(name: str) -> tuple | None:
+    """(city, place, year, month, northdeg, panoid) from a file name, ignoring how lat/lon are written."""
+    stem = name[:-4] if name.lower().endswith(".jpg") else name
+    parts = stem.split("_", 7)  # panoids may themselves contain '_'
+    if len(parts) != 8:
+        return None
+    city, place, year, month, northdeg, _lat, _lon, panoid = parts
+    try:
+        return (city, int(place), int(year), int(month), int(northdeg), panoid)
+    except ValueError:
+        return None
+
+
+def list_cities(root: PathLike) -> list[str]:
+    """Names of the cities that have a ``Dataframes/<city>.csv``, sorted."""
+    folder = Path(root) / "Dataframes"
+    return sorted(p.stem for p in folder.glob("*.csv"))
+
+
+def _read_city(root: Path, city: str) -> pd.DataFrame:
+    csv = root / "Dataframes" / f"{city}.csv"
+    if not csv.is_file():
+        raise FileNotFoundError(
+            f"GSV-Cities dataframe {str(csv)!r} does not exist (cities found: {list_cities(root)}). "
+            "Check the city name, or pass cities=None to use all of them."
+        )
+    # Floats are parsed to the nearest double, so str(lat) usually rebuilds the file name; names that
+    # write lat/lon differently are matched on the other fields (see _resolve_files).
+    df = pd.read_csv(csv, dtype={"panoid": str, "city_id": str}, keep_default_na=False)
+    missing = [c for c in GSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"GSV-Cities dataframe {str(csv)!r} lacks column(s) {missing}; found {list(df.columns)}. "
+            f"Each Dataframes/<city>.csv needs {list(GSV_COLUMNS)}."
+        )
+    if len(df) == 0:
+        raise ValueError(f"GSV-Cities dataframe {str(csv)!r} has no rows")
+    if df["place_id"].max() >= CITY_ID_STRIDE or df["place_id"].min() < 0:
+        raise ValueError(f"{str(csv)!r}: place_id must lie in [0, {CITY_ID_STRIDE}) to be made unique across cities")
+    return df
+
+
+def _resolve_files(root: Path, df: pd.DataFrame, csv_name: str) -> list[Path]:
+    """Image path for each row; tolerant of how lat/lon floats were written in the names."""
+    paths: list[Path] = []
+    listings: dict[str, dict] = {}
+    missing = []
+    for row in df.itertuples(index=False):
+        city = str(row.city_id)
+        folder = root / "Images" / city
+        if city not in listings:
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"GSV-Cities image folder {str(folder)!r} does not exist (rows of {csv_name} have "
+                    f"city_id {city!r}). Expected <root>/Images/<city_id>/ next to <root>/Dataframes/."
+                )
+            names = os.listdir(folder)
+            listings[city] = {"names": set(names), "keys": {k: n for n in names if (k := _name_key(n)) is not None}}
+        name = gsv_image_name(city, row.place_id, row.year, row.month, row.northdeg, row.lat, row.lon, row.panoid)
+        if name not in listings[city]["names"]:
+            key = (city, int(row.place_id), int(row.year), int(row.month), int(row.northdeg), str(row.panoid))
+            alt = listings[city]["keys"].get(key)
+            if alt is None:
+                missing.append(name)
+                name = None
+            else:
+                name = alt
+        paths.append(folder / name if name else None)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {csv_name} are missing from {str(root / 'Images')!r}, e.g. "
+            f"{missing[0]!r}. Expected names <city>_<place_id:07d>_<year>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg; "
+            "re-extract the dataset or remove the rows."
+        )
+    return paths
+
+
+class GSVCitiesDataset(Dataset):
+    """GSV-Cities: item i is K images of place i -> ``(images (K, 3, S, S), place_ids (K,))``.
+
+    Args:
+        root: the folder holding ``Dataframes/`` and ``Images/``; None means
+            ``$SCICEVPR_DATA/gsv_cities``.
+        cities: city names (CSV stems); None means every CSV in ``Dataframes/``, sorted.
+        img_per_place: K, images sampled per place (paper: 4).
+        image_size: S, side of the square output.
+        transform: PIL -> tensor; default ``train_transform(image_size)`` (RandAugment, 3 ops).
+        seed: with ``set_epoch``, fixes which K images are drawn and the augmentations, so that
+            training is repeatable and resumable whatever the number of workers.
+        drop_small_places: True (official): places with fewer than K images are dropped.
+            False: such a place is an error naming it.
+    """
+
+    def __init__(
+        self,
+        root: PathLike | None = None,
+        cities: Sequence[str] | None = None,
+        img_per_place: int = 4,
+        image_size: int = 224,
+        transform: Callable | None = None,
+        seed: int = 0,
+        drop_small_places: bool = True,
+    ):
+        root = Path(root) if root is not None else data_root() / "gsv_cities"
+        if img_per_place < 1:
+            raise ValueError(f"img_per_place (K) must be >= 1, got {img_per_place}")
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"GSV-Cities root {str(root)!r} does not exist. Pass the folder that holds Dataframes/ and "
+                f"Images/ as root, or set {DATA_ENV} so that $SCICEVPR_DATA/gsv_cities is that folder."
+            )
+        for sub in ("Dataframes", "Images"):
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(
+                    f"GSV-Cities folder {str(root / sub)!r} does not exist; {str(root)!r} must contain "
+                    "Dataframes/<city>.csv and Images/<city>/."
+                )
+        if cities is None:
+            cities = list_cities(root)
+            if not cities:
+                raise FileNotFoundError(f"no <city>.csv files in {str(root / 'Dataframes')!r}")
+        self.root = root
+        self.cities = list(cities)
+        self.img_per_place = int(img_per_place)
+        self.image_size = image_size
+        self.transform = transform if transform is not None else train_transform(image_size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+        frames = []
+        for i, city in enumerate(self.cities):
+            df = _read_city(root, city)
+            df["path"] = _resolve_files(root, df, f"Dataframes/{city}.csv")
+            df["city_place_id"] = df["place_id"].astype(np.int64)
+            df["place_id"] = df["city_place_id"] + i * CITY_ID_STRIDE  # unique across cities
+            frames.append(df)
+        df = pd.concat(frames, ignore_index=True)
+        counts = df.groupby("place_id")["place_id"].transform("size")
+        small = df[counts < self.img_per_place]
+        if len(small) and not drop_small_places:
+            first = small.iloc[0]
+            n = int((df["place_id"] == first["place_id"]).sum())
+            raise ValueError(
+                f"place {int(first['city_place_id'])} of city {first['city_id']!r} has {n} image(s) but "
+                f"img_per_place (K) = {self.img_per_place} are required ({small['place_id'].nunique()} such places). "
+                "Lower img_per_place, or pass drop_small_places=True to drop them as the official loader does."
+            )
+        self.num_dropped_places = int(small["place_id"].nunique())
+        df = df[counts >= self.img_per_place]
+        if len(df) == 0:
+            raise ValueError(
+                f"no place in {self.cities} has at least img_per_place (K) = {self.img_per_place} images; lower K."
+            )
+        self.dataframe = df.sort_values(["place_id", "path"], kind="stable").reset_index(drop=True)
+        self.place_ids = np.array(pd.unique(self.dataframe["place_id"]), dtype=np.int64)  # sorted
+        groups = self.dataframe.groupby("place_id").indices
+        self._rows = [np.asarray(groups[p], dtype=np.int64) for p in self.place_ids]
+        self._paths = self.dataframe["path"].tolist()
+
+    def __len__(self) -> int:
+        """Number of places (not images)."""
+        return len(self.place_ids)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataframe)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the sampled images and augmentations per epoch (reproducibly)."""
+        self.epoch = int(epoch)
+
+    def _sample_seed(self, index: int) -> list[int]:
+        return [self.seed, self.epoch, int(index)]
+
+    def sample_rows(self, index: int) -> np.ndarray:
+        """Dataframe rows of the K images drawn for place ``index`` at the current epoch."""
+        rows = self._rows[index]
+        rng = np.random.default_rng(self._sample_seed(index))
+        return rows[rng.choice(len(rows), size=self.img_per_place, replace=False)]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"place index {index} out of range [0, {len(self)})")
+        images = []
+        for k, row in enumerate(self.sample_rows(index)):
+            image = load_rgb(self._paths[row])
+            # Augmentations draw from torch's global RNG: seed it per image, restore it after.
+            aug_seed = zlib.crc32(np.array(self._sample_seed(index) + [k], dtype=np.int64).tobytes())
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                images.append(self.transform(image))  # (3, S, S)
+        place_id = int(self.place_ids[index])
+        return torch.stack(images), torch.full((self.img_per_place,), place_id, dtype=torch.long)  # (K, 3, S, S), (K,)
+
+    def __repr__(self) -> str:
+        return (
+            f"GSVCitiesDataset(root={str(self.root)!r}, cities={len(self.cities)}, places={len(self)}, "
+            f"images={self.num_images}, img_per_place={self.img_per_place}, image_size={self.image_size})"
+        )

@@ -1,0 +1,124 @@
+"""GSV-Cities layout: P x K batches, unique place ids, reproducible sampling, errors on bad input."""
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from scicevpr.data.decode import CorruptImageError
+from scicevpr.data.gsv import GSV_COLUMNS, GSVCitiesDataset, gsv_image_name
+
+
+def _make_city(root, city, counts, make_jpeg, seed=0):
+    """Write Dataframes/<city>.csv and the images; counts[place_id] = number of images."""
+    rows = []
+    for pid, n in counts.items():
+        for k in range(n):
+            lat, lon = 51.5 + pid * 1e-3 + k * 1e-5, -0.1 - k * 1e-5
+            row = dict(place_id=pid, year=2015 + k, month=k + 1, northdeg=(30 * k) % 360, city_id=city, lat=lat, lon=lon, panoid=f"p_{pid}-{k}_x")
+            rows.append(row)
+            name = gsv_image_name(**{c: row[c] for c in GSV_COLUMNS})
+            make_jpeg(root / "Images" / city / name, size=(40, 40), seed=seed + 100 * pid + k)
+    (root / "Dataframes").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(root / "Dataframes" / f"{city}.csv", index=False)
+
+
+@pytest.fixture
+def gsv_root(tmp_path, make_jpeg):
+    root = tmp_path / "gsv_cities"
+    _make_city(root, "London", {0: 4, 1: 5, 2: 3}, make_jpeg)  # place 2 has 3 < K images
+    _make_city(root, "Boston", {0: 4, 7: 6}, make_jpeg, seed=7)
+    return root
+
+
+def test_file_name_scheme():
+    name = gsv_image_name("London", 42, 2019, 3, 7, 51.501234, -0.12, "ab_cd-ef")
+    assert name == "London_0000042_2019_03_007_51.501234_-0.12_ab_cd-ef.jpg"
+
+
+def test_batches_are_p_by_k(gsv_root):
+    ds = GSVCitiesDataset(gsv_root, img_per_place=4, image_size=32)
+    assert ds.cities == ["Boston", "London"]  # all CSVs, sorted
+    assert len(ds) == 4 and ds.num_dropped_places == 1  # London place 2 dropped
+    images, ids = next(iter(DataLoader(ds, batch_size=3)))
+    assert images.shape == (3, 4, 3, 32, 32) and images.dtype == torch.float32
+    assert ids.shape == (3, 4) and ids.dtype == torch.long
+    assert (ids == ids[:, :1]).all()  # K images of one place per item
+    # Unique across cities: Boston (city 0) keeps its ids, London (city 1) gets + 10**5.
+    assert ds.place_ids.tolist() == [0, 7, 100_000, 100_001]
+
+
+def test_sampling_reproducible_per_seed_epoch_and_workers(gsv_root):
+    a = GSVCitiesDataset(gsv_root, img_per_place=4, image_size=24, seed=1)
+    b = GSVCitiesDataset(gsv_root, img_per_place=4, image_size=24, seed=1)
+    assert torch.equal(a[1][0], b[1][0])
+    loaded = torch.cat([x for x, _ in DataLoader(b, batch_size=2, num_workers=2)])
+    assert torch.equal(torch.stack([a[i][0] for i in range(len(a))]), loaded)
+    rows0 = a.sample_rows(3).tolist()
+    a.set_epoch(1)
+    assert any(a.sample_rows(3).tolist() != rows0 for _ in range(1))  # 6 images, 4 drawn: another draw
+    a.set_epoch(0)
+    assert a.sample_rows(3).tolist() == rows0
+    assert len(set(rows0)) == 4  # without replacement
+    c = GSVCitiesDataset(gsv_root, img_per_place=4, image_size=24, seed=2)
+    assert not torch.equal(c[1][0], a[1][0])  # other augmentations
+
+
+def test_subset_of_cities_and_explicit_transform(gsv_root):
+    from scicevpr.data.transforms import eval_transform
+
+    ds = GSVCitiesDataset(gsv_root, cities=["London"], img_per_place=3, image_size=16, transform=eval_transform(16))
+    assert len(ds) == 3 and ds.place_ids.tolist() == [0, 1, 2]
+    x, _ = ds[0]
+    assert x.shape == (3, 3, 16, 16)
+
+
+def test_place_with_fewer_than_k_images_is_an_error_when_asked(gsv_root):
+    with pytest.raises(ValueError, match=r"place 2 of city 'London' has 3 image\(s\) but img_per_place \(K\) = 4"):
+        GSVCitiesDataset(gsv_root, img_per_place=4, drop_small_places=False)
+    with pytest.raises(ValueError, match="no place .* at least img_per_place"):
+        GSVCitiesDataset(gsv_root, img_per_place=7)
+
+
+def test_missing_column(gsv_root):
+    csv = gsv_root / "Dataframes" / "Boston.csv"
+    pd.read_csv(csv).drop(columns=["northdeg"]).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"Boston.csv.*lacks column\(s\) \['northdeg'\]"):
+        GSVCitiesDataset(gsv_root)
+
+
+def test_missing_folders_and_files(gsv_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="SCICEVPR_DATA"):
+        GSVCitiesDataset(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="Paris.csv"):
+        GSVCitiesDataset(gsv_root, cities=["Paris"])
+    victim = next((gsv_root / "Images" / "London").glob("London_0000001_*"))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in Dataframes/London.csv are missing.*London_0000001"):
+        GSVCitiesDataset(gsv_root)
+    import shutil
+
+    shutil.rmtree(gsv_root / "Images" / "Boston")
+    with pytest.raises(FileNotFoundError, match="Images/Boston"):
+        GSVCitiesDataset(gsv_root)
+    shutil.rmtree(gsv_root / "Images")
+    with pytest.raises(FileNotFoundError, match="Images"):
+        GSVCitiesDataset(gsv_root)
+
+
+def test_lat_lon_written_differently_in_names_still_resolve(gsv_root):
+    folder = gsv_root / "Images" / "Boston"
+    for p in folder.glob("Boston_0000007_*"):
+        city, pid, y, m, deg, lat, lon, pano = p.stem.split("_", 7)
+        p.rename(folder / f"{city}_{pid}_{y}_{m}_{deg}_{float(lat):.8f}_{lon}_{pano}.jpg")
+    ds = GSVCitiesDataset(gsv_root, img_per_place=4, image_size=16)
+    assert ds[1][0].shape == (4, 3, 16, 16)
+
+
+def test_corrupt_image_named(gsv_root):
+    ds = GSVCitiesDataset(gsv_root, cities=["Boston"], img_per_place=4, image_size=16)
+    for row in ds.sample_rows(0):
+        path = ds.dataframe["path"].iloc[row]
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptImageError, match="Boston_0000000"):
+        ds[0]
