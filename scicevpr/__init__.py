@@ -8,6 +8,7 @@ Quick start::
 """
 
 from .backbone import DinoVisionTransformer, RandomWeightsWarning, build_backbone
+from .checkpoint import load_model
 from .config import PRESETS, BackboneConfig, ModelConfig, get_config
 from .cricavpr import CricaVPR
 from .models import SciceVPR, SuperCricaVPR, VPRModel
@@ -24,5 +25,6 @@ __all__ = [
     "VPRModel",
     "build_backbone",
     "get_config",
+    "load_model",
 ]
 __version__ = "0.1.0"
