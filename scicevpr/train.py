@@ -1,0 +1,862 @@
+"""The two training stages (PAPER.md, "Training"), one loop for both.
+
+- **Stage 1** (:func:`train_teacher`): Super-CricaVPR learns ``L_MS`` on GSV-Cities batches of
+  P = 72 places x K = 4 images; the DINOv2 backbone is frozen; the fusion conv, token mixers,
+  GeM p and the 2-layer cross-image encoder train. 10 epochs; Recall@N on the validation split
+  after each epoch, the best checkpoint by R@5 kept. The same code trains CricaVPR
+  (``model="CricaVPR"``, its adapters train) and SciceVPR alone with ``L_MS`` (``model="SciceVPR"``,
+  an ablation without distillation).
+- **Stage 2** (:func:`train_student`): SciceVPR takes the teacher's backbone and a frozen copy of
+  its 1x1 fusion conv (:meth:`SciceVPR.from_teacher`); its token mixers, GeM p and 1-layer
+  self-enhanced encoder learn ``L_T = gamma L_MS + eta L_D`` for 1 epoch, the teacher frozen in
+  eval mode on the same batch. Backbone + conv are the same function for both models, so
+  ``f = extract_features(x)`` is computed once per batch and fed to both heads.
+
+Both stages: Adam, lr 1e-4, StepLR halving every 3 epochs stepped per iteration
+(``step_size = 3 * iterations_per_epoch``); a run folder with ``config.json``, ``log.csv``,
+``last.pt`` and ``best.pt`` (see :mod:`scicevpr.checkpoint`); ``resume=True`` continues from
+``last.pt`` and gives the same weights as an uninterrupted run.
+
+Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank loads P/N places of every
+global batch and runs the backbone (and everything per image) on them. The per-image outputs
+(regional features; CricaVPR: its tokens) are all-gathered with gradient, and every rank runs
+the batch-mixing encoder and the loss on the **global** batch, exactly as one process would
+(the cross-image encoder attends across the whole batch, so gathering final descriptors would
+not do). Gradients: each rank's loss is the same global loss, so the all-gather's backward sums
+the ranks' gradients for the local share (N times the share's gradient) and DDP's averaging
+divides by N again: the update equals a one-process update with the same global batch. Every
+rank seeds torch identically, so the encoder's dropout masks match too. Only rank 0 logs,
+validates and saves. (CricaVPR's adapters hold BatchNorms, which normalise over each rank's
+share: for CricaVPR, N ranks are close to, not exactly, one process.)
+
+Checkpoints store the trainable part and a reference to the frozen backbone (its weight file,
+or the seed of a random one); see :mod:`scicevpr.checkpoint`. ``load_model(path)`` rebuilds a
+ready-to-evaluate model from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .backbone import RandomWeightsWarning
+from .checkpoint import (
+    build_model,
+    config_to_dict,
+    is_native_checkpoint,
+    load_trainable_state,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import CricaVPRConfig, ModelConfig, get_config
+from .cricavpr import CricaVPR
+from .data.gsv import GSVCitiesDataset
+from .data.transforms import train_transform
+from .data.vg import load_vg_split
+from .evaluate import EvalConfig, evaluate
+from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
+from .models import SciceVPR, SuperCricaVPR, VPRModel
+
+PathLike = str | os.PathLike
+
+STAGES = ("teacher", "student")
+PAPER_EPOCHS = {"teacher": 10, "student": 1}
+STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")
+RECALL_VALUES = (1, 5, 10, 100)
+# TrainConfig fields that may differ when a run is resumed (they do not change the result).
+RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults: the paper's (PAPER.md, "Training").
+
+    Model:
+        model: stage-1 model class: ``"SuperCricaVPR"`` (the teacher, default), ``"CricaVPR"``
+            (the baseline) or ``"SciceVPR"`` (trained alone with ``L_MS``: an ablation).
+            Stage 2 always trains a SciceVPR built from the teacher.
+        preset: ModelConfig preset (``"SciceVPR-B"`` / ``"-L"`` / ``"-S"``, ``"CricaVPR"``,
+            ``"CricaVPR-S"``); None means ``"CricaVPR"`` for that model, else ``"SciceVPR-B"``.
+            Stage 2 takes the teacher's architecture and ignores it.
+        model_overrides: ModelConfig fields to replace, e.g. ``{"image_size": 112}``.
+        weights: DINOv2 weights: a path, ``"auto"`` or None (random, reproducible from ``seed``).
+    Data:
+        gsv_root: GSV-Cities folder (``Dataframes/``, ``Images/``); None: ``$SCICEVPR_DATA/gsv_cities``.
+        cities: city names, or None for all.
+        places_per_batch: P (72). Under DDP the global batch; each of N ranks loads P / N places.
+        img_per_place: K (4).
+        randaugment_ops: RandAugment operations per training image (3); 0 turns augmentation off.
+        num_workers: DataLoader workers (per rank).
+    Optimisation:
+        lr: Adam learning rate (1e-4).
+        lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``
+            epochs, stepped per iteration (step size ``lr_step_epochs * iterations_per_epoch``).
+        epochs: None means the paper's: 10 for stage 1, 1 for stage 2.
+        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch.
+        loss: ``L_MS`` and ``L_T`` hyper-parameters (gamma = eta = 1).
+    Validation:
+        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``;
+            ``val_dataset=None`` turns validation off (no ``best.pt``).
+        val_every: validate every this many epochs (and after the last one).
+        eval_batch_size: images per batch in validation (16, the official protocol).
+    Run:
+        run_dir: the run folder; None means ``runs/teacher`` or ``runs/student``.
+        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
+        seed: seeds initialisation, data order, augmentation and dropout.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        amp: bf16 autocast; None means on for CUDA, off for CPU.
+        teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
+            authors' format (then ``preset`` must describe it).
+        store_backbone: save the frozen backbone in every checkpoint even when it can be
+            rebuilt from its weight file or seed.
+        progress: tqdm bars.
+    """
+
+    model: str = "SuperCricaVPR"
+    preset: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = "auto"
+    gsv_root: str | None = None
+    cities: tuple[str, ...] | None = None
+    places_per_batch: int = 72  # P
+    img_per_place: int = 4  # K
+    randaugment_ops: int = 3
+    num_workers: int = 4
+    lr: float = 1e-4
+    lr_step_epochs: int = 3
+    lr_gamma: float = 0.5
+    epochs: int | None = None
+    max_iters_per_epoch: int | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_root: str | None = None
+    val_dataset: str | None = "pitts30k"
+    val_split: str = "val"
+    val_every: int = 1
+    eval_batch_size: int = 16
+    run_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    teacher: str | None = None
+    store_backbone: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in STAGE1_MODELS:
+            raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
+        for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.img_per_place < 2:
+            raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (or None for the paper's), got {self.epochs}")
+        if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
+            raise ValueError(f"max_iters_per_epoch must be >= 1 or None, got {self.max_iters_per_epoch}")
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
+        if self.cities is not None:
+            object.__setattr__(self, "cities", tuple(self.cities))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def model_config(self) -> ModelConfig:
+        """The stage-1 ModelConfig (preset + overrides)."""
+        preset = self.preset or ("CricaVPR" if self.model == "CricaVPR" else "SciceVPR-B")
+        cfg = get_config(preset, **self.model_overrides)
+        if (self.model == "CricaVPR") != isinstance(cfg, CricaVPRConfig):
+            raise ValueError(
+                f"model={self.model!r} does not fit preset {preset!r}: CricaVPR takes the 'CricaVPR' / "
+                f"'CricaVPR-S' presets, SuperCricaVPR and SciceVPR the 'SciceVPR-*' ones."
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (``config.json``)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class RunResult:
+    """What a training run produced.
+
+    Attributes:
+        model: the trained model, with the best validation weights (by R@5) when validation
+            ran, else the final ones; in eval mode.
+        teacher: stage 2: the frozen teacher it was distilled from.
+        history: ``log.csv`` as a DataFrame (one row per epoch).
+        run_dir, best_path, last_path: the run folder and its checkpoints.
+        best_epoch, best_recalls: the epoch (1-based) and Recall@N of ``best.pt``.
+        iterations_per_epoch: iterations in one epoch.
+    """
+
+    model: VPRModel
+    history: pd.DataFrame
+    run_dir: Path
+    last_path: Path
+    best_path: Path | None = None
+    best_epoch: int | None = None
+    best_recalls: dict[int, float] | None = None
+    teacher: VPRModel | None = None
+    iterations_per_epoch: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU-sized offline configuration
+# --------------------------------------------------------------------------------------------
+
+
+def offline_train_config(
+    gsv_root: PathLike,
+    vg_root: PathLike,
+    run_dir: PathLike,
+    stage: str = "teacher",
+    teacher: PathLike | None = None,
+    dataset: str = "synthetic",
+    **overrides: Any,
+) -> TrainConfig:
+    """The fast offline configuration: SciceVPR-S with a random DINOv2 backbone on the synthetic
+    ``small`` benchmark (80 training places), sized for a 2-core CPU: about 50 s for stage 1
+    and 30 s for stage 2, validation included (bf16, ``OMP_WAIT_POLICY=PASSIVE``).
+
+    It keeps the paper's recipe (P x K batches with K = 4, Adam at lr 1e-4, the lr halved every
+    3 epochs stepped per iteration, ``L_MS`` then ``L_T`` with gamma = eta = 1, validation each
+    epoch, best by R@5, 10 epochs for stage 1) and changes only what the CPU needs:
+
+    - 112 px (an 8 x 8 patch grid) and bf16 autocast on the CPU (3x faster than fp32 here);
+    - the first four DINOv2 blocks fused (``layers=(0, 1, 2, 3)``) instead of 8-11: with random
+      weights the deeper blocks add no information (recall was the same in our runs) and the
+      backbone stops after block 3, 2.5x less compute;
+    - P = 8 places (10 iterations per epoch on ``small``);
+    - stage 2 for 6 epochs instead of 1: one epoch is only 10 iterations here.
+
+    With a random backbone the features hardly separate places: expect a trained teacher a few
+    points of R@1 (and 10-15 of R@10) above the untrained model, not the paper's numbers.
+
+    Args:
+        gsv_root, vg_root: the synthetic benchmark's ``.gsv_root`` and ``.vg_root``.
+        run_dir: the run folder.
+        stage: ``"teacher"`` or ``"student"``.
+        teacher: stage 2: the teacher checkpoint (stage 1's ``best.pt``).
+        dataset: the validation dataset name under ``vg_root``.
+        **overrides: any TrainConfig field; ``model_overrides`` are merged with the ones above.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    base = dict(
+        model="SuperCricaVPR",
+        preset="SciceVPR-S",
+        model_overrides={"image_size": 112, "layers": (0, 1, 2, 3)},
+        weights=None,
+        gsv_root=str(gsv_root),
+        places_per_batch=8,
+        img_per_place=4,
+        num_workers=2,
+        lr=1e-4,
+        epochs=10 if stage == "teacher" else 6,
+        val_root=str(vg_root),
+        val_dataset=dataset,
+        val_split="val",
+        eval_batch_size=16,
+        run_dir=str(run_dir),
+        device="cpu",
+        amp=True,
+        teacher=None if teacher is None else str(teacher),
+    )
+    model_overrides = {**base["model_overrides"], **(overrides.pop("model_overrides", None) or {})}
+    base.update(overrides, model_overrides=model_overrides)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created: bool = False  # this module initialised the process group
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: torch.device) -> _Dist:
+    """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return _Dist()
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created)
+
+
+def _resolve_device(config: TrainConfig) -> torch.device:
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={config.device!r} but CUDA is not available; use device='cpu'.")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) per-rank share -> (N * b, ...) global batch in rank order, with gradient
+    (the backward sums every rank's gradient for this rank's share). Identity without DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class PlaceBatchSampler(Sampler[list[int]]):
+    """Batches of P place indices, shuffled per epoch from ``(seed, epoch)`` only.
+
+    Under DDP, global batch b is ``perm[b*P : (b+1)*P]`` and rank r takes its r-th slice of
+    P / N places, so the N ranks together see exactly the one-process batch. Incomplete final
+    batches are dropped. ``max_batches`` caps an epoch.
+    """
+
+    def __init__(self, num_places: int, places_per_batch: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, max_batches: int | None = None) -> None:
+        if places_per_batch % world_size:
+            raise ValueError(
+                f"places_per_batch (P) = {places_per_batch} must be divisible by the number of "
+                f"processes ({world_size}); each rank loads P / {world_size} places."
+            )
+        if num_places < places_per_batch:
+            raise ValueError(
+                f"the training set has {num_places} places (with >= K images), fewer than one batch of "
+                f"places_per_batch (P) = {places_per_batch}; lower places_per_batch."
+            )
+        self.num_places, self.P, self.seed = num_places, places_per_batch, seed
+        self.rank, self.world_size = rank, world_size
+        full = num_places // places_per_batch
+        self.num_batches = full if max_batches is None else min(full, max_batches)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_places)
+        share = self.P // self.world_size
+        for b in range(self.num_batches):
+            start = b * self.P + self.rank * share
+            yield perm[start : start + share].tolist()
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _train_loader(dataset: GSVCitiesDataset, sampler: PlaceBatchSampler, config: TrainConfig,
+                  device: torch.device, epoch: int) -> DataLoader:
+    """A fresh loader per epoch (workers get the dataset with its epoch set); its generator is
+    seeded from (seed, epoch) so it never draws from the global RNG."""
+    g = torch.Generator()
+    g.manual_seed(config.seed * 1_000_003 + epoch)
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_seed_worker, generator=g,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage steps
+# --------------------------------------------------------------------------------------------
+
+
+def per_image_features(model: VPRModel, f: torch.Tensor) -> torch.Tensor:
+    """The last per-image output before images of a batch can mix: (B, 14, C_mix) regional
+    features, or for CricaVPR its (B, 1 + HW, C) tokens (its aggregate pools and encodes)."""
+    return f if isinstance(model, CricaVPR) else model.regional_features(f)
+
+
+def batch_descriptors(model: VPRModel, r: torch.Tensor) -> torch.Tensor:
+    """:func:`per_image_features` of a whole batch -> (B, D) descriptors (the encoder)."""
+    return model.aggregate(r) if isinstance(model, CricaVPR) else model.encode(r)
+
+
+def _full_precision(x: torch.Tensor):
+    """Autocast off: the losses' similarity matrices must be fp32 (``exp(50 S)`` in ``L_MS``
+    would amplify bf16 rounding of S)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class MetricLearningStep(nn.Module):
+    """Stage 1: ``L_MS`` on the global batch. ``forward(images, labels) -> (loss, parts)``."""
+
+    def __init__(self, model: VPRModel, loss: LossConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.ms = MultiSimilarityLoss(loss)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar loss."""
+        f = self.model.extract_features(images)  # (b, C_mix, H, W)
+        d = batch_descriptors(self.model, gather_batch(per_image_features(self.model, f)))  # (B, D)
+        with _full_precision(d):
+            loss = self.ms(d, gather_batch(labels))
+        return loss, {"loss_ms": loss.detach()}
+
+
+class DistillationStep(nn.Module):
+    """Stage 2: ``L_T = gamma L_MS(X_S) + eta L_D(X_S, X_T)`` with one backbone pass.
+
+    The student's backbone *is* the teacher's and its conv a frozen copy of the teacher's, so
+    ``f = student.extract_features(x)`` is also the teacher's; the teacher (eval mode, no
+    gradient) and the student heads both read it.
+    """
+
+    def __init__(self, student: SciceVPR, teacher: SuperCricaVPR, loss: LossConfig) -> None:
+        super().__init__()
+        if student.backbone is not teacher.backbone:
+            raise ValueError("the student must share the teacher's backbone (build it with SciceVPR.from_teacher)")
+        if not (torch.equal(student.fusion.conv.weight, teacher.fusion.conv.weight)
+                and torch.equal(student.fusion.conv.bias, teacher.fusion.conv.bias)):
+            raise ValueError("the student's 1x1 fusion conv must be a copy of the teacher's (SciceVPR.from_teacher)")
+        if any(p.requires_grad for p in student.fusion.conv.parameters()):
+            raise ValueError("the student's 1x1 fusion conv must be frozen in stage 2")
+        self.student = student
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.objective = DistillationObjective(loss)
+
+    def train(self, mode: bool = True) -> "DistillationStep":
+        super().train(mode)
+        self.teacher.eval()  # the teacher always runs in eval mode (no dropout)
+        return self
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar ``L_T``."""
+        with torch.no_grad():
+            f = self.student.extract_features(images)  # (b, C_mix, H, W), shared frozen backbone + conv
+            t = self.teacher.encode(gather_batch(self.teacher.regional_features(f)))  # (B, D)
+        s = self.student.encode(gather_batch(self.student.regional_features(f)))  # (B, D)
+        with _full_precision(s):
+            l_t, l_ms, l_d = self.objective(s, t, gather_batch(labels))
+        return l_t, {"loss_ms": l_ms.detach(), "loss_d": l_d.detach()}
+
+
+@dataclass
+class _Stage:
+    name: str  # "teacher" | "student"
+    model: VPRModel  # trained, validated and checkpointed
+    step: nn.Module  # forward(images, labels) -> (loss, parts)
+    teacher: VPRModel | None = None
+
+
+def _build_teacher_stage(config: TrainConfig, device: torch.device) -> _Stage:
+    model = build_model(config.model, config.model_config(), weights=config.weights, seed=config.seed).to(device)
+    return _Stage("teacher", model, MetricLearningStep(model, config.loss))
+
+
+def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> SuperCricaVPR:
+    """The stage-2 teacher from ``config.teacher``: a native checkpoint of a SuperCricaVPR or the
+    authors' checkpoint (whose architecture ``config.preset`` must describe)."""
+    if config.teacher is None:
+        raise ValueError(
+            "stage 2 needs a trained teacher: set teacher= to stage 1's checkpoint (its run folder's "
+            "best.pt), or to the authors' Super-CricaVPR checkpoint."
+        )
+    path = Path(config.teacher)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
+            f"(train_teacher / `scicevpr train-teacher`) and pass its best.pt, or the authors' checkpoint."
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if is_native_checkpoint(obj):
+        teacher = model_from_checkpoint(obj, where=f"teacher checkpoint {str(path)!r}", expected="SuperCricaVPR")
+    else:
+        cfg = get_config(config.preset or "SciceVPR-B", **config.model_overrides)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)  # the checkpoint holds the backbone
+            teacher = SuperCricaVPR(cfg, weights=None)
+        teacher.load_official(obj)
+        teacher.backbone.source = None  # not rebuildable from a DINOv2 file or seed: stored
+    return teacher.to(device).requires_grad_(False).eval()
+
+
+def _build_student_stage(config: TrainConfig, device: torch.device) -> _Stage:
+    teacher = load_teacher(config, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        student = SciceVPR.from_teacher(teacher)
+    return _Stage("student", student, DistillationStep(student, teacher, config.loss), teacher=teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# Run folder: config, log, checkpoints
+# --------------------------------------------------------------------------------------------
+
+LOG_COLUMNS = ("epoch", "iteration", "loss", "loss_ms", "loss_d", "lr", "images_per_s", "train_s") + tuple(
+    f"R@{n}" for n in RECALL_VALUES
+) + ("best",)
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
+    """Check the run folder; returns True when there is a ``last.pt`` to resume from."""
+    if not config.resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(
+                f"run folder {str(run_dir)!r} already holds a run; refusing to overwrite it. Pass "
+                f"resume=True (command line: --resume) to continue it, or choose another run_dir "
+                f"(or delete the folder)."
+            )
+        return False
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if old.get("stage") != stage:
+            raise ValueError(f"run folder {str(run_dir)!r} holds a {old.get('stage')} run, not a {stage} run.")
+        now = config.to_dict()
+        diff = {k: (old["train"].get(k), now[k]) for k in now
+                if k not in RESUMABLE_CHANGES and old["train"].get(k) != now[k]}
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r} with another configuration ({lines}). Resume with the "
+                f"run's configuration (its config.json) or start a new run_dir."
+            )
+    return (run_dir / "last.pt").is_file()
+
+
+def _write_config(run_dir: Path, config: TrainConfig, stage: str, model: VPRModel, extra: dict) -> None:
+    info = {"stage": stage, "model_class": type(model).__name__, "model_config": config_to_dict(model.config),
+            "train": config.to_dict(), **extra}
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_dir / "config.json")
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log rows written after the checkpoint being resumed (a run killed between the two)."""
+    if not path.is_file():
+        return
+    df = pd.read_csv(path)
+    df = df[df["iteration"] <= iteration]
+    df.to_csv(path, index=False)
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
+    """Adam (lr ``config.lr``) over the parameters that require gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter")
+    return torch.optim.Adam(params, lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations_per_epoch: int) -> torch.optim.lr_scheduler.StepLR:
+    """StepLR stepped per iteration: lr x ``lr_gamma`` every ``lr_step_epochs`` epochs."""
+    return torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=config.lr_step_epochs * iterations_per_epoch, gamma=config.lr_gamma
+    )
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def _validate(model: VPRModel, split, config: TrainConfig, amp: bool) -> dict[int, float]:
+    """Recall@N (percent) of ``model`` on the validation split; the caller's RNG is untouched."""
+    eval_cfg = EvalConfig(batch_size=config.eval_batch_size, recall_values=RECALL_VALUES, amp=amp,
+                          fast=False, num_workers=config.num_workers, progress=config.progress)
+    with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
+        result = evaluate(model, split, eval_cfg)
+    return {int(k): float(v) for k, v in result.recalls.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.device], _Stage]) -> RunResult:
+    """The training loop shared by both stages.
+
+    ``build(config, device)`` returns the stage: the model to train and its step module
+    (``forward(images, labels) -> (loss, parts)``). Everything else (data, optimiser, schedule,
+    validation, logging, checkpoints, resume, DDP) is common.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    device = _resolve_device(config)
+    ddp = _setup_distributed(device)
+    try:
+        return _fit(stage, config, build, device, ddp)
+    finally:
+        if ddp.created:
+            dist.destroy_process_group()
+
+
+def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dist) -> RunResult:
+    run_dir = Path(config.run_dir or Path("runs") / stage)
+    resuming = _prepare_run_dir(run_dir, config, stage)
+    if ddp.enabled:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+    epochs = config.epochs or PAPER_EPOCHS[stage]
+    amp = (device.type == "cuda") if config.amp is None else bool(config.amp)
+
+    _seed_everything(config.seed)
+    st = build(config, device)
+    model = st.model.to(device)
+    dataset = GSVCitiesDataset(config.gsv_root, cities=config.cities, img_per_place=config.img_per_place,
+                               image_size=model.image_size, seed=config.seed,
+                               transform=train_transform(model.image_size, config.randaugment_ops))
+    sampler = PlaceBatchSampler(len(dataset), config.places_per_batch, config.seed, ddp.rank, ddp.world_size,
+                                config.max_iters_per_epoch)
+    ipe = len(sampler)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, ipe)
+    val_split = None
+    if config.val_dataset is not None and ddp.main:
+        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split)
+
+    start_epoch, iteration, best = 0, 0, {"r5": -math.inf, "epoch": None, "recalls": None}
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resuming:
+        ckpt = read_checkpoint(last_path)
+        if ckpt["model_class"] != type(model).__name__:
+            raise ValueError(f"{str(last_path)!r} holds a {ckpt['model_class']}, this run trains a {type(model).__name__}.")
+        tr = ckpt["training"]
+        if tr["iterations_per_epoch"] != ipe:
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r}: it ran {tr['iterations_per_epoch']} iterations per epoch, "
+                f"now {ipe} (dataset, places_per_batch or max_iters_per_epoch changed)."
+            )
+        load_trainable_state(model, ckpt["model_state"])
+        optimizer.load_state_dict(tr["optimizer"])
+        scheduler.load_state_dict(tr["scheduler"])
+        _set_rng_state(tr["rng"])
+        start_epoch, iteration, best = tr["epoch"], tr["iteration"], tr["best"]
+        if ddp.main:
+            _truncate_log(run_dir / "log.csv", iteration)
+    elif ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        extra = {"world_size": ddp.world_size, "iterations_per_epoch": ipe, "epochs": epochs,
+                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device)}
+        _write_config(run_dir, config, stage, model, extra)
+
+    step = st.step
+    if ddp.enabled:
+        step = nn.parallel.DistributedDataParallel(st.step, device_ids=[device.index] if device.type == "cuda" else None)
+    meta_base = {"stage": stage, "world_size": ddp.world_size}
+
+    for epoch in range(start_epoch, epochs):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        step.train()
+        sums: dict[str, float] = {}
+        lr_used = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loader = _train_loader(dataset, sampler, config, device, epoch)
+        bar = tqdm(loader, total=ipe, desc=f"{stage} epoch {epoch + 1}/{epochs}",
+                   disable=not (config.progress and ddp.main), leave=False)
+        for images, labels in bar:
+            P_local, K = labels.shape
+            x = images.to(device, non_blocking=True).reshape(P_local * K, *images.shape[2:])  # (P, K, 3, S, S) -> (P*K, 3, S, S)
+            y = labels.to(device, non_blocking=True).reshape(P_local * K)  # (P, K) -> (P*K,)
+            with _autocast(device, amp):
+                loss, parts = step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr_used = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            iteration += 1
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr_used:.2e}")
+        bar.close()
+        train_s = time.perf_counter() - t0
+        n_images = ipe * config.places_per_batch * config.img_per_place
+        row: dict[str, Any] = {"epoch": epoch + 1, "iteration": iteration, "lr": lr_used,
+                               "images_per_s": round(n_images / train_s, 2), "train_s": round(train_s, 2)}
+        row.update({k: v / ipe for k, v in sums.items()})
+
+        if ddp.main:
+            last_epoch = epoch + 1 == epochs
+            if val_split is not None and ((epoch + 1) % config.val_every == 0 or last_epoch):
+                recalls = _validate(model, val_split, config, amp)
+                model.train()
+                row.update({f"R@{n}": v for n, v in recalls.items()})
+                if recalls[5] > best["r5"]:
+                    best = {"r5": recalls[5], "epoch": epoch + 1, "recalls": recalls}
+                    row["best"] = True
+                    save_checkpoint(best_path, model, meta={**meta_base, "epoch": epoch + 1, "recalls": recalls},
+                                    store_backbone=config.store_backbone)
+            _append_log(run_dir / "log.csv", row)
+            training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "iteration": iteration, "iterations_per_epoch": ipe, "rng": _rng_state(), "best": best}
+            save_checkpoint(last_path, model, meta={**meta_base, "epoch": epoch + 1}, training=training,
+                            store_backbone=config.store_backbone)
+        if ddp.enabled:
+            dist.barrier()
+
+    if ddp.enabled:  # every rank learns the best epoch from the file rank 0 wrote
+        obj = [best]
+        dist.broadcast_object_list(obj, src=0)
+        best = obj[0]
+    has_best = best["epoch"] is not None
+    if has_best:
+        load_trainable_state(model, read_checkpoint(best_path)["model_state"])
+    history = pd.read_csv(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+    return RunResult(
+        model=model.eval(), history=history, run_dir=run_dir, last_path=last_path,
+        best_path=best_path if has_best else None, best_epoch=best["epoch"],
+        best_recalls=best["recalls"], teacher=st.teacher, iterations_per_epoch=ipe,
+    )
+
+
+def train_teacher(config: TrainConfig) -> RunResult:
+    """Stage 1: train ``config.model`` (Super-CricaVPR by default) with ``L_MS``."""
+    return fit("teacher", config, _build_teacher_stage)
+
+
+def train_student(config: TrainConfig) -> RunResult:
+    """Stage 2: distil the teacher (``config.teacher``) into SciceVPR with ``L_T``."""
+    return fit("student", config, _build_student_stage)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (registered by scicevpr.cli, which passes its dataclass <-> argparse helpers)
+# --------------------------------------------------------------------------------------------
+
+
+def add_train_commands(subparsers, add_dataclass_options, dataclass_overrides, parse_model_overrides) -> None:
+    """Add ``train-teacher`` and ``train-student``: every TrainConfig / LossConfig field is an
+    option (default: the paper's), ``--set field=value`` overrides ModelConfig fields and
+    ``--resume`` continues the run in ``--run-dir``."""
+
+    def command(stage: str):
+        def run(args) -> int:
+            kw = dataclass_overrides(args, TrainConfig)
+            kw["model_overrides"] = parse_model_overrides(args.set)
+            kw["loss"] = LossConfig(**dataclass_overrides(args, LossConfig))
+            kw["resume"] = args.resume
+            result = (train_teacher if stage == "teacher" else train_student)(TrainConfig(**kw))
+            if is_main_process():
+                print(result.history.to_string(index=False))
+                print(f"run folder: {result.run_dir}  best: {result.best_path} (epoch {result.best_epoch})")
+            return 0
+
+        return run
+
+    helps = {
+        "teacher": ("stage 1: train Super-CricaVPR (or --model CricaVPR / SciceVPR) with L_MS",
+                    "Stage 1 on GSV-Cities: frozen DINOv2, P x K batches, Adam 1e-4 halved every 3 epochs, "
+                    "validation each epoch, best checkpoint by R@5. Multi-GPU: torchrun --nproc_per_node N -m scicevpr.cli train-teacher ..."),
+        "student": ("stage 2: distil the teacher (--teacher best.pt) into SciceVPR with L_T",
+                    "Stage 2: SciceVPR shares the teacher's backbone and frozen 1x1 conv; L_T = gamma L_MS + eta L_D."),
+    }
+    for stage, (short, long) in helps.items():
+        p = subparsers.add_parser(f"train-{stage}", help=short, description=long)
+        add_dataclass_options(p, TrainConfig, skip=("model_overrides", "loss", "resume"))
+        add_dataclass_options(p, LossConfig)
+        p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                       help="ModelConfig overrides, e.g. --set image_size=112 mix_dim=256")
+        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
+        p.set_defaults(func=command(stage))
+
+
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
