@@ -1,0 +1,381 @@
+"""Training stages, checkpoints and resume (scicevpr.train, scicevpr.checkpoint).
+
+Runs on the synthetic ``tiny`` benchmark with a random ViT-S/14 backbone at 56 px and small
+heads (C_mix = 64), so that a training iteration takes a fraction of a second on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+import scicevpr
+from scicevpr import checkpoint as ckpt_mod
+from scicevpr.checkpoint import build_model, load_model, read_checkpoint, save_checkpoint
+from scicevpr.data.gsv import GSVCitiesDataset
+from scicevpr.data.synthetic import generate
+from scicevpr.train import (
+    PlaceBatchSampler,
+    TrainConfig,
+    make_optimizer,
+    make_scheduler,
+    train_student,
+    train_teacher,
+)
+
+SMALL_HEADS = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synthetic") / "tiny", "tiny", progress=False)
+
+
+def quick_config(tiny, run_dir, **overrides) -> TrainConfig:
+    base = dict(
+        preset="SciceVPR-S", model_overrides=SMALL_HEADS, weights=None, gsv_root=str(tiny.gsv_root),
+        places_per_batch=4, img_per_place=4, num_workers=0, val_root=str(tiny.vg_root),
+        val_dataset=tiny.dataset, device="cpu", progress=False, epochs=1, max_iters_per_epoch=1,
+        run_dir=str(run_dir),
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a loaded 2-core machine two OpenMP threads that busy-wait for each
+    other make these small models 10-30x slower (unless OMP_WAIT_POLICY=PASSIVE)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny, tmp_path_factory):
+    """Stage 1 for 4 epochs of 1 iteration (the lr halves after 3), validated each epoch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
+        config = quick_config(tiny, tmp_path_factory.mktemp("runs") / "teacher", epochs=4)
+        return config, train_teacher(config)
+
+
+def _groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        group = next((g for g in ("backbone.", "fusion.conv.", "fusion.token_mixers.", "pool.", "encoder.") if k.startswith(g)), k)
+        out.setdefault(group, {})[k] = v
+    return out
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, bool]:
+    return {k: not torch.equal(before[k], after[k]) for k in before}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration, sampler, schedule
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_config_defaults_are_the_papers():
+    c = TrainConfig()
+    assert (c.places_per_batch, c.img_per_place, c.lr, c.lr_step_epochs, c.lr_gamma) == (72, 4, 1e-4, 3, 0.5)
+    assert (c.loss.gamma, c.loss.eta) == (1.0, 1.0)
+    assert c.model == "SuperCricaVPR" and c.model_config().name == "SciceVPR-B"
+    assert c.val_dataset == "pitts30k" and c.val_split == "val" and c.eval_batch_size == 16
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_train_config_rejects_a_model_preset_mismatch():
+    with pytest.raises(ValueError, match="CricaVPR"):
+        TrainConfig(model="CricaVPR", preset="SciceVPR-S").model_config()
+    assert TrainConfig(model="CricaVPR").model_config().name == "CricaVPR"
+
+
+def test_lr_halves_every_three_epochs_stepped_per_iteration():
+    ipe = 5
+    opt = make_optimizer(torch.nn.Linear(2, 2), TrainConfig())
+    sched = make_scheduler(opt, TrainConfig(), ipe)
+    lrs = []
+    for _ in range(10 * ipe):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for i, lr in enumerate(lrs):
+        assert lr == pytest.approx(1e-4 * 0.5 ** (i // (3 * ipe)))
+    assert lrs[3 * ipe - 1] == pytest.approx(1e-4) and lrs[3 * ipe] == pytest.approx(5e-5)
+
+
+def test_ranks_split_each_global_batch_of_places():
+    one = list(PlaceBatchSampler(40, 8, seed=3))
+    r0, r1 = list(PlaceBatchSampler(40, 8, 3, rank=0, world_size=2)), list(PlaceBatchSampler(40, 8, 3, rank=1, world_size=2))
+    assert len(one) == 5 and all(len(b) == 8 for b in one)
+    assert [a + b for a, b in zip(r0, r1)] == one
+    assert sorted(sum(one, [])) == list(range(40))
+    s = PlaceBatchSampler(40, 8, seed=3)
+    s.set_epoch(1)
+    assert list(s) != one  # reshuffled per epoch
+    with pytest.raises(ValueError, match="divisible"):
+        PlaceBatchSampler(40, 9, world_size=2)
+    with pytest.raises(ValueError, match="lower places_per_batch"):
+        PlaceBatchSampler(5, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1 and stage 2: only the intended parameters change
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stage1_trains_fusion_mixers_gem_encoder_and_not_the_backbone(teacher_run):
+    config, result = teacher_run
+    before = build_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
+    after = result.model.state_dict()
+    changed = {g: _changed({k: before[k] for k in ks}, ks) for g, ks in _groups(after).items()}
+    assert not any(changed["backbone."].values())
+    for group in ("fusion.conv.", "fusion.token_mixers.", "pool.", "encoder."):
+        assert all(changed[group].values()), f"{group}: {[k for k, c in changed[group].items() if not c]} did not train"
+    # the run folder, the log and the schedule
+    assert {p.name for p in result.run_dir.iterdir()} >= {"config.json", "log.csv", "last.pt", "best.pt"}
+    log = result.history
+    assert list(log["epoch"]) == [1, 2, 3, 4] and list(log["iteration"]) == [1, 2, 3, 4]
+    assert list(log["lr"]) == pytest.approx([1e-4, 1e-4, 1e-4, 5e-5])
+    for col in ("loss", "loss_ms", "images_per_s", "R@1", "R@5", "R@10"):
+        assert log[col].notna().all(), col
+    assert result.best_epoch == int(log.loc[log["R@5"].idxmax(), "epoch"])  # first epoch with the best R@5
+
+
+@pytest.mark.slow
+def test_stage2_trains_only_the_student_heads(tiny, teacher_run, tmp_path):
+    config, t_result = teacher_run
+    teacher_before = load_model(t_result.best_path).state_dict()
+    s_result = train_student(quick_config(tiny, tmp_path / "student", teacher=str(t_result.best_path), epochs=1))
+    student, teacher = s_result.model, s_result.teacher
+    assert isinstance(student, scicevpr.SciceVPR) and student.backbone is teacher.backbone
+    # the teacher, its backbone and the conv copied from it are untouched
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    for k in ("weight", "bias"):
+        assert torch.equal(getattr(student.fusion.conv, k), teacher_before[f"fusion.conv.{k}"])
+    # the student's own heads trained: compare with its initialisation (same seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        init = scicevpr.SciceVPR.from_teacher(load_model(t_result.best_path)).state_dict()
+    changed = {g: _changed({k: init[k] for k in ks}, ks) for g, ks in _groups(student.state_dict()).items()}
+    assert not any(changed["backbone."].values()) and not any(changed["fusion.conv."].values())
+    for group in ("fusion.token_mixers.", "pool.", "encoder."):
+        assert all(changed[group].values()), f"{group}: {[k for k, c in changed[group].items() if not c]} did not train"
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(load_model(s_result.best_path, expected="SciceVPR")(x), student.eval()(x))
+    log = s_result.history
+    assert log[["loss", "loss_ms", "loss_d"]].notna().all().all()
+    assert log["loss"].iloc[0] == pytest.approx(log["loss_ms"].iloc[0] + log["loss_d"].iloc[0], rel=1e-5)  # gamma = eta = 1
+
+
+@pytest.mark.slow
+def test_cricavpr_trains_its_adapters_through_the_same_loop(tiny, tmp_path):
+    config = quick_config(tiny, tmp_path / "crica", model="CricaVPR", preset="CricaVPR-S",
+                          model_overrides={"image_size": 56}, val_dataset=None, max_iters_per_epoch=2)
+    result = train_teacher(config)
+    before = build_model("CricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
+    after = result.model.state_dict()
+    adapters = [k for k in after if ".adapter." in k and not k.endswith("num_batches_tracked")]
+    dinov2 = [k for k in after if k.startswith("backbone.") and ".adapter." not in k]
+    assert adapters and dinov2
+    assert not [k for k in dinov2 if not torch.equal(before[k], after[k])]
+    # D_fc2 starts at zero, so the rest of an adapter receives gradient from step 2 on (some
+    # BatchNorm scales behind a ReLU that is off everywhere may never do): check the linears.
+    trained = [k for k in adapters if ".D_fc" in k] + ["pool.p", "encoder.layers.0.linear1.weight"]
+    unchanged = [k for k in trained if torch.equal(before[k], after[k])]
+    assert len(trained) == 2 + 4 * 12 and not unchanged, unchanged
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(load_model(result.last_path, expected="CricaVPR")(x), result.model.eval()(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_load_model_rebuilds_the_trained_model_from_the_file_alone(teacher_run):
+    _, result = teacher_run
+    model = load_model(result.best_path)
+    assert type(model) is scicevpr.SuperCricaVPR and not model.training and model.is_random_init
+    ck = read_checkpoint(result.best_path)
+    assert ck["backbone"]["source"] == "random" and "backbone_state" not in ck  # rebuilt from its seed
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x), result.model.eval()(x))
+
+
+def test_checkpoint_with_a_stored_backbone_and_a_fingerprint_check(tmp_path):
+    cfg = scicevpr.get_config("SciceVPR-S", **SMALL_HEADS)
+    model = build_model("SciceVPR", cfg, weights=None, seed=5)
+    save_checkpoint(tmp_path / "stored.pt", model, store_backbone=True)
+    assert read_checkpoint(tmp_path / "stored.pt")["backbone"]["source"] == "stored"
+    again = load_model(tmp_path / "stored.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    # a random backbone that can no longer be reproduced is an error, not another model
+    save_checkpoint(tmp_path / "seeded.pt", model)
+    ck = torch.load(tmp_path / "seeded.pt", weights_only=False)
+    ck["backbone"]["seed"] = 6
+    torch.save(ck, tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_model(tmp_path / "tampered.pt")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    cfg = scicevpr.get_config("SciceVPR-S", **SMALL_HEADS)
+    model = build_model("SuperCricaVPR", cfg, weights=None, seed=0)
+    path = save_checkpoint(tmp_path / "last.pt", model, meta={"epoch": 1})
+    good = path.read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with torch.no_grad():
+        model.encoder.layers[0].linear1.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model, meta={"epoch": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert read_checkpoint(path)["meta"]["epoch"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
+    common = dict(epochs=2, max_iters_per_epoch=2, num_workers=2)
+    straight = train_teacher(quick_config(tiny, tmp_path / "straight", **common))
+    # a run "killed" after its first epoch, then resumed
+    train_teacher(quick_config(tiny, tmp_path / "resumed", **{**common, "epochs": 1}))
+    resumed = train_teacher(quick_config(tiny, tmp_path / "resumed", **common, resume=True))
+
+    a, b = read_checkpoint(straight.last_path), read_checkpoint(resumed.last_path)
+    assert a["model_state"].keys() == b["model_state"].keys()
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    sa, sb = a["training"]["optimizer"]["state"], b["training"]["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[i][k], sb[i][k])
+    assert a["training"]["scheduler"] == b["training"]["scheduler"]
+    cols = ["epoch", "iteration", "loss", "lr", "R@1", "R@5", "R@10"]
+    pd.testing.assert_frame_equal(straight.history[cols], resumed.history[cols])
+    # nothing left to do: resuming a finished run returns it unchanged
+    again = train_teacher(quick_config(tiny, tmp_path / "resumed", **common, resume=True))
+    assert len(again.history) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Clear errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_existing_run_folder_is_not_overwritten(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("epoch\n1\n")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train_teacher(quick_config(tiny, run))
+    assert (run / "log.csv").read_text() == "epoch\n1\n"
+
+
+def test_resume_with_another_configuration_is_refused(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = quick_config(tiny, run, val_dataset=None)
+    (run / "config.json").write_text(json.dumps({"stage": "teacher", "train": config.to_dict()}))
+    with pytest.raises(ValueError, match="lr"):
+        train_teacher(config.replace(lr=1e-3, resume=True))
+
+
+def test_stage2_needs_an_existing_teacher_checkpoint(tiny, tmp_path):
+    with pytest.raises(ValueError, match="needs a trained teacher"):
+        train_student(quick_config(tiny, tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match="Train the teacher first"):
+        train_student(quick_config(tiny, tmp_path / "b", teacher=str(tmp_path / "missing.pt")))
+
+
+def test_a_checkpoint_of_the_wrong_model_kind_is_refused(tiny, tmp_path):
+    cfg = scicevpr.get_config("SciceVPR-S", **SMALL_HEADS)
+    path = save_checkpoint(tmp_path / "student.pt", build_model("SciceVPR", cfg, weights=None))
+    with pytest.raises(ValueError, match="holds a SciceVPR.*SuperCricaVPR"):
+        train_student(quick_config(tiny, tmp_path / "run", teacher=str(path)))
+    with pytest.raises(ValueError, match="holds a SciceVPR"):
+        load_model(path, expected="SuperCricaVPR")
+    torch.save({"model_state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a scicevpr checkpoint"):
+        load_model(tmp_path / "foreign.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# It learns
+# --------------------------------------------------------------------------------------------
+
+
+def _place_retrieval(model, dataset, config) -> dict[str, float]:
+    """Leave-one-out retrieval among the training images (positives: the same place):
+    R@1, R@5 and mean average precision, in percent."""
+    from scicevpr.evaluate import compute_descriptors
+
+    paths, labels = list(dataset.dataframe["path"]), torch.tensor(dataset.dataframe["place_id"].to_numpy().copy())
+    d = torch.as_tensor(compute_descriptors(model, paths, config))  # (N, D), unit norm
+    sims = d @ d.T
+    sims.fill_diagonal_(-float("inf"))
+    order = sims.argsort(dim=1, descending=True)[:, :-1]  # (N, N - 1) the others, nearest first
+    hits = (labels[order] == labels[:, None]).float()  # (N, N - 1)
+    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1)
+    ap = (precision * hits).sum(1) / hits.sum(1)
+    return {"R@1": 100 * hits[:, 0].mean().item(), "R@5": 100 * hits[:, :5].amax(1).mean().item(),
+            "mAP": 100 * ap.mean().item()}
+
+
+@pytest.mark.slow
+def test_training_improves_on_the_untrained_model(tiny, tmp_path):
+    """The offline configuration on ``tiny`` (12 places, 3 iterations per epoch) for 60
+    iterations. The lr is kept constant: the paper's halving every 3 epochs, stepped per
+    iteration, would divide it by 64 within these 60 iterations."""
+    from scicevpr.evaluate import EvalConfig, evaluate
+    from scicevpr.train import offline_train_config
+
+    config = offline_train_config(tiny.gsv_root, tiny.vg_root, tmp_path / "teacher", dataset=tiny.dataset,
+                                  places_per_batch=4, epochs=20, lr_step_epochs=1000, val_dataset=None,
+                                  num_workers=0, progress=False)
+    untrained = build_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed)
+    result = train_teacher(config)
+    losses = result.history["loss"]
+    assert losses.iloc[-5:].mean() < losses.iloc[:2].mean() - 0.1
+
+    eval_cfg = EvalConfig(batch_size=16, amp=True, fast=False, num_workers=0, progress=False)
+    data = GSVCitiesDataset(tiny.gsv_root, image_size=112)
+    before, after = _place_retrieval(untrained, data, eval_cfg), _place_retrieval(result.model, data, eval_cfg)
+    splits = [tiny.load_split(s) for s in ("val", "test")]
+    r1_before = sum(evaluate(untrained, s, eval_cfg).recalls[1] * s.num_queries for s in splits)
+    r1_after = sum(evaluate(result.model, s, eval_cfg).recalls[1] * s.num_queries for s in splits)
+    print(f"training places {before} -> {after}; val+test R@1 {r1_before / 16:.1f} -> {r1_after / 16:.1f}")
+    assert after["R@5"] >= before["R@5"] + 10 and after["mAP"] >= before["mAP"] + 3
+    assert r1_after > r1_before
