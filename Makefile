@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# OpenMP threads sleep instead of spinning while they wait: with DataLoader workers or other
+# processes on a small CPU, spinning threads slow torch down by an order of magnitude.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv test test-unit test-notebooks demo lab clean-data
 

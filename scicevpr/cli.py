@@ -255,7 +255,7 @@ def add_train_parsers(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .losses import LossConfig
-    from .train import TrainConfig, train_student, train_teacher
+    from .train import TrainConfig, is_main_process, train_student, train_teacher
 
     config = TrainConfig(
         model_overrides=parse_model_overrides(args.set),
@@ -266,6 +266,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "student" and config.teacher is None:
         raise SystemExit("train-student needs --teacher: stage 1's best.pt or the authors' Super-CricaVPR checkpoint")
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
+    print(result.history.to_string(index=False))
     print(f"run folder: {result.run_dir}")
     if result.best_path is not None:
         recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in (result.best_recalls or {}).items())

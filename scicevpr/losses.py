@@ -48,10 +48,14 @@ class MultiSimilarityLoss(torch.nn.Module):
         self.miner = miners.MultiSimilarityMiner(epsilon=config.miner_epsilon, distance=CosineSimilarity())
 
     def forward(self, descriptors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, D) descriptors and (N,) place labels -> scalar loss (fp32)."""
-        descriptors = descriptors.float()
-        pairs = self.miner(descriptors, labels)
-        return self.loss(descriptors, labels, pairs)
+        """(N, D) descriptors and (N,) place labels -> scalar loss (fp32).
+
+        Autocast is turned off: ``exp(beta * S)`` with beta = 50 would amplify bf16 rounding of
+        the similarities S."""
+        with torch.autocast(descriptors.device.type, enabled=False):
+            descriptors = descriptors.float()
+            pairs = self.miner(descriptors, labels)
+            return self.loss(descriptors, labels, pairs)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

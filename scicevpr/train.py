@@ -816,47 +816,6 @@ def train_student(config: TrainConfig) -> RunResult:
     return fit("student", config, _build_student_stage)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line (registered by scicevpr.cli, which passes its dataclass <-> argparse helpers)
-# --------------------------------------------------------------------------------------------
-
-
-def add_train_commands(subparsers, add_dataclass_options, dataclass_overrides, parse_model_overrides) -> None:
-    """Add ``train-teacher`` and ``train-student``: every TrainConfig / LossConfig field is an
-    option (default: the paper's), ``--set field=value`` overrides ModelConfig fields and
-    ``--resume`` continues the run in ``--run-dir``."""
-
-    def command(stage: str):
-        def run(args) -> int:
-            kw = dataclass_overrides(args, TrainConfig)
-            kw["model_overrides"] = parse_model_overrides(args.set)
-            kw["loss"] = LossConfig(**dataclass_overrides(args, LossConfig))
-            kw["resume"] = args.resume
-            result = (train_teacher if stage == "teacher" else train_student)(TrainConfig(**kw))
-            if is_main_process():
-                print(result.history.to_string(index=False))
-                print(f"run folder: {result.run_dir}  best: {result.best_path} (epoch {result.best_epoch})")
-            return 0
-
-        return run
-
-    helps = {
-        "teacher": ("stage 1: train Super-CricaVPR (or --model CricaVPR / SciceVPR) with L_MS",
-                    "Stage 1 on GSV-Cities: frozen DINOv2, P x K batches, Adam 1e-4 halved every 3 epochs, "
-                    "validation each epoch, best checkpoint by R@5. Multi-GPU: torchrun --nproc_per_node N -m scicevpr.cli train-teacher ..."),
-        "student": ("stage 2: distil the teacher (--teacher best.pt) into SciceVPR with L_T",
-                    "Stage 2: SciceVPR shares the teacher's backbone and frozen 1x1 conv; L_T = gamma L_MS + eta L_D."),
-    }
-    for stage, (short, long) in helps.items():
-        p = subparsers.add_parser(f"train-{stage}", help=short, description=long)
-        add_dataclass_options(p, TrainConfig, skip=("model_overrides", "loss", "resume"))
-        add_dataclass_options(p, LossConfig)
-        p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                       help="ModelConfig overrides, e.g. --set image_size=112 mix_dim=256")
-        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
-        p.set_defaults(func=command(stage))
-
-
 def is_main_process() -> bool:
     """True outside DDP and on rank 0."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -70,3 +70,14 @@ def test_total_objective_weights_and_teacher_gradient():
     total.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None  # the teacher only supervises
+
+
+def test_multi_similarity_loss_is_computed_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(12, 64), dim=1)
+    labels = torch.arange(4).repeat_interleave(3)
+    ref = MultiSimilarityLoss()(x, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = MultiSimilarityLoss()(x, labels)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
