@@ -1,0 +1,739 @@
+"""Plots for the notebooks: every figure of the project is drawn here.
+
+Conventions (checked by ``tests/test_viz.py``):
+
+- every panel that has axes has a title and labelled axes, with units where they apply
+  (pixels, %, images, epochs); image panels have a title and no axes;
+- every figure that depends on a model or on data carries a label saying which weights and
+  which data produced it (:func:`stamp`; ``label=`` of each plotting function), e.g.
+  "random DINOv2 backbone (offline), synthetic data";
+- :func:`save_figure` writes ``figures/NN_<name>.png`` at the repository root with fixed DPI
+  and no timestamp or version metadata, so that the same data give the same file.
+
+Nothing here computes model outputs; the numbers come from :mod:`scicevpr.evaluate` and the
+analysis helpers of :mod:`scicevpr.notebook`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+FIGURE_NAME = re.compile(r"^\d\d_[a-z0-9][a-z0-9_]*$")
+DPI = 100
+CORRECT_COLOUR = "#1a9850"  # green frame: a true positive (within the radius)
+WRONG_COLOUR = "#d73027"  # red frame: a false positive
+QUERY_COLOUR = "#4575b4"
+_LABEL_ATTR = "_scicevpr_label"
+_IMAGE_PANEL_ATTR = "_scicevpr_image_panel"
+
+
+# ---------------------------------------------------------------------------------------------
+# style, labels, saving
+# ---------------------------------------------------------------------------------------------
+
+
+def set_style() -> None:
+    """The notebooks' plotting style: white grid, readable fonts, fixed DPI."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    matplotlib.rcParams.update({
+        "figure.dpi": DPI,
+        "savefig.dpi": DPI,
+        "axes.titleweight": "bold",
+        "axes.titlesize": 11,
+        "figure.titlesize": 12,
+        "image.interpolation": "nearest",
+    })
+
+
+def stamp(fig: plt.Figure, label: str | None) -> plt.Figure:
+    """Write ``label`` (which weights and which data made the figure) in the figure's bottom
+    right corner, once. A figure built on a randomly initialised backbone must carry it."""
+    if not label:
+        return fig
+    old = getattr(fig, _LABEL_ATTR, None)
+    if old is not None:
+        if old[0] == label:
+            return fig
+        old[1].remove()
+    text = fig.text(0.995, 0.003, label, ha="right", va="bottom", fontsize=8, color="0.3", style="italic")
+    setattr(fig, _LABEL_ATTR, (label, text))
+    return fig
+
+
+def figure_label(fig: plt.Figure) -> str | None:
+    """The label stamped on ``fig``, or None."""
+    old = getattr(fig, _LABEL_ATTR, None)
+    return None if old is None else old[0]
+
+
+def missing_labels(fig: plt.Figure) -> list[str]:
+    """Descriptions of what a figure lacks: an axes panel without title, x label or y label
+    (image panels and panels with their axis turned off need only a title, which the figure's
+    title may provide; colour bars are exempt). Empty when the figure is complete."""
+    problems = []
+    colorbars = {getattr(getattr(im, "colorbar", None), "ax", None) for ax in fig.axes for im in ax.images + ax.collections}
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    for i, ax in enumerate(fig.axes):
+        if ax in colorbars or ax.get_label() == "<colorbar>" or not ax.get_visible():
+            continue
+        name = ax.get_title() or ax.get_title(loc="left") or f"panel {i}"
+        if not (ax.get_title() or ax.get_title(loc="left") or suptitle):
+            problems.append(f"panel {i}: no title")
+        if ax.axison and not getattr(ax, _IMAGE_PANEL_ATTR, False):
+            if not ax.get_xlabel():
+                problems.append(f"{name}: no x label")
+            if not ax.get_ylabel():
+                problems.append(f"{name}: no y label")
+    return problems
+
+
+def figures_dir() -> Path:
+    """``<repository>/figures`` (created on demand)."""
+    from .notebook import find_repo_root
+
+    return find_repo_root() / "figures"
+
+
+def save_figure(
+    fig: plt.Figure,
+    name: str,
+    label: str | None = None,
+    folder: str | os.PathLike | None = None,
+    check: bool = True,
+) -> Path:
+    """Save ``fig`` as ``<folder>/<name>.png`` (default folder: ``figures/`` at the repository
+    root) and return the path.
+
+    Args:
+        name: ``NN_<name>``: the notebook number and a lower-case name, e.g. ``"03_stability"``.
+        label: stamped on the figure first (see :func:`stamp`).
+        check: raise if a panel lacks a title or axis labels (:func:`missing_labels`).
+
+    The file has a fixed DPI (100) and no timestamp or software metadata: re-running a
+    notebook on the same data rewrites the same bytes.
+    """
+    name = name[:-4] if name.endswith(".png") else name
+    if not FIGURE_NAME.match(name):
+        raise ValueError(f"figure name {name!r} must look like 'NN_some_name' (notebook number, lower case, "
+                         f"underscores), e.g. '03_stability'.")
+    stamp(fig, label)
+    if check:
+        problems = missing_labels(fig)
+        if problems:
+            raise ValueError(f"figure {name!r} is incomplete: {'; '.join(problems)}")
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, metadata={"Software": None})
+    return path
+
+
+def save_table(table: pd.DataFrame, name: str, label: str | None = None, title: str | None = None,
+               folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write ``table`` as ``<name>.csv`` and ``<name>.md`` (a Markdown table preceded by its title
+    and its label) into ``figures/``; returns both paths."""
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = folder / f"{name}.csv", folder / f"{name}.md"
+    table.to_csv(csv_path, index=False, lineterminator="\n")
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    if label:
+        lines += [f"_{label}_", ""]
+    lines.append(markdown_table(table))
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return str(v)
+
+    cols = [str(c) for c in table.columns]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in table.iterrows():
+        rows.append("| " + " | ".join(fmt(v) for v in r.tolist()) + " |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def to_display(x) -> np.ndarray:
+    """A normalised image tensor (3, S, S) (or batch (N, 3, S, S)) -> (S, S, 3) / (N, S, S, 3)
+    floats in [0, 1] for ``imshow``."""
+    from .data.transforms import denormalize
+
+    return denormalize(x.detach().float().cpu()).movedim(-3, -1).numpy()
+
+
+def read_thumbnail(path: str | os.PathLike, size: int = 112) -> np.ndarray:
+    """An image file as (size, size, 3) uint8 (hard resize, as the evaluation does)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def _image_panel(ax, image, title: str | None = None, frame: str | None = None, lw: float = 4.0) -> None:
+    """Show an image without ticks; a coloured frame when ``frame`` is given. Image panels
+    need a title (or the figure's) but no axis labels (:func:`missing_labels`)."""
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for s in ax.spines.values():
+        s.set_visible(frame is not None)
+        if frame is not None:
+            s.set_edgecolor(frame)
+            s.set_linewidth(lw)
+    if title is not None:
+        ax.set_title(title, fontsize=9, fontweight="normal")
+    setattr(ax, _IMAGE_PANEL_ATTR, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 01: multi-layer DINOv2 features
+# ---------------------------------------------------------------------------------------------
+
+
+def pca_rgb(features, clip: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """PCA-to-RGB maps: (N, C, H, W) patch features -> (N, H, W, 3) colours in [0, 1].
+
+    One PCA is fitted on all N * H * W patch vectors together, so the same colour means the
+    same feature direction in every image. Each of the first 3 principal components becomes a
+    colour channel, scaled between its ``clip`` percentiles. Deterministic (exact SVD, signs
+    fixed so that each component's largest loading is positive).
+    """
+    f = np.asarray(features.detach().float().cpu() if hasattr(features, "detach") else features, dtype=np.float64)
+    if f.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) features, got shape {f.shape}")
+    n, c, h, w = f.shape
+    x = f.transpose(0, 2, 3, 1).reshape(-1, c)  # (N, C, H, W) -> (N*H*W, C)
+    x = x - x.mean(0)
+    _, _, vh = np.linalg.svd(x, full_matrices=False)
+    comps = vh[:3]
+    comps = comps * np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]
+    y = x @ comps.T  # (N*H*W, 3)
+    lo, hi = np.percentile(y, clip[0], axis=0), np.percentile(y, clip[1], axis=0)
+    y = np.clip((y - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
+    if y.shape[1] < 3:
+        y = np.pad(y, ((0, 0), (0, 3 - y.shape[1])))
+    return y.reshape(n, h, w, 3)
+
+
+def plot_layer_pca(images: np.ndarray, layer_maps: Mapping[int, np.ndarray], fused: Sequence[int] = (),
+                   captions: Sequence[str] | None = None, label: str | None = None,
+                   title: str | None = None) -> plt.Figure:
+    """Rows: images; columns: the image, then one PCA-to-RGB map per DINOv2 block.
+
+    Args:
+        images: (N, S, S, 3) in [0, 1].
+        layer_maps: block index (0-based) -> (N, H, W, 3) from :func:`pca_rgb`.
+        fused: blocks fused by SciceVPR (their column titles are marked).
+        captions: one per image, shown above it.
+    """
+    layers = list(layer_maps)
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 1 + len(layers), figsize=(1.7 * (1 + len(layers)), 1.85 * n + 0.6), squeeze=False)
+    for i in range(n):
+        _image_panel(axes[i, 0], images[i], captions[i] if captions is not None else ("input" if i == 0 else None))
+        for j, layer in enumerate(layers):
+            t = f"block {layer}" + (" (fused)" if layer in fused else "") if i == 0 else None
+            _image_panel(axes[i, 1 + j], layer_maps[layer][i], t)
+    fig.suptitle(title or "DINOv2 patch features per block, first 3 principal components as RGB")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_layer_similarity(matrix: np.ndarray, layers: Sequence[int], fused: Sequence[int] = (),
+                          label: str | None = None, title: str | None = None) -> plt.Figure:
+    """Heat map of a layer-by-layer similarity (linear CKA, 0 to 1) of patch features."""
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ticks = [f"{l}*" if l in fused else str(l) for l in layers]
+    ax.set_xticks(range(len(layers)), ticks)
+    ax.set_yticks(range(len(layers)), ticks)
+    ax.grid(False)
+    if len(layers) <= 14:
+        for i in range(len(layers)):
+            for j in range(len(layers)):
+                v = matrix[i, j]
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if v < 0.6 else "black")
+    ax.set_xlabel("DINOv2 block (* fused by SciceVPR)")
+    ax.set_ylabel("DINOv2 block (* fused by SciceVPR)")
+    ax.set_title(title or "Similarity of patch features between blocks (linear CKA)")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("linear CKA (1 = same representation)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Sequence[str] = (),
+                      label: str | None = None, title: str | None = None) -> plt.Figure:
+    """Bars of Recall@N for descriptors built from single blocks and from fused blocks.
+
+    ``table``: columns ``features`` (bar name) and ``metric`` (percent).
+    """
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(table) + 2), 3.8))
+    colours = ["#fc8d59" if f in highlight else "#bdbdbd" if "baseline" in f else "#91bfdb" for f in table["features"]]
+    bars = ax.bar(range(len(table)), table[metric], color=colours, edgecolor="0.3")
+    for b, v in zip(bars, table[metric]):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(table)), table["features"], rotation=45, ha="right")
+    ax.set_xlabel("features pooled into the descriptor (GeM of DINOv2 block outputs)")
+    ax.set_ylabel(f"Recall@{metric[2:]} (%)")
+    ax.set_ylim(0, max(5.0, float(table[metric].max()) * 1.2))
+    ax.set_title(title or f"Recall@{metric[2:]} of single blocks and of fused blocks")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 02: fusion module, regions, GeM
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_regions(image: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], grid: tuple[int, int],
+                 label: str | None = None, title: str | None = None) -> plt.Figure:
+    """The 14 pooling regions drawn over an image: whole map, 2 x 2 split, 3 x 3 split.
+
+    Args:
+        image: (S, S, 3) in [0, 1] or uint8.
+        boxes: (row0, row1, col0, col1) in patch units, from :func:`scicevpr.pooling.region_boxes`.
+        grid: (H, W) patch grid of the image.
+    """
+    S = image.shape[0]
+    H, W = grid
+    ph, pw = S / H, S / W
+    groups = [("whole map: region 0", boxes[:1], 0), ("2 x 2 split: regions 1-4", boxes[1:5], 1),
+              ("3 x 3 split: regions 5-13", boxes[5:14], 5)]
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4.1))
+    for ax, (name, bxs, first) in zip(axes, groups):
+        ax.imshow(image, extent=(0, S, S, 0))
+        for k in range(1, W):
+            ax.axvline(k * pw, color="white", lw=0.4, alpha=0.5)
+        for k in range(1, H):
+            ax.axhline(k * ph, color="white", lw=0.4, alpha=0.5)
+        for i, (r0, r1, c0, c1) in enumerate(bxs):
+            colour = cmap(i % 10)
+            inset = 1.5
+            ax.add_patch(Rectangle((c0 * pw + inset, r0 * ph + inset), (c1 - c0) * pw - 2 * inset,
+                                   (r1 - r0) * ph - 2 * inset, fill=False, edgecolor=colour, lw=2.5))
+            ax.text((c0 + c1) / 2 * pw, (r0 + r1) / 2 * ph, f"{first + i}\n{r1 - r0}x{c1 - c0}", color="white",
+                    ha="center", va="center", fontsize=9, fontweight="bold",
+                    bbox=dict(facecolor=colour, alpha=0.75, edgecolor="none", boxstyle="round,pad=0.2"))
+        ax.set_xlim(0, S)
+        ax.set_ylim(S, 0)
+        ax.grid(False)
+        ax.set_title(name)
+        ax.set_xlabel(f"x (pixels; {W} patches of {pw:.0f} px)")
+        ax.set_ylabel(f"y (pixels; {H} patches of {ph:.0f} px)")
+    fig.suptitle(title or f"The 14 GeM pooling regions on the {H} x {W} patch grid (region index, size in patches)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_influence(maps: Mapping[str, np.ndarray], token: tuple[int, int], label: str | None = None,
+                   title: str | None = None, floor: float = 1e-5) -> plt.Figure:
+    """Where a change of one input token shows up after each fusion step.
+
+    ``maps``: step name -> (H, W) map of the mean absolute output change per token. Shown on
+    a log scale relative to the largest change; exact zeros (and anything below ``floor``)
+    take the darkest colour.
+    """
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.3 * len(maps), 3.9), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        m = np.asarray(m, dtype=np.float64)
+        rel = m / max(m.max(), 1e-30)
+        im = ax.imshow(np.log10(np.maximum(rel, floor)), cmap="magma", vmin=np.log10(floor), vmax=0)
+        ax.add_patch(Rectangle((token[1] - 0.5, token[0] - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2))
+        ax.grid(False)
+        changed = int((m > 0).sum())
+        ax.set_title(f"{name}\n{changed} of {m.size} tokens change")
+        ax.set_xlabel("token column (patches)")
+        ax.set_ylabel("token row (patches)")
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        cb.set_label("log10 of the change / largest change")
+    fig.suptitle(title or f"Perturbing one input token (cyan, row {token[0]}, column {token[1]}): what each step mixes")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_gem_p(ps: Sequence[float], position: np.ndarray, weights: Mapping[float, np.ndarray],
+               label: str | None = None, title: str | None = None) -> plt.Figure:
+    """The role of GeM's p.
+
+    Args:
+        ps: the exponents of the curve.
+        position: (len(ps),) mean over channels of ``(GeM_p - mean) / (max - mean)``: 0 is average
+            pooling, 1 is max pooling.
+        weights: a few p -> (H, W) share of each token in the GeM of one channel (sums to 1).
+    """
+    fig = plt.figure(figsize=(4.4 + 3.0 * len(weights), 3.9), layout="constrained")
+    gs = fig.add_gridspec(1, 1 + len(weights), width_ratios=[1.4] + [1] * len(weights))
+    ax = fig.add_subplot(gs[0, 0])
+    ax.plot(ps, position, marker="o", color="#4575b4")
+    ax.axhline(0, color="0.5", ls="--", lw=1)
+    ax.axhline(1, color="0.5", ls="--", lw=1)
+    ax.text(ps[-1], 0.02, "average pooling", ha="right", va="bottom", fontsize=8, color="0.35")
+    ax.text(ps[0], 0.98, "max pooling", ha="left", va="top", fontsize=8, color="0.35")
+    ax.set_xscale("log")
+    ax.set_xlabel("GeM exponent p (log scale)")
+    ax.set_ylabel("(GeM - mean) / (max - mean)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("GeM moves from mean to max")
+    vmax = max(float(np.max(w)) for w in weights.values())
+    panels = []
+    for k, (p, w) in enumerate(weights.items()):
+        a = fig.add_subplot(gs[0, 1 + k])
+        im = a.imshow(w, cmap="viridis", vmin=0, vmax=vmax)
+        a.grid(False)
+        a.set_title(f"p = {p:g}: share per token\n(largest {100 * np.max(w):.0f}%)")
+        a.set_xlabel("token column (patches)")
+        a.set_ylabel("token row (patches)")
+        panels.append(a)
+    cb = fig.colorbar(im, ax=panels, fraction=0.03, pad=0.02)
+    cb.set_label("share of the pooled value")
+    fig.suptitle(title or "GeM pooling: p sets how much the strongest activations dominate")
+    return stamp(fig, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 03 and 05: batch stability (paper Fig. 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_stability(table: pd.DataFrame, metric: str = "R@1", label: str | None = None,
+                   title: str | None = None) -> plt.Figure:
+    """Paper Fig. 2: ``metric`` per query batch size and order, one colour per model.
+
+    Left: the recall; solid line = queries in file order, dashed = random orders. Right: the
+    largest change of any descriptor component compared with encoding the queries one at a
+    time (0 means bit-identical descriptors). ``table``: :func:`scicevpr.evaluate.batch_stability`
+    output (several models concatenated).
+    """
+    models = list(dict.fromkeys(table["model"]))
+    sizes = sorted(table["batch_size"].unique())
+    xpos = {b: i for i, b in enumerate(sizes)}
+    colours = plt.get_cmap("tab10")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [1.5, 1]})
+    for m_i, model in enumerate(models):
+        t = table[table["model"] == model]
+        for order in sorted(t["order"].unique()):
+            o = t[t["order"] == order].sort_values("batch_size")
+            x = [xpos[b] + 0.04 * (order - 1) for b in o["batch_size"]]
+            ax.plot(x, o[metric], color=colours(m_i), lw=2.2 if order == 0 else 1.2, ls="-" if order == 0 else "--",
+                    marker="o" if order == 0 else "x", ms=6 if order == 0 else 5, alpha=1 if order == 0 else 0.8,
+                    label=f"{model}, {'file order' if order == 0 else f'random order {order}'}")
+        worst = t.groupby("batch_size")["max_abs_change"].max().reindex(sizes)
+        ax2.plot([xpos[b] for b in sizes], worst.values, color=colours(m_i), marker="o", lw=2, label=model)
+    for a in (ax, ax2):
+        a.set_xticks(range(len(sizes)), [str(b) for b in sizes])
+        a.set_xlabel("query batch size (images per forward pass)")
+    lo, hi = float(table[metric].min()), float(table[metric].max())
+    ax.set_ylim(max(0.0, lo - 3), min(100.0, hi + 3))
+    ax.set_ylabel(f"Recall@{metric[2:]} (%)")
+    ax.set_title(f"Recall@{metric[2:]} per query batch size and order")
+    ax.legend(fontsize=7.5, loc="best", ncol=1 if len(models) < 3 else 2)
+    ax2.set_yscale("symlog", linthresh=1e-7)
+    ax2.set_ylim(bottom=-1e-8)
+    ax2.set_ylabel("max |descriptor change| vs batch size 1")
+    ax2.set_title("How much the descriptors move")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or "Query descriptors under other batch sizes and orders (database: file order, batches of 16)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def _png(fig: plt.Figure) -> bytes:
+    """A figure as PNG bytes (closed afterwards), for an ``ipywidgets.Image``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _explorer(controls: Sequence, render) -> "object":
+    """Controls above an image and a line of text; ``render(**values) -> (figure, text)`` runs
+    now and on every change. The figure is sent as PNG bytes to an ``ipywidgets.Image``: no
+    output capture is involved, so headless execution cannot deadlock on it."""
+    import html
+
+    import ipywidgets as widgets
+
+    image = widgets.Image(format="png")
+    text = widgets.HTML()
+
+    def update(_=None) -> None:
+        fig, line = render(**{c.description.replace(" ", "_"): c.value for c in controls})
+        image.value = _png(fig)
+        text.value = f"<pre>{html.escape(line)}</pre>"
+
+    for c in controls:
+        c.observe(update, names="value")
+    update()
+    return widgets.VBox([widgets.HBox(list(controls)), image, text])
+
+
+def stability_explorer(table: pd.DataFrame, metrics: Sequence[str] = ("R@1", "R@5", "R@10"),
+                       label: str | None = None):
+    """An ipywidgets control: pick the query batch size and order, see every model's recall.
+
+    Returns the widget (display it as a cell's last expression). Needs a live kernel; the
+    static :func:`plot_stability` shows the same numbers in non-interactive runs.
+    """
+    import ipywidgets as widgets
+
+    sizes = sorted(int(b) for b in table["batch_size"].unique())
+    orders = sorted(int(o) for o in table["order"].unique())
+    models = list(dict.fromkeys(table["model"]))
+
+    def render(batch_size: int, order: int):
+        t = table[(table["batch_size"] == batch_size) & (table["order"] == order)].set_index("model").reindex(models)
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        width = 0.8 / len(models)
+        for i, model in enumerate(models):
+            vals = [float(t.loc[model, m]) for m in metrics]
+            bars = ax.bar(np.arange(len(metrics)) + i * width, vals, width, label=model)
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
+        ax.set_xticks(np.arange(len(metrics)) + width * (len(models) - 1) / 2, metrics)
+        ax.set_xlabel("metric")
+        ax.set_ylabel("recall (%)")
+        ax.set_ylim(0, 105)
+        order_name = "file order" if order == 0 else f"random order {order}"
+        ax.set_title(f"queries in batches of {batch_size}, {order_name}")
+        ax.legend(fontsize=8)
+        stamp(fig, label)
+        change = t["max_abs_change"].map(lambda v: f"{v:.2e}")
+        return fig, "max |descriptor change| vs batch size 1: " + ", ".join(f"{m}: {change[m]}" for m in models)
+
+    controls = [
+        widgets.Dropdown(options=sizes, value=16 if 16 in sizes else sizes[0], description="batch size"),
+        widgets.SelectionSlider(options=orders, value=orders[0], description="order"),
+    ]
+    return _explorer(controls, render)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 04: training
+# ---------------------------------------------------------------------------------------------
+
+
+def read_log(run: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    """A run's ``log.csv`` (a run folder, the file, or a DataFrame already read)."""
+    if isinstance(run, pd.DataFrame):
+        return run
+    path = Path(run)
+    path = path / "log.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {str(path)!r}; train first (notebook 04 or `scicevpr train-teacher`).")
+    return pd.read_csv(path)
+
+
+def plot_training_curves(runs: Mapping[str, str | os.PathLike | pd.DataFrame], recalls: Sequence[str] = ("R@1", "R@5", "R@10"),
+                         label: str | None = None, title: str | None = None) -> plt.Figure:
+    """Training curves from runs' ``log.csv``: losses per epoch (left) and validation recall
+    per epoch (right), one colour per run; the best epoch (kept checkpoint) is circled."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
+    colours = plt.get_cmap("tab10")
+    styles = {"loss": "-", "loss_ms": "--", "loss_d": ":"}
+    names = {"loss": "total", "loss_ms": "L_MS", "loss_d": "L_D"}
+    rstyles = ["-", "--", ":", "-."]
+    for i, (run_name, run) in enumerate(runs.items()):
+        log = read_log(run)
+        c = colours(i)
+        for col, ls in styles.items():
+            if col in log and log[col].notna().any() and not (col == "loss_ms" and not log.get("loss_d", pd.Series(dtype=float)).notna().any()):
+                ax.plot(log["epoch"], log[col], ls=ls, marker="o", ms=3, color=c, label=f"{run_name}: {names[col]}")
+        for j, r in enumerate(recalls):
+            if r in log and log[r].notna().any():
+                ax2.plot(log["epoch"], log[r], ls=rstyles[j % 4], marker="o", ms=3, color=c, label=f"{run_name}: {r}")
+        if "best" in log:
+            best = log[log["best"].astype(str).str.lower() == "true"]
+            if len(best) and recalls[0] in log:
+                b = best.iloc[-1]
+                ax2.scatter([b["epoch"]], [b[recalls[0]]], s=160, facecolors="none", edgecolors=c, lw=2, zorder=5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (mean over the epoch)")
+    ax.set_title("Losses: L_MS (stage 1); L_T = L_MS + L_D (stage 2)")
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation recall (%)")
+    ax2.set_title("Validation Recall@N (circle: kept checkpoint)")
+    ax2.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    for a in (ax, ax2):
+        a.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title or "Training: stage 1 (teacher) and stage 2 (distilled student)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_agreement(cosines: Mapping[str, np.ndarray], label: str | None = None, title: str | None = None) -> plt.Figure:
+    """Histograms of the per-image cosine similarity between two models' descriptors
+    (e.g. student vs teacher before and after distillation)."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    lo = min(float(np.min(c)) for c in cosines.values())
+    bins = np.linspace(min(lo, 0.0), 1.0, 41)
+    for name, c in cosines.items():
+        ax.hist(c, bins=bins, alpha=0.6, label=f"{name} (mean {np.mean(c):.2f})")
+    ax.set_xlabel("cosine similarity of student and teacher descriptors of the same image")
+    ax.set_ylabel("images (count)")
+    ax.set_title(title or "Teacher-student agreement on the test images")
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 05: recalls, conditions, galleries
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] = ("R@1", "R@5", "R@10", "R@100"), by: str = "model",
+                 label: str | None = None, title: str | None = None) -> plt.Figure:
+    """Grouped bars of Recall@N, one bar per row of ``table`` (named by column ``by``)."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(metrics) * max(1, len(table)) / 2 + 3), 4.0))
+    width = 0.8 / max(1, len(table))
+    colours = plt.get_cmap("tab10")
+    for i, (_, row) in enumerate(table.iterrows()):
+        vals = [float(row[m]) for m in metrics]
+        bars = ax.bar(np.arange(len(metrics)) + i * width, vals, width, label=str(row[by]), color=colours(i))
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.8, f"{v:.1f}", ha="center", fontsize=7)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, [f"Recall@{m[2:]}" for m in metrics])
+    ax.set_xlabel("metric (a query is correct at N if a true positive is among its N nearest)")
+    ax.set_ylabel("queries correct (%)")
+    ax.set_ylim(0, 109)
+    ax.set_title(title or "Recall@N")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | Sequence[str] = "R@1",
+                             label: str | None = None, title: str | None = None) -> plt.Figure:
+    """Grouped bars of Recall@N per query condition (night, fog, ...), one colour per model and
+    one panel per metric.
+
+    ``tables``: model name -> :func:`scicevpr.evaluate.recall_by_condition` output
+    (``EvalResult.per_condition``); ``metric``: one column name or several.
+    """
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    names = list(tables)
+    conditions = list(dict.fromkeys(c for t in tables.values() for c in t["condition"]))
+    counts = {c: int(t.set_index("condition")["queries"].get(c, 0)) for t in tables.values() for c in t["condition"]}
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 1.1 * len(conditions) + 2), 3.6 * len(metrics) + 0.4),
+                             squeeze=False)
+    width = 0.8 / len(names)
+    colours = plt.get_cmap("tab10")
+    for ax, m in zip(axes[:, 0], metrics):
+        top = 0.0
+        for i, name in enumerate(names):
+            t = tables[name].set_index("condition").reindex(conditions)
+            vals = t[m].astype(float).values
+            top = max(top, float(np.nanmax(vals)))
+            ax.bar(np.arange(len(conditions)) + i * width, vals, width, label=name, color=colours(i))
+        ax.set_xticks(np.arange(len(conditions)) + width * (len(names) - 1) / 2,
+                      [f"{c}\n({counts[c]} q.)" for c in conditions])
+        ax.set_xlabel("query condition (number of queries)")
+        ax.set_ylabel(f"Recall@{m[2:]} (%)")
+        ax.set_ylim(0, min(105.0, top * 1.25 + 5))
+        ax.set_title(f"Recall@{m[2:]} by query condition")
+        ax.legend(fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def _utm_distance(split, q: int, d: int) -> float:
+    return float(np.linalg.norm(split.query_utms[q] - split.database_utms[d]))
+
+
+def plot_gallery(split, result, queries: Sequence[int], k: int = 5, label: str | None = None,
+                 title: str | None = None, thumb: int = 112) -> plt.Figure:
+    """Retrieval gallery: each row a query, then its ``k`` nearest database images, framed
+    green when within the positive radius (correct) and red otherwise, with their distance
+    to the query in metres."""
+    conditions = split.query_conditions
+    queries = list(queries)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.75 * (k + 1), 1.95 * len(queries) + 0.5), squeeze=False)
+    for row, q in enumerate(queries):
+        cond = f" ({conditions[q]})" if conditions is not None else ""
+        _image_panel(axes[row, 0], read_thumbnail(split.query_paths[q], thumb), f"query {q}{cond}", frame=QUERY_COLOUR)
+        for j in range(k):
+            ax = axes[row, 1 + j]
+            if j >= result.predictions.shape[1]:
+                ax.set_visible(False)
+                continue
+            d = int(result.predictions[q, j])
+            ok = bool(result.correct[q, j])
+            _image_panel(ax, read_thumbnail(split.database_paths[d], thumb),
+                         f"#{j + 1}: {_utm_distance(split, q, d):.0f} m {'ok' if ok else 'wrong'}",
+                         frame=CORRECT_COLOUR if ok else WRONG_COLOUR)
+    fig.suptitle(title or f"{result.model_name}: top-{k} retrievals (green: within {split.radius:.0f} m, red: not)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def retrieval_explorer(split, results: Mapping[str, object], k: int = 5, label: str | None = None):
+    """An ipywidgets control: pick a query and a model, see its top-``k`` retrievals.
+
+    Returns the widget (display it as a cell's last expression); :func:`plot_gallery` is the
+    static counterpart for non-interactive runs.
+    """
+    import ipywidgets as widgets
+
+    names = list(results)
+
+    def render(query: int, model: str):
+        res = results[model]
+        fig = plot_gallery(split, res, [query], k=k, label=label,
+                           title=f"{model}: query {query}, top-{k} (green: within {split.radius:.0f} m)")
+        pos = split.positives[query]
+        first = int(np.argmax(res.correct[query])) + 1 if res.correct[query].any() else "none in the list"
+        return fig, f"{len(pos)} true positives in the database; first correct rank: {first}"
+
+    controls = [
+        widgets.IntSlider(min=0, max=split.num_queries - 1, value=0, description="query"),
+        widgets.Dropdown(options=names, value=names[-1], description="model"),
+    ]
+    return _explorer(controls, render)
+
+
+def plot_training_batch(images, place_ids, label: str | None = None, title: str | None = None) -> plt.Figure:
+    """A P x K training batch: one row per place, its K augmented views.
+
+    ``images``: (P, K, 3, S, S) normalised tensors; ``place_ids``: (P, K).
+    """
+    P, K = images.shape[:2]
+    fig, axes = plt.subplots(P, K, figsize=(1.7 * K, 1.75 * P + 0.5), squeeze=False)
+    shown = to_display(images.reshape(P * K, *images.shape[2:])).reshape(P, K, *images.shape[-2:], 3)
+    for i in range(P):
+        for j in range(K):
+            _image_panel(axes[i, j], shown[i, j], f"place {int(place_ids[i, j])}, view {j + 1}")
+    fig.suptitle(title or f"A training batch: P = {P} places x K = {K} images (RandAugment applied)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
