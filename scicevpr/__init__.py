@@ -7,6 +7,13 @@ Quick start::
     teacher = scicevpr.SuperCricaVPR("SciceVPR-S", weights=None)  # random backbone, CPU-sized
 """
 
+import os as _os
+
+# Idle OpenMP threads sleep instead of spinning. Beside DataLoader workers on a small CPU,
+# spinning threads slow torch down by an order of magnitude. Only takes effect when scicevpr is
+# imported before torch; an explicit setting is kept.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .backbone import DinoVisionTransformer, RandomWeightsWarning, build_backbone
 from .checkpoint import load_model
 from .config import PRESETS, BackboneConfig, ModelConfig, get_config

@@ -293,7 +293,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for nb in notebooks:
         print(f"running {nb.relative_to(root)} ...", flush=True)
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-               "--ExecutePreprocessor.timeout=3600", str(nb)]
+               "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
         subprocess.run(cmd, check=True, cwd=nb.parent, env={**os.environ, "MPLBACKEND": "Agg"})
     results = root / "figures" / "results.md"
