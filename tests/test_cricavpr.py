@@ -374,3 +374,17 @@ def test_load_lists_missing_unexpected_and_wrong_shapes(model):
     with pytest.raises(ValueError, match="does not fit CricaVPR-S"):
         m.load_official(state)
     assert m.is_random_init
+
+
+def test_batch_stability_sweep_runs_cricavpr(tiny_benchmark):
+    """CricaVPR goes through the same stability sweep as the other models, and moves with the batch."""
+    from scicevpr.data.vg import load_vg_split
+    from scicevpr.evaluate import EvalConfig, batch_stability
+
+    torch.manual_seed(0)
+    crica = scicevpr.CricaVPR("CricaVPR-S", weights=None, image_size=56).eval()
+    split = load_vg_split(tiny_benchmark.vg_root, tiny_benchmark.dataset, "test")
+    table = batch_stability(crica, split, query_batch_sizes=(1, 4), num_orders=2,
+                            config=EvalConfig(num_workers=0, progress=False), name="CricaVPR")
+    assert len(table) == 4 and set(table["model"]) == {"CricaVPR"}
+    assert table["max_abs_change"].max() > 1e-4
