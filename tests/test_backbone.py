@@ -102,6 +102,12 @@ def test_backbone_is_frozen():
 # ---- weights -------------------------------------------------------------------------------
 
 
+def _random_small_backbone() -> bb.DinoVisionTransformer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
+        return bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
+
+
 def test_random_init_is_reported():
     with pytest.warns(bb.RandomWeightsWarning, match="randomly initialised"):
         m = bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), weights=None)
@@ -109,9 +115,7 @@ def test_random_init_is_reported():
 
 
 def test_explicit_path_loads_and_missing_path_fails(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-        src = bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
+    src = _random_small_backbone()
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(src.state_dict(), path)
     m = bb.build_backbone(BackboneConfig(arch="vits14"), weights=path)
@@ -122,9 +126,7 @@ def test_explicit_path_loads_and_missing_path_fails(tmp_path):
 
 
 def test_weights_of_another_architecture_fail_clearly(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-        src = bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
+    src = _random_small_backbone()
     path = tmp_path / "small.pth"
     torch.save(src.state_dict(), path)
     with pytest.raises(RuntimeError, match="not a DINOv2 vitb14 state dict"):
@@ -132,9 +134,7 @@ def test_weights_of_another_architecture_fail_clearly(tmp_path):
 
 
 def test_auto_finds_file_in_env_folder(tmp_path, monkeypatch):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-        src = bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
+    src = _random_small_backbone()
     torch.save(src.state_dict(), tmp_path / "dinov2_vits14_pretrain.pth")
     monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path))
     monkeypatch.setattr(bb, "_download", _no_network)
@@ -143,9 +143,7 @@ def test_auto_finds_file_in_env_folder(tmp_path, monkeypatch):
 
 
 def test_auto_finds_file_in_torch_hub_cache(tmp_path, monkeypatch):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-        src = bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
+    src = _random_small_backbone()
     (tmp_path / "checkpoints").mkdir()
     torch.save(src.state_dict(), tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")
     monkeypatch.delenv("SCICEVPR_WEIGHTS", raising=False)

@@ -103,33 +103,32 @@ def test_preset_dimensions():
         assert cfg.descriptor_dim == 14 * cmix
 
 
-def test_student_descriptors_do_not_depend_on_the_batch():
-    m = make(scicevpr.SciceVPR)
+def _batchings(model) -> dict[str, torch.Tensor]:
+    """Descriptors of the same 8 images encoded as one batch, one by one, in pairs, shuffled."""
     torch.manual_seed(1)
     x = torch.randn(8, 3, 112, 112)
     perm = torch.randperm(8)
     with torch.no_grad():
-        batch = m(x)
-        single = torch.cat([m(x[i : i + 1]) for i in range(8)])
-        shuffled = m(x[perm])[torch.argsort(perm)]
-    assert (batch - single).abs().max() <= 1e-6
-    assert (batch - shuffled).abs().max() <= 1e-6
+        return {
+            "batch": model(x),
+            "single": torch.cat([model(x[i : i + 1]) for i in range(8)]),
+            "pairs": torch.cat([model(x[i : i + 2]) for i in range(0, 8, 2)]),
+            "shuffled": model(x[perm])[torch.argsort(perm)],
+        }
+
+
+def test_student_descriptors_do_not_depend_on_the_batch():
+    d = _batchings(make(scicevpr.SciceVPR))
+    for other in ("single", "pairs", "shuffled"):
+        assert (d["batch"] - d[other]).abs().max() <= 1e-6
 
 
 def test_teacher_descriptors_change_with_the_batch():
-    m = make(scicevpr.SuperCricaVPR)
-    torch.manual_seed(1)
-    x = torch.randn(8, 3, 112, 112)
-    perm = torch.randperm(8)
-    with torch.no_grad():
-        batch = m(x)
-        single = torch.cat([m(x[i : i + 1]) for i in range(8)])
-        pairs = torch.cat([m(x[i : i + 2]) for i in range(0, 8, 2)])
-        shuffled = m(x[perm])[torch.argsort(perm)]
-    assert (batch - single).abs().max() > 1e-3
-    assert (batch - pairs).abs().max() > 1e-3
+    d = _batchings(make(scicevpr.SuperCricaVPR))
+    assert (d["batch"] - d["single"]).abs().max() > 1e-3
+    assert (d["batch"] - d["pairs"]).abs().max() > 1e-3
     # attention is permutation-equivariant: the order alone does not change a descriptor
-    assert (batch - shuffled).abs().max() <= 1e-5
+    assert (d["batch"] - d["shuffled"]).abs().max() <= 1e-5
 
 
 def test_only_fusion_pooling_encoder_are_trainable():
