@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 MODE_ENV = "SCICEVPR_MODE"
@@ -553,9 +554,8 @@ def fusion_name(layers) -> str:
     return "blocks " + "+".join(map(str, layers)) + " fused"
 
 
-def layer_recall_table(model, split, layers, settings: NotebookSettings, fusions=None) -> "pd.DataFrame":
+def layer_recall_table(model, split, layers, settings: NotebookSettings, fusions=None) -> pd.DataFrame:
     """Recall@N on ``split`` of each :func:`layer_descriptors` descriptor (exact L2 search)."""
-    import pandas as pd
 
     from .evaluate import score
 
@@ -615,9 +615,8 @@ def gem_analysis(fmap: torch.Tensor, ps=(1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32),
     return list(ps), np.array(position), weights
 
 
-def parameter_counts(model) -> "pd.DataFrame":
+def parameter_counts(model) -> pd.DataFrame:
     """Parameters of each part of a model: name, parameters, trainable (in millions too)."""
-    import pandas as pd
 
     parts = [("DINOv2 backbone (frozen)", model.backbone)]
     fusion = getattr(model, "fusion", None)
@@ -690,11 +689,10 @@ def demo_pairs(split, n_pairs: int = 2, conditions=("night", "fog", "snow", "rai
     return paths, captions
 
 
-def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), **overrides) -> "pd.DataFrame":
+def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), **overrides) -> pd.DataFrame:
     """Sizes of each preset at its image size: channels, grid, descriptor dimension and
     parameter counts of every part (models built on the ``meta`` device: nothing is
     allocated or loaded). Parameter counts are in millions."""
-    import pandas as pd
 
     from .models import SciceVPR, SuperCricaVPR
 
