@@ -19,7 +19,7 @@ Both stages: Adam, lr 1e-4, StepLR halving every 3 epochs stepped per iteration
 
 Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank loads P/N places of every
 global batch and runs the backbone (and everything per image) on them. The per-image outputs
-(regional features; CricaVPR: its tokens) are all-gathered with gradient, and every rank runs
+(regional features) are all-gathered with gradient, and every rank runs
 the batch-mixing encoder and the loss on the **global** batch, exactly as one process would
 (the cross-image encoder attends across the whole batch, so gathering final descriptors would
 not do). Gradients: each rank's loss is the same global loss, so the all-gather's backward sums
@@ -69,7 +69,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import CricaVPRConfig, ModelConfig, get_config
-from .cricavpr import CricaVPR
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
@@ -428,23 +427,6 @@ def _train_loader(dataset: GSVCitiesDataset, sampler: PlaceBatchSampler, config:
 # --------------------------------------------------------------------------------------------
 
 
-def per_image_features(model: VPRModel, f: torch.Tensor) -> torch.Tensor:
-    """The last per-image output before images of a batch can mix: (B, 14, C_mix) regional
-    features, or for CricaVPR its (B, 1 + HW, C) tokens (its aggregate pools and encodes)."""
-    return f if isinstance(model, CricaVPR) else model.regional_features(f)
-
-
-def batch_descriptors(model: VPRModel, r: torch.Tensor) -> torch.Tensor:
-    """:func:`per_image_features` of a whole batch -> (B, D) descriptors (the encoder)."""
-    return model.aggregate(r) if isinstance(model, CricaVPR) else model.encode(r)
-
-
-def _full_precision(x: torch.Tensor):
-    """Autocast off: the losses' similarity matrices must be fp32 (``exp(50 S)`` in ``L_MS``
-    would amplify bf16 rounding of S)."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
 class MetricLearningStep(nn.Module):
     """Stage 1: ``L_MS`` on the global batch. ``forward(images, labels) -> (loss, parts)``."""
 
@@ -456,9 +438,8 @@ class MetricLearningStep(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar loss."""
         f = self.model.extract_features(images)  # (b, C_mix, H, W)
-        d = batch_descriptors(self.model, gather_batch(per_image_features(self.model, f)))  # (B, D)
-        with _full_precision(d):
-            loss = self.ms(d, gather_batch(labels))
+        r = gather_batch(self.model.regional_features(f))  # (B, 14, C): per image, gathered over ranks
+        loss = self.ms(self.model.encode(r), gather_batch(labels))  # the encoder sees the global batch
         return loss, {"loss_ms": loss.detach()}
 
 
@@ -494,8 +475,7 @@ class DistillationStep(nn.Module):
             f = self.student.extract_features(images)  # (b, C_mix, H, W), shared frozen backbone + conv
             t = self.teacher.encode(gather_batch(self.teacher.regional_features(f)))  # (B, D)
         s = self.student.encode(gather_batch(self.student.regional_features(f)))  # (B, D)
-        with _full_precision(s):
-            l_t, l_ms, l_d = self.objective(s, t, gather_batch(labels))
+        l_t, l_ms, l_d = self.objective(s, t, gather_batch(labels))
         return l_t, {"loss_ms": l_ms.detach(), "loss_d": l_d.detach()}
 
 
