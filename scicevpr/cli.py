@@ -284,6 +284,15 @@ def repo_root() -> Path:
     raise SystemExit("run `scicevpr demo` from inside the scicevpr repository (needs notebooks/)")
 
 
+def demo_environment() -> dict[str, str]:
+    """The notebook kernels' environment: the same as ``make test`` gives nbval (CPU kernels
+    pinned to AVX2, passive OpenMP waiting, headless plots), so ``scicevpr demo`` reproduces the
+    stored outputs whichever way it is started."""
+    from .precision import PINNED_CPU_KERNELS
+
+    return {**os.environ, **PINNED_CPU_KERNELS, "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Execute every notebook headlessly, in order, then print the final results table."""
     root = repo_root()
@@ -295,7 +304,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
-        subprocess.run(cmd, check=True, cwd=nb.parent, env={**os.environ, "MPLBACKEND": "Agg"})
+        subprocess.run(cmd, check=True, cwd=nb.parent, env=demo_environment())
     results = root / "figures" / "results.md"
     print(f"\nfigures written to {root / 'figures'}")
     if results.is_file():
