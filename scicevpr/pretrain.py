@@ -454,6 +454,7 @@ class MultiCropAugment:
         """(B, 3, S, S) uint8 images and B views' parameters -> (B, 3, size, size) float32."""
         B, _, H, W = x.shape
         dev = x.device
+        max_sigma = float(p["blur_sigma"].max()) if B else 0.0  # decided on the CPU: no device sync
         p = {k: v.to(dev) for k, v in p.items()}
         x = x.float() / 255.0
         scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=dev)
@@ -476,8 +477,8 @@ class MultiCropAugment:
         y = _rotate_hue(y, p["hue"].float())
         x = torch.where(j, y, x)
         x = torch.where(p["gray"][:, None, None, None], gray(x).expand_as(x), x)
-        if bool((p["blur_sigma"] > 0).any()):
-            x = _gaussian_blur(x, p["blur_sigma"].float())
+        if max_sigma > 0:
+            x = _gaussian_blur(x, p["blur_sigma"].float(), max_sigma)
         x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1.0 - x, x)
         mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
@@ -500,10 +501,11 @@ def _rotate_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", M, x).clamp(0, 1)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image Gaussian blur: (B, 3, s, s), (B,) sigma in pixels (0: unchanged) -> (B, 3, s, s)."""
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Per-image Gaussian blur: (B, 3, s, s), (B,) sigma in pixels (0: unchanged), their maximum
+    -> (B, 3, s, s)."""
     B, C, H, W = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    radius = max(1, int(math.ceil(3 * max_sigma)))
     radius = min(radius, (min(H, W) - 1))  # reflect padding needs radius < side
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)  # (k,)
     s = sigma.clamp(min=1e-3)[:, None]  # (B, 1)
@@ -573,7 +575,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log(d.min(dim=1).values + eps).mean()
 
 
-def _all_reduce_mean(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over every rank: of rows of x (sum / count); identity without DDP."""
     total = x.sum(dim=0, dtype=torch.float32)
     count = torch.tensor([float(x.shape[0])], device=x.device)
@@ -614,11 +616,11 @@ class _Student(nn.Module):
     def forward(self, *args: torch.Tensor):
         return self._dino(*args) if self.objective == "dino" else self._descriptors(*args)
 
-    def _dino(self, globals_: torch.Tensor, locals_: torch.Tensor | None, masks: torch.Tensor):
+    def _dino(self, globals_: torch.Tensor, locals_: torch.Tensor | None, masks: torch.Tensor, mask_index: torch.Tensor):
         t = self.tokens(globals_, masks)  # (2b, 1 + HW, C)
         g_cls = t[:, 0]  # (2b, C)
         g_logits = self.head(g_cls)  # (2b, K)
-        patch_logits = self.head(t[:, 1:][masks])  # (M, C) -> (M, K): masked patches only
+        patch_logits = self.head(_masked_patches(t, mask_index))  # (M, C) -> (M, K): masked patches only
         l_logits = self.head(self.tokens(locals_)[:, 0]) if locals_ is not None else None  # (Lb, K)
         return g_logits, l_logits, patch_logits, g_cls
 
@@ -646,11 +648,18 @@ class _Teacher(nn.Module):
         self.last = student.last
 
     @torch.no_grad()
-    def forward(self, globals_: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, globals_: torch.Tensor, mask_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(2b, 3, S, S) unmasked global crops -> (2b, K) CLS logits and (M, K) logits of the
         patches the student sees masked."""
         t = self.backbone.get_intermediate_layers(globals_, [self.last])[0]  # (2b, 1 + HW, C)
-        return self.head(t[:, 0]), self.head(t[:, 1:][masks])
+        return self.head(t[:, 0]), self.head(_masked_patches(t, mask_index))
+
+
+def _masked_patches(tokens: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + HW, C) tokens, (M,) flat indices into the B x HW patches -> (M, C), in crop then
+    patch order. Indices computed on the CPU keep the device from waiting (boolean indexing would)."""
+    B, N, C = tokens.shape
+    return tokens[:, 1:].reshape(B * (N - 1), C).index_select(0, mask_index)  # (B, HW, C) -> (B*HW, C) -> (M, C)
 
 
 def dino_losses(
@@ -684,7 +693,7 @@ def dino_losses(
     tp = F.softmax((t_patch.float() - patch_center) / teacher_temp, dim=-1)
     ce = -(tp * F.log_softmax(s_patch.float() / student_temp, dim=-1)).sum(dim=-1)  # (M,)
     per_crop = masks.sum(dim=1)  # (2b,)
-    weight = (1.0 / per_crop.clamp(min=1).float()).repeat_interleave(per_crop)  # (M,): 1 / masked patches of its crop
+    weight = (1.0 / per_crop.clamp(min=1).float()).repeat_interleave(per_crop, output_size=ce.shape[0])  # (M,): 1 / masked patches of its crop
     l_ibot = (ce * weight).sum() / (per_crop > 0).sum().clamp(min=1)
     return l_dino, l_ibot
 
@@ -894,10 +903,11 @@ class _Run:
             globals_ = torch.cat([MultiCropAugment.apply(x, take(p), s) for p, s in zip(views, self.global_specs)])  # (2b, 3, S, S)
             locals_ = (torch.cat([MultiCropAugment.apply(x, take(p), self.local_spec) for p in local_params])
                        if c.local_crops else None)  # (L*b, 3, s, s)
-            m = masks[:, mine].reshape(-1, self.num_patches).to(dev)  # (2b, HW)
+            m_cpu = masks[:, mine].reshape(-1, self.num_patches)  # (2b, HW)
+            m, mask_index = m_cpu.to(dev), m_cpu.flatten().nonzero().squeeze(1).to(dev)  # (2b, HW), (M,)
             with autocast(dev, self.amp):
-                t_global, t_patch = self.teacher(globals_, m)
-                s_global, s_local, s_patch, g_cls = self.model(globals_, locals_, m)
+                t_global, t_patch = self.teacher(globals_, mask_index)
+                s_global, s_local, s_patch, g_cls = self.model(globals_, locals_, m, mask_index)
             l_dino, l_ibot = dino_losses(s_global, s_local, s_patch, t_global, t_patch, m, self.center,
                                          self.patch_center, c.student_temp, sched["teacher_temp"])
             l_koleo = sum(koleo_loss(v) for v in g_cls.chunk(2)) / 2 if c.koleo_weight > 0 else torch.zeros((), device=dev)
@@ -928,13 +938,9 @@ class _Run:
                 torch._foreach_add_(t_params, s_params, alpha=1.0 - m_)
                 cm = c.center_momentum
                 self.center.mul_(cm).add_(_all_reduce_mean(t_global.float()) * (1 - cm))
-                if c.ibot_weight > 0:
-                    any_masked = torch.tensor([float(t_patch.shape[0])], device=dev)
-                    if self.ddp.enabled:
-                        dist.all_reduce(any_masked)
-                    if any_masked.item() > 0:
-                        self.patch_center.mul_(cm).add_(_all_reduce_mean(t_patch.float()) * (1 - cm))
-        return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}, **sched}
+                if bool(masks.any()):  # some crop of the global batch is masked (CPU tensor: no sync)
+                    self.patch_center.mul_(cm).add_(_all_reduce_mean(t_patch.float()) * (1 - cm))
+        return {"loss": loss.detach(), **parts, **sched}  # losses stay on the device: no sync per step
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
@@ -1066,13 +1072,21 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         step_ema = dt if step_ema is None else 0.9 * step_ema + 0.1 * dt
         for k, v in out.items():
             if k.startswith("loss"):
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums.get(k, 0.0) + v.float()
         n_sum += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{config.batch_size / dt:.0f}")
-        if ddp.main and (step % config.log_every == 0 or step == stop_at):
+        if step % config.log_every == 0 or step == stop_at:  # every rank: the losses are averaged over ranks
             now = time.perf_counter()
-            row = {"step": step, **{k: v / n_sum for k, v in sums.items()},
+            keys = sorted(sums)
+            means = torch.stack([sums[k] for k in keys]) / n_sum
+            if ddp.enabled:
+                dist.all_reduce(means)
+                means /= ddp.world_size
+            losses = dict(zip(keys, means.tolist()))
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                            img_s=f"{n_sum * config.batch_size / (now - t_log):.0f}")
+        if ddp.main and (step % config.log_every == 0 or step == stop_at):
+            row = {"step": step, **losses,
                    **{k: out[k] for k in ("lr", "weight_decay", "momentum", "teacher_temp")},
                    "images_per_s": round(n_sum * config.batch_size / (now - t_log), 2),
                    "elapsed_s": round(train_s + now - t_loop, 2)}
