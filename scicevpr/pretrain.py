@@ -487,17 +487,18 @@ class MultiCropAugment:
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)  # once, on the CPU (an inverse on a GPU would wait for it)
 
 
 def _rotate_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     """(B, 3, s, s) RGB in [0, 1], (B,) hue shift in turns -> (B, 3, s, s)."""
-    A = _RGB2YIQ.to(x.device)
+    A, A_inv = _RGB2YIQ.to(x.device), _YIQ2RGB.to(x.device)
     theta = 2 * math.pi * hue  # (B,)
     cos, sin = torch.cos(theta), torch.sin(theta)
     R = torch.zeros(x.shape[0], 3, 3, device=x.device)
     R[:, 0, 0] = 1
     R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = cos, -sin, sin, cos
-    M = torch.linalg.inv(A) @ R @ A  # (B, 3, 3): RGB -> YIQ -> rotate -> RGB
+    M = A_inv @ R @ A  # (B, 3, 3): RGB -> YIQ -> rotate -> RGB
     return torch.einsum("bij,bjhw->bihw", M, x).clamp(0, 1)
 
 
