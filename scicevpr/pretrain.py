@@ -53,8 +53,14 @@ All randomness of a step (which images, crops, colours, masks) is drawn from a g
 ``(seed, step)``: the run is a function of its configuration, and the N ranks of a ``torchrun``
 launch draw the global batch's parameters and take their share, as one process would.
 
+Monitoring: with ``val_root`` set, every ``val_every`` steps (and at steps 0 and the last) the
+exported model's last-block features retrieve the places of a VG-layout split, the benchmark's
+``val`` by default (the test split stays unseen): Recall@1/5 of the L2-normalised mean of the
+patch tokens (``R@1``, ``R@5``) and of the CLS token (``R@1_cls``). A collapsed DINO shows there
+at once, and the two objectives can be compared while they run.
+
 A run folder holds ``config.json``, ``log.csv`` (step, losses, lr, weight decay, momentum, teacher
-temperature, images/s) and ``last.pt`` (student, teacher, centers, optimizer, RNG states, step),
+temperature, images/s, recalls) and ``last.pt`` (student, teacher, centers, optimizer, RNG states, step),
 written atomically every ``checkpoint_every`` steps and when the run ends or its time budget
 ``max_minutes`` is spent (it stops at a step boundary). ``resume=True`` continues and gives the
 same weights as an uninterrupted run. :func:`export_backbone` writes the weight file and its
@@ -106,9 +112,9 @@ CHECKPOINT_FORMAT = "scicevpr-pretrain"
 CHECKPOINT_VERSION = 1
 # PretrainConfig fields that may differ when a run is resumed (they do not change its result).
 RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
-                     "checkpoint_every", "log_every")
+                     "checkpoint_every", "log_every", "val_root", "val_dataset", "val_split", "val_every")
 LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "lr", "weight_decay", "momentum",
-               "teacher_temp", "images_per_s", "elapsed_s")
+               "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +158,10 @@ class PretrainConfig:
         pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), or ``"cls"``.
         supervised_scale: area range of the single random resized crop per image.
         loss: ``L_MS`` hyper-parameters (the paper's).
+    Monitoring:
+        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
+            the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
+        val_every: steps between two retrieval checks (also at step 0 and at the end).
     Optimisation:
         steps: optimisation steps (the schedules span them); None fits them to ``max_minutes``
             from the measured speed of the first steps (then recorded, so a resume keeps them).
@@ -205,6 +215,10 @@ class PretrainConfig:
     pooling: str = "mean"
     supervised_scale: tuple[float, float] = (0.5, 1.0)
     loss: LossConfig = field(default_factory=LossConfig)
+    val_root: str | None = None
+    val_dataset: str = "synthetic"
+    val_split: str = "val"
+    val_every: int = 500
     steps: int | None = 1000
     batch_size: int = 64
     lr: float = 5e-4
@@ -238,7 +252,7 @@ class PretrainConfig:
         if self.arch not in BACKBONE_ARCHS:
             raise ValueError(f"arch={self.arch!r}: expected one of {sorted(BACKBONE_ARCHS)}.")
         for name in ("cache_size", "image_size", "local_size", "head_hidden", "head_bottleneck", "prototypes",
-                     "batch_size", "img_per_place", "checkpoint_every", "log_every", "num_blocks"):
+                     "batch_size", "img_per_place", "checkpoint_every", "log_every", "num_blocks", "val_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -700,6 +714,53 @@ def dino_losses(
 
 
 # --------------------------------------------------------------------------------------------
+# Monitoring: place retrieval with the last block's features
+# --------------------------------------------------------------------------------------------
+
+
+class RetrievalCheck:
+    """A VG-layout split decoded once at the model's size, and Recall@N of a backbone on it.
+
+    Descriptors: the last block's tokens after the final norm, either the mean of the patch
+    tokens or the CLS token, L2-normalised; exact L2 search and hits as every recall in scicevpr
+    (:func:`scicevpr.evaluate.search`, :func:`scicevpr.evaluate.recall_at_n`).
+    """
+
+    def __init__(self, root: PathLike, dataset: str, split: str, image_size: int, device: torch.device,
+                 num_workers: int = 0, progress: bool = False) -> None:
+        from .data.vg import load_vg_split
+
+        self.split = load_vg_split(root, dataset, split)
+        self.images = load_image_cache(self.split.all_paths, image_size, num_workers, progress).to(device)  # (N, 3, S, S)
+
+    @torch.no_grad()
+    def recalls(self, backbone: DinoVisionTransformer, amp: bool, batch_size: int = 256) -> dict[str, float]:
+        from .evaluate import recall_at_n, search
+
+        was_training = backbone.training
+        backbone.eval()
+        dev = self.images.device
+        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": []}
+        for i in range(0, len(self.images), batch_size):
+            x = (self.images[i : i + batch_size].float() / 255.0 - mean) / std
+            with autocast(dev, amp):
+                t = backbone.get_intermediate_layers(x, [len(backbone.blocks) - 1])[0]  # (b, 1 + HW, C)
+            out["mean"].append(F.normalize(t[:, 1:].float().mean(dim=1), dim=-1))
+            out["cls"].append(F.normalize(t[:, 0].float(), dim=-1))
+        backbone.train(was_training)
+        n_db = self.split.num_database
+        result = {}
+        for kind, parts in out.items():
+            d = torch.cat(parts).cpu().numpy()  # (N_db + N_q, C)
+            _, pred = search(d[:n_db], d[n_db:], 5)
+            r, _ = recall_at_n(pred, self.split.positives, (1, 5))
+            result.update({"R@1": r[1], "R@5": r[5]} if kind == "mean" else {"R@1_cls": r[1]})
+        return result
+
+
+# --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
@@ -849,6 +910,15 @@ class _Run:
         self.local_spec = CropSpec(config.local_size, config.local_scale, blur=0.5)
         self.supervised_spec = CropSpec(config.image_size, config.supervised_scale, flip=0.0, gray=0.0)
         self._epoch_cache: tuple[int, Any] | None = None
+        self.check = None
+        if config.val_root is not None and ddp.main:
+            self.check = RetrievalCheck(config.val_root, config.val_dataset, config.val_split, config.image_size,
+                                        device, config.num_workers, config.progress)
+
+    @property
+    def exported(self) -> nn.Module:
+        """The model :func:`export_backbone` writes by default: DINO's teacher, else the student."""
+        return self.teacher if self.teacher is not None else self.student
 
     # ---- data of a step ------------------------------------------------------------------------
 
@@ -1043,10 +1113,39 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
     session = {"machine": machine, "start_step": step}
     stop_at = steps if config.stop_at_step is None else min(steps, config.stop_at_step)
     bar = tqdm(total=steps, initial=step, desc=f"pretrain {config.objective}", disable=not (config.progress and ddp.main))
-    sums: dict[str, float] = {}
-    n_sum, t_log, step_ema = 0, time.perf_counter(), None
     stopped = "done" if stop_at == steps else "stop_at_step"
+    monitored = config.val_root is not None  # the same on every rank (run.check lives on rank 0)
     t_loop = time.perf_counter()
+    acc: dict[str, Any] = {"sums": {}, "n": 0, "t": t_loop, "last": None, "validated": None}  # since the last row
+
+    def log(at: int, validate: bool) -> None:
+        """Average the accumulated losses over steps and ranks (every rank calls this), check
+        retrieval (rank 0), write a log row (rank 0)."""
+        now = time.perf_counter()
+        row: dict[str, Any] = {"step": at}
+        if acc["n"]:
+            keys = sorted(acc["sums"])
+            means = torch.stack([acc["sums"][k] for k in keys]) / acc["n"]
+            if ddp.enabled:
+                dist.all_reduce(means)
+                means /= ddp.world_size
+            row.update(zip(keys, means.tolist()))
+            row.update({k: v for k, v in acc["last"].items() if not k.startswith("loss")})
+            if config.objective == "supervised":
+                row.pop("momentum"), row.pop("teacher_temp")
+            row.update(images_per_s=round(acc["n"] * config.batch_size / (now - acc["t"]), 2),
+                       elapsed_s=round(train_s + now - t_loop, 2))
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+        if validate:
+            acc["validated"] = at
+        if validate and run.check is not None:
+            row.update(run.check.recalls(run.exported.backbone, amp))
+            bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in ("R@1", "R@5", "R@1_cls")))
+        if ddp.main and len(row) > 1:
+            _append_log(log_path, row)
+        if ddp.enabled:
+            dist.barrier()
+        acc.update(sums={}, n=0, t=time.perf_counter())
 
     def save(at: int) -> None:
         if ddp.main:
@@ -1057,12 +1156,14 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         if ddp.enabled:
             dist.barrier()
 
+    if step == 0 and monitored:
+        log(0, validate=True)  # the random initialisation, for reference
+    step_ema = None
     while step < stop_at:
         if budget_s is not None:
             elapsed = time.perf_counter() - t_start
             need = step_ema if step_ema is not None else 0.0
-            over = float(elapsed + 1.5 * need > budget_s)
-            if _broadcast(over, ddp):
+            if _broadcast(float(elapsed + 1.5 * need > budget_s), ddp):
                 stopped = "time budget"
                 break
         t0 = time.perf_counter()
@@ -1073,37 +1174,23 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         step_ema = dt if step_ema is None else 0.9 * step_ema + 0.1 * dt
         for k, v in out.items():
             if k.startswith("loss"):
-                sums[k] = sums.get(k, 0.0) + v.float()
-        n_sum += 1
+                acc["sums"][k] = acc["sums"].get(k, 0.0) + v.float()
+        acc["n"] += 1
+        acc["last"] = out
         bar.update(1)
-        if step % config.log_every == 0 or step == stop_at:  # every rank: the losses are averaged over ranks
-            now = time.perf_counter()
-            keys = sorted(sums)
-            means = torch.stack([sums[k] for k in keys]) / n_sum
-            if ddp.enabled:
-                dist.all_reduce(means)
-                means /= ddp.world_size
-            losses = dict(zip(keys, means.tolist()))
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{out['lr']:.2e}",
-                            img_s=f"{n_sum * config.batch_size / (now - t_log):.0f}")
-        if ddp.main and (step % config.log_every == 0 or step == stop_at):
-            row = {"step": step, **losses,
-                   **{k: out[k] for k in ("lr", "weight_decay", "momentum", "teacher_temp")},
-                   "images_per_s": round(n_sum * config.batch_size / (now - t_log), 2),
-                   "elapsed_s": round(train_s + now - t_loop, 2)}
-            if config.objective == "supervised":
-                row.pop("momentum"), row.pop("teacher_temp")
-            _append_log(log_path, row)
-            sums, n_sum, t_log = {}, 0, now
+        validate = monitored and (step % config.val_every == 0 or step == stop_at)
+        if step % config.log_every == 0 or step == stop_at or validate:
+            log(step, validate)
         if step % config.checkpoint_every == 0 and step < stop_at:
             save(step)
+    if acc["n"] or (monitored and acc["validated"] != step):  # e.g. when the time budget ran out
+        log(step, validate=monitored and acc["validated"] != step)
     bar.close()
     save(step)
     if ddp.main:
         print(f"pretrain {config.objective}: step {step}/{steps} ({stopped}); run folder {run_dir}")
     history = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
-    exported = run.teacher if run.teacher is not None else run.student
-    backbone = exported.backbone.to("cpu").eval()
+    backbone = run.exported.backbone.to("cpu").eval()
     backbone.is_random_init = False
     return PretrainResult(backbone=backbone, history=history, run_dir=run_dir, last_path=last_path, step=step,
                           steps=steps, stopped=stopped)

@@ -323,3 +323,13 @@ def test_command_line_trains_and_exports(tiny_benchmark, tmp_path, capsys):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["scicevpr_vits14_1blocks_56px_pretrain.json", "scicevpr_vits14_1blocks_56px_pretrain.pth"]
     assert "written" in capsys.readouterr().out
+
+
+def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
+    config = tiny_config(tiny_benchmark, tmp_path / "run", steps=4, val_root=str(tiny_benchmark.vg_root),
+                         val_every=2, log_every=3)
+    h = pretrain(config).history
+    assert list(h["step"]) == [0, 2, 3, 4]  # step 0: the random initialisation
+    checked = h[h["step"].isin([0, 2, 4])]
+    assert checked[["R@1", "R@5", "R@1_cls"]].notna().all().all() and h.loc[h["step"] == 3, "R@1"].isna().all()
+    assert ((0 <= checked["R@1"]) & (checked["R@1"] <= checked["R@5"]) & (checked["R@5"] <= 100)).all()
