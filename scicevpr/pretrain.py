@@ -952,8 +952,9 @@ class _Run:
 
     # ---- one step ----------------------------------------------------------------------------------
 
-    def step(self, step: int, steps: int, update: bool = True) -> dict[str, float]:
-        """One optimisation step (``update=False``: forward and backward only, for timing)."""
+    def step(self, step: int, steps: int, update: bool = True) -> dict[str, Any]:
+        """One optimisation step (``update=False``: forward and backward only, for timing). Returns
+        the losses (device tensors, not synchronised) and the schedule's values."""
         c, dev = self.config, self.device
         sched = schedule(c, step, steps)
         for group in self.optimizer.param_groups:
@@ -1105,7 +1106,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         _sync(device)
         per_step = (time.perf_counter() - t0) / n_cal * 1.05  # + optimiser and EMA
         left = budget_s - (time.perf_counter() - t_start)
-        steps = _broadcast(max(1, int(left * 0.97 / per_step)), ddp)
+        steps = _broadcast(max(1, int(left * 0.95 / per_step)), ddp)  # room for checkpoints and checks
         if ddp.main:
             print(f"pretrain: {per_step * 1000:.0f} ms per step measured; the schedule spans {steps} steps "
                   f"to fit the {config.max_minutes} min budget")
