@@ -246,10 +246,67 @@ def recall_at_n(
     correct = np.zeros(predictions.shape, dtype=bool)
     for i, pos in enumerate(positives):
         correct[i] = np.isin(predictions[i], pos)
-    hit_rank = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    hit_rank = hit_ranks(correct)
     n_q = max(len(positives), 1)
     recalls = {int(n): float(100.0 * (hit_rank < n).sum() / n_q) for n in recall_values}
     return recalls, correct
+
+
+def hit_ranks(correct: np.ndarray) -> np.ndarray:
+    """(N_q,) rank of each query's first correct prediction (``iinfo.max`` when none)."""
+    return np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+
+
+def recall_intervals(
+    correct: np.ndarray,
+    recall_values: Sequence[int] = (1, 5, 10, 100),
+    level: float = 0.95,
+    num_samples: int = 2000,
+    seed: int = 0,
+) -> dict[int, tuple[float, float]]:
+    """Percentile bootstrap interval of Recall@N (percent) over queries.
+
+    The queries are resampled with replacement ``num_samples`` times (seeded, so an interval is
+    reproducible); each Recall@N is recomputed on the resample and the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles are returned. With 125 queries one query is 0.8 points and a
+    95% interval around R@1 = 10 spans about 10 points: differences inside it are noise.
+
+    Args:
+        correct: (N_q, k) bool, prediction j of query i is a positive (``recall_at_n``'s second output).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n_q = correct.shape[0]
+    if n_q == 0:
+        raise ValueError("recall intervals need at least one query")
+    ranks = hit_ranks(correct)
+    rng = np.random.default_rng(seed)
+    sample = rng.integers(0, n_q, size=(num_samples, n_q))  # (S, N_q) query indices
+    out = {}
+    for n in recall_values:
+        hits = (ranks < n)[sample].mean(1) * 100.0  # (S,)
+        lo, hi = np.quantile(hits, [(1 - level) / 2, (1 + level) / 2])
+        out[int(n)] = (float(lo), float(hi))
+    return out
+
+
+def chance_recall(num_database: int, positives: Sequence[np.ndarray], recall_values: Sequence[int] = (1, 5, 10, 100)) -> dict[int, float]:
+    """Expected Recall@N (percent) of a random ranking of the database, from the split's positives.
+
+    A query with p positives among D database images is found at N with probability
+    ``1 - C(D - p, N) / C(D, N) = 1 - prod_{j<N} (D - p - j) / (D - j)``; the mean over queries
+    (queries without positives count 0) is the chance level every recall plot should show.
+    """
+    if num_database < 1:
+        raise ValueError("chance_recall needs a non-empty database")
+    counts = np.array([len(p) for p in positives], dtype=np.float64)
+    out = {}
+    for n in recall_values:
+        n_eff = min(int(n), num_database)
+        j = np.arange(n_eff, dtype=np.float64)
+        miss = np.prod(np.clip((num_database - counts[:, None] - j) / (num_database - j), 0.0, 1.0), axis=1)
+        out[int(n)] = float(100.0 * (1.0 - miss).mean()) if len(counts) else 0.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +397,14 @@ class EvalResult:
         }
         row.update({f"R@{n}": round(v, 2) for n, v in self.recalls.items()})
         return pd.DataFrame([row])
+
+    def intervals(self, level: float = 0.95, seed: int = 0) -> dict[int, tuple[float, float]]:
+        """Bootstrap interval of each Recall@N over the queries (:func:`recall_intervals`)."""
+        return recall_intervals(self.correct, tuple(self.recalls), level=level, seed=seed)
+
+    def chance(self) -> dict[int, float]:
+        """Recall@N of a random ranking on this split (:func:`chance_recall`)."""
+        return chance_recall(self.split.num_database, self.split.positives, tuple(self.recalls))
 
     def save_descriptors(self, folder: PathLike) -> tuple[Path, Path]:
         """Write ``database.npy`` and ``queries.npy`` (fp16) for reuse; returns their paths."""
