@@ -518,13 +518,15 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_images(paths, image_size: int) -> torch.Tensor:
-    """Image files -> (N, 3, S, S) normalised tensor, with the evaluation transform."""
+def load_images(paths, image_size: int, device: str | torch.device | None = None) -> torch.Tensor:
+    """Image files -> (N, 3, S, S) normalised tensor, with the evaluation transform, on
+    ``device`` (default the CPU; pass ``settings.device`` to feed a model directly)."""
     from .data.decode import load_rgb
     from .data.transforms import eval_transform
 
     t = eval_transform(image_size)
-    return torch.stack([t(load_rgb(p)) for p in paths])
+    x = torch.stack([t(load_rgb(p)) for p in paths])
+    return x if device is None else x.to(device)
 
 
 def patch_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -539,8 +541,10 @@ def patch_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def layer_features(backbone, images: torch.Tensor, layers) -> dict[int, torch.Tensor]:
     """Patch features of several DINOv2 blocks (after the final LayerNorm, as SciceVPR takes
-    them): block -> (N, C, H, W), float32 on the CPU."""
+    them): block -> (N, C, H, W), float32 on the CPU. ``images`` may be on any device: they are
+    moved to the backbone's."""
     layers = list(layers)
+    images = images.to(next(backbone.parameters()).device)
     grid = backbone.grid_size(images.shape[-2], images.shape[-1])
     outs = backbone.get_intermediate_layers(images, layers)  # M x (N, 1 + HW, C)
     return {l: patch_maps(o, grid).float().cpu() for l, o in zip(layers, outs)}
@@ -656,7 +660,7 @@ def gem_analysis(fmap: torch.Tensor, ps=(1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32),
     (0 = average pooling, 1 = max pooling); ``weights[p]`` the (H, W) share of each token in
     ``GeM_p`` of a typical channel (median spread) (``x^p / sum x^p``).
     """
-    x = fmap.float().clamp(min=eps)  # (C, H, W)
+    x = fmap.detach().float().cpu().clamp(min=eps)  # (C, H, W), any device in; a small map
     mean = x.mean((1, 2))
     mx = x.amax((1, 2))
     ok = (mx - mean) > 1e-6

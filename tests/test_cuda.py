@@ -123,3 +123,22 @@ def test_both_training_stages_run_in_bf16_on_cuda(tiny_benchmark, tmp_path):
         log = run.history
         assert np.isfinite(log["loss"]).all() and np.isfinite(log["R@1"]).all()
     assert np.isfinite(s.history["loss_d"]).all()
+
+
+def test_notebook_helpers_take_a_model_on_cuda(student, tiny_benchmark):
+    """What notebooks 01 and 02 do with a model on the GPU (full mode): images loaded onto the
+    settings' device, block features and the fusion analyses brought back to the CPU."""
+    from scicevpr import notebook as nb
+
+    paths = tiny_benchmark.load_split("test").database_paths[:2]
+    x = nb.load_images(paths, SIZE, DEVICE)
+    assert x.device.type == "cuda" and nb.load_images(paths, SIZE).device.type == "cpu"
+    feats = nb.layer_features(student.backbone, x.cpu(), student.config.layers)  # CPU images, GPU model
+    assert all(f.device.type == "cpu" and f.shape[0] == 2 for f in feats.values())
+    with torch.no_grad():
+        stacked = student.backbone_features(x)
+        mixed = student.fusion.mix_tokens(student.fusion.channel_fusion(stacked))
+    maps = nb.influence_maps(student.fusion, stacked[:1], (1, 1))
+    assert all(isinstance(m, np.ndarray) and m.shape == tuple(stacked.shape[-2:]) for m in maps.values())
+    ps, position, weights = nb.gem_analysis(mixed[0])
+    assert np.isfinite(position).all() and all(np.isfinite(w).all() for w in weights.values())
