@@ -7,8 +7,9 @@
 #              and numpy are used: never put those in .whl/)
 #   data       a synthetic benchmark laid out where full mode expects GSV-Cities and the
 #              VG-benchmark splits (benchmarks/full_mode_data.py)
-#   tests      every CUDA test: pytest -m cuda tests/
-#   gpu        benchmarks/gpu.py on SciceVPR-B at 224 px -> $OUT/gpu_results.md
+#   gpu        benchmarks/gpu.py on SciceVPR-B at 224 px -> $OUT/gpu_results.md, alone on the
+#              machine (with TORCH_LOGS=graph_breaks,recompiles in gpu.log)
+#   tests      every CUDA test: pytest -m cuda tests/ (beside the notebooks: it measures nothing)
 #   notebooks  the five notebooks top to bottom with SCICEVPR_MODE=full, random DINOv2 weights
 #              (SCICEVPR_WEIGHTS=random: every figure and table says so), the synthetic data
 #              above and training capped to SCICEVPR_EPOCHS epochs of SCICEVPR_MAX_ITERS
@@ -24,9 +25,11 @@
 #   bash benchmarks/device_run.sh --cpu-smoke            # on a CPU: everything but CUDA, tiny sizes
 #
 # Variables: OUT; PYTHON (default python3); SCICEVPR_RUN_BUDGET_S (seconds for all steps;
-# default 480, cpu-smoke 3600); SCICEVPR_RUN_SKIP (steps to leave out, e.g. "gpu tests");
+# default 500, cpu-smoke 3600); SCICEVPR_RUN_SKIP (steps to leave out, e.g. "gpu tests");
 # SCICEVPR_RUN_NOTEBOOKS (notebook name prefixes, default "01 02 03 04 05");
-# SCICEVPR_RUN_WORK (scratch folder, emptied first; default /tmp/scicevpr-device-run).
+# SCICEVPR_RUN_PARALLEL=0 (tests before the notebooks instead of beside them, for notebook
+# timings on an otherwise idle machine); SCICEVPR_RUN_WORK (scratch folder, emptied first;
+# default /tmp/scicevpr-device-run).
 #
 # Wheels in .whl/, for CPython 3.12 on x86-64 Linux, fetched with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -55,7 +58,8 @@ OUT=${OUT:-$ROOT/runs/device-run}
 WORK=${SCICEVPR_RUN_WORK:-/tmp/scicevpr-device-run}
 SKIP=" ${SCICEVPR_RUN_SKIP:-} "
 NOTEBOOKS=${SCICEVPR_RUN_NOTEBOOKS:-01 02 03 04 05}
-if (( SMOKE )); then BUDGET=${SCICEVPR_RUN_BUDGET_S:-3600}; else BUDGET=${SCICEVPR_RUN_BUDGET_S:-480}; fi
+PARALLEL=${SCICEVPR_RUN_PARALLEL:-1}
+if (( SMOKE )); then BUDGET=${SCICEVPR_RUN_BUDGET_S:-3600}; else BUDGET=${SCICEVPR_RUN_BUDGET_S:-500}; fi
 RESERVE=15  # seconds kept for the bundle and the summary
 T0=$SECONDS
 
@@ -145,15 +149,16 @@ fi
 # ---- data -----------------------------------------------------------------------------------
 run_step data "$(limit_for 150)" "$PY" benchmarks/full_mode_data.py --root "$DATA" --size "$DATA_SIZE"
 
-# ---- tests ----------------------------------------------------------------------------------
-run_step tests "$(limit_for 150)" "$PY" -m pytest -m cuda tests/ -v -rs -p no:cacheprovider
-cp "$LOGS/tests.log" "$OUT/tests.log" 2>/dev/null
-
-# ---- gpu.py ---------------------------------------------------------------------------------
+# ---- gpu.py (first, alone on the machine: its timings are the ones to report) ------------------
 rm -f "$OUT/gpu_results.md"
 run_step gpu "$(limit_for 270)" env TORCH_LOGS="${TORCH_LOGS:-graph_breaks,recompiles}" \
     "$PY" benchmarks/gpu.py "${DEVICE_ARGS[@]}" --data "$DATA/generated" --out "$OUT/gpu_results.md"
 cp "$LOGS/gpu.log" "$OUT/gpu.log" 2>/dev/null
+
+# ---- tests (beside the notebooks unless SCICEVPR_RUN_PARALLEL=0: correctness only, no timings) -
+run_step tests "$(limit_for 180)" "$PY" -m pytest -m cuda tests/ -v -rs -p no:cacheprovider > "$WORK/tests.stdout" 2>&1 &
+TESTS_PID=$!
+if [[ "$PARALLEL" == 0 ]]; then wait "$TESTS_PID"; fi
 
 # ---- notebooks ------------------------------------------------------------------------------
 mkdir -p "$WORK/repo"
@@ -167,6 +172,9 @@ run_step notebooks "$NB_LIMIT" env SCICEVPR_MODE=full SCICEVPR_WEIGHTS=random SC
     SCICEVPR_EPOCHS=$EPOCHS SCICEVPR_MAX_ITERS=$MAX_ITERS PYTHONPATH="$(pythonpath "$WORK/repo")" \
     "$PY" benchmarks/run_notebooks.py --out "$WORK/notebooks" \
     --budget $(( NB_LIMIT > 30 ? NB_LIMIT - 10 : NB_LIMIT )) --cell-timeout 600 "${NB_PATHS[@]}"
+wait "$TESTS_PID"
+cat "$WORK/tests.stdout"
+cp "$LOGS/tests.log" "$OUT/tests.log" 2>/dev/null
 
 # ---- bundle and summary ---------------------------------------------------------------------
 cp "$DATA/full_mode_data.json" "$LOGS/" 2>/dev/null
@@ -189,6 +197,7 @@ cp "$DATA/full_mode_data.json" "$LOGS/" 2>/dev/null
     cat "$OUT/gpu_results.md" 2>/dev/null || echo "(no table: see gpu.log)"
     echo
     echo "## notebooks, SCICEVPR_MODE=full, random weights, synthetic data ($DATA_SIZE), training capped"
+    [[ "$PARALLEL" != 0 ]] && echo && echo "(the CUDA tests ran beside the first notebooks: their wall times include that)"
     echo
     cat "$WORK/notebooks/timings.md" 2>/dev/null || echo "(no timings: see logs.tar.gz, logs/notebooks.log)"
     echo
