@@ -6,8 +6,18 @@ STAMP  := $(VENV)/.installed
 # OpenMP threads sleep instead of spinning while they wait: with DataLoader workers or other
 # processes on a small CPU, spinning threads slow torch down by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
+# The same fp32 arithmetic on every x86-64 CPU (AMX, AVX-512 or AVX2 only), so that the stored
+# notebook outputs hold on each: ATen, oneDNN and MKL use AVX2 kernels (scicevpr/precision.py,
+# PINNED_CPU_KERNELS; `make ... SCICEVPR_NATIVE_KERNELS=1` runs the CPU's own kernels instead).
+PINNED_VARS := ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA MKL_ENABLE_INSTRUCTIONS MKL_CBWR
+ifndef SCICEVPR_NATIVE_KERNELS
+export ATEN_CPU_CAPABILITY ?= avx2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+export MKL_ENABLE_INSTRUCTIONS ?= AVX2
+export MKL_CBWR ?= AVX2
+endif
 
-.PHONY: venv test test-unit test-notebooks demo lab clean-data
+.PHONY: venv test test-unit test-notebooks test-native-kernels demo lab clean-data
 
 venv: $(STAMP)
 
@@ -19,12 +29,34 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps dinov2==0.0.1.dev2
 	touch $(STAMP)
 
+NBVAL := -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -q -p no:cacheprovider
+
 test: $(STAMP)
 	$(PY) -m pytest tests/ -q
-	$(PY) -m pytest --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -q -p no:cacheprovider
+	$(PY) $(NBVAL) notebooks/
+	$(MAKE) --no-print-directory test-native-kernels
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/ -q
+
+test-notebooks: $(STAMP)
+	$(PY) $(NBVAL) notebooks/
+
+# The stored outputs hold with the CPU's own kernels too (AVX-512 or AMX where the machine has
+# them), in a copy of the notebooks with its own runs/ (so that 04 really trains again) and the
+# synthetic data shared. 01 (untrained features ranked) must match exactly; 04 (training) and
+# 05 (the trained models) within the tolerance stated in tests/nbcompare.py: last-bit differences
+# grow through training into another best epoch or a query more or less found.
+NATIVE_CHECK := runs/native-kernels-check
+UNPIN := env $(foreach v,$(PINNED_VARS),-u $(v))
+test-native-kernels: $(STAMP)
+	rm -rf $(NATIVE_CHECK) && mkdir -p $(NATIVE_CHECK)/data $(NATIVE_CHECK)/notebooks data/synthetic
+	cp pyproject.toml $(NATIVE_CHECK)/
+	cp notebooks/sanitize.cfg notebooks/01_*.ipynb notebooks/04_*.ipynb notebooks/05_*.ipynb $(NATIVE_CHECK)/notebooks/
+	ln -s $(CURDIR)/data/synthetic $(NATIVE_CHECK)/data/synthetic
+	cd $(NATIVE_CHECK) && $(UNPIN) $(CURDIR)/$(PY) $(NBVAL) notebooks/01_*.ipynb
+	cd $(NATIVE_CHECK) && $(UNPIN) MPLBACKEND=Agg $(CURDIR)/$(PY) $(CURDIR)/tests/nbcompare.py notebooks/04_*.ipynb notebooks/05_*.ipynb
+	rm -rf $(NATIVE_CHECK)
 
 demo: $(STAMP)
 	$(PY) -m scicevpr.cli demo

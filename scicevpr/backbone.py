@@ -10,10 +10,19 @@ and no xFormers, drop-path or chunked blocks (not needed for a frozen backbone).
 Weights: ``weights=`` is a path, ``"auto"`` (``$SCICEVPR_WEIGHTS/``, then torch hub's
 checkpoint cache, then the official download, tried once), or ``None`` (a random
 initialisation, flagged by ``model.is_random_init`` and a :class:`RandomWeightsWarning`).
+
+A compact backbone trained by ``scicevpr pretrain-backbone`` (``BackboneConfig.num_blocks``,
+e.g. ``config.OFFLINE_BACKBONE``) is one fp16 state dict in the same official naming, loaded
+through the same door; ``"auto"`` looks for it in the package's ``weights/`` folder, then in
+``$SCICEVPR_WEIGHTS/`` and the hub cache, and never downloads. When a manifest
+``<name>.json`` (:data:`MANIFEST_FORMAT`) lies beside a weight file, loading checks the file's
+SHA-256 against it and refuses a file that differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -32,6 +41,57 @@ from .config import BackboneConfig
 
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{hub_name}/{hub_name}_pretrain.pth"
 WEIGHTS_ENV = "SCICEVPR_WEIGHTS"
+PACKAGE_WEIGHTS_DIR = Path(__file__).parent / "weights"  # compact backbones shipped with scicevpr
+MANIFEST_FORMAT = "scicevpr-backbone"  # the "format" entry of a weight file's manifest
+
+
+def manifest_path(weights_path: str | os.PathLike) -> Path:
+    """The manifest beside a weight file: ``x/name.pth`` -> ``x/name.json``."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | None = None) -> dict | None:
+    """Verify a weight file against the manifest beside it, if there is one (else None).
+
+    Raises ValueError when the file's SHA-256 differs from the manifest's (a modified or
+    swapped file) or when the manifest describes another backbone than ``config``.
+    """
+    mpath = manifest_path(weights_path)
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise ValueError(f"the weights manifest {str(mpath)!r} is not valid JSON ({e}); restore it or delete it.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None  # some other JSON file that happens to share the name
+    digest = file_sha256(weights_path)
+    if digest != manifest.get("sha256"):
+        raise ValueError(
+            f"{str(weights_path)!r} does not match its manifest {mpath.name}: SHA-256 {digest[:16]}... but the "
+            f"manifest records {str(manifest.get('sha256'))[:16]}.... The file was modified or replaced. Restore the "
+            f"file the manifest describes, or export it again (scicevpr pretrain-backbone --export)."
+        )
+    recorded = manifest.get("backbone")
+    if config is not None and isinstance(recorded, dict):
+        try:
+            same = BackboneConfig(**recorded) == config
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"{str(weights_path)!r} holds a backbone built as BackboneConfig(**{recorded}) (its manifest), not "
+                f"{config}. Build the model with that backbone, e.g. get_config(..., backbone=BackboneConfig(**manifest['backbone']))."
+            )
+    return manifest
 
 
 class RandomWeightsWarning(UserWarning):
@@ -174,7 +234,7 @@ class DinoVisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config.patch_size, C)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pretrain_grid**2, C))
-        self.mask_token = nn.Parameter(torch.zeros(1, C))  # unused here; kept for strict loading
+        self.mask_token = nn.Parameter(torch.zeros(1, C))  # replaces masked patches (iBOT pretraining)
         self.blocks = nn.ModuleList(
             Block(C, config.num_heads, config.spec["ffn"], config.layerscale_init)
             for _ in range(config.depth)
@@ -206,7 +266,9 @@ class DinoVisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load an official DINOv2 state dict strictly."""
+        """Load a DINOv2 state dict strictly (official names; fp16 or fp32), after checking it
+        against the manifest beside it when there is one (:func:`check_manifest`)."""
+        check_manifest(path, self.config)
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:
             self.load_state_dict(state, strict=True)
@@ -256,27 +318,37 @@ class DinoVisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, H * W, C)  # (1, HW, C)
         return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
 
-    def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, 3, H*p, W*p) images -> (B, 1 + H*W, C) tokens with CLS and position, and (H, W)."""
+    def prepare_tokens(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H*p, W*p) images -> (B, 1 + H*W, C) tokens with CLS and position, and (H, W).
+
+        ``masks`` (B, H*W) bool: patches replaced by ``mask_token`` before the position embedding
+        is added (official ``prepare_tokens_with_masks``; iBOT's masked-image modelling).
+        """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
         grid = self.grid_size(x.shape[-2], x.shape[-1])
         tokens = self.patch_embed(x)  # (B, HW, C)
+        if masks is not None:
+            if masks.shape != tokens.shape[:2]:
+                raise ValueError(f"masks must be (B, H*W) = {tuple(tokens.shape[:2])}, got {tuple(masks.shape)}")
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype)  # (B, 1, C)
         tokens = torch.cat((cls, tokens), dim=1)  # (B, 1 + HW, C)
         return tokens + self.interpolate_pos_encoding(grid, tokens.dtype), grid
 
     def get_intermediate_layers(
-        self, x: torch.Tensor, layers: Sequence[int], norm: bool = True
+        self, x: torch.Tensor, layers: Sequence[int], norm: bool = True, masks: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """Outputs of the chosen blocks (0-based), each (B, 1 + H*W, C), after the final norm.
 
-        Blocks after ``max(layers)`` are not run.
+        Blocks after ``max(layers)`` are not run. ``masks``: see :meth:`prepare_tokens`.
         """
         wanted = set(layers)
         if not wanted or min(wanted) < 0 or max(wanted) >= len(self.blocks):
             raise ValueError(f"layers {list(layers)} out of range for {len(self.blocks)} blocks")
-        tokens, grid = self.prepare_tokens(x)
+        tokens, grid = self.prepare_tokens(x, masks)
         outputs = []
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):
             tokens = block(tokens, grid)
@@ -331,7 +403,9 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
 
     ``"auto"`` looks for ``<hub name>_pretrain.pth`` in ``$SCICEVPR_WEIGHTS/``, then in torch
     hub's checkpoint cache, then tries the official download once per process. Offline, it
-    fails at once with a message naming the file and where to put it.
+    fails at once with a message naming the file and where to put it. A compact backbone
+    (``not config.is_official``) is looked for in the package's ``weights/`` folder first and
+    is never downloaded: it is made by ``scicevpr pretrain-backbone``.
     """
     if weights is None:
         return None
@@ -345,7 +419,7 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
                 f"weights=None for a random initialisation."
             )
         return path
-    candidates = []
+    candidates = [] if config.is_official else [PACKAGE_WEIGHTS_DIR / fname]
     if os.environ.get(WEIGHTS_ENV):
         candidates.append(Path(os.environ[WEIGHTS_ENV]).expanduser() / fname)
     hub_dir = _hub_checkpoint_dir()
@@ -353,6 +427,13 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
     for c in candidates:
         if c.is_file():
             return c
+    if not config.is_official:
+        raise FileNotFoundError(
+            f"weights {fname} of the compact backbone {config} not found (looked in "
+            f"{', '.join(str(c.parent) for c in candidates)}). It is not one of Meta's DINOv2 models: make it with "
+            f"`scicevpr pretrain-backbone ... --export <folder>/{fname}` and put it in one of these folders (or set "
+            f"${WEIGHTS_ENV}), pass its path as weights=, or pass weights=None for a random initialisation."
+        )
     url = WEIGHTS_URL.format(hub_name=config.hub_name)
     where = " or ".join(str(c) for c in candidates)
     hint = (

@@ -3,6 +3,7 @@
     scicevpr synth          --preset small                       # offline synthetic benchmark
     scicevpr train-teacher  --gsv-root ... --val-root ...        # stage 1: Super-CricaVPR
     scicevpr train-student  --teacher runs/teacher/best.pt ...   # stage 2: distil SciceVPR
+    scicevpr pretrain-backbone --data data/pretrain --export ... # the offline backbone
     scicevpr eval           --checkpoint runs/student/best.pt --vg-root ... --dataset pitts30k
     scicevpr stability      --checkpoint ... --vg-root ... --dataset tokyo247
     scicevpr extract        --checkpoint ... --images folder/ --out descriptors.npy
@@ -63,10 +64,11 @@ def _parse_value(text: str, annotation: Any) -> Any:
     return text
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                          title: str = "defaults: the paper's values") -> None:
     """Add ``--field-name`` for every simple field of dataclass ``cls`` (default: unchanged)."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} (defaults: the paper's values)")
+    group = parser.add_argument_group(f"{cls.__name__} ({title})")
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
@@ -91,20 +93,20 @@ def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["image_size=112", "mix_dim=256"]`` -> ModelConfig overrides with parsed types."""
-    from .config import ModelConfig
+    """``["image_size=112", "mix_dim=256"]`` -> ModelConfig overrides with parsed types;
+    ``backbone_<field>=`` sets a BackboneConfig field (e.g. ``backbone_num_blocks=4``)."""
+    from .config import BackboneConfig, ModelConfig
 
     hints = typing.get_type_hints(ModelConfig)
+    hints.pop("backbone")
+    hints.update({f"backbone_{k}": v for k, v in typing.get_type_hints(BackboneConfig).items()})
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise SystemExit(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        if key == "backbone_arch":
-            out[key] = value
-            continue
         if key not in hints:
-            raise SystemExit(f"--set: unknown model field {key!r}; valid: {sorted(hints)} and backbone_arch")
+            raise SystemExit(f"--set: unknown model field {key!r}; valid: {sorted(hints)}")
         out[key] = _parse_value(value, hints[key])
     return out
 
@@ -276,12 +278,75 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pretrain_parser(sub) -> None:
+    from .losses import LossConfig
+    from .pretrain import PretrainConfig
+
+    help_ = "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, or L_MS on places)"
+    p = sub.add_parser(
+        "pretrain-backbone", help=help_,
+        description=help_ + ". A run folder holds config.json, log.csv and last.pt; --export writes the backbone as "
+        "one fp16 weight file with its manifest, loadable with weights=<file>. Data: scicevpr synth --preset pretrain "
+        "--seed 1 --splits train --out <folder>. Several GPUs: torchrun --nproc_per_node N -m scicevpr.cli "
+        "pretrain-backbone ...",
+    )
+    add_dataclass_options(p, PretrainConfig, skip=("loss", "progress"), title="defaults: the offline backbone, DINO")
+    add_dataclass_options(p, LossConfig, skip=("gamma", "eta"), title="L_MS of objective=supervised; defaults: the paper's values")
+    p.add_argument("--export", metavar="PATH", default=None,
+                   help="after the run, write the backbone here (a .pth file, or a folder for the default name); default: None")
+    p.add_argument("--export-which", choices=("teacher", "student"), default=None,
+                   help="model exported: default None = the teacher for dino (the EMA teacher), the student for supervised")
+    p.add_argument("--export-only", action="store_true",
+                   help="do not train: export the run in --run-dir as it is (needs --export); default: False")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; default: False")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from .backbone import manifest_path
+    from .losses import LossConfig
+    from .pretrain import PretrainConfig, export_backbone, pretrain
+    from .train import is_main_process
+
+    overrides = dataclass_overrides(args, PretrainConfig)
+    if args.export_only:
+        if not args.export:
+            raise ValueError("--export-only needs --export PATH: where to write the weight file")
+        if not overrides.get("run_dir"):
+            raise ValueError("--export-only needs --run-dir: the run folder to export")
+        source = overrides["run_dir"]
+    else:
+        config = PretrainConfig(loss=LossConfig(**dataclass_overrides(args, LossConfig)), progress=not args.quiet, **overrides)
+        result = pretrain(config)
+        if not is_main_process():  # under torchrun only rank 0 reports and exports
+            return 0
+        print(result.history.tail(5).to_string(index=False))
+        source = result.run_dir
+    if args.export:
+        out = export_backbone(source, args.export, which=args.export_which)
+        manifest = json.loads(manifest_path(out).read_text())
+        print(f"written {out} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:16]}...) and {manifest_path(out).name}")
+        print(f"  {manifest['description']}; {manifest['steps']} steps, {manifest['images_seen']} images seen")
+    return 0
+
+
 def repo_root() -> Path:
     here = Path.cwd()
     for d in (here, *here.parents):
         if (d / "pyproject.toml").is_file() and (d / "notebooks").is_dir():
             return d
     raise SystemExit("run `scicevpr demo` from inside the scicevpr repository (needs notebooks/)")
+
+
+def demo_environment() -> dict[str, str]:
+    """The notebook kernels' environment: the same as ``make test`` gives nbval (CPU kernels
+    pinned to AVX2, passive OpenMP waiting, headless plots), so ``scicevpr demo`` reproduces the
+    stored outputs whichever way it is started."""
+    from .precision import PINNED_CPU_KERNELS
+
+    return {**os.environ, **PINNED_CPU_KERNELS, "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -295,7 +360,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
-        subprocess.run(cmd, check=True, cwd=nb.parent, env={**os.environ, "MPLBACKEND": "Agg"})
+        subprocess.run(cmd, check=True, cwd=nb.parent, env=demo_environment())
     results = root / "figures" / "results.md"
     print(f"\nfigures written to {root / 'figures'}")
     if results.is_file():
@@ -321,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth(sub)
 
     add_train_parsers(sub)
+    add_pretrain_parser(sub)
 
     p = sub.add_parser("eval", help="Recall@N of a model on a VG-layout dataset",
                        description="Recall@1/5/10/100 under the official protocol (file order, batches of 16, exact L2 search).")
@@ -363,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"scicevpr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

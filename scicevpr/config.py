@@ -39,6 +39,10 @@ class BackboneConfig:
         pretrain_img_size: image size the position embedding was learned for (518 -> 37 x 37).
         layerscale_init: LayerScale init value (1.0 in the official hub models).
         interpolate_offset: the official ``+0.1`` in the position-embedding resize factor.
+        num_blocks: keep only the first ``num_blocks`` transformer blocks of ``arch`` (a compact
+            ViT with the same widths and parameter names); None: all of them (the official
+            depth). Only the official configurations (``is_official``) have Meta's weights;
+            a compact one is trained by :mod:`scicevpr.pretrain` (see ``OFFLINE_BACKBONE``).
     """
 
     arch: str = "vitb14"
@@ -46,12 +50,27 @@ class BackboneConfig:
     pretrain_img_size: int = 518
     layerscale_init: float = 1.0
     interpolate_offset: float = 0.1
+    num_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in BACKBONE_ARCHS:
             raise ValueError(
                 f"Unknown DINOv2 architecture {self.arch!r}; expected one of "
                 f"{sorted(BACKBONE_ARCHS)}."
+            )
+        full = BACKBONE_ARCHS[self.arch]["depth"]
+        if self.num_blocks is not None:
+            if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or not 1 <= self.num_blocks <= full:
+                raise ValueError(
+                    f"num_blocks={self.num_blocks!r} must be an int in [1, {full}] for {self.arch} (the first "
+                    f"blocks kept), or None for all {full}."
+                )
+            if self.num_blocks == full:
+                object.__setattr__(self, "num_blocks", None)  # the official depth: one spelling
+        if self.pretrain_img_size % self.patch_size:
+            raise ValueError(
+                f"pretrain_img_size={self.pretrain_img_size} is not a multiple of patch_size={self.patch_size}; "
+                f"the position embedding covers a whole grid of patches (e.g. 518 = 37 x 14, 112 = 8 x 14)."
             )
 
     @property
@@ -63,16 +82,32 @@ class BackboneConfig:
         return self.spec["embed_dim"]
 
     @property
-    def depth(self) -> int:
-        return self.spec["depth"]
+    def depth(self) -> int:  # transformer blocks actually built
+        return self.num_blocks or self.spec["depth"]
 
     @property
     def num_heads(self) -> int:
         return self.spec["num_heads"]
 
     @property
+    def is_official(self) -> bool:
+        """True for Meta's DINOv2 configurations (all blocks, patch 14, 37 x 37 position table)."""
+        return self.num_blocks is None and self.patch_size == 14 and self.pretrain_img_size == 518
+
+    @property
     def hub_name(self) -> str:
-        return self.spec["hub_name"]
+        """Prefix of the weight file ``<hub name>_pretrain.pth``: the official hub name, or for
+        a compact backbone e.g. ``scicevpr_vits14_4blocks_112px`` (weights from
+        ``scicevpr pretrain-backbone``)."""
+        if self.is_official:
+            return self.spec["hub_name"]
+        return f"scicevpr_{self.arch.replace('14', str(self.patch_size))}_{self.depth}blocks_{self.pretrain_img_size}px"
+
+
+# The compact backbone this project pretrains itself (``scicevpr pretrain-backbone``): DINOv2's
+# ViT-S/14 architecture and parameter names cut to its first 4 blocks (7.4 M parameters, 15 MB in
+# fp16), its position embedding learned at 112 px (8 x 8 patches), the offline image size.
+OFFLINE_BACKBONE = BackboneConfig(arch="vits14", num_blocks=4, pretrain_img_size=112)
 
 
 @dataclass(frozen=True)
@@ -150,14 +185,16 @@ class ModelConfig:
         return self.num_regions * self.mix_dim
 
     def with_overrides(self, **overrides: Any) -> "ModelConfig":
-        """A copy with some fields replaced; ``backbone_arch=`` sets the backbone's arch."""
-        valid = {f.name for f in fields(self)} | {"backbone_arch"}
+        """A copy with some fields replaced; ``backbone_<field>=`` sets a BackboneConfig field,
+        e.g. ``backbone_arch="vits14"``, ``backbone_num_blocks=4``."""
+        backbone_keys = {f"backbone_{f.name}" for f in fields(BackboneConfig)}
+        valid = {f.name for f in fields(self)} | backbone_keys
         unknown = set(overrides) - valid
         if unknown:
             raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; valid: {sorted(valid)}.")
-        arch = overrides.pop("backbone_arch", None)
-        if arch is not None:
-            overrides["backbone"] = replace(self.backbone, arch=arch)
+        bb = {k[len("backbone_"):]: overrides.pop(k) for k in sorted(backbone_keys & set(overrides))}
+        if bb:
+            overrides["backbone"] = replace(overrides.get("backbone", self.backbone), **bb)
         if "layers" in overrides:
             overrides["layers"] = tuple(overrides["layers"])
         return replace(self, **overrides)

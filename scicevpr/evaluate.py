@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
 from .data.vg import ImageFileDataset, VGSplit
+from .precision import autocast, resolve_amp
 
 PathLike = str | os.PathLike
 
@@ -43,10 +43,11 @@ class EvalConfig:
         query_batch_size: a different batch size for the queries, or None.
         recall_values: the N of Recall@N.
         device: None keeps the model where it is; else the model is moved there.
-        fast: the fast path: bf16 autocast, batched GPU JPEG decoding and ``torch.compile``
-            of the per-image part of the model. None means on for CUDA, off for CPU;
+        fast: the fast path: bf16 autocast (where the device computes bf16 natively, see
+            :mod:`scicevpr.precision`), batched GPU JPEG decoding and ``torch.compile`` of the
+            per-image part of the model. None means on for CUDA, off for CPU;
             ``fast=False`` is the plain fp32 eager path everywhere.
-        amp: bf16 autocast alone; None follows ``fast``.
+        amp: bf16 autocast alone (on a CPU only where bf16 is native); None follows ``fast``.
         gpu_decode: decode JPEGs in batches on the GPU (nvJPEG) when the device is CUDA;
             None follows ``fast``.
         num_workers: DataLoader worker processes (decoding or file reading).
@@ -75,16 +76,15 @@ def fast_enabled(config: EvalConfig, device: torch.device) -> bool:
 
 
 def amp_enabled(config: EvalConfig, device: torch.device) -> bool:
-    return fast_enabled(config, device) if config.amp is None else config.amp
+    """bf16 autocast or not: ``amp`` when given, else the fast path asks for the precision
+    policy's automatic choice (:func:`scicevpr.precision.resolve_amp`) and the plain path for fp32."""
+    requested = config.amp if config.amp is not None else (None if fast_enabled(config, device) else False)
+    return resolve_amp(device, requested)
 
 
 def gpu_decode_enabled(config: EvalConfig, device: torch.device) -> bool:
     on = fast_enabled(config, device) if config.gpu_decode is None else config.gpu_decode
     return on and device.type == "cuda"
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
 def per_image_function(model: torch.nn.Module, config: EvalConfig, device: torch.device):
@@ -164,7 +164,7 @@ def compute_descriptors(
     out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
     for x, idx in iterate_images(paths, model.image_size, bs, device, config.num_workers,
                                  gpu_decode_enabled(config, device), config.progress, desc):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             d = model.encode(features(x))  # the encoder sees exactly this batch
         out[idx.numpy()] = d.float().cpu().numpy()
     return out
@@ -185,7 +185,7 @@ def compute_regional_features(
     chunks, order = [], []
     for x, idx in iterate_images(paths, model.image_size, config.batch_size, device, config.num_workers,
                                  gpu_decode_enabled(config, device), config.progress, desc):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             r = features(x)
         chunks.append(r.float().cpu())
         order.append(idx)
@@ -203,8 +203,9 @@ def encode_in_batches(
 ) -> np.ndarray:
     """Descriptors from regional features (N, R, C), the images grouped into consecutive
     batches of ``batch_size`` following ``order`` (default: file order). Returns (N, D) in the
-    original index order."""
+    original index order. ``amp``: bf16 autocast where the precision policy allows it."""
     device = model_device(model)
+    amp = resolve_amp(device, amp)
     model.eval()
     n = regional.shape[0]
     order = np.arange(n) if order is None else np.asarray(order)
@@ -212,7 +213,7 @@ def encode_in_batches(
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         r = regional[torch.as_tensor(idx)].to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out[idx] = model.encode(r).float().cpu().numpy()
     return out
 

@@ -60,6 +60,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .precision import autocast, cpu_kernels_pinned, cpu_kind, resolve_amp
+
 MODE_ENV = "SCICEVPR_MODE"
 PRESET_ENV = "SCICEVPR_PRESET"
 DATASET_ENV = "SCICEVPR_DATASET"
@@ -158,7 +160,8 @@ class NotebookSettings:
         eval_batch_size: images per batch in evaluation (16, the official protocol).
         stability_batch_sizes, stability_orders: the query batching sweep (paper Fig. 2).
         num_workers: DataLoader workers.
-        amp: bf16 autocast in evaluation.
+        amp: bf16 autocast (resolved by :mod:`scicevpr.precision`; offline always False: fp32 gives
+            the same numbers on every CPU kind).
         pca_dim, pca_max_images: PCA of the descriptors and how many training images fit it.
         demo_images: how many images the explanatory notebooks (01, 02) look at.
         seed, threads: random seed and torch CPU threads.
@@ -248,7 +251,9 @@ class NotebookSettings:
             f"model preset    : {self.preset} (DINOv2 {cfg.backbone.arch}, layers {list(cfg.layers)}, "
             f"{cfg.image_size} px, C_mix {cfg.mix_dim}, {cfg.descriptor_dim}-d)",
             f"DINOv2 weights  : {weights}",
-            f"device          : {self.device}, {self.threads} CPU threads, bf16 autocast {'on' if self.amp else 'off'}",
+            f"device          : {self.device}, {self.threads} CPU threads, {'bf16 autocast' if self.amp else 'fp32'}"
+            + (" (offline: the same arithmetic on every CPU kind)" if self.offline else ""),
+            f"CPU kernels     : {_cpu_kernels_line()}",
             f"data            : {_relative(self.data_root, self.repo_root)}"
             + (f" (synthetic preset '{self.synthetic_preset}')" if self.synthetic_preset else ""),
             f"evaluation      : {self.eval_dataset} / {self.eval_split} (validation: {self.val_dataset} / {self.val_split})",
@@ -426,6 +431,14 @@ class NotebookSettings:
         return teacher_run, student_run
 
 
+def _cpu_kernels_line() -> str:
+    """The banner's statement of which CPU kernels run (machine-specific when not pinned)."""
+    if cpu_kernels_pinned():
+        return "AVX2, pinned (make sets it): identical numbers on every x86-64 CPU"
+    return (f"native {cpu_kind()} (not pinned: numbers may differ from the stored outputs in the "
+            "last digits; run through `make lab` / `make test` for identical ones)")
+
+
 def _inline_figures() -> None:
     """In a Jupyter kernel, show figures inline whatever ``MPLBACKEND`` says (a headless runner
     may set it to Agg), so that a notebook's stored outputs do not depend on how it was run."""
@@ -469,7 +482,7 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
             data_root=data_root, figures_dir=root / "figures", runs_dir=root / "runs" / "notebooks" / mode,
             synthetic_preset=synthetic, vg_root=bench_root / "vg", gsv_root=bench_root / "gsv_cities",
             eval_dataset="synthetic", eval_split="test", val_dataset="synthetic", val_split="val",
-            stability_batch_sizes=(1, 2, 4, 8, 16, 32), stability_orders=3, num_workers=0, amp=True,
+            stability_batch_sizes=(1, 2, 4, 8, 16, 32), stability_orders=3, num_workers=0, amp=False,
             pca_dim=256, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
             train_overrides=train_overrides,
         )
@@ -485,8 +498,8 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
             repo_root=root, data_root=data_root, figures_dir=root / "figures",
             runs_dir=root / "runs" / "notebooks" / preset, synthetic_preset=None, vg_root=data_root,
             gsv_root=data_root / "gsv_cities", eval_dataset=dataset, eval_split="test",
-            val_dataset=_env(VAL_DATASET_ENV, "pitts30k"), val_split="val",
-            num_workers=min(8, os.cpu_count() or 1), amp=cuda,
+            val_dataset=_env(VAL_DATASET_ENV, "pitts30k"), val_split="val", num_workers=min(8, os.cpu_count() or 1),
+            amp=resolve_amp("cuda" if cuda else "cpu", None),
             pca_dim=4096, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
             train_overrides=train_overrides,
         )
@@ -598,7 +611,7 @@ def layer_descriptors(model, paths, layers, settings: NotebookSettings, fusions=
     out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for x, _ in iterate_images(paths, model.image_size, settings.eval_batch_size, device, settings.num_workers,
                                False, progress=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
+        with autocast(device, settings.amp):
             feats = layer_features(backbone, x, layers)
         for l, f in feats.items():
             out[l].append(torch.nn.functional.normalize(_gem(f.float()), dim=-1))

@@ -30,6 +30,20 @@ import torch
 # CPU feature flags (Linux /proc/cpuinfo names) that make bf16 matrix products native.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
+# Environment that makes every x86-64 CPU run the same fp32 kernels: ATen's vectorised ops,
+# oneDNN (convolutions, bf16 matmul) and MKL (fp32 GEMM, conditional numerical reproducibility)
+# all limited to AVX2. Read by the libraries when they first run, so it must be set before the
+# Python process starts (the Makefile exports it for `make test`, `make demo` and `make lab`;
+# `scicevpr demo` passes it to the notebook kernels). On an AMD EPYC with AVX-512 (Zen 4) the
+# fp32 forward of SciceVPR-S at 112 px ran at 46 images/s pinned and 45 unpinned: fp32 loses
+# nothing; only bf16 becomes emulated, so :func:`resolve_amp` then chooses fp32.
+PINNED_CPU_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "MKL_CBWR": "AVX2",
+}
+
 
 @lru_cache(maxsize=None)
 def _cpuinfo_flags() -> frozenset[str]:
@@ -70,6 +84,12 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in _cpuinfo_flags() for flag in NATIVE_BF16_FLAGS)
 
 
+def cpu_kernels_pinned() -> bool:
+    """Whether this process runs with :data:`PINNED_CPU_KERNELS` (the same fp32 arithmetic on
+    every x86-64 CPU kind)."""
+    return all(os.environ.get(k, "").upper() == v.upper() for k, v in PINNED_CPU_KERNELS.items())
+
+
 def cpu_kind() -> str:
     """A short name of the CPU's vector capability as torch uses it, e.g. ``"AVX2"``,
     ``"AVX512"``, with ``"+AMX"`` / ``"+AVX512-BF16"`` where bf16 is native."""
@@ -93,7 +113,9 @@ def resolve_amp(device: torch.device | str, amp: bool | None = None) -> bool:
     if amp is False:
         return False
     if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if amp is None else True
+        if amp is None and torch.cuda.is_available():
+            return bool(torch.cuda.is_bf16_supported())  # False before Ampere
+        return True
     if device.type == "cpu":
         native = cpu_has_native_bf16()
         if amp and not native:

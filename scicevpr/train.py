@@ -44,7 +44,6 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -75,6 +74,7 @@ from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
+from .precision import autocast, resolve_amp
 
 PathLike = str | os.PathLike
 
@@ -128,7 +128,8 @@ class TrainConfig:
         resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
         seed: seeds initialisation, data order, augmentation and dropout.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        amp: bf16 autocast; None means on for CUDA, off for CPU.
+        amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
+            on a CPU only where bf16 is native), False: fp32.
         teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
             authors' format (then ``preset`` must describe it).
         store_backbone: save the frozen backbone in every checkpoint even when it can be
@@ -247,14 +248,16 @@ def offline_train_config(
     **overrides: Any,
 ) -> TrainConfig:
     """The fast offline configuration: SciceVPR-S with a random DINOv2 backbone on the synthetic
-    ``small`` benchmark (80 training places), sized for a 2-core CPU: about 50 s for stage 1
-    and 30 s for stage 2, validation included (bf16, ``OMP_WAIT_POLICY=PASSIVE``).
+    ``small`` benchmark (80 training places), sized for a 2-core CPU (fp32,
+    ``OMP_WAIT_POLICY=PASSIVE``).
 
     It keeps the paper's recipe (P x K batches with K = 4, Adam at lr 1e-4, the lr halved every
     3 epochs stepped per iteration, ``L_MS`` then ``L_T`` with gamma = eta = 1, validation each
     epoch, best by R@5, 10 epochs for stage 1) and changes only what the CPU needs:
 
-    - 112 px (an 8 x 8 patch grid) and bf16 autocast on the CPU (3x faster than fp32 here);
+    - 112 px (an 8 x 8 patch grid), in fp32 (``amp=False``): bf16 is emulated, about 7x slower
+      than fp32, on CPUs without native bf16, and fp32 gives the same numbers on every CPU
+      kind (with the kernels pinned, :data:`scicevpr.precision.PINNED_CPU_KERNELS`);
     - the first four DINOv2 blocks fused (``layers=(0, 1, 2, 3)``) instead of 8-11: with random
       weights the deeper blocks add no information (recall was the same in our runs) and the
       backbone stops after block 3, 2.5x less compute;
@@ -291,7 +294,7 @@ def offline_train_config(
         eval_batch_size=16,
         run_dir=str(run_dir),
         device="cpu",
-        amp=True,
+        amp=False,
         teacher=None if teacher is None else str(teacher),
     )
     model_overrides = {**base["model_overrides"], **(overrides.pop("model_overrides", None) or {})}
@@ -632,10 +635,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterat
     )
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-
-
 def _validate(model: VPRModel, split, config: TrainConfig, amp: bool) -> dict[int, float]:
     """Recall@N (percent) of ``model`` on the validation split; the caller's RNG is untouched."""
     eval_cfg = EvalConfig(batch_size=config.eval_batch_size, recall_values=RECALL_VALUES, amp=amp,
@@ -673,7 +672,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     if ddp.enabled:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     epochs = config.epochs or PAPER_EPOCHS[stage]
-    amp = (device.type == "cuda") if config.amp is None else bool(config.amp)
+    amp = resolve_amp(device, config.amp)
 
     _seed_everything(config.seed)
     st = build(config, device)
@@ -734,7 +733,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
             P_local, K = labels.shape
             x = images.to(device, non_blocking=True).reshape(P_local * K, *images.shape[2:])  # (P, K, 3, S, S) -> (P*K, 3, S, S)
             y = labels.to(device, non_blocking=True).reshape(P_local * K)  # (P, K) -> (P*K,)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 loss, parts = step(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -153,9 +153,11 @@ def test_empty_split_is_rejected(toy_split, student):
         evaluate(student, empty, CFG)
 
 
-def test_fast_flag_resolution_and_bf16_agreement(toy_split, student):
+def test_fast_flag_resolution_and_bf16_agreement(toy_split, student, monkeypatch):
+    from scicevpr import precision
     from scicevpr.evaluate import amp_enabled, fast_enabled, gpu_decode_enabled
 
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # bf16 on this CPU, for the test
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not fast_enabled(EvalConfig(), cpu) and fast_enabled(EvalConfig(), cuda)
     assert not amp_enabled(EvalConfig(fast=False), cuda) and not gpu_decode_enabled(EvalConfig(fast=False), cuda)

@@ -105,6 +105,14 @@ PRESETS: dict[str, SyntheticPreset] = {
     ),
     # CPU notebooks: ~880 images at 224 px
     "small": SyntheticPreset(name="small", image_size=224),
+    # Backbone pretraining (scicevpr pretrain-backbone): a training split only, ~4,000 places,
+    # ~20,000 images in every condition, at the benchmark's 224 px. Generate it with another seed
+    # than the benchmark (e.g. --seed 1) so that its world (facade styles, template runs) differs
+    # too; whatever the seeds, it shares no street with any val or test split (see PRETRAIN_NOTE).
+    "pretrain": SyntheticPreset(
+        name="pretrain", image_size=224, train_cities=10, train_streets_per_city=40, train_places_per_street=10,
+        views_per_place=(4, 6), val_streets=0, test_streets=0,
+    ),
     # GPU training: ~3,200 places, ~3,000 database images, 1,500 queries
     "full": SyntheticPreset(
         name="full", image_size=224, num_styles=12, num_templates=24, train_cities=10, train_streets_per_city=40,
@@ -112,6 +120,19 @@ PRESETS: dict[str, SyntheticPreset] = {
         val_street_length=500.0, test_street_length=500.0, db_directions=2, queries_per_street=50,
     ),
 }
+
+PRETRAIN_NOTE = """Why the ``pretrain`` preset shares no street with a benchmark's val and test splits.
+
+Every street is built by ``render.make_street`` from its own random stream, keyed by the seed, the
+split and the street's index: ``_street_rng(seed, 1, city, k)`` for training streets and
+``_street_rng(seed, 2 | 3, k)`` for val | test streets. The ``pretrain`` preset writes training
+streets only (``val_streets = test_streets = 0``), so its streets come from the training streams
+and never from a val or test stream, whatever the two seeds. With another seed than the
+benchmark's (the documented ``--seed 1`` against the benchmark's 0) the whole world differs as
+well: facade styles and the template runs that reappear verbatim are drawn from
+``default_rng([seed, 0])``. ``tests/test_pretrain.py`` builds both plans and checks that no
+street's building sequence recurs.
+"""
 
 BASE_PITCH_DEG = 4.0  # cameras look slightly up, as street-view crops do
 DB_LANE_X = -2.0  # the database car drives in the right-hand lane
@@ -420,8 +441,8 @@ def generate(
 
     Args:
         out_dir: output folder; None means ``$SCICEVPR_DATA/synthetic/<preset>`` (else ``data/...``).
-        preset: ``"tiny"`` (unit tests), ``"small"`` (CPU notebooks), ``"full"`` (GPU training), or a
-            ``SyntheticPreset``.
+        preset: ``"tiny"`` (unit tests), ``"small"`` (CPU notebooks), ``"full"`` (GPU training),
+            ``"pretrain"`` (backbone pretraining: training split only), or a ``SyntheticPreset``.
         seed: the same preset and seed give byte-identical files.
         progress: show a tqdm bar.
         force: regenerate even if a matching benchmark exists; replace one made with other settings.
@@ -559,7 +580,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         description="Render the synthetic place-recognition benchmark in the GSV-Cities and VG layouts.",
     )
     p.add_argument("--out", default=None, help="output folder (default: $SCICEVPR_DATA/synthetic/<preset>, else data/synthetic/<preset>)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training), pretrain (backbone pretraining, train split only)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: automatic; 0 = none)")

@@ -47,6 +47,11 @@ def _resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.resize(x, [image_size, image_size], interpolation=_BILINEAR, antialias=True)
 
 
+def resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, S, S) uint8: the hard, antialiased resize of every input path."""
+    return _resize_uint8(x, _check_size(image_size))
+
+
 def _normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) uint8 -> float32 in ImageNet-normalised units."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x_uint8.device).view(1, 3, 1, 1)

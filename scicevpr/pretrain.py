@@ -1,0 +1,1281 @@
+"""Pretraining a compact DINOv2-architecture backbone offline (``scicevpr pretrain-backbone``).
+
+Meta's DINOv2 weights cannot be had offline, and a randomly initialised ViT gives the offline
+notebooks features that hardly separate places. This module trains the backbone itself, on
+synthetic renders of streets that the benchmark's val and test splits never show
+(``scicevpr synth --preset pretrain``; ``scicevpr.data.synthetic.PRETRAIN_NOTE`` says why they
+are disjoint), and exports it as one fp16 state dict in DINOv2's official parameter names that
+loads through the ``weights=`` door like Meta's files.
+
+The backbone is :class:`~scicevpr.backbone.DinoVisionTransformer` itself, sized by
+:class:`~scicevpr.config.BackboneConfig` (default ``config.OFFLINE_BACKBONE``: ViT-S/14 widths,
+4 blocks, position table learned at 112 px). Two objectives, so that both can be measured:
+
+``objective="dino"`` -- self-distillation in DINOv2's spirit (Caron et al. 2021, "DINO";
+Zhou et al. 2022, "iBOT"; Oquab et al. 2023, "DINOv2"):
+
+- a student ``g_s`` (backbone + :class:`DINOHead`) and a teacher ``g_t``, the exponential moving
+  average of the student: ``theta_t <- m theta_t + (1 - m) theta_s``, ``m`` following a cosine
+  from ``momentum`` to ``momentum_end``;
+- multi-crop: 2 global crops at ``image_size`` (teacher and student) and ``local_crops`` local
+  crops at ``local_size`` (student only); the ViT's position embedding is interpolated to each
+  grid;
+- the DINO loss between the teacher's CLS distribution on one global crop and the student's on
+  every other crop: ``L_DINO = mean_{t != s} H(P_t, P_s)`` with
+  ``P_t = softmax((g_t(x) - c) / tau_t)`` (centering ``c``, an EMA of the teacher's batch mean
+  with ``center_momentum``; sharpening by a low ``tau_t`` warmed up from ``teacher_temp_warmup``
+  to ``teacher_temp``) and ``P_s = softmax(g_s(x) / tau_s)``;
+- iBOT's masked-image loss (``ibot_weight``): in a share ``mask_probability`` of the student's
+  global crops a ratio in ``mask_ratio`` of the patches is replaced by the backbone's
+  ``mask_token``; at those patches the student's patch distribution learns the teacher's on the
+  unmasked crop (same head, its own center). Masks are drawn patch by patch rather than in
+  DINOv2's blocks: on an 8 x 8 grid a block is one to three patches anyway;
+- DINOv2's KoLeo regulariser on the student's global CLS features (``koleo_weight``):
+  ``-1/n sum_i log min_{j != i} ||x_i - x_j||`` spreads them over the sphere;
+- AdamW; the learning rate warms up linearly over ``warmup_fraction`` of the steps and then
+  follows a cosine to ``min_lr``; the weight decay a cosine from ``weight_decay`` to
+  ``weight_decay_end`` (biases and norms none); gradients clipped to ``clip_grad``.
+
+The teacher is exported: DINO's teacher is the better model throughout training (Caron et al.
+2021, Sec. 5.2) and it is the one the DINO and DINOv2 releases hold.
+
+``objective="supervised"`` -- the issue's fallback: the same backbone trained with ``L_MS``
+(:class:`~scicevpr.losses.MultiSimilarityLoss`) on P x K place batches of a GSV-Cities-layout
+folder (:class:`~scicevpr.data.gsv.GSVCitiesDataset` and :class:`~scicevpr.train.PlaceBatchSampler`),
+a descriptor being the L2-normalised mean (or GeM, or CLS) of the last block's tokens after the
+final norm. Same optimiser and schedules; no teacher; the trained backbone is exported.
+
+Data path: every image is decoded once (DataLoader workers, tqdm bar) into an in-memory uint8
+tensor of ``cache_size`` pixels a side, kept on the training device (20,000 images at 160 px are
+1.5 GB). Crops, flips, colour jitter, grey, blur and solarisation then run batched on that
+device (:class:`MultiCropAugment`), so a GPU is never waiting for image decoding on the CPU.
+All randomness of a step (which images, crops, colours, masks) is drawn from a generator seeded by
+``(seed, step)``: the run is a function of its configuration, and the N ranks of a ``torchrun``
+launch draw the global batch's parameters and take their share, as one process would.
+
+Monitoring: with ``val_root`` set, every ``val_every`` steps (and at steps 0 and the last) the
+exported model's last-block features retrieve the places of a VG-layout split, the benchmark's
+``val`` by default (the test split stays unseen): Recall@1/5 of the L2-normalised mean of the
+patch tokens (``R@1``, ``R@5``) and of the CLS token (``R@1_cls``). A collapsed DINO shows there
+at once, and the two objectives can be compared while they run.
+
+A run folder holds ``config.json``, ``log.csv`` (step, losses, lr, weight decay, momentum, teacher
+temperature, images/s, recalls) and ``last.pt`` (student, teacher, centers, optimizer, RNG states, step),
+written atomically every ``checkpoint_every`` steps and when the run ends or its time budget
+``max_minutes`` is spent (it stops at a step boundary). ``resume=True`` continues and gives the
+same weights as an uninterrupted run. :func:`export_backbone` writes the weight file and its
+manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
+from tqdm.auto import tqdm
+
+from .backbone import MANIFEST_FORMAT, DinoVisionTransformer, RandomWeightsWarning, check_manifest, file_sha256, manifest_path
+from .checkpoint import atomic_save
+from .config import BACKBONE_ARCHS, BackboneConfig
+from .data.decode import load_rgb
+from .data.gsv import GSVCitiesDataset
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
+from .losses import LossConfig, MultiSimilarityLoss
+from .pooling import MultiRegionGeM
+from .precision import autocast, describe, resolve_amp
+from .train import PlaceBatchSampler, _Dist, _rng_state, _resolve_device, _set_rng_state, _setup_distributed, gather_batch
+
+PathLike = str | os.PathLike
+
+OBJECTIVES = ("dino", "supervised")
+POOLINGS = ("mean", "gem", "cls")
+CHECKPOINT_FORMAT = "scicevpr-pretrain"
+CHECKPOINT_VERSION = 1
+# PretrainConfig fields that may differ when a run is resumed (they do not change its result).
+RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
+                     "checkpoint_every", "log_every", "val_root", "val_dataset", "val_split", "val_every")
+LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "lr", "weight_decay", "momentum",
+               "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One pretraining run. Defaults: the offline backbone (``OFFLINE_BACKBONE``) with DINO.
+
+    Objective and data:
+        objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo) or ``"supervised"``
+            (``L_MS`` on place batches).
+        data: a synthetic benchmark folder (holding ``gsv_cities/``) or a GSV-Cities-layout folder
+            (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
+        cities: city names, or None for all.
+        cache_size: side (pixels) at which every image is kept in memory; crops are cut from it.
+    Backbone (``BackboneConfig(arch, num_blocks=num_blocks, pretrain_img_size=image_size)``):
+        arch: the DINOv2 architecture whose widths are used (``"vits14"``: C = 384, 6 heads).
+        num_blocks: transformer blocks (4: 7.4 M parameters, 15 MB in fp16).
+        image_size: side of the global crops and of the position table (112 -> 8 x 8 patches).
+    Multi-crop (DINO):
+        local_size: side of the local crops (56 -> 4 x 4 patches).
+        local_crops: local crops per image.
+        global_scale, local_scale: area ranges of the random resized crops.
+    DINO / iBOT / KoLeo:
+        head_hidden, head_bottleneck, prototypes: DINO head C -> hidden -> hidden -> bottleneck,
+            then ``K = prototypes`` weight-normalised prototypes.
+        student_temp: ``tau_s``.
+        teacher_temp_warmup, teacher_temp, teacher_temp_warmup_fraction: ``tau_t`` rises linearly
+            from the first to the second over that share of the steps, then stays.
+        center_momentum: EMA momentum of the centers.
+        momentum, momentum_end: teacher EMA momentum ``m``, cosine from the first to the second.
+        ibot_weight: weight of the masked-patch loss (0 turns it off).
+        mask_ratio: range of the share of patches masked in a masked crop.
+        mask_probability: share of the student's global crops that are masked.
+        koleo_weight: weight of the KoLeo regulariser (0 turns it off).
+    Supervised:
+        img_per_place: K; a step holds ``batch_size / K`` places (P).
+        pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), or ``"cls"``.
+        supervised_scale: area range of the single random resized crop per image.
+        loss: ``L_MS`` hyper-parameters (the paper's).
+    Monitoring:
+        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
+            the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
+        val_every: steps between two retrieval checks (also at step 0 and at the end).
+    Optimisation:
+        steps: optimisation steps (the schedules span them); None fits them to ``max_minutes``
+            from the measured speed of the first steps (then recorded, so a resume keeps them).
+        batch_size: images per step over all ranks (DINO: source images, each giving
+            2 + ``local_crops`` crops; supervised: P x K).
+        lr, min_lr, warmup_fraction: AdamW learning rate (peak), its cosine floor, warm-up share.
+        weight_decay, weight_decay_end: cosine weight-decay schedule.
+        clip_grad: global gradient-norm clip (0: none).
+    Run:
+        run_dir: the run folder; None means ``runs/pretrain-<objective>``.
+        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
+        max_minutes: wall-clock budget of this call (from its start, data loading included); the
+            run stops at a step boundary with a checkpoint before exceeding it. None: no budget.
+        stop_at_step: end this call after that step (checkpointed), keeping the schedules of
+            ``steps``: a run done in parts, or a test of resume.
+        seed: seeds initialisation, data order and every augmentation.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        amp: bf16 autocast; None: :mod:`scicevpr.precision` decides (CUDA: on; a CPU: only where
+            bf16 is native), False: fp32.
+        num_workers: DataLoader workers that decode the images (per rank).
+        checkpoint_every, log_every: steps between checkpoints / log rows.
+        progress: tqdm bars.
+    """
+
+    objective: str = "dino"
+    data: str | None = None
+    cities: tuple[str, ...] | None = None
+    cache_size: int = 160
+    arch: str = "vits14"
+    num_blocks: int = 4
+    image_size: int = 112
+    local_size: int = 56
+    local_crops: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    prototypes: int = 8192
+    student_temp: float = 0.1
+    teacher_temp_warmup: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_fraction: float = 0.3
+    center_momentum: float = 0.9
+    momentum: float = 0.992
+    momentum_end: float = 1.0
+    ibot_weight: float = 1.0
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    koleo_weight: float = 0.1
+    img_per_place: int = 4
+    pooling: str = "mean"
+    supervised_scale: tuple[float, float] = (0.5, 1.0)
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_root: str | None = None
+    val_dataset: str = "synthetic"
+    val_split: str = "val"
+    val_every: int = 500
+    steps: int | None = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    run_dir: str | None = None
+    resume: bool = False
+    max_minutes: float | None = None
+    stop_at_step: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    num_workers: int = 4
+    checkpoint_every: int = 500
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
+        for name in ("cities", "global_scale", "local_scale", "mask_ratio", "supervised_scale"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}.")
+        if self.arch not in BACKBONE_ARCHS:
+            raise ValueError(f"arch={self.arch!r}: expected one of {sorted(BACKBONE_ARCHS)}.")
+        for name in ("cache_size", "image_size", "local_size", "head_hidden", "head_bottleneck", "prototypes",
+                     "batch_size", "img_per_place", "checkpoint_every", "log_every", "num_blocks", "val_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.num_workers < 0 or self.local_crops < 0:
+            raise ValueError("num_workers and local_crops must be >= 0")
+        p = 14  # checked again by BackboneConfig; named here for the message
+        for name in ("image_size", "local_size"):
+            if getattr(self, name) % p:
+                v = getattr(self, name)
+                raise ValueError(f"{name}={v} is not a multiple of the patch size {p}; use {max(p, v // p * p)} or {(v // p + 1) * p}.")
+        for name in ("global_scale", "local_scale", "mask_ratio", "supervised_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a range (lo, hi) with 0 < lo <= hi <= 1.")
+        for name in ("teacher_temp_warmup_fraction", "warmup_fraction", "mask_probability", "center_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.momentum <= self.momentum_end <= 1:
+            raise ValueError(f"need 0 <= momentum ({self.momentum}) <= momentum_end ({self.momentum_end}) <= 1.")
+        for name in ("student_temp", "teacher_temp", "teacher_temp_warmup", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if min(self.min_lr, self.weight_decay, self.weight_decay_end, self.clip_grad, self.ibot_weight, self.koleo_weight) < 0:
+            raise ValueError("min_lr, weight decays, clip_grad and loss weights must be >= 0")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, or None to fit them to max_minutes; got {self.steps}")
+        if self.steps is None and self.max_minutes is None:
+            raise ValueError("steps=None fits the schedule to a time budget: give max_minutes too (or give steps).")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
+        if self.stop_at_step is not None and self.stop_at_step < 0:
+            raise ValueError(f"stop_at_step must be >= 0 (or None), got {self.stop_at_step}")
+        if self.objective == "supervised":
+            if self.img_per_place < 2:
+                raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
+            if self.batch_size % self.img_per_place:
+                raise ValueError(
+                    f"batch_size={self.batch_size} must be a multiple of img_per_place (K) = {self.img_per_place} "
+                    f"(a step holds P = batch_size / K places); use e.g. {self.batch_size // self.img_per_place * self.img_per_place or self.img_per_place}."
+                )
+        elif self.batch_size < 2 and self.koleo_weight > 0:
+            raise ValueError("KoLeo needs at least 2 images per step: raise batch_size or set koleo_weight=0.")
+        self.backbone_config()  # validates arch / num_blocks / image_size together
+
+    def backbone_config(self) -> BackboneConfig:
+        """The backbone trained and exported."""
+        return BackboneConfig(arch=self.arch, num_blocks=self.num_blocks, pretrain_img_size=self.image_size)
+
+    @property
+    def places_per_batch(self) -> int:  # P (supervised)
+        return self.batch_size // self.img_per_place
+
+    def replace(self, **changes: Any) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules (pure functions of the step: nothing to store but the step)
+# --------------------------------------------------------------------------------------------
+
+
+def cosine(start: float, end: float, step: int, total: int) -> float:
+    """``end + (start - end) (1 + cos(pi t)) / 2`` with ``t = step / total`` clipped to [0, 1]."""
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
+def schedule(config: PretrainConfig, step: int, steps: int) -> dict[str, float]:
+    """lr, weight decay, EMA momentum and teacher temperature at ``step`` of ``steps``."""
+    warm = int(round(config.warmup_fraction * steps))
+    if step < warm:
+        lr = config.lr * (step + 1) / warm
+    else:
+        lr = cosine(config.lr, config.min_lr, step - warm, steps - warm)
+    t_warm = int(round(config.teacher_temp_warmup_fraction * steps))
+    if step < t_warm:
+        temp = config.teacher_temp_warmup + (config.teacher_temp - config.teacher_temp_warmup) * step / t_warm
+    else:
+        temp = config.teacher_temp
+    return {
+        "lr": lr,
+        "weight_decay": cosine(config.weight_decay, config.weight_decay_end, step, steps),
+        "momentum": cosine(config.momentum, config.momentum_end, step, steps),
+        "teacher_temp": temp,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data: decode once into memory, augment in batches on the device
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_data_root(data: PathLike | None) -> tuple[Path, dict[str, Any]]:
+    """The GSV-Cities folder under ``data`` and what the synthetic generator recorded about it
+    (preset, seed) when it made it ({} otherwise)."""
+    if data is None:
+        raise ValueError(
+            "no pretraining data: set data= (--data) to a folder made by `scicevpr synth --preset pretrain "
+            "--seed 1 --splits train --out <folder>`, or to any GSV-Cities-layout folder."
+        )
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"pretraining data folder {str(root)!r} does not exist. Generate it with `scicevpr synth --preset pretrain "
+            f"--seed 1 --splits train --out {root}`, or point data= at a GSV-Cities-layout folder."
+        )
+    gsv = root / "gsv_cities" if (root / "gsv_cities").is_dir() else root
+    info: dict[str, Any] = {"root": str(root.resolve())}
+    for folder in (gsv, gsv.parent):
+        m = folder / "manifest.json"
+        if m.is_file():
+            try:
+                found = json.loads(m.read_text())
+            except ValueError:
+                continue
+            if found.get("generator") == "scicevpr.data.synthetic":
+                info.update(generator=found["generator"], preset=found.get("preset", {}).get("name"),
+                            seed=found.get("seed"), format_version=found.get("format_version"))
+                break
+    return gsv, info
+
+
+class _DecodeDataset(Dataset):
+    """Item i: image i as a (3, S, S) uint8 tensor, hard-resized (antialiased) to S."""
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = to_uint8_tensor(load_rgb(self.paths[i])).unsqueeze(0)  # (1, 3, H, W)
+        return resize_uint8(x, self.size)[0]  # (3, S, S)
+
+
+def load_image_cache(paths: list[Path], size: int, num_workers: int = 4, progress: bool = True) -> torch.Tensor:
+    """Decode every image once: (N, 3, size, size) uint8 on the CPU (``N * 3 * size^2`` bytes)."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    loader = DataLoader(_DecodeDataset(paths, size), batch_size=64, num_workers=num_workers, shuffle=False)
+    i = 0
+    for batch in tqdm(loader, desc=f"decoding {len(paths)} images at {size} px", disable=not progress, leave=False):
+        out[i : i + len(batch)] = batch
+        i += len(batch)
+    return out
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How one kind of view is made (DINO's ``DataAugmentationDINO``, sizes relative to 224 px)."""
+
+    size: int  # output side
+    scale: tuple[float, float]  # area range of the random resized crop
+    flip: float = 0.5  # probabilities ...
+    jitter: float = 0.8  # colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)
+    gray: float = 0.2
+    blur: float = 0.0  # Gaussian blur, sigma in [0.1, 2] px at 224 px, scaled to ``size``
+    solarize: float = 0.0
+
+
+class MultiCropAugment:
+    """Random views of a batch of uint8 images, computed in batches on their device.
+
+    ``params(gen, n, spec)`` draws every random number of ``n`` views from a CPU generator (so
+    they do not depend on the device or on how a batch is split over ranks); ``apply(x, p, spec)``
+    renders them: (B, 3, S, S) uint8 -> (B, 3, size, size) float, ImageNet-normalised. The crop
+    and resize is one ``roi_align`` whose adaptive sampling averages each output pixel's
+    footprint (an antialiased resize); flips, colour jitter (brightness, contrast, saturation,
+    then a hue rotation in YIQ), grey, per-image Gaussian blur (one grouped separable
+    convolution) and solarisation are batched tensor operations.
+    """
+
+    jitter_strength = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+
+    @staticmethod
+    def params(gen: torch.Generator, n: int, spec: CropSpec) -> dict[str, torch.Tensor]:
+        """Random parameters of ``n`` views (CPU tensors; boxes as fractions of the side)."""
+        area = _uniform(gen, n, *spec.scale)
+        log_ratio = _uniform(gen, n, math.log(3 / 4), math.log(4 / 3))
+        w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        x0 = torch.rand(n, generator=gen, dtype=torch.float64) * (1 - w)
+        y0 = torch.rand(n, generator=gen, dtype=torch.float64) * (1 - h)
+        b, c, s, hue = MultiCropAugment.jitter_strength
+        r = torch.rand(n, 9, generator=gen, dtype=torch.float64)
+        return {
+            "box": torch.stack([x0, y0, x0 + w, y0 + h], dim=1),  # (n, 4) x0, y0, x1, y1 in [0, 1]
+            "flip": r[:, 0] < spec.flip,
+            "jitter": r[:, 1] < spec.jitter,
+            "brightness": 1 - b + 2 * b * r[:, 2],
+            "contrast": 1 - c + 2 * c * r[:, 3],
+            "saturation": 1 - s + 2 * s * r[:, 4],
+            "hue": -hue + 2 * hue * r[:, 5],
+            "gray": r[:, 6] < spec.gray,
+            "blur_sigma": torch.where(r[:, 7] < spec.blur, _uniform(gen, n, 0.1, 2.0) * spec.size / 224, torch.zeros(n, dtype=torch.float64)),
+            "solarize": r[:, 8] < spec.solarize,
+        }
+
+    @staticmethod
+    def apply(x: torch.Tensor, p: dict[str, torch.Tensor], spec: CropSpec) -> torch.Tensor:
+        """(B, 3, S, S) uint8 images and B views' parameters -> (B, 3, size, size) float32."""
+        B, _, H, W = x.shape
+        dev = x.device
+        max_sigma = float(p["blur_sigma"].max()) if B else 0.0  # decided on the CPU: no device sync
+        p = {k: v.to(dev) for k, v in p.items()}
+        x = x.float() / 255.0
+        scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=dev)
+        boxes = torch.cat([torch.arange(B, device=dev, dtype=torch.float32)[:, None], p["box"].float() * scale], dim=1)  # (B, 5)
+        x = roi_align(x, boxes, output_size=(spec.size, spec.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)  # (B, 3, s, s)
+
+        def per_image(v: torch.Tensor) -> torch.Tensor:
+            return v.float()[:, None, None, None]
+
+        def gray(y: torch.Tensor) -> torch.Tensor:  # (B, 3, s, s) -> (B, 1, s, s), ITU-R 601 luma
+            return (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3])
+
+        j = p["jitter"][:, None, None, None]
+        y = (x * per_image(p["brightness"])).clamp(0, 1)
+        m = gray(y).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+        y = ((y - m) * per_image(p["contrast"]) + m).clamp(0, 1)
+        g = gray(y)
+        y = ((y - g) * per_image(p["saturation"]) + g).clamp(0, 1)
+        y = _rotate_hue(y, p["hue"].float())
+        x = torch.where(j, y, x)
+        x = torch.where(p["gray"][:, None, None, None], gray(x).expand_as(x), x)
+        if max_sigma > 0:
+            x = _gaussian_blur(x, p["blur_sigma"].float(), max_sigma)
+        x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1.0 - x, x)
+        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)  # once, on the CPU (an inverse on a GPU would wait for it)
+
+
+def _rotate_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """(B, 3, s, s) RGB in [0, 1], (B,) hue shift in turns -> (B, 3, s, s)."""
+    A, A_inv = _RGB2YIQ.to(x.device), _YIQ2RGB.to(x.device)
+    theta = 2 * math.pi * hue  # (B,)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    R = torch.zeros(x.shape[0], 3, 3, device=x.device)
+    R[:, 0, 0] = 1
+    R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = cos, -sin, sin, cos
+    M = A_inv @ R @ A  # (B, 3, 3): RGB -> YIQ -> rotate -> RGB
+    return torch.einsum("bij,bjhw->bihw", M, x).clamp(0, 1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Per-image Gaussian blur: (B, 3, s, s), (B,) sigma in pixels (0: unchanged), their maximum
+    -> (B, 3, s, s)."""
+    B, C, H, W = x.shape
+    radius = max(1, int(math.ceil(3 * max_sigma)))
+    radius = min(radius, (min(H, W) - 1))  # reflect padding needs radius < side
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)  # (k,)
+    s = sigma.clamp(min=1e-3)[:, None]  # (B, 1)
+    k = torch.exp(-(t[None, :] ** 2) / (2 * s**2))  # (B, k); sigma ~ 0 -> a delta
+    k = k / k.sum(dim=1, keepdim=True)
+    k = k.repeat_interleave(C, dim=0)  # (B*3, k): one kernel per image and channel
+    y = x.reshape(1, B * C, H, W)  # (B, 3, H, W) -> (1, B*3, H, W): grouped conv, one group per channel
+    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)  # horizontal
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)  # vertical
+    return y.reshape(B, C, H, W)
+
+
+def random_masks(gen: torch.Generator, n: int, num_patches: int, probability: float,
+                 ratio: tuple[float, float]) -> torch.Tensor:
+    """(n, num_patches) bool: a share ``probability`` of the n crops has a ratio in ``ratio``
+    of its patches masked (chosen uniformly at random), the others none."""
+    masked = torch.rand(n, generator=gen) < probability
+    counts = torch.round(_uniform(gen, n, *ratio) * num_patches).long().clamp(1, num_patches)
+    counts = torch.where(masked, counts, torch.zeros_like(counts))
+    ranks = torch.rand(n, num_patches, generator=gen).argsort(dim=1).argsort(dim=1)  # a random permutation per row
+    return ranks < counts[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Heads, losses
+# --------------------------------------------------------------------------------------------
+
+
+class DINOHead(nn.Module):
+    """DINO projection head (Caron et al. 2021, Sec. 3.1; DINOv2's ``dino_head.py``).
+
+    ``C -> hidden -> hidden -> bottleneck`` MLP with GELU, L2-normalisation, then ``K``
+    prototypes whose weight rows are unit vectors (weight normalisation with the norm fixed
+    to 1, DINO's ``norm_last_layer``): (N, C) -> (N, K) logits, cosines in [-1, 1]. The last
+    layer runs in fp32: a teacher temperature of 0.04 turns bf16 rounding of the cosines into
+    visible changes of the softmax.
+    """
+
+    def __init__(self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
+        )
+        self.last_layer = nn.Linear(bottleneck, prototypes, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (N, K)."""
+        z = self.mlp(x)  # (N, bottleneck)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)
+            return F.linear(z, F.normalize(self.last_layer.weight.float(), dim=-1))
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Sablayrolles et al. 2019; DINOv2): (n, C) features -> ``-mean_i log min_j ||x_i - x_j||``
+    on the L2-normalised features (fp32)."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    d = torch.cdist(x, x)  # (n, n)
+    d = d + torch.eye(len(x), device=x.device, dtype=x.dtype) * 1e4  # no self-match
+    return -torch.log(d.min(dim=1).values + eps).mean()
+
+
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every rank: of rows of x (sum / count); identity without DDP."""
+    total = x.sum(dim=0, dtype=torch.float32)
+    count = torch.tensor([float(x.shape[0])], device=x.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    return total / count.clamp(min=1)
+
+
+class _Student(nn.Module):
+    """What the optimiser trains, as one module so that one DDP forward covers a step.
+
+    DINO: ``forward(globals, locals, masks) -> (global CLS logits, local CLS logits,
+    masked-patch logits, global CLS features)``. Supervised: ``forward(images) -> descriptors``.
+    """
+
+    def __init__(self, config: PretrainConfig) -> None:
+        super().__init__()
+        self.objective = config.objective
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            self.backbone = DinoVisionTransformer(config.backbone_config(), weights=None)
+        C = self.backbone.embed_dim
+        last = len(self.backbone.blocks) - 1
+        self.last = last
+        if config.objective == "dino":
+            self.head = DINOHead(C, config.prototypes, config.head_hidden, config.head_bottleneck)
+        else:
+            self.backbone.mask_token.requires_grad_(False)  # no masked patches without iBOT
+            self.pooling = config.pooling
+            g = config.image_size // self.backbone.patch_size
+            self.pool = MultiRegionGeM((g, g)) if config.pooling == "gem" else None
+
+    def tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + HW, C): the last block's tokens after the final norm."""
+        return self.backbone.get_intermediate_layers(x, [self.last], masks=masks)[0]
+
+    def forward(self, *args: torch.Tensor):
+        return self._dino(*args) if self.objective == "dino" else self._descriptors(*args)
+
+    def _dino(self, globals_: torch.Tensor, locals_: torch.Tensor | None, masks: torch.Tensor, mask_index: torch.Tensor):
+        t = self.tokens(globals_, masks)  # (2b, 1 + HW, C)
+        g_cls = t[:, 0]  # (2b, C)
+        g_logits = self.head(g_cls)  # (2b, K)
+        patch_logits = self.head(_masked_patches(t, mask_index))  # (M, C) -> (M, K): masked patches only
+        l_logits = self.head(self.tokens(locals_)[:, 0]) if locals_ is not None else None  # (Lb, K)
+        return g_logits, l_logits, patch_logits, g_cls
+
+    def _descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(images)  # (b, 1 + HW, C)
+        if self.pooling == "cls":
+            d = t[:, 0]
+        elif self.pooling == "mean":
+            d = t[:, 1:].mean(dim=1)
+        else:
+            B, N, C = t.shape
+            g = self.pool.grid
+            d = self.pool(t[:, 1:].transpose(1, 2).reshape(B, C, *g))[:, 0]  # (B, HW, C) -> (B, C, H, W) -> region 0
+        return F.normalize(d.float(), dim=-1)  # (b, C)
+
+
+class _Teacher(nn.Module):
+    """The EMA teacher: backbone + head, no gradient."""
+
+    def __init__(self, student: _Student) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(student.backbone)  # theta_t = theta_s at the start
+        self.head = copy.deepcopy(student.head)
+        self.requires_grad_(False)
+        self.last = student.last
+
+    @torch.no_grad()
+    def forward(self, globals_: torch.Tensor, mask_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2b, 3, S, S) unmasked global crops -> (2b, K) CLS logits and (M, K) logits of the
+        patches the student sees masked."""
+        t = self.backbone.get_intermediate_layers(globals_, [self.last])[0]  # (2b, 1 + HW, C)
+        return self.head(t[:, 0]), self.head(_masked_patches(t, mask_index))
+
+
+def _masked_patches(tokens: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + HW, C) tokens, (M,) flat indices into the B x HW patches -> (M, C), in crop then
+    patch order. Indices computed on the CPU keep the device from waiting (boolean indexing would)."""
+    B, N, C = tokens.shape
+    return tokens[:, 1:].reshape(B * (N - 1), C).index_select(0, mask_index)  # (B, HW, C) -> (B*HW, C) -> (M, C)
+
+
+def dino_losses(
+    s_global: torch.Tensor, s_local: torch.Tensor | None, s_patch: torch.Tensor,
+    t_global: torch.Tensor, t_patch: torch.Tensor, masks: torch.Tensor,
+    center: torch.Tensor, patch_center: torch.Tensor, student_temp: float, teacher_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO's cross-view loss and iBOT's masked-patch loss (fp32).
+
+    s_global (2b, K), s_local (Lb, K) or None, t_global (2b, K): CLS logits, the 2 (L) views
+    stacked view-major; s_patch, t_patch (M, K): logits at the M masked patches, ``masks`` (2b, HW)
+    saying which. Returns (L_DINO, L_iBOT); L_iBOT averages over each masked crop's patches, then
+    over masked crops (0 when none is masked).
+    """
+    n_global = 2
+    b = t_global.shape[0] // n_global
+    t = F.softmax((t_global.float() - center) / teacher_temp, dim=-1).chunk(n_global)  # 2 x (b, K)
+    s = list(F.log_softmax(s_global.float() / student_temp, dim=-1).chunk(n_global))
+    if s_local is not None and s_local.shape[0]:
+        s += list(F.log_softmax(s_local.float() / student_temp, dim=-1).split(b))  # L x (b, K)
+    total, terms = 0.0, 0
+    for i, t_i in enumerate(t):
+        for v, s_v in enumerate(s):
+            if v == i:
+                continue  # the same view
+            total = total + (-(t_i * s_v).sum(dim=-1)).mean()
+            terms += 1
+    l_dino = total / terms
+    if s_patch.shape[0] == 0:
+        return l_dino, s_patch.sum() * 0.0  # keeps the graph (DDP) with no masked crop
+    tp = F.softmax((t_patch.float() - patch_center) / teacher_temp, dim=-1)
+    ce = -(tp * F.log_softmax(s_patch.float() / student_temp, dim=-1)).sum(dim=-1)  # (M,)
+    per_crop = masks.sum(dim=1)  # (2b,)
+    weight = (1.0 / per_crop.clamp(min=1).float()).repeat_interleave(per_crop, output_size=ce.shape[0])  # (M,): 1 / masked patches of its crop
+    l_ibot = (ce * weight).sum() / (per_crop > 0).sum().clamp(min=1)
+    return l_dino, l_ibot
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring: place retrieval with the last block's features
+# --------------------------------------------------------------------------------------------
+
+
+class RetrievalCheck:
+    """A VG-layout split decoded once at the model's size, and Recall@N of a backbone on it.
+
+    Descriptors: the last block's tokens after the final norm, either the mean of the patch
+    tokens or the CLS token, L2-normalised; exact L2 search and hits as every recall in scicevpr
+    (:func:`scicevpr.evaluate.search`, :func:`scicevpr.evaluate.recall_at_n`).
+    """
+
+    def __init__(self, root: PathLike, dataset: str, split: str, image_size: int, device: torch.device,
+                 num_workers: int = 0, progress: bool = False) -> None:
+        from .data.vg import load_vg_split
+
+        self.split = load_vg_split(root, dataset, split)
+        self.images = load_image_cache(self.split.all_paths, image_size, num_workers, progress).to(device)  # (N, 3, S, S)
+
+    @torch.no_grad()
+    def recalls(self, backbone: DinoVisionTransformer, amp: bool, batch_size: int = 256) -> dict[str, float]:
+        from .evaluate import recall_at_n, search
+
+        was_training = backbone.training
+        backbone.eval()
+        dev = self.images.device
+        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": []}
+        for i in range(0, len(self.images), batch_size):
+            x = (self.images[i : i + batch_size].float() / 255.0 - mean) / std
+            with autocast(dev, amp):
+                t = backbone.get_intermediate_layers(x, [len(backbone.blocks) - 1])[0]  # (b, 1 + HW, C)
+            out["mean"].append(F.normalize(t[:, 1:].float().mean(dim=1), dim=-1))
+            out["cls"].append(F.normalize(t[:, 0].float(), dim=-1))
+        backbone.train(was_training)
+        n_db = self.split.num_database
+        result = {}
+        for kind, parts in out.items():
+            d = torch.cat(parts).cpu().numpy()  # (N_db + N_q, C)
+            _, pred = search(d[:n_db], d[n_db:], 5)
+            r, _ = recall_at_n(pred, self.split.positives, (1, 5))
+            result.update({"R@1": r[1], "R@5": r[5]} if kind == "mean" else {"R@1_cls": r[1]})
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced.
+
+    Attributes:
+        backbone: the backbone that :func:`export_backbone` writes (DINO: the teacher;
+            supervised: the trained backbone), in eval mode, on the CPU.
+        history: ``log.csv`` as a DataFrame.
+        run_dir, last_path: the run folder and its checkpoint.
+        step, steps: steps done and the schedule's length.
+        stopped: why this call ended: ``"done"``, ``"time budget"`` or ``"stop_at_step"``.
+    """
+
+    backbone: DinoVisionTransformer
+    history: pd.DataFrame
+    run_dir: Path
+    last_path: Path
+    step: int
+    steps: int
+    stopped: str
+
+
+def machine_info(device: torch.device, amp: bool, world_size: int = 1) -> dict[str, Any]:
+    """Where a run ran: device and CPU names, precision, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"device": device.type, "cpu": cpu, "cpu_count": os.cpu_count(), "precision": describe(device, amp),
+            "torch": torch.__version__, "world_size": world_size}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _param_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """DINO's rule: no weight decay on biases and 1-d parameters (norms, LayerScale)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
+    """Check the run folder; True when there is a ``last.pt`` to resume from."""
+    if not config.resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(
+                f"run folder {str(run_dir)!r} already holds a run; refusing to overwrite it. Pass resume=True "
+                f"(--resume) to continue it, or choose another run_dir (or delete the folder)."
+            )
+        return False
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())["pretrain"]
+        now = config.to_dict()
+        diff = {k: (old.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and old.get(k) != now[k]}
+        if diff.get("steps", (0, 0))[1] is None:
+            diff.pop("steps")  # None: keep the recorded schedule
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r} with another configuration ({lines}). Resume with the run's "
+                f"configuration (its config.json) or start a new run_dir."
+            )
+    return (run_dir / "last.pt").is_file()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.is_file():
+        df = pd.read_csv(path)
+        df[df["step"] <= step].to_csv(path, index=False)
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def _broadcast(value: Any, ddp: _Dist) -> Any:
+    if not ddp.enabled:
+        return value
+    obj = [value]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+class _Run:
+    """State and one optimisation step of a pretraining run (both objectives)."""
+
+    def __init__(self, config: PretrainConfig, device: torch.device, ddp: _Dist, amp: bool) -> None:
+        self.config, self.device, self.ddp, self.amp = config, device, ddp, amp
+        if config.batch_size % ddp.world_size:
+            raise ValueError(
+                f"batch_size={config.batch_size} must be divisible by the number of processes ({ddp.world_size})."
+            )
+        if config.objective == "supervised" and config.places_per_batch % ddp.world_size:
+            raise ValueError(
+                f"P = batch_size / img_per_place = {config.places_per_batch} places must be divisible by the number "
+                f"of processes ({ddp.world_size})."
+            )
+        gsv_root, self.data_info = resolve_data_root(config.data)
+        K = 1 if config.objective == "dino" else config.img_per_place
+        self.dataset = GSVCitiesDataset(gsv_root, cities=config.cities, img_per_place=K, image_size=config.image_size,
+                                        seed=config.seed)
+        paths = self.dataset.dataframe["path"].tolist()
+        self.data_info.update(images=len(paths), places=len(self.dataset), gsv_root=str(gsv_root),
+                              files_sha256=hashlib.sha256("\n".join(str(Path(p).relative_to(gsv_root)) for p in paths).encode()).hexdigest())
+        if config.objective == "dino":
+            self.steps_per_epoch = len(paths) // config.batch_size
+            if self.steps_per_epoch < 1:
+                raise ValueError(f"the data holds {len(paths)} images, fewer than one batch (batch_size={config.batch_size}); lower batch_size.")
+        else:
+            self.sampler = PlaceBatchSampler(len(self.dataset), config.places_per_batch, config.seed)
+            self.steps_per_epoch = len(self.sampler)
+        self.cache = load_image_cache(paths, config.cache_size, config.num_workers, config.progress and ddp.main).to(device)
+        torch.manual_seed(config.seed)
+        self.student = _Student(config).to(device)
+        self.teacher = _Teacher(self.student).to(device) if config.objective == "dino" else None
+        K_out = config.prototypes
+        self.center = torch.zeros(1, K_out, device=device)
+        self.patch_center = torch.zeros(1, K_out, device=device)
+        self.ms = MultiSimilarityLoss(config.loss) if config.objective == "supervised" else None
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student), lr=config.lr, weight_decay=config.weight_decay)
+        self.model = self.student
+        if ddp.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        g = config.image_size // self.student.backbone.patch_size
+        self.num_patches = g * g
+        self.global_specs = (
+            CropSpec(config.image_size, config.global_scale, blur=1.0),
+            CropSpec(config.image_size, config.global_scale, blur=0.1, solarize=0.2),
+        )
+        self.local_spec = CropSpec(config.local_size, config.local_scale, blur=0.5)
+        self.supervised_spec = CropSpec(config.image_size, config.supervised_scale, flip=0.0, gray=0.0)
+        self._epoch_cache: tuple[int, Any] | None = None
+        self.check = None
+        if config.val_root is not None and ddp.main:
+            self.check = RetrievalCheck(config.val_root, config.val_dataset, config.val_split, config.image_size,
+                                        device, config.num_workers, config.progress)
+
+    @property
+    def exported(self) -> nn.Module:
+        """The model :func:`export_backbone` writes by default: DINO's teacher, else the student."""
+        return self.teacher if self.teacher is not None else self.student
+
+    # ---- data of a step ------------------------------------------------------------------------
+
+    def _generator(self, step: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(int(np.random.default_rng([self.config.seed, 7, step]).integers(2**62)))
+        return g
+
+    def batch_indices(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Global batch of step ``step``: image (cache) indices, and place labels (supervised)."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        c = self.config
+        if c.objective == "dino":
+            if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+                self._epoch_cache = (epoch, np.random.default_rng([c.seed, epoch]).permutation(len(self.cache)))
+            perm = self._epoch_cache[1]
+            return perm[j * c.batch_size : (j + 1) * c.batch_size], None
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch_cache = (epoch, list(self.sampler))
+        places = self._epoch_cache[1][j]  # P place indices
+        self.dataset.set_epoch(epoch)
+        rows = np.stack([self.dataset.sample_rows(i) for i in places])  # (P, K) image indices
+        labels = np.repeat(self.dataset.place_ids[places], c.img_per_place)  # (P*K,)
+        return rows.reshape(-1), labels
+
+    def _share(self, n: int) -> slice:
+        """This rank's slice of a global batch of n items."""
+        b = n // self.ddp.world_size
+        return slice(self.ddp.rank * b, (self.ddp.rank + 1) * b)
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def step(self, step: int, steps: int, update: bool = True) -> dict[str, Any]:
+        """One optimisation step (``update=False``: forward and backward only, for timing). Returns
+        the losses (device tensors, not synchronised) and the schedule's values."""
+        c, dev = self.config, self.device
+        sched = schedule(c, step, steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched["lr"]
+            group["weight_decay"] = sched["weight_decay"] if group["apply_wd"] else 0.0
+        idx, labels = self.batch_indices(step)
+        gen = self._generator(step)
+        n = len(idx)
+        mine = self._share(n)
+        x = self.cache[torch.as_tensor(idx[mine], device=dev)]  # (b, 3, S, S) uint8
+        parts: dict[str, torch.Tensor] = {}
+        if c.objective == "dino":
+            views = [MultiCropAugment.params(gen, n, spec) for spec in self.global_specs]
+            local_params = [MultiCropAugment.params(gen, n, self.local_spec) for _ in range(c.local_crops)]
+            masks = random_masks(gen, 2 * n, self.num_patches, c.mask_probability if c.ibot_weight > 0 else 0.0,
+                                 c.mask_ratio).reshape(2, n, -1)  # (2, n, HW): view-major like the crops
+            take = lambda p: {k: v[mine] for k, v in p.items()}  # noqa: E731
+            globals_ = torch.cat([MultiCropAugment.apply(x, take(p), s) for p, s in zip(views, self.global_specs)])  # (2b, 3, S, S)
+            locals_ = (torch.cat([MultiCropAugment.apply(x, take(p), self.local_spec) for p in local_params])
+                       if c.local_crops else None)  # (L*b, 3, s, s)
+            m_cpu = masks[:, mine].reshape(-1, self.num_patches)  # (2b, HW)
+            m, mask_index = m_cpu.to(dev), m_cpu.flatten().nonzero().squeeze(1).to(dev)  # (2b, HW), (M,)
+            with autocast(dev, self.amp):
+                t_global, t_patch = self.teacher(globals_, mask_index)
+                s_global, s_local, s_patch, g_cls = self.model(globals_, locals_, m, mask_index)
+            l_dino, l_ibot = dino_losses(s_global, s_local, s_patch, t_global, t_patch, m, self.center,
+                                         self.patch_center, c.student_temp, sched["teacher_temp"])
+            l_koleo = sum(koleo_loss(v) for v in g_cls.chunk(2)) / 2 if c.koleo_weight > 0 else torch.zeros((), device=dev)
+            loss = l_dino + c.ibot_weight * l_ibot + c.koleo_weight * l_koleo
+            parts = {"loss_dino": l_dino.detach(), "loss_ibot": l_ibot.detach(), "loss_koleo": l_koleo.detach()}
+        else:
+            p = MultiCropAugment.params(gen, n, self.supervised_spec)
+            images = MultiCropAugment.apply(x, {k: v[mine] for k, v in p.items()}, self.supervised_spec)  # (b, 3, S, S)
+            y = torch.as_tensor(labels, device=dev)  # global labels
+            with autocast(dev, self.amp):
+                d = self.model(images)  # (b, C)
+            loss = self.ms(gather_batch(d), y)  # L_MS on the global batch, as one process
+            parts = {"loss_ms": loss.detach()}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not update:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {}
+        if c.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.clip_grad)
+        self.optimizer.step()
+        if self.teacher is not None:
+            with torch.no_grad():
+                m_ = sched["momentum"]
+                t_params = [p for p in self.teacher.parameters()]
+                s_params = [p for n_, p in self.student.named_parameters() if n_.split(".")[0] in ("backbone", "head")]
+                torch._foreach_mul_(t_params, m_)
+                torch._foreach_add_(t_params, s_params, alpha=1.0 - m_)
+                cm = c.center_momentum
+                self.center.mul_(cm).add_(_all_reduce_mean(t_global.float()) * (1 - cm))
+                if bool(masks.any()):  # some crop of the global batch is masked (CPU tensor: no sync)
+                    self.patch_center.mul_(cm).add_(_all_reduce_mean(t_patch.float()) * (1 - cm))
+        return {"loss": loss.detach(), **parts, **sched}  # losses stay on the device: no sync per step
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def state(self, step: int, steps: int, extra: dict[str, Any]) -> dict[str, Any]:
+        cpu = lambda sd: {k: v.detach().to("cpu").clone() for k, v in sd.items()}  # noqa: E731
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config.to_dict(),
+            "backbone_config": dataclasses.asdict(self.student.backbone.config),
+            "step": step, "steps": steps, "student": cpu(self.student.state_dict()),
+            "teacher": cpu(self.teacher.state_dict()) if self.teacher is not None else None,
+            "center": self.center.cpu(), "patch_center": self.patch_center.cpu(),
+            "optimizer": self.optimizer.state_dict(), "rng": _rng_state(), "data": self.data_info, **extra,
+        }
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(ckpt["teacher"])
+        self.center.copy_(ckpt["center"])
+        self.patch_center.copy_(ckpt["patch_center"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+
+
+def read_pretrain_checkpoint(path: PathLike) -> dict[str, Any]:
+    """A pretraining checkpoint (``last.pt``) as a dict, its format checked."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"pretraining checkpoint {str(path)!r} does not exist; pass a run folder or its last.pt.")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a pretraining checkpoint (written by scicevpr.pretrain).")
+    if obj.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{str(path)!r} has version {obj['version']}; this scicevpr reads <= {CHECKPOINT_VERSION}.")
+    return obj
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Run (or resume) a pretraining run; see the module docstring. Multi-GPU: ``torchrun``."""
+    t_start = time.perf_counter()
+    device = _resolve_device(config)
+    ddp = _setup_distributed(device)
+    try:
+        return _pretrain(config, device, ddp, t_start)
+    finally:
+        if ddp.created:
+            dist.destroy_process_group()
+
+
+def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start: float) -> PretrainResult:
+    run_dir = Path(config.run_dir or Path("runs") / f"pretrain-{config.objective}")
+    resuming = _check_resume(run_dir, config)
+    if ddp.enabled:
+        dist.barrier()
+    amp = resolve_amp(device, config.amp)
+    run = _Run(config, device, ddp, amp)
+    last_path, log_path = run_dir / "last.pt", run_dir / "log.csv"
+    budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
+    machine = machine_info(device, amp, ddp.world_size)
+
+    step, steps, images_seen, train_s, sessions = 0, config.steps, 0, 0.0, []
+    if resuming:
+        ckpt = read_pretrain_checkpoint(last_path)
+        if ckpt["data"].get("files_sha256") != run.data_info["files_sha256"]:
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r}: its data held {ckpt['data'].get('images')} images listed differently "
+                f"from the {run.data_info['images']} found now in {run.data_info['gsv_root']!r}. Resume on the same data."
+            )
+        run.load(ckpt)
+        step, steps, images_seen = ckpt["step"], ckpt["steps"], ckpt["images_seen"]
+        train_s, sessions = ckpt["train_s"], list(ckpt["sessions"])
+        if ddp.main:
+            _truncate_log(log_path, step)
+    elif ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = {"pretrain": config.to_dict(), "backbone": dataclasses.asdict(config.backbone_config()),
+                "data": run.data_info, "machine": machine, "amp": amp}
+        (run_dir / ".config.json.tmp").write_text(json.dumps(info, indent=2))
+        os.replace(run_dir / ".config.json.tmp", run_dir / "config.json")
+
+    if steps is None:  # fit the schedule to the time budget from the measured speed
+        for s in range(2):
+            run.step(s, 1000, update=False)  # warm-up (kernels, allocator)
+        _sync(device)
+        t0 = time.perf_counter()
+        n_cal = 3
+        for s in range(n_cal):
+            run.step(s, 1000, update=False)
+        _sync(device)
+        per_step = (time.perf_counter() - t0) / n_cal * 1.05  # + optimiser and EMA
+        left = budget_s - (time.perf_counter() - t_start)
+        steps = _broadcast(max(1, int(left * 0.95 / per_step)), ddp)  # room for checkpoints and checks
+        if ddp.main:
+            print(f"pretrain: {per_step * 1000:.0f} ms per step measured; the schedule spans {steps} steps "
+                  f"to fit the {config.max_minutes} min budget")
+
+    session = {"machine": machine, "start_step": step}
+    stop_at = steps if config.stop_at_step is None else min(steps, config.stop_at_step)
+    bar = tqdm(total=steps, initial=step, desc=f"pretrain {config.objective}", disable=not (config.progress and ddp.main))
+    stopped = "done" if stop_at == steps else "stop_at_step"
+    monitored = config.val_root is not None  # the same on every rank (run.check lives on rank 0)
+    t_loop = time.perf_counter()
+    acc: dict[str, Any] = {"sums": {}, "n": 0, "t": t_loop, "last": None, "validated": None}  # since the last row
+
+    def log(at: int, validate: bool) -> None:
+        """Average the accumulated losses over steps and ranks (every rank calls this), check
+        retrieval (rank 0), write a log row (rank 0)."""
+        now = time.perf_counter()
+        row: dict[str, Any] = {"step": at}
+        if acc["n"]:
+            keys = sorted(acc["sums"])
+            means = torch.stack([acc["sums"][k] for k in keys]) / acc["n"]
+            if ddp.enabled:
+                dist.all_reduce(means)
+                means /= ddp.world_size
+            row.update(zip(keys, means.tolist()))
+            row.update({k: v for k, v in acc["last"].items() if not k.startswith("loss")})
+            if config.objective == "supervised":
+                row.pop("momentum"), row.pop("teacher_temp")
+            row.update(images_per_s=round(acc["n"] * config.batch_size / (now - acc["t"]), 2),
+                       elapsed_s=round(train_s + now - t_loop, 2))
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+        if validate:
+            acc["validated"] = at
+        if validate and run.check is not None:
+            row.update(run.check.recalls(run.exported.backbone, amp))
+            bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in ("R@1", "R@5", "R@1_cls")))
+        if ddp.main and len(row) > 1:
+            _append_log(log_path, row)
+        if ddp.enabled:
+            dist.barrier()
+        acc.update(sums={}, n=0, t=time.perf_counter())
+
+    def save(at: int) -> None:
+        if ddp.main:
+            now = time.perf_counter()
+            extra = {"images_seen": images_seen, "train_s": train_s + (now - t_loop),
+                     "sessions": sessions + [{**session, "end_step": at, "wall_s": round(now - t_start, 2)}]}
+            atomic_save(run.state(at, steps, extra), last_path)
+        if ddp.enabled:
+            dist.barrier()
+
+    if step == 0 and monitored:
+        log(0, validate=True)  # the random initialisation, for reference
+    step_ema = None
+    while step < stop_at:
+        if budget_s is not None:
+            elapsed = time.perf_counter() - t_start
+            need = step_ema if step_ema is not None else 0.0
+            if _broadcast(float(elapsed + 1.5 * need > budget_s), ddp):
+                stopped = "time budget"
+                break
+        t0 = time.perf_counter()
+        out = run.step(step, steps)
+        step += 1
+        images_seen += config.batch_size
+        dt = time.perf_counter() - t0
+        step_ema = dt if step_ema is None else 0.9 * step_ema + 0.1 * dt
+        for k, v in out.items():
+            if k.startswith("loss"):
+                acc["sums"][k] = acc["sums"].get(k, 0.0) + v.float()
+        acc["n"] += 1
+        acc["last"] = out
+        bar.update(1)
+        validate = monitored and (step % config.val_every == 0 or step == stop_at)
+        if step % config.log_every == 0 or step == stop_at or validate:
+            log(step, validate)
+        if step % config.checkpoint_every == 0 and step < stop_at:
+            save(step)
+    if acc["n"] or (monitored and acc["validated"] != step):  # e.g. when the time budget ran out
+        log(step, validate=monitored and acc["validated"] != step)
+    bar.close()
+    save(step)
+    if ddp.main:
+        print(f"pretrain {config.objective}: step {step}/{steps} ({stopped}); run folder {run_dir}")
+    history = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+    backbone = run.exported.backbone.to("cpu").eval()
+    backbone.is_random_init = False
+    return PretrainResult(backbone=backbone, history=history, run_dir=run_dir, last_path=last_path, step=step,
+                          steps=steps, stopped=stopped)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def describe_backbone(config: BackboneConfig, objective: str) -> str:
+    """The line every figure and table made with a pretrained backbone carries, e.g.
+    "ViT-S/14, 4 blocks at 112 px, self-supervised (DINO + iBOT) on synthetic streets (not Meta's
+    DINOv2 weights)"."""
+    arch = f"ViT-{config.arch[3].upper()}/{config.patch_size}"
+    how = "self-supervised (DINO + iBOT)" if objective == "dino" else "trained with L_MS on places"
+    blocks = f"{config.depth} block{'s' if config.depth != 1 else ''}"
+    return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
+
+
+def export_backbone(source: PathLike, out_path: PathLike, which: str | None = None) -> Path:
+    """Write a run's backbone as one fp16 state dict in DINOv2's official names, with a manifest.
+
+    Args:
+        source: a run folder or its ``last.pt``.
+        out_path: the weight file, or a folder (then ``<folder>/<hub name>_pretrain.pth``, e.g.
+            ``scicevpr_vits14_4blocks_112px_pretrain.pth``, the name ``weights="auto"`` looks for).
+        which: ``"teacher"`` (DINO's default: the EMA teacher is the better model and the one
+            DINO releases) or ``"student"`` (the only model of the supervised objective).
+    Returns:
+        The weight file. Beside it, ``<name>.json``: objective, data preset and seed, steps,
+        images seen, wall time, machines, torch version, the backbone config and the file's
+        SHA-256, which loading checks (:func:`scicevpr.backbone.check_manifest`).
+    """
+    ckpt = read_pretrain_checkpoint(source)
+    cfg = PretrainConfig.from_dict(ckpt["config"])
+    which = which or ("teacher" if ckpt["teacher"] is not None else "student")
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which={which!r}: expected 'teacher' or 'student'.")
+    models = {"teacher": ckpt["teacher"], "student": ckpt["student"]}
+    if models[which] is None:
+        raise ValueError(f"this {cfg.objective} run has no teacher; export which='student'.")
+    bb_config = BackboneConfig(**ckpt["backbone_config"])
+    state = {k[len("backbone."):]: v.half() if v.is_floating_point() else v
+             for k, v in models[which].items() if k.startswith("backbone.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        DinoVisionTransformer(bb_config, weights=None).load_state_dict(state, strict=True)  # official names, all of them
+    out = Path(out_path)
+    if out.is_dir() or (not out.suffix and not out.exists()):
+        out = out / f"{bb_config.hub_name}_pretrain.pth"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, out)
+    sessions = ckpt["sessions"]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "description": describe_backbone(bb_config, cfg.objective),
+        "file": out.name,
+        "sha256": file_sha256(out),
+        "bytes": out.stat().st_size,
+        "dtype": "float16",
+        "backbone": ckpt["backbone_config"],
+        "parameters": int(sum(v.numel() for v in state.values())),
+        "objective": cfg.objective,
+        "model": which,
+        "data": ckpt["data"],
+        "steps": ckpt["step"],
+        "schedule_steps": ckpt["steps"],
+        "batch_size": cfg.batch_size,
+        "images_seen": ckpt["images_seen"],
+        "train_s": round(ckpt["train_s"], 1),
+        "wall_s": round(sum(s["wall_s"] for s in sessions), 1),
+        "machines": [s["machine"] for s in sessions],
+        "sessions": [{k: s[k] for k in ("start_step", "end_step", "wall_s")} for s in sessions],
+        "torch": torch.__version__,
+        "config": ckpt["config"],
+    }
+    tmp = out.parent / f".{out.stem}.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path(out))
+    check_manifest(out, bb_config)
+    return out

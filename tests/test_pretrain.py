@@ -1,0 +1,335 @@
+"""Pretraining the compact backbone (scicevpr.pretrain): objectives, resume, time budget, export,
+the weight file's manifest, the command line, and the pretraining data's disjointness.
+
+Runs on the ``tiny`` synthetic benchmark with a one-block ViT-S/14 at 56 px (28 px local crops)
+and a small DINO head, so that a step takes a few hundredths of a second on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import scicevpr
+from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, manifest_path
+from scicevpr.cli import main
+from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
+from scicevpr.data.synthetic import PRESETS, build_plan
+from scicevpr.pretrain import (
+    MultiCropAugment,
+    CropSpec,
+    PretrainConfig,
+    export_backbone,
+    pretrain,
+    random_masks,
+    read_pretrain_checkpoint,
+    schedule,
+)
+
+TINY = dict(num_blocks=1, image_size=56, local_size=28, local_crops=2, head_hidden=64, head_bottleneck=32,
+            prototypes=128, batch_size=8, cache_size=64, num_workers=0, device="cpu", progress=False, log_every=1)
+
+
+def tiny_config(bench, run_dir, **overrides) -> PretrainConfig:
+    return PretrainConfig(**{**TINY, "data": str(bench.root), "run_dir": str(run_dir), **overrides})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: two busy-waiting OpenMP threads on a loaded 2-core machine are slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dino_run(tiny_benchmark, tmp_path_factory):
+    """DINO + iBOT + KoLeo for 16 steps at a fixed teacher temperature (a stationary objective)."""
+    config = tiny_config(tiny_benchmark, tmp_path_factory.mktemp("runs") / "dino", steps=16, lr=2e-3,
+                         teacher_temp_warmup_fraction=0.0)
+    return config, pretrain(config)
+
+
+def _early_late(history, column: str) -> tuple[float, float]:
+    values = history[column].to_numpy()
+    return float(values[:3].mean()), float(values[-3:].mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and schedules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(objective="mae"), "objective='mae'"),
+    (dict(image_size=100), "multiple of the patch size 14"),
+    (dict(local_size=30), "local_size=30"),
+    (dict(global_scale=(0.5, 1.5)), "global_scale"),
+    (dict(steps=None), "give max_minutes"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(objective="supervised", batch_size=10), "multiple of img_per_place"),
+    (dict(objective="supervised", img_per_place=1), "img_per_place"),
+    (dict(pooling="max"), "pooling='max'"),
+    (dict(num_blocks=13), "num_blocks=13"),
+    (dict(momentum=0.999, momentum_end=0.99), "momentum"),
+    (dict(max_minutes=0), "max_minutes"),
+])
+def test_config_errors_say_what_to_do(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PretrainConfig(**bad)
+
+
+def test_defaults_build_the_offline_backbone():
+    config = PretrainConfig()
+    assert config.backbone_config() == OFFLINE_BACKBONE
+    assert config.objective == "dino" and config.image_size == 112 and config.local_size == 56
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
+        with torch.device("meta"):
+            model = DinoVisionTransformer(OFFLINE_BACKBONE, weights=None)
+    n = sum(p.numel() for p in model.parameters())
+    assert 2 * n <= 16e6  # the fp16 file stays within 16 MB
+    assert len(model.blocks) == 4 and model.pos_embed.shape == (1, 1 + 8 * 8, 384)
+
+
+def test_schedules_warm_up_then_follow_their_cosines():
+    c = PretrainConfig(lr=1e-3, min_lr=1e-6, warmup_fraction=0.1, teacher_temp_warmup_fraction=0.5)
+    s = [schedule(c, i, 100) for i in range(101)]
+    assert s[0]["lr"] == pytest.approx(1e-4) and s[9]["lr"] == pytest.approx(1e-3)
+    assert s[100]["lr"] == pytest.approx(1e-6) and all(a["lr"] >= b["lr"] for a, b in zip(s[10:], s[11:]))
+    assert s[0]["teacher_temp"] == pytest.approx(0.04) and s[50]["teacher_temp"] == pytest.approx(0.07)
+    assert s[0]["momentum"] == pytest.approx(0.992) and s[100]["momentum"] == pytest.approx(1.0)
+    assert s[0]["weight_decay"] == pytest.approx(0.04) and s[100]["weight_decay"] == pytest.approx(0.4)
+
+
+def test_augmentations_and_masks_have_the_asked_shapes_and_are_reproducible():
+    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    spec = CropSpec(28, (0.2, 1.0), blur=0.5, solarize=0.5)
+
+    def views(seed):
+        g = torch.Generator().manual_seed(seed)
+        return MultiCropAugment.apply(x, MultiCropAugment.params(g, 5, spec), spec)
+
+    a, b = views(0), views(0)
+    assert a.shape == (5, 3, 28, 28) and torch.equal(a, b) and not torch.equal(a, views(1))
+    m = random_masks(torch.Generator().manual_seed(0), 400, 16, 0.5, (0.25, 0.5))
+    per_crop = m.sum(1)
+    assert m.shape == (400, 16) and 0.4 < (per_crop > 0).float().mean() < 0.6
+    assert per_crop[per_crop > 0].min() >= 4 and per_crop.max() <= 8
+
+
+# --------------------------------------------------------------------------------------------
+# Both objectives learn
+# --------------------------------------------------------------------------------------------
+
+
+def test_dino_steps_lower_the_loss(dino_run):
+    config, result = dino_run
+    h = result.history
+    assert list(h["step"]) == list(range(1, 17)) and result.stopped == "done"
+    early, late = _early_late(h, "loss")
+    assert late < early
+    for col in ("lr", "momentum", "teacher_temp", "images_per_s", "loss_dino", "loss_ibot", "loss_koleo"):
+        assert h[col].notna().all(), col
+    assert not result.backbone.is_random_init
+
+
+def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path):
+    config = tiny_config(tiny_benchmark, tmp_path / "sup", objective="supervised", batch_size=8, img_per_place=4,
+                         steps=16, lr=2e-3, pooling="gem")
+    h = pretrain(config).history
+    early, late = _early_late(h, "loss_ms")
+    assert late < early
+
+
+# --------------------------------------------------------------------------------------------
+# Resume, time budget
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_benchmark, tmp_path):
+    common = dict(steps=6, checkpoint_every=2)
+    straight = pretrain(tiny_config(tiny_benchmark, tmp_path / "straight", **common))
+    part = pretrain(tiny_config(tiny_benchmark, tmp_path / "resumed", **common, stop_at_step=3))
+    assert part.stopped == "stop_at_step" and read_pretrain_checkpoint(part.last_path)["step"] == 3
+    resumed = pretrain(tiny_config(tiny_benchmark, tmp_path / "resumed", **common, resume=True))
+    a, b = read_pretrain_checkpoint(straight.last_path), read_pretrain_checkpoint(resumed.last_path)
+    assert a["step"] == b["step"] == 6 and a["images_seen"] == b["images_seen"]
+    for model in ("student", "teacher"):
+        for k in a[model]:
+            assert torch.equal(a[model][k], b[model][k]), (model, k)
+    assert torch.equal(a["center"], b["center"]) and torch.equal(a["patch_center"], b["patch_center"])
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+    cols = ["step", "loss", "lr", "momentum", "teacher_temp"]
+    assert straight.history[cols].equals(resumed.history[cols])
+    assert len(b["sessions"]) == 2  # two calls, each with its machine
+    # resuming a finished run changes nothing
+    again = pretrain(tiny_config(tiny_benchmark, tmp_path / "resumed", **common, resume=True))
+    assert again.step == 6 and len(again.history) == 6
+
+
+def test_an_existing_run_is_not_overwritten_and_resume_needs_the_same_config(tiny_benchmark, tmp_path):
+    pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2))
+    with pytest.raises(FileExistsError, match="resume=True"):
+        pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2))
+    with pytest.raises(ValueError, match="lr"):
+        pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2, lr=1e-2, resume=True))
+
+
+def test_time_budget_stops_at_a_step_boundary_with_a_checkpoint(tiny_benchmark, tmp_path):
+    config = tiny_config(tiny_benchmark, tmp_path / "run", steps=1000, max_minutes=1e-4)
+    result = pretrain(config)
+    assert result.stopped == "time budget" and result.step < 1000
+    assert read_pretrain_checkpoint(result.run_dir)["step"] == result.step
+
+
+def test_steps_none_fits_the_schedule_to_the_budget(tiny_benchmark, tmp_path):
+    result = pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=None, max_minutes=0.05))
+    assert result.steps >= 1 and result.step <= result.steps
+    assert read_pretrain_checkpoint(result.run_dir)["steps"] == result.steps
+
+
+# --------------------------------------------------------------------------------------------
+# Export: one fp16 file in official names, a manifest, the weights= door
+# --------------------------------------------------------------------------------------------
+
+
+def _model(backbone: BackboneConfig, weights):
+    cfg = get_config("SciceVPR-S", backbone=backbone, layers=tuple(range(backbone.depth)),
+                     image_size=backbone.pretrain_img_size, mix_dim=64, encoder_heads=4, encoder_ffn=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
+        return scicevpr.SciceVPR(cfg, weights=weights).eval()
+
+
+def test_export_loads_strictly_through_weights_and_is_not_random(dino_run, tmp_path):
+    config, result = dino_run
+    path = export_backbone(result.run_dir, tmp_path)
+    assert path.name == f"{config.backbone_config().hub_name}_pretrain.pth"
+    state = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert "blocks.0.attn.qkv.weight" in state and "mask_token" in state  # DINOv2's names
+    manifest = json.loads(manifest_path(path).read_text())
+    assert manifest["objective"] == "dino" and manifest["model"] == "teacher" and manifest["steps"] == 16
+    assert manifest["data"]["preset"] == "tiny" and manifest["data"]["seed"] == 0
+    assert manifest["images_seen"] == 16 * config.batch_size and manifest["machines"][0]["torch"] == torch.__version__
+    assert "not Meta's DINOv2 weights" in manifest["description"]
+    assert check_manifest(path, config.backbone_config())["sha256"] == manifest["sha256"]
+
+    trained, random = _model(config.backbone_config(), path), _model(config.backbone_config(), None)
+    assert not trained.is_random_init and random.is_random_init
+    teacher = read_pretrain_checkpoint(result.run_dir)["teacher"]
+    assert torch.equal(trained.backbone.pos_embed, teacher["backbone.pos_embed"].half().float())
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert not torch.allclose(trained.backbone_features(x), random.backbone_features(x), atol=1e-3)
+
+
+def test_a_modified_weight_file_or_another_backbone_is_refused(dino_run, tmp_path):
+    config, result = dino_run
+    path = export_backbone(result.run_dir, tmp_path / "bb.pth")
+    state = torch.load(path, weights_only=True)
+    state["norm.weight"] = state["norm.weight"] + 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        _model(config.backbone_config(), path)
+    path = export_backbone(result.run_dir, tmp_path / "bb.pth")
+    with pytest.raises(ValueError, match="holds a backbone built as"):
+        _model(dataclasses.replace(config.backbone_config(), num_blocks=2), path)
+
+
+def test_the_shipped_backbone_loads_and_matches_its_manifest():
+    path = PACKAGE_WEIGHTS_DIR / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth"
+    if not path.is_file():
+        pytest.skip(f"no shipped backbone at {path}")
+    assert path.stat().st_size <= 25e6
+    manifest = check_manifest(path, OFFLINE_BACKBONE)
+    assert manifest is not None and "not Meta's DINOv2 weights" in manifest["description"]
+    model = _model(OFFLINE_BACKBONE, "auto")
+    assert not model.is_random_init and model.backbone.weights_path == path
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the pretraining world shares no street with the benchmark's val and test splits
+# --------------------------------------------------------------------------------------------
+
+
+def _signature(street) -> tuple:
+    """A street as what a camera sees: the building sequence of both sides (widths, heights,
+    signs) and its furniture."""
+    sides = tuple(tuple(np.round(np.concatenate([t.cols["width"], t.cols["height"], t.cols["sign_seed"]]), 3))
+                  for t in street.sides)
+    return sides + (tuple(np.round(street.trees["u"], 3)),)
+
+
+@pytest.mark.parametrize("pretrain_seed", [1, 0])
+def test_pretraining_streets_are_not_benchmark_val_or_test_streets(pretrain_seed):
+    preset = dataclasses.replace(PRESETS["pretrain"], train_cities=2, train_streets_per_city=8)  # same streams, fewer
+    assert PRESETS["pretrain"].val_streets == PRESETS["pretrain"].test_streets == 0
+    streets, jobs, tables = build_plan(preset, pretrain_seed)
+    assert all(key[0] == "train" for key in streets) and not tables["val"] and not tables["test"]
+    bench, _, _ = build_plan(PRESETS["small"], 0)
+    held_out = {_signature(s) for key, s in bench.items() if key[0] in ("val", "test")}
+    assert len(held_out) == PRESETS["small"].val_streets + PRESETS["small"].test_streets
+    assert not held_out & {_signature(s) for s in streets.values()}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain-backbone", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name not in ("loss", "progress"):
+            assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "--export" in out and "default: 'dino'" in out and "default: 112" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--objective", "mae"],
+    ["--batch-size", "many"],
+    ["--data", "/nonexistent/pretrain", "--steps", "1"],
+    ["--export-only", "--export", "x.pth"],
+])
+def test_bad_input_is_one_message_and_status_2(argv, capsys):
+    try:
+        code = main(["pretrain-backbone", "--device", "cpu", "--quiet", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() and "Traceback" not in err
+
+
+def test_command_line_trains_and_exports(tiny_benchmark, tmp_path, capsys):
+    args = ["pretrain-backbone", "--data", str(tiny_benchmark.root), "--run-dir", str(tmp_path / "run"),
+            "--num-blocks", "1", "--image-size", "56", "--local-size", "28", "--local-crops", "1",
+            "--head-hidden", "32", "--head-bottleneck", "16", "--prototypes", "64", "--batch-size", "4",
+            "--cache-size", "64", "--steps", "2", "--num-workers", "0", "--device", "cpu", "--quiet",
+            "--export", str(tmp_path / "out")]
+    assert main(args) == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["scicevpr_vits14_1blocks_56px_pretrain.json", "scicevpr_vits14_1blocks_56px_pretrain.pth"]
+    assert "written" in capsys.readouterr().out
+
+
+def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
+    config = tiny_config(tiny_benchmark, tmp_path / "run", steps=4, val_root=str(tiny_benchmark.vg_root),
+                         val_every=2, log_every=3)
+    h = pretrain(config).history
+    assert list(h["step"]) == [0, 2, 3, 4]  # step 0: the random initialisation
+    checked = h[h["step"].isin([0, 2, 4])]
+    assert checked[["R@1", "R@5", "R@1_cls"]].notna().all().all() and h.loc[h["step"] == 3, "R@1"].isna().all()
+    assert ((0 <= checked["R@1"]) & (checked["R@1"] <= checked["R@5"]) & (checked["R@5"] <= 100)).all()
