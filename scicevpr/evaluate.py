@@ -27,15 +27,26 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
-from .data.vg import ImageFileDataset, VGSplit
+from .data.transforms import eval_transform
+from .data.vg import ImageFileDataset, VGSplit, list_images
 from .precision import autocast, resolve_amp
+from .protocol import (
+    OFFICIAL_PCA_FOLDER,
+    OFFICIAL_PCA_MAX_IMAGES,
+    check_group_size,
+    check_protocol,
+    eval_batch_size,
+    num_groups,
+)
 
 PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How descriptors are computed and scored. Defaults: the official protocol.
+    """How descriptors are computed and scored. Defaults: the VG-benchmark protocol (file
+    order, batches of 16, exact L2 search) with this project's input pipeline; ``protocol=
+    "official"`` is the authors' code to the detail (:mod:`scicevpr.protocol`).
 
     Attributes:
         batch_size: images per forward pass for the database (and queries unless
@@ -53,6 +64,13 @@ class EvalConfig:
         num_workers: DataLoader worker processes (decoding or file reading).
         pca_dim: project descriptors with a PCA of this many dimensions (fitted separately).
         progress: tqdm progress bars.
+        protocol: ``"default"`` or ``"official"``: the authors' non-antialiased resize of the
+            normalised tensor, fp32, PIL decoding (``fast``, ``amp`` and ``gpu_decode`` off), a
+            shuffled PCA subset, CricaVPR at half the batch on Pitts30k/250k.
+        encoder_group_size: the cross-image encoder attends within groups of this many images
+            of each batch, as ``nn.DataParallel`` splits a batch over GPUs (a batch of B in
+            ``ceil(B / g)`` chunks); None: the whole batch (the authors' ``eval.py``, one GPU).
+            Their stage-1 validation ran on 2 GPUs: 8 of 16.
     """
 
     batch_size: int = 16
@@ -65,6 +83,19 @@ class EvalConfig:
     num_workers: int = 2
     pca_dim: int | None = None
     progress: bool = True
+    protocol: str = "default"
+    encoder_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol, "EvalConfig.protocol")
+        check_group_size(self.encoder_group_size, "EvalConfig.encoder_group_size")
+        if self.protocol == "official":
+            on = [n for n in ("fast", "amp", "gpu_decode") if getattr(self, n)]
+            if on:
+                raise ValueError(
+                    f"protocol='official' computes in fp32 with PIL decoding, as the authors do; "
+                    f"{', '.join(f'{n}=True' for n in on)} contradicts it. Leave them unset, or use protocol='default'."
+                )
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -72,6 +103,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def fast_enabled(config: EvalConfig, device: torch.device) -> bool:
+    if config.protocol == "official":
+        return False  # fp32, no compile, PIL decoding (then amp and gpu_decode follow: off)
     return device.type == "cuda" if config.fast is None else config.fast
 
 
@@ -125,18 +158,19 @@ def iterate_images(
     gpu_decode: bool = False,
     progress: bool = True,
     desc: str = "images",
+    protocol: str = "default",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches ``(images (b, 3, S, S) on device, indices (b,))`` in the order of ``paths``.
 
     With ``gpu_decode`` on CUDA, workers only read bytes and the batch is decoded on the GPU;
-    otherwise workers decode with PIL.
+    otherwise workers decode with PIL and apply ``eval_transform(S, protocol)``.
     """
     gpu = bool(gpu_decode) and device.type == "cuda"
     if gpu:
         ds = JpegBytesDataset(paths)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_jpeg_bytes)
     else:
-        ds = ImageFileDataset(paths, image_size)
+        ds = ImageFileDataset(paths, image_size, transform=eval_transform(image_size, protocol))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
     for batch, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -155,17 +189,19 @@ def compute_descriptors(
     batch_size: int | None = None,
     desc: str = "descriptors",
 ) -> np.ndarray:
-    """(N, D) float32 descriptors of image files, fed in file order in batches of ``batch_size``
-    (default ``config.batch_size``), as the official protocol does."""
+    """(N, D) float32 descriptors of image files, fed in the order of ``paths`` in batches of
+    ``batch_size`` (default ``config.batch_size``), as the VG-benchmark protocol does. The
+    cross-image encoder sees exactly each batch, or its groups of ``config.encoder_group_size``."""
     device = _prepare(model, config)
     bs = batch_size or config.batch_size
     amp = amp_enabled(config, device)
+    groups = num_groups(bs, config.encoder_group_size)
     features = per_image_function(model, dataclasses.replace(config, batch_size=bs), device)
     out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
     for x, idx in iterate_images(paths, model.image_size, bs, device, config.num_workers,
-                                 gpu_decode_enabled(config, device), config.progress, desc):
+                                 gpu_decode_enabled(config, device), config.progress, desc, config.protocol):
         with autocast(device, amp):
-            d = model.encode(features(x))  # the encoder sees exactly this batch
+            d = model.encode(features(x), groups)  # the encoder sees exactly this batch (or its groups)
         out[idx.numpy()] = d.float().cpu().numpy()
     return out
 
@@ -184,7 +220,7 @@ def compute_regional_features(
     features = per_image_function(model, config, device)
     chunks, order = [], []
     for x, idx in iterate_images(paths, model.image_size, config.batch_size, device, config.num_workers,
-                                 gpu_decode_enabled(config, device), config.progress, desc):
+                                 gpu_decode_enabled(config, device), config.progress, desc, config.protocol):
         with autocast(device, amp):
             r = features(x)
         chunks.append(r.float().cpu())
@@ -200,10 +236,12 @@ def encode_in_batches(
     batch_size: int,
     order: np.ndarray | None = None,
     amp: bool = False,
+    group_size: int | None = None,
 ) -> np.ndarray:
     """Descriptors from regional features (N, R, C), the images grouped into consecutive
     batches of ``batch_size`` following ``order`` (default: file order). Returns (N, D) in the
-    original index order. ``amp``: bf16 autocast where the precision policy allows it."""
+    original index order. ``amp``: bf16 autocast where the precision policy allows it.
+    ``group_size``: the encoder attends within groups of a batch (``EvalConfig.encoder_group_size``)."""
     device = model_device(model)
     amp = resolve_amp(device, amp)
     model.eval()
@@ -214,7 +252,7 @@ def encode_in_batches(
         idx = order[start : start + batch_size]
         r = regional[torch.as_tensor(idx)].to(device)
         with autocast(device, amp):
-            out[idx] = model.encode(r).float().cpu().numpy()
+            out[idx] = model.encode(r, num_groups(batch_size, group_size)).float().cpu().numpy()
     return out
 
 
@@ -349,21 +387,60 @@ def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
     return PCA(mean.numpy().astype(np.float32), comps.numpy().astype(np.float32), var.numpy())
 
 
+def official_pca_images(vg_root: PathLike) -> list[Path]:
+    """The authors' PCA folder: every ``*.jpg`` (database and queries) of Pitts30k's training
+    split, ``<vg_root>/pitts30k/images/train`` (their ``--pca_dataset_folder`` and
+    ``datasets_ws.PCADataset``: sorted ``glob("**/*.jpg")``)."""
+    folder = Path(vg_root).joinpath(*OFFICIAL_PCA_FOLDER)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"the official PCA folder {str(folder)!r} does not exist: the authors fit the PCA on Pitts30k's "
+            "training images. Put Pitts30k (VG layout, train split) under the VG root, or pass the images "
+            "to fit on explicitly (command line: --pca-images FOLDER)."
+        )
+    return list_images(folder)
+
+
+def select_pca_images(
+    paths: Sequence[PathLike],
+    max_images: int = OFFICIAL_PCA_MAX_IMAGES,
+    seed: int = 0,
+    protocol: str = "default",
+) -> list[Path]:
+    """The images a PCA is fitted on, in the order they are fed to the model.
+
+    ``"default"``: a seeded subset of ``max_images`` kept in file order (so a cross-image model
+    sees neighbouring images together). ``"official"``: the authors' shuffled loader
+    (``util.compute_pca``: ``DataLoader(..., shuffle=True)`` stopped after 2^14 images): a
+    seeded permutation of all the images, its first ``max_images``, in that shuffled order.
+    """
+    check_protocol(protocol)
+    paths = [Path(p) for p in paths]
+    if protocol == "official":
+        perm = np.random.default_rng(seed).permutation(len(paths))[:max_images]
+        return [paths[i] for i in perm]
+    if len(paths) > max_images:
+        rng = np.random.default_rng(seed)
+        paths = [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
+    return paths
+
+
 def fit_pca_on_images(
     model: torch.nn.Module,
     paths: Sequence[PathLike],
     dim: int = 4096,
-    max_images: int = 2**14,
+    max_images: int = OFFICIAL_PCA_MAX_IMAGES,
     seed: int = 0,
     config: EvalConfig = EvalConfig(),
 ) -> PCA:
-    """PCA fitted on the descriptors of up to ``max_images`` training images (official: 2^14)."""
+    """PCA fitted on the descriptors of up to ``max_images`` training images (official: 2^14),
+    chosen and ordered by :func:`select_pca_images` under ``config.protocol``. The authors' set
+    is :func:`official_pca_images` (Pitts30k train)."""
     paths = list(paths)
     if not paths:
-        raise ValueError("no images to fit the PCA on: pass the training images (e.g. GSV-Cities files)")
-    if len(paths) > max_images:
-        rng = np.random.default_rng(seed)
-        paths = [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
+        raise ValueError("no images to fit the PCA on: pass training images (the authors use Pitts30k's "
+                         "images/train, see official_pca_images)")
+    paths = select_pca_images(paths, max_images, seed, config.protocol)
     return fit_pca(compute_descriptors(model, paths, config, desc="PCA descriptors"), dim)
 
 
@@ -456,16 +533,19 @@ def evaluate(
     pca: PCA | None = None,
     name: str | None = None,
 ) -> EvalResult:
-    """Recall@N of ``model`` on ``split`` under the official protocol (see module docstring).
+    """Recall@N of ``model`` on ``split`` under the VG-benchmark protocol (see module docstring)
+    and ``config.protocol``.
 
     ``pca``: a fitted :class:`PCA` applied to both database and query descriptors.
     """
     if split.num_database == 0 or split.num_queries == 0:
         raise ValueError(f"{split.dataset}/{split.split} has {split.num_database} database images and "
                          f"{split.num_queries} queries; both must be non-empty")
-    db = compute_descriptors(model, split.database_paths, config, desc=f"{split.dataset} database")
-    q = compute_descriptors(model, split.query_paths, config, batch_size=config.query_batch_size,
-                            desc=f"{split.dataset} queries")
+    cls = type(model).__name__
+    bs = eval_batch_size(config.protocol, cls, split.dataset, config.batch_size)  # CricaVPR, Pitts: 8
+    qbs = eval_batch_size(config.protocol, cls, split.dataset, config.query_batch_size or config.batch_size)
+    db = compute_descriptors(model, split.database_paths, config, batch_size=bs, desc=f"{split.dataset} database")
+    q = compute_descriptors(model, split.query_paths, config, batch_size=qbs, desc=f"{split.dataset} queries")
     return score(model, split, db, q, config, pca, name)
 
 
@@ -520,14 +600,15 @@ def batch_stability(
     q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
     db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
     amp = amp_enabled(config, model_device(model))
-    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp)
+    g = config.encoder_group_size
+    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
     alone = encode_in_batches(model, q_regional, 1, amp=amp)
     rng = np.random.default_rng(seed)
     orders = [np.arange(split.num_queries)] + [rng.permutation(split.num_queries) for _ in range(num_orders - 1)]
     rows = []
     for bs in query_batch_sizes:
         for o, order in enumerate(orders):
-            q = alone if bs == 1 and o == 0 else encode_in_batches(model, q_regional, bs, order, amp=amp)
+            q = alone if bs == 1 and o == 0 else encode_in_batches(model, q_regional, bs, order, amp=amp, group_size=g)
             res = score(None, split, db, q, config)
             row = {"model": name, "batch_size": bs, "order": o,
                    "max_abs_change": float(np.abs(q - alone).max())}
