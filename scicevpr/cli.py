@@ -155,6 +155,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", required=True, help="e.g. pitts30k, msls, tokyo247, nordland, synthetic")
     g.add_argument("--split", default="test")
     g.add_argument("--radius", type=float, default=25.0, help="positive radius in metres")
+    g.add_argument("--queries", default="queries", help="queries folder name (SF-XL test: queries_v1)")
     add_dataclass_options(p, EvalConfig, skip=("progress",))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -165,10 +166,12 @@ def eval_config(args: argparse.Namespace):
     return EvalConfig(progress=not args.quiet, **dataclass_overrides(args, EvalConfig))
 
 
-def load_split(args: argparse.Namespace):
+def load_split(args: argparse.Namespace, model, protocol: str = "default"):
     from .data.vg import load_vg_split
+    from .protocol import utm_dtype
 
-    return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius)
+    return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius, queries=args.queries,
+                         utm_dtype=utm_dtype(protocol, type(model).__name__))
 
 
 def _write_table(table, out: str | None) -> None:
@@ -185,16 +188,26 @@ def _write_table(table, out: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, fit_pca_on_images
+    import dataclasses
 
-    model, split, cfg = build_model(args), load_split(args), eval_config(args)
+    from .data.vg import list_images
+    from .evaluate import evaluate, fit_pca_on_images, official_pca_images
+    from .protocol import eval_batch_size
+
+    model, cfg = build_model(args), eval_config(args)
+    split = load_split(args, model, cfg.protocol)
     print(f"{split}")
     pca = None
     if cfg.pca_dim:
-        if not args.pca_images:
-            raise SystemExit("--pca-dim needs --pca-images: a folder of training images (e.g. GSV-Cities Images/)")
-        paths = sorted(Path(args.pca_images).rglob("*.jpg"))
-        pca = fit_pca_on_images(model, paths, cfg.pca_dim, config=cfg)
+        if args.pca_images:
+            paths = list_images(args.pca_images)
+        elif cfg.protocol == "official":
+            paths = official_pca_images(args.vg_root)  # the authors': <vg-root>/pitts30k/images/train
+        else:
+            raise SystemExit("--pca-dim needs --pca-images: a folder of training images (the authors use "
+                             "<vg-root>/pitts30k/images/train, the default under --protocol official)")
+        bs = eval_batch_size(cfg.protocol, type(model).__name__, split.dataset, cfg.batch_size)
+        pca = fit_pca_on_images(model, paths, cfg.pca_dim, config=dataclasses.replace(cfg, batch_size=bs))
     result = evaluate(model, split, cfg, pca=pca)
     _write_table(result.table(), args.out)
     if result.per_condition is not None:
@@ -208,7 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from .evaluate import batch_stability, stability_summary
 
-    model, split, cfg = build_model(args), load_split(args), eval_config(args)
+    model, cfg = build_model(args), eval_config(args)
+    split = load_split(args, model, cfg.protocol)
     table = batch_stability(model, split, args.batch_sizes, args.orders, args.seed, cfg.batch_size, cfg)
     _write_table(table, args.out)
     print(stability_summary(table).to_string(index=False))
@@ -266,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         **dataclass_overrides(args, TrainConfig),
     )
     if args.stage == "student" and config.teacher is None:
-        raise SystemExit("train-student needs --teacher: stage 1's best.pt or the authors' Super-CricaVPR checkpoint")
+        raise SystemExit("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -392,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Recall@1/5/10/100 under the official protocol (file order, batches of 16, exact L2 search).")
     add_model_options(p)
     add_eval_options(p)
-    p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim)")
+    p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim); "
+                   "under --protocol official, default: <vg-root>/pitts30k/images/train")
     p.add_argument("--out", help="write the results table to this CSV")
     p.add_argument("--save-descriptors", help="folder for database.npy / queries.npy (fp16)")
     p.set_defaults(func=cmd_eval)
