@@ -228,3 +228,40 @@ def test_sfxl_queries_v1_is_named_in_the_error_and_accepted(tmp_path, make_jpeg)
     with pytest.raises(FileNotFoundError, match=r"queries='queries_v1'.*data/README.md"):
         load_vg_split(tmp_path, "sf_xl", "test")
     assert load_vg_split(tmp_path, "sf_xl", "test", queries="queries_v1").num_queries == 2
+
+
+# ---- the switch on the command line ---------------------------------------------------------
+
+
+def test_protocol_option_reaches_every_command():
+    from scicevpr.cli import build_parser
+
+    parser = build_parser()
+    for cmd, cls in (("train-teacher", "TrainConfig"), ("train-student", "TrainConfig"), ("eval", "EvalConfig"),
+                     ("stability", "EvalConfig"), ("extract", "EvalConfig")):
+        extra = {"eval": ["--vg-root", "x", "--dataset", "y"], "stability": ["--vg-root", "x", "--dataset", "y"],
+                 "extract": ["--images", "x", "--out", "y"]}.get(cmd, [])
+        args = parser.parse_args([cmd, "--protocol", "official", *extra])
+        assert vars(args)[f"{cls}.protocol"] == "official"
+
+
+@pytest.mark.slow
+def test_official_protocol_trains_distils_and_evaluates_end_to_end(tiny_benchmark, tmp_path, capsys):
+    from scicevpr.cli import main
+
+    common = ["--gsv-root", str(tiny_benchmark.gsv_root), "--val-root", str(tiny_benchmark.vg_root), "--val-dataset",
+              "synthetic", "--places-per-batch", "5", "--img-per-place", "2", "--epochs", "1", "--num-workers", "0",
+              "--device", "cpu", "--quiet", "--protocol", "official"]
+    assert main(["train-teacher", "--preset", "SciceVPR-S", "--weights", "none", "--set", "image_size=56",
+                 "--run-dir", str(tmp_path / "t"), *common]) == 0
+    import json
+
+    info = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert info["iterations_per_epoch"] == 3 and info["amp"] is False  # 12 places at P = 5: the last batch partial
+    assert main(["train-student", "--teacher", str(tmp_path / "t"), "--run-dir", str(tmp_path / "s"), *common]) == 0
+
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["train"]["protocol"] == "official"
+    assert main(["eval", "--checkpoint", str(tmp_path / "s" / "last.pt"), "--vg-root", str(tiny_benchmark.vg_root),
+                 "--dataset", "synthetic", "--protocol", "official", "--num-workers", "0", "--quiet",
+                 "--pca-dim", "4", "--pca-images", str(tiny_benchmark.gsv_root / "Images")]) == 0
+    assert "R@1" in capsys.readouterr().out
