@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_parser(sub)
 
     p = sub.add_parser("eval", help="Recall@N of a model on a VG-layout dataset",
-                       description="Recall@1/5/10/100 under the official protocol (file order, batches of 16, exact L2 search).")
+                       description="Recall@1/5/10/100 under the VG-benchmark protocol (file order, batches of 16, exact L2 "
+                       "search); --protocol official: the authors' code to the detail (README table).")
     add_model_options(p)
     add_eval_options(p)
     p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim); "
