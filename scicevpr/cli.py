@@ -22,6 +22,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -378,11 +379,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"no notebooks in {root / 'notebooks'}")
     for nb in notebooks:
         print(f"running {nb.relative_to(root)} ...", flush=True)
+        start = time.perf_counter()
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
         subprocess.run(cmd, check=True, cwd=nb.parent, env=demo_environment())
         strip_widget_state(nb if args.inplace else Path(args.output_dir).resolve() / nb.name)
+        print(f"  {nb.name}: {time.perf_counter() - start:.0f} s", flush=True)
     results = root / "figures" / "results.md"
     print(f"\nfigures written to {root / 'figures'}")
     if results.is_file():
