@@ -24,6 +24,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -443,6 +444,27 @@ def demo_environment() -> dict[str, str]:
     return {**os.environ, **PINNED_CPU_KERNELS, "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_widget_state(path: Path) -> None:
+    """Remove what a run of the interactive cells stores with random ids (the widget state in
+    the notebook's metadata, the widget views in the outputs; their text form stays), so that
+    re-running an unchanged notebook leaves the file unchanged. The widgets come back when the
+    cell is run in Jupyter."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    changed = nb.metadata.pop("widgets", None) is not None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if WIDGET_VIEW in out.get("data", {}):
+                del out["data"][WIDGET_VIEW]
+                changed = True
+    if changed:
+        nbformat.write(nb, path)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Execute every notebook headlessly, in order, then print the final results table."""
     root = repo_root()
@@ -451,10 +473,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"no notebooks in {root / 'notebooks'}")
     for nb in notebooks:
         print(f"running {nb.relative_to(root)} ...", flush=True)
+        start = time.perf_counter()
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
         subprocess.run(cmd, check=True, cwd=nb.parent, env=demo_environment())
+        strip_widget_state(nb if args.inplace else Path(args.output_dir).resolve() / nb.name)
+        print(f"  {nb.name}: {time.perf_counter() - start:.0f} s", flush=True)
     results = root / "figures" / "results.md"
     print(f"\nfigures written to {root / 'figures'}")
     if results.is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,3 +77,33 @@ def test_synth_train_distil_eval_stability_extract(tmp_path, capsys):
                  "--num-workers", "0", "--quiet"]) == 0
     assert np.load(tmp_path / "q.npy").shape[1] == 14 * 384
     assert (tmp_path / "q.txt").read_text().count("\n") == np.load(tmp_path / "q.npy").shape[0]
+
+
+def test_demo_strips_widget_state_so_an_unchanged_notebook_stays_unchanged(tmp_path):
+    import nbformat
+
+    from scicevpr.cli import WIDGET_VIEW, strip_widget_state
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"a1b2": {}}}}
+    cell = nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nwidget")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "a1b2"}, "text/plain": "VBox()"})]
+    nb.cells.append(cell)
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    strip_widget_state(path)
+    cleaned = nbformat.read(path, as_version=4)
+    assert "widgets" not in cleaned.metadata
+    assert cleaned.cells[0].outputs[0]["data"] == {"text/plain": "VBox()"}
+    before = path.read_bytes()
+    strip_widget_state(path)
+    assert path.read_bytes() == before
+
+
+def test_stored_notebooks_hold_no_random_widget_ids():
+    """What `make demo` stores: no widget state, so re-running leaves `git status` clean."""
+    from scicevpr.cli import WIDGET_VIEW
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
+        text = path.read_text()
+        assert WIDGET_VIEW not in text and "widget-state+json" not in text, path.name
