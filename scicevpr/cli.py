@@ -7,6 +7,8 @@
     scicevpr eval           --checkpoint runs/student/best.pt --vg-root ... --dataset pitts30k
     scicevpr stability      --checkpoint ... --vg-root ... --dataset tokyo247
     scicevpr extract        --checkpoint ... --images folder/ --out descriptors.npy
+    scicevpr search         --checkpoint ... --database photos/ --queries new/ --out results/
+    scicevpr index build    --checkpoint ... --database photos/ --out map/   # then: index query --index map/ ...
     scicevpr demo                                                # run every notebook headlessly
 
 Multi-GPU training: ``torchrun --nproc_per_node 4 -m scicevpr.cli train-teacher ...``.
@@ -167,12 +169,14 @@ def eval_config(args: argparse.Namespace):
     return EvalConfig(progress=not args.quiet, **dataclass_overrides(args, EvalConfig))
 
 
-def load_split(args: argparse.Namespace, model, protocol: str = "default"):
+def load_split(args: argparse.Namespace, model=None, protocol: str = "default"):
+    """The evaluation split; ``model`` (None: saved descriptors) decides the official UTM precision."""
     from .data.vg import load_vg_split
     from .protocol import utm_dtype
 
+    model_class = None if model is None else type(model).__name__
     return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius, queries=args.queries,
-                         utm_dtype=utm_dtype(protocol, type(model).__name__))
+                         utm_dtype=utm_dtype(protocol, model_class))
 
 
 def _write_table(table, out: str | None) -> None:
@@ -191,6 +195,8 @@ def _write_table(table, out: str | None) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
+    if args.descriptors:
+        return cmd_eval_descriptors(args)
     from .data.vg import list_images
     from .evaluate import evaluate, fit_pca_on_images, official_pca_images
     from .protocol import eval_batch_size
@@ -216,6 +222,97 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.save_descriptors:
         for p in result.save_descriptors(args.save_descriptors):
             print(f"written {p}")
+    if args.plot:
+        db, q = result.database_descriptors, result.query_descriptors
+        if pca is not None:
+            db, q = pca.transform(db), pca.transform(q)
+        _write_recall_plot(args.plot, split, {result.model_name: (db, q)})
+    return 0
+
+
+def cmd_eval_descriptors(args: argparse.Namespace) -> int:
+    """``eval --descriptors A B ...``: Recall@N of saved descriptor folders, no model needed."""
+    import pandas as pd
+
+    from .evaluate import load_descriptor_folder, score
+
+    cfg = eval_config(args)
+    split = load_split(args, None, cfg.protocol)
+    if cfg.pca_dim:
+        raise ValueError("--pca-dim needs a model; with --descriptors, save descriptors that are already projected")
+    names = args.names or list(args.descriptors)
+    if len(names) != len(args.descriptors):
+        raise ValueError(f"--names gives {len(names)} names for {len(args.descriptors)} --descriptors folders")
+    print(f"{split}")
+    pairs, tables = {}, []
+    for name, folder in zip(names, args.descriptors):
+        db, q = load_descriptor_folder(folder, split)
+        tables.append(score(None, split, db, q, cfg, name=name).table())
+        pairs[name] = (db, q)
+    _write_table(pd.concat(tables, ignore_index=True), args.out)
+    if args.plot:
+        _write_recall_plot(args.plot, split, pairs)
+    return 0
+
+
+def _write_recall_plot(path: str, split, descriptors: dict) -> None:
+    """Recall@N for N = 1..100, one line per model, beside the eval table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import chance_recall, recall_curve
+    from .viz import plot_recall_curves, save_png
+
+    curves = {name: recall_curve(db, q, split.positives, 100) for name, (db, q) in descriptors.items()}
+    chance = chance_recall(split.num_database, split.positives, range(1, 101))
+    fig = plot_recall_curves(curves, chance=list(chance.values()),
+                             title=f"Recall@N on {split.dataset}/{split.split} ({split.num_queries} queries, {split.radius:.0f} m)",
+                             label=f"{split.dataset}/{split.split}")
+    print(f"written {save_png(fig, path)}")
+    plt.close(fig)
+
+
+def _model_source(args: argparse.Namespace) -> str:
+    """How the command line made the model, in its own options (recorded in an index)."""
+    if args.checkpoint:
+        return f"--checkpoint {args.checkpoint}"
+    text = f"--model {args.model} --preset {args.preset}"
+    text += f" --official {args.official}" if args.official else f" --weights {args.weights}"
+    return text + (f" --set {' '.join(args.set)}" if args.set else "")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import report, search_folders, write_search_outputs
+
+    model, cfg = build_model(args), eval_config(args)
+    result = search_folders(model, args.database, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
+    print(report(result, write_search_outputs(result, args.out, args.top_k, args.sheet_queries)))
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .index import IndexConfig, build_index, describe
+
+    model, cfg = build_model(args), eval_config(args)
+    saved = build_index(model, args.database, args.out, IndexConfig(**dataclass_overrides(args, IndexConfig)), cfg,
+                        args.skip_unreadable, _model_source(args), args.overwrite)
+    print(describe(saved))
+    if saved.manifest["skipped"]:
+        print(f"skipped {saved.manifest['skipped']} unreadable files (listed in {saved.folder / 'skipped.txt'})")
+    return 0
+
+
+def cmd_index_query(args: argparse.Namespace) -> int:
+    from .index import describe, load_index
+    from .search import report, write_search_outputs
+
+    saved = load_index(args.index, args.database_root)
+    model, cfg = build_model(args), eval_config(args)
+    print(describe(saved))
+    result = saved.query(model, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
+    print(report(result, write_search_outputs(result, args.out, args.top_k, args.sheet_queries)))
     return 0
 
 
@@ -408,6 +505,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_search_parsers(sub) -> None:
+    """``search`` (two photo folders) and ``index build`` / ``index query`` (a saved map)."""
+    from .evaluate import EvalConfig
+    from .index import IndexConfig
+
+    def common(p, what: str) -> None:
+        add_model_options(p)
+        add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim", "query_batch_size"))
+        p.add_argument("--skip-unreadable", action="store_true",
+                       help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def outputs(p) -> None:
+        p.add_argument("--queries", required=True, help="folder of query photos (.jpg/.jpeg/.png, searched recursively)")
+        p.add_argument("--out", default="search_results", help="folder for matches.csv and contact_sheet.png (default: search_results)")
+        p.add_argument("--top-k", type=int, default=5, help="matches per query in matches.csv (default: 5)")
+        p.add_argument("--sheet-queries", type=int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
+        p.add_argument("--radius", type=float, default=25.0, help="positives radius (m) when names carry UTM fields")
+
+    p = sub.add_parser(
+        "search", help="nearest database photos of each query photo (folders without labels)",
+        description="Describe every .jpg/.jpeg/.png below --database and --queries (any names, any nesting), search "
+        "exactly, and write per query the top-k database files and their similarities (matches.csv) and a contact "
+        "sheet of the first queries (contact_sheet.png). When the names carry UTM fields (@east@north@...@.jpg), "
+        "Recall@N is printed as eval does.")
+    common(p, "database or query")
+    p.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
+    outputs(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("index", help="a saved map: index build (database once), index query (new photos later)",
+                       description="Build a FAISS index of a photo folder once, then localise new photos against it.")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = isub.add_parser(
+        "build", help="describe a database folder and save descriptors, FAISS index, file list and model identity",
+        description="Writes index.json, index.faiss, descriptors.npy and files.txt into --out. Exact search by default; "
+        "--kind ivf or --kind hnsw for an approximate index (see README.md for its measured recall).")
+    common(b, "database")
+    add_dataclass_options(b, IndexConfig, title="defaults: exact search")
+    b.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
+    b.add_argument("--out", required=True, help="the index folder")
+    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    b.set_defaults(func=cmd_index_build)
+    q = isub.add_parser(
+        "query", help="localise new photos against a saved index (with the model that built it)",
+        description="The database is not recomputed; a model other than the index's is refused.")
+    common(q, "query")
+    q.add_argument("--index", required=True, help="an index folder written by `scicevpr index build`")
+    q.add_argument("--database-root", help="where the database images are now, if they moved (for the contact sheet)")
+    outputs(q)
+    q.set_defaults(func=cmd_index_query)
+
+
 # --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
@@ -436,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "under --protocol official, default: <vg-root>/pitts30k/images/train")
     p.add_argument("--out", help="write the results table to this CSV")
     p.add_argument("--save-descriptors", help="folder for database.npy / queries.npy (fp16)")
+    p.add_argument("--descriptors", nargs="+", metavar="FOLDER",
+                   help="score saved descriptor folders (database.npy, queries.npy) instead of a model, one row each")
+    p.add_argument("--names", nargs="+", help="names of the --descriptors folders in the table and plot (default: the paths)")
+    p.add_argument("--plot", metavar="PNG", help="also write the Recall@N curve for N = 1..100 (one line per model)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("stability", help="R@N under other query batch sizes and orders (paper Fig. 1-2)",
@@ -457,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy path")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_extract)
+
+    add_search_parsers(sub)
 
     p = sub.add_parser("demo", help="execute every notebook headlessly and print the final results")
     p.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,

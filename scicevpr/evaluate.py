@@ -295,6 +295,16 @@ def hit_ranks(correct: np.ndarray) -> np.ndarray:
     return np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
 
 
+def recall_curve(
+    database: np.ndarray, queries: np.ndarray, positives: Sequence[np.ndarray], max_n: int = 100
+) -> np.ndarray:
+    """(max_n,) Recall@N in percent for N = 1..max_n (the curve VPR papers draw), from one exact
+    :func:`search` and :func:`recall_at_n`. N beyond the database size keeps the last value."""
+    _, pred = search(database, queries, max_n)
+    recalls, _ = recall_at_n(pred, positives, tuple(range(1, max_n + 1)))
+    return np.array([recalls[n] for n in range(1, max_n + 1)])
+
+
 def recall_intervals(
     correct: np.ndarray,
     recall_values: Sequence[int] = (1, 5, 10, 100),
@@ -507,6 +517,30 @@ def save_descriptors(path: PathLike, descriptors: np.ndarray) -> Path:
 def load_descriptors(path: PathLike) -> np.ndarray:
     """Load descriptors saved by :func:`save_descriptors` as float32."""
     return np.load(path).astype(np.float32)
+
+
+def load_descriptor_folder(folder: PathLike, split: VGSplit) -> tuple[np.ndarray, np.ndarray]:
+    """``database.npy`` and ``queries.npy`` of a folder written by
+    :meth:`EvalResult.save_descriptors`, checked against ``split`` (one row per image)."""
+    folder = Path(folder)
+    out = []
+    for role, n in (("database", split.num_database), ("queries", split.num_queries)):
+        path = folder / f"{role}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"descriptor file {str(path)!r} does not exist: a descriptor folder holds database.npy and "
+                f"queries.npy, as `scicevpr eval --save-descriptors FOLDER` writes them."
+            )
+        d = load_descriptors(path)
+        if d.ndim != 2 or d.shape[0] != n:
+            raise ValueError(
+                f"{str(path)!r} holds {d.shape[0] if d.ndim else 0} descriptors but {split.dataset}/{split.split} has "
+                f"{n} {role} images: it was computed on another split. Pass the same --dataset/--split it was saved with."
+            )
+        out.append(d)
+    if out[0].shape[1] != out[1].shape[1]:
+        raise ValueError(f"{str(folder)!r}: database ({out[0].shape[1]}-d) and queries ({out[1].shape[1]}-d) differ in dimension")
+    return out[0], out[1]
 
 
 def recall_by_condition(
