@@ -559,9 +559,10 @@ def read_log(run: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_training_curves(runs: Mapping[str, str | os.PathLike | pd.DataFrame], recalls: Sequence[str] = ("R@1", "R@5", "R@10"),
-                         label: str | None = None, title: str | None = None) -> plt.Figure:
+                         label: str | None = None, title: str | None = None, best_by: str = "R@5") -> plt.Figure:
     """Training curves from runs' ``log.csv``: losses per epoch (left) and validation recall
-    per epoch (right), one colour per run; the best epoch (kept checkpoint) is circled."""
+    per epoch (right), one colour per run; the best epoch (kept checkpoint) is circled on the
+    curve of ``best_by``, the recall it was chosen by (the training loop keeps the best R@5)."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
     colours = plt.get_cmap("tab10")
     styles = {"loss": "-", "loss_ms": "--", "loss_d": ":"}
@@ -578,16 +579,16 @@ def plot_training_curves(runs: Mapping[str, str | os.PathLike | pd.DataFrame], r
                 ax2.plot(log["epoch"], log[r], ls=rstyles[j % 4], marker="o", ms=3, color=c, label=f"{run_name}: {r}")
         if "best" in log:
             best = log[log["best"].astype(str).str.lower() == "true"]
-            if len(best) and recalls[0] in log:
+            if len(best) and best_by in log:
                 b = best.iloc[-1]
-                ax2.scatter([b["epoch"]], [b[recalls[0]]], s=160, facecolors="none", edgecolors=c, lw=2, zorder=5)
+                ax2.scatter([b["epoch"]], [b[best_by]], s=160, facecolors="none", edgecolors=c, lw=2, zorder=5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (mean over the epoch)")
     ax.set_title("Losses: L_MS (stage 1); L_T = L_MS + L_D (stage 2)")
     ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation recall (%)")
-    ax2.set_title("Validation Recall@N (circle: kept checkpoint)")
+    ax2.set_title(f"Validation Recall@N (circle: kept checkpoint, chosen by {best_by})")
     ax2.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     for a in (ax, ax2):
         a.xaxis.get_major_locator().set_params(integer=True)

@@ -205,6 +205,14 @@ def test_plot_training_curves_reads_a_run_folder(tmp_path):
         viz.read_log(tmp_path / "missing")
 
 
+def test_the_kept_checkpoint_is_marked_on_the_recall_it_was_chosen_by():
+    log = training_log(False)  # best (last True) at epoch 2: R@1 7.0, R@5 25.0
+    fig = viz.plot_training_curves({"stage 1": log}, label=LABEL)
+    circles = [c for c in fig.axes[1].collections if len(c.get_offsets()) == 1]
+    assert [tuple(c.get_offsets()[0]) for c in circles] == [(2.0, 25.0)]
+    assert "chosen by R@5" in fig.axes[1].get_title()
+
+
 def make_split_and_result(tmp_path):
     paths = []
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
