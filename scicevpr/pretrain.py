@@ -69,6 +69,7 @@ manifest.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -99,6 +100,7 @@ from .config import BACKBONE_ARCHS, BackboneConfig
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
+from .files import holds_files, load_torch_file, lock_run_dir
 from .losses import LossConfig, MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
@@ -796,7 +798,7 @@ def machine_info(device: torch.device, amp: bool, world_size: int = 1) -> dict[s
     except OSError:
         pass
     info = {"device": device.type, "cpu": cpu, "cpu_count": os.cpu_count(), "precision": describe(device, amp),
-            "torch": torch.__version__, "world_size": world_size}
+            "torch": str(torch.__version__), "world_size": world_size}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -812,10 +814,14 @@ def _param_groups(module: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
+def _run_dir(config: PretrainConfig) -> Path:
+    return Path(config.run_dir or Path("runs") / f"pretrain-{config.objective}")
+
+
 def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
     """Check the run folder; True when there is a ``last.pt`` to resume from."""
     if not config.resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if holds_files(run_dir):
             raise FileExistsError(
                 f"run folder {str(run_dir)!r} already holds a run; refusing to overwrite it. Pass resume=True "
                 f"(--resume) to continue it, or choose another run_dir (or delete the folder)."
@@ -1037,14 +1043,15 @@ class _Run:
         _set_rng_state(ckpt["rng"])
 
 
-def read_pretrain_checkpoint(path: PathLike) -> dict[str, Any]:
-    """A pretraining checkpoint (``last.pt``) as a dict, its format checked."""
+def read_pretrain_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """A pretraining checkpoint (``last.pt``) as a dict, its format checked. It is read with
+    ``weights_only=True``; ``trust_checkpoint=True`` also loads pickled objects (runs code from it)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"pretraining checkpoint {str(path)!r} does not exist; pass a run folder or its last.pt.")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, "pretraining checkpoint", trust=trust_checkpoint)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a pretraining checkpoint (written by scicevpr.pretrain).")
     if obj.get("version", 0) > CHECKPOINT_VERSION:
@@ -1058,14 +1065,15 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     device = _resolve_device(config)
     ddp = _setup_distributed(device)
     try:
-        return _pretrain(config, device, ddp, t_start)
+        with lock_run_dir(_run_dir(config)) if ddp.main else contextlib.nullcontext():
+            return _pretrain(config, device, ddp, t_start)
     finally:
         if ddp.created:
             dist.destroy_process_group()
 
 
 def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start: float) -> PretrainResult:
-    run_dir = Path(config.run_dir or Path("runs") / f"pretrain-{config.objective}")
+    run_dir = _run_dir(config)
     resuming = _check_resume(run_dir, config)
     if ddp.enabled:
         dist.barrier()
@@ -1271,7 +1279,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "wall_s": round(sum(s["wall_s"] for s in sessions), 1),
         "machines": [s["machine"] for s in sessions],
         "sessions": [{k: s[k] for k in ("start_step", "end_step", "wall_s")} for s in sessions],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "config": ckpt["config"],
     }
     tmp = out.parent / f".{out.stem}.json.tmp"

@@ -15,7 +15,9 @@
 Both stages: Adam, lr 1e-4, StepLR halving every 3 epochs stepped per iteration
 (``step_size = 3 * iterations_per_epoch``); a run folder with ``config.json``, ``log.csv``,
 ``last.pt`` and ``best.pt`` (see :mod:`scicevpr.checkpoint`); ``resume=True`` continues from
-``last.pt`` and gives the same weights as an uninterrupted run.
+``last.pt`` and gives the same weights as an uninterrupted run. A run holds its folder's lock
+(:func:`scicevpr.files.lock_run_dir`) while it runs: a second training into the same folder is
+refused.
 
 Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank loads P/N places of every
 global batch and runs the backbone (and everything per image) on them. The per-image outputs
@@ -36,6 +38,7 @@ ready-to-evaluate model from a checkpoint alone.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -72,6 +75,7 @@ from .data.gsv import GSVCitiesDataset
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
+from .files import holds_files, load_torch_file, lock_run_dir
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, resolve_amp
@@ -83,7 +87,7 @@ PAPER_EPOCHS = {"teacher": 10, "student": 1}
 STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")
 RECALL_VALUES = (1, 5, 10, 100)
 # TrainConfig fields that may differ when a run is resumed (they do not change the result).
-RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device")
+RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "trust_checkpoint")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +115,12 @@ class TrainConfig:
         img_per_place: K (4).
         randaugment_ops: RandAugment operations per training image (3); 0 turns augmentation off.
         num_workers: DataLoader workers (per rank).
+        drop_small_places: True (the official loader's choice): places with fewer than K images
+            are left out, and counted (``RunResult.num_dropped_places``, ``config.json``).
+            False: such a place is an error naming it.
+        skip_corrupt: False: a corrupt training or validation image is an error naming it. True:
+            every image is test-decoded before training and the ones that fail are left out,
+            and counted (``RunResult.num_skipped_images``, ``config.json``).
     Optimisation:
         lr: Adam learning rate (1e-4).
         lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``
@@ -132,6 +142,9 @@ class TrainConfig:
             on a CPU only where bf16 is native), False: fp32.
         teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
             authors' format (then ``preset`` must describe it).
+        trust_checkpoint: also load a teacher or ``last.pt`` that holds pickled Python objects
+            (which runs code from the file); only for a file from a source you trust. Files are
+            otherwise read with ``weights_only=True``.
         store_backbone: save the frozen backbone in every checkpoint even when it can be
             rebuilt from its weight file or seed.
         progress: tqdm bars.
@@ -147,6 +160,8 @@ class TrainConfig:
     img_per_place: int = 4  # K
     randaugment_ops: int = 3
     num_workers: int = 4
+    drop_small_places: bool = True
+    skip_corrupt: bool = False
     lr: float = 1e-4
     lr_step_epochs: int = 3
     lr_gamma: float = 0.5
@@ -164,6 +179,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None
     teacher: str | None = None
+    trust_checkpoint: bool = False
     store_backbone: bool = False
     progress: bool = True
 
@@ -220,6 +236,8 @@ class RunResult:
         run_dir, best_path, last_path: the run folder and its checkpoints.
         best_epoch, best_recalls: the epoch (1-based) and Recall@N of ``best.pt``.
         iterations_per_epoch: iterations in one epoch.
+        num_dropped_places: training places left out for having fewer than K images.
+        num_skipped_images: corrupt training and validation images left out (``skip_corrupt``).
     """
 
     model: VPRModel
@@ -231,6 +249,8 @@ class RunResult:
     best_recalls: dict[int, float] | None = None
     teacher: VPRModel | None = None
     iterations_per_epoch: int = 0
+    num_dropped_places: int = 0
+    num_skipped_images: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +529,7 @@ def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> Sup
             f"teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
             f"(train_teacher / `scicevpr train-teacher`) and pass its best.pt, or the authors' checkpoint."
         )
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, "teacher checkpoint", trust=config.trust_checkpoint)
     if is_native_checkpoint(obj):
         teacher = model_from_checkpoint(obj, where=f"teacher checkpoint {str(path)!r}", expected="SuperCricaVPR")
     else:
@@ -539,10 +559,14 @@ LOG_COLUMNS = ("epoch", "iteration", "loss", "loss_ms", "loss_d", "lr", "images_
 ) + ("best",)
 
 
+def _run_dir(config: TrainConfig, stage: str) -> Path:
+    return Path(config.run_dir or Path("runs") / stage)
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
     """Check the run folder; returns True when there is a ``last.pt`` to resume from."""
     if not config.resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if holds_files(run_dir):
             raise FileExistsError(
                 f"run folder {str(run_dir)!r} already holds a run; refusing to overwrite it. Pass "
                 f"resume=True (command line: --resume) to continue it, or choose another run_dir "
@@ -555,8 +579,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
         if old.get("stage") != stage:
             raise ValueError(f"run folder {str(run_dir)!r} holds a {old.get('stage')} run, not a {stage} run.")
         now = config.to_dict()
-        diff = {k: (old["train"].get(k), now[k]) for k in now
-                if k not in RESUMABLE_CHANGES and old["train"].get(k) != now[k]}
+        then = {**_FIELD_DEFAULTS, **old["train"]}  # a field added since the run started: its default
+        diff = {k: (then.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and then.get(k) != now[k]}
         if diff:
             lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise ValueError(
@@ -564,6 +588,9 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
                 f"run's configuration (its config.json) or start a new run_dir."
             )
     return (run_dir / "last.pt").is_file()
+
+
+_FIELD_DEFAULTS = TrainConfig().to_dict()
 
 
 def _write_config(run_dir: Path, config: TrainConfig, stage: str, model: VPRModel, extra: dict) -> None:
@@ -596,16 +623,23 @@ def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_rng_state(),
         "python": random.getstate(),
     }
+
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's global RNG state in plain types (a checkpoint holds no NumPy objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
@@ -660,14 +694,15 @@ def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.dev
     device = _resolve_device(config)
     ddp = _setup_distributed(device)
     try:
-        return _fit(stage, config, build, device, ddp)
+        with lock_run_dir(_run_dir(config, stage)) if ddp.main else contextlib.nullcontext():
+            return _fit(stage, config, build, device, ddp)
     finally:
         if ddp.created:
             dist.destroy_process_group()
 
 
 def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dist) -> RunResult:
-    run_dir = Path(config.run_dir or Path("runs") / stage)
+    run_dir = _run_dir(config, stage)
     resuming = _prepare_run_dir(run_dir, config, stage)
     if ddp.enabled:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
@@ -679,7 +714,8 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     model = st.model.to(device)
     dataset = GSVCitiesDataset(config.gsv_root, cities=config.cities, img_per_place=config.img_per_place,
                                image_size=model.image_size, seed=config.seed,
-                               transform=train_transform(model.image_size, config.randaugment_ops))
+                               transform=train_transform(model.image_size, config.randaugment_ops),
+                               drop_small_places=config.drop_small_places, skip_corrupt=config.skip_corrupt)
     sampler = PlaceBatchSampler(len(dataset), config.places_per_batch, config.seed, ddp.rank, ddp.world_size,
                                 config.max_iters_per_epoch)
     ipe = len(sampler)
@@ -687,12 +723,14 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     scheduler = make_scheduler(optimizer, config, ipe)
     val_split = None
     if config.val_dataset is not None and ddp.main:
-        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split)
+        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split, skip_corrupt=config.skip_corrupt)
+    data_report = {"num_dropped_places": dataset.num_dropped_places,
+                   "num_skipped_images": len(dataset.skipped) + (len(val_split.skipped) if val_split is not None else 0)}
 
     start_epoch, iteration, best = 0, 0, {"r5": -math.inf, "epoch": None, "recalls": None}
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resuming:
-        ckpt = read_checkpoint(last_path)
+        ckpt = read_checkpoint(last_path, config.trust_checkpoint)
         if ckpt["model_class"] != type(model).__name__:
             raise ValueError(f"{str(last_path)!r} holds a {ckpt['model_class']}, this run trains a {type(model).__name__}.")
         tr = ckpt["training"]
@@ -711,7 +749,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = {"world_size": ddp.world_size, "iterations_per_epoch": ipe, "epochs": epochs,
-                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device)}
+                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device), **data_report}
         _write_config(run_dir, config, stage, model, extra)
 
     step = st.step
@@ -781,7 +819,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     return RunResult(
         model=model.eval(), history=history, run_dir=run_dir, last_path=last_path,
         best_path=best_path if has_best else None, best_epoch=best["epoch"],
-        best_recalls=best["recalls"], teacher=st.teacher, iterations_per_epoch=ipe,
+        best_recalls=best["recalls"], teacher=st.teacher, iterations_per_epoch=ipe, **data_report,
     )
 
 
