@@ -26,45 +26,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
 from .data.vg import ImageFileDataset, VGSplit
 from .precision import autocast, resolve_amp
 
 PathLike = str | os.PathLike
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How descriptors are computed and scored. Defaults: the official protocol.
-
-    Attributes:
-        batch_size: images per forward pass for the database (and queries unless
-            ``query_batch_size`` is set); 16 officially (8 for CricaVPR on Pitts30k).
-        query_batch_size: a different batch size for the queries, or None.
-        recall_values: the N of Recall@N.
-        device: None keeps the model where it is; else the model is moved there.
-        fast: the fast path: bf16 autocast (where the device computes bf16 natively, see
-            :mod:`scicevpr.precision`), batched GPU JPEG decoding and ``torch.compile`` of the
-            per-image part of the model. None means on for CUDA, off for CPU;
-            ``fast=False`` is the plain fp32 eager path everywhere.
-        amp: bf16 autocast alone (on a CPU only where bf16 is native); None follows ``fast``.
-        gpu_decode: decode JPEGs in batches on the GPU (nvJPEG) when the device is CUDA;
-            None follows ``fast``.
-        num_workers: DataLoader worker processes (decoding or file reading).
-        pca_dim: project descriptors with a PCA of this many dimensions (fitted separately).
-        progress: tqdm progress bars.
-    """
-
-    batch_size: int = 16
-    query_batch_size: int | None = None
-    recall_values: tuple[int, ...] = (1, 5, 10, 100)
-    device: str | None = None
-    fast: bool | None = None
-    amp: bool | None = None
-    gpu_decode: bool | None = None
-    num_workers: int = 2
-    pca_dim: int | None = None
-    progress: bool = True
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -70,7 +69,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import CricaVPRConfig, ModelConfig, get_config
+from .config import STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
@@ -84,7 +83,6 @@ PathLike = str | os.PathLike
 
 STAGES = ("teacher", "student")
 PAPER_EPOCHS = {"teacher": 10, "student": 1}
-STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")
 RECALL_VALUES = (1, 5, 10, 100)
 # TrainConfig fields that may differ when a run is resumed (they do not change the result).
 RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "trust_checkpoint")
@@ -93,135 +91,6 @@ RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "t
 # --------------------------------------------------------------------------------------------
 # Configuration and result
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Defaults: the paper's (PAPER.md, "Training").
-
-    Model:
-        model: stage-1 model class: ``"SuperCricaVPR"`` (the teacher, default), ``"CricaVPR"``
-            (the baseline) or ``"SciceVPR"`` (trained alone with ``L_MS``: an ablation).
-            Stage 2 always trains a SciceVPR built from the teacher.
-        preset: ModelConfig preset (``"SciceVPR-B"`` / ``"-L"`` / ``"-S"``, ``"CricaVPR"``,
-            ``"CricaVPR-S"``); None means ``"CricaVPR"`` for that model, else ``"SciceVPR-B"``.
-            Stage 2 takes the teacher's architecture and ignores it.
-        model_overrides: ModelConfig fields to replace, e.g. ``{"image_size": 112}``.
-        weights: DINOv2 weights: a path, ``"auto"`` or None (random, reproducible from ``seed``).
-    Data:
-        gsv_root: GSV-Cities folder (``Dataframes/``, ``Images/``); None: ``$SCICEVPR_DATA/gsv_cities``.
-        cities: city names, or None for all.
-        places_per_batch: P (72). Under DDP the global batch; each of N ranks loads P / N places.
-        img_per_place: K (4).
-        randaugment_ops: RandAugment operations per training image (3); 0 turns augmentation off.
-        num_workers: DataLoader workers (per rank).
-        drop_small_places: True (the official loader's choice): places with fewer than K images
-            are left out, and counted (``RunResult.num_dropped_places``, ``config.json``).
-            False: such a place is an error naming it.
-        skip_corrupt: False: a corrupt training or validation image is an error naming it. True:
-            every image is test-decoded before training and the ones that fail are left out,
-            and counted (``RunResult.num_skipped_images``, ``config.json``).
-    Optimisation:
-        lr: Adam learning rate (1e-4).
-        lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``
-            epochs, stepped per iteration (step size ``lr_step_epochs * iterations_per_epoch``).
-        epochs: None means the paper's: 10 for stage 1, 1 for stage 2.
-        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch.
-        loss: ``L_MS`` and ``L_T`` hyper-parameters (gamma = eta = 1).
-    Validation:
-        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``;
-            ``val_dataset=None`` turns validation off (no ``best.pt``).
-        val_every: validate every this many epochs (and after the last one).
-        eval_batch_size: images per batch in validation (16, the official protocol).
-    Run:
-        run_dir: the run folder; None means ``runs/teacher`` or ``runs/student``.
-        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
-        seed: seeds initialisation, data order, augmentation and dropout.
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
-            on a CPU only where bf16 is native), False: fp32.
-        teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
-            authors' format (then ``preset`` must describe it).
-        trust_checkpoint: also load a teacher or ``last.pt`` that holds pickled Python objects
-            (which runs code from the file); only for a file from a source you trust. Files are
-            otherwise read with ``weights_only=True``.
-        store_backbone: save the frozen backbone in every checkpoint even when it can be
-            rebuilt from its weight file or seed.
-        progress: tqdm bars.
-    """
-
-    model: str = "SuperCricaVPR"
-    preset: str | None = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = "auto"
-    gsv_root: str | None = None
-    cities: tuple[str, ...] | None = None
-    places_per_batch: int = 72  # P
-    img_per_place: int = 4  # K
-    randaugment_ops: int = 3
-    num_workers: int = 4
-    drop_small_places: bool = True
-    skip_corrupt: bool = False
-    lr: float = 1e-4
-    lr_step_epochs: int = 3
-    lr_gamma: float = 0.5
-    epochs: int | None = None
-    max_iters_per_epoch: int | None = None
-    loss: LossConfig = field(default_factory=LossConfig)
-    val_root: str | None = None
-    val_dataset: str | None = "pitts30k"
-    val_split: str = "val"
-    val_every: int = 1
-    eval_batch_size: int = 16
-    run_dir: str | None = None
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None
-    teacher: str | None = None
-    trust_checkpoint: bool = False
-    store_backbone: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.model not in STAGE1_MODELS:
-            raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
-        for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.img_per_place < 2:
-            raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1 (or None for the paper's), got {self.epochs}")
-        if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
-            raise ValueError(f"max_iters_per_epoch must be >= 1 or None, got {self.max_iters_per_epoch}")
-        if isinstance(self.loss, dict):
-            object.__setattr__(self, "loss", LossConfig(**self.loss))
-        if self.cities is not None:
-            object.__setattr__(self, "cities", tuple(self.cities))
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def model_config(self) -> ModelConfig:
-        """The stage-1 ModelConfig (preset + overrides)."""
-        preset = self.preset or ("CricaVPR" if self.model == "CricaVPR" else "SciceVPR-B")
-        cfg = get_config(preset, **self.model_overrides)
-        if (self.model == "CricaVPR") != isinstance(cfg, CricaVPRConfig):
-            raise ValueError(
-                f"model={self.model!r} does not fit preset {preset!r}: CricaVPR takes the 'CricaVPR' / "
-                f"'CricaVPR-S' presets, SuperCricaVPR and SciceVPR the 'SciceVPR-*' ones."
-            )
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (``config.json``)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
