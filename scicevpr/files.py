@@ -26,7 +26,6 @@ import contextlib
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -107,7 +106,9 @@ def load_torch_file(path: PathLike, what: str = "file", trust: bool = False, opt
                 f"data; loading it would run code from the file, so it is refused. {how}"
             ) from None
         raise _unreadable(path, what, e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ImportError, KeyError, ValueError) as e:
+    except OSError:
+        raise  # e.g. permission denied: its message names the file
+    except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: zip, pickle, EOF, index errors)
         raise _unreadable(path, what, e) from None
 
 
@@ -144,14 +145,17 @@ def lock_run_dir(run_dir: PathLike) -> Iterator[Path]:
     """Create ``run_dir`` if needed and hold its lock for the duration of the ``with`` block.
 
     Raises ``RunDirInUseError`` at once when another process holds it, and an ``OSError`` naming
-    the folder when it cannot be created or written to.
+    the folder when it cannot be created or written to. A folder created here that is still empty
+    at the end (a run that failed at once) is removed again.
     """
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise unwritable_folder(run_dir, e) from None
+    locked = False
     try:
         if fcntl is not None:
             try:
@@ -165,6 +169,11 @@ def lock_run_dir(run_dir: PathLike) -> Iterator[Path]:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        locked = True
         yield run_dir
     finally:
+        if locked and created and not holds_files(run_dir):  # a run that failed before writing anything
+            with contextlib.suppress(OSError):
+                (run_dir / LOCK_NAME).unlink()
+                run_dir.rmdir()
         os.close(fd)  # releases the lock

@@ -577,6 +577,9 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     epochs = config.epochs or PAPER_EPOCHS[stage]
     amp = resolve_amp(device, config.amp)
+    val_split = None  # read first: a wrong path fails before the model is built
+    if config.val_dataset is not None and ddp.main:
+        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split, skip_corrupt=config.skip_corrupt)
 
     _seed_everything(config.seed)
     st = build(config, device)
@@ -590,9 +593,6 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     ipe = len(sampler)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, ipe)
-    val_split = None
-    if config.val_dataset is not None and ddp.main:
-        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split, skip_corrupt=config.skip_corrupt)
     data_report = {"num_dropped_places": dataset.num_dropped_places,
                    "num_skipped_images": len(dataset.skipped) + (len(val_split.skipped) if val_split is not None else 0)}
 

@@ -104,9 +104,10 @@ def test_a_missing_truncated_or_foreign_file_is_named(small_model, tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"checkpoint '.*cut.pth' cannot be read as a PyTorch file .*truncated.*again"):
         small_model.load_official(tmp_path / "cut.pth")
-    (tmp_path / "photo.pth").write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
-    with pytest.raises(ValueError, match="photo.pth' cannot be read as a PyTorch file"):
-        load_model(tmp_path / "photo.pth")
+    for name, data in (("photo.pth", b"\xff\xd8\xff\xe0 not a checkpoint"), ("short.pth", b"abc")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}' cannot be read as a PyTorch file"):
+            load_model(tmp_path / name)
 
 
 def test_a_uint8_image_tensor_is_a_clear_error(small_model):
@@ -128,6 +129,11 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
                 pass
     with lock_run_dir(run):  # released on exit
         pass
+    assert not run.exists()  # created here and left empty: removed again
+    run.mkdir()
+    with lock_run_dir(run):
+        (run / "log.csv").write_text("epoch\n")
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, "log.csv"]
 
 
 def test_a_killed_process_leaves_no_stuck_lock(tmp_path):

@@ -182,6 +182,14 @@ def test_pretraining_checkpoints_hold_only_tensors_and_plain_types(dino_run):
     assert ckpt["step"] == 16 and isinstance(ckpt["rng"]["numpy"][1], list)
 
 
+def test_a_run_folder_in_use_is_refused(tiny_benchmark, tmp_path):
+    from scicevpr.files import RunDirInUseError, lock_run_dir
+
+    with lock_run_dir(tmp_path / "run"):
+        with pytest.raises(RunDirInUseError, match="in use by another training"):
+            pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2))
+
+
 def test_an_existing_run_is_not_overwritten_and_resume_needs_the_same_config(tiny_benchmark, tmp_path):
     pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2))
     with pytest.raises(FileExistsError, match="resume=True"):

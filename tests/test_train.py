@@ -319,7 +319,7 @@ def test_a_run_folder_in_use_is_refused_before_anything_is_written(tiny, tmp_pat
     with lock_run_dir(run):  # another training holds it
         with pytest.raises(RunDirInUseError, match=r"run folder '.*run' is in use by another training"):
             train_teacher(quick_config(tiny, run))
-    assert [p.name for p in run.iterdir()] == [".lock"]
+        assert [p.name for p in run.iterdir()] == [".lock"]
 
 
 def test_resume_accepts_a_run_recorded_before_a_field_was_added(tiny, tmp_path):

@@ -40,9 +40,7 @@ import pandas as pd
 from PIL import Image
 
 from . import render as R
-from .gsv import gsv_image_name
 from .paths import data_root
-from .vg import format_vg_name
 
 FORMAT_VERSION = 1  # bump whenever the rendered pixels or the layout change: old outputs are then not reused
 DATASET_NAME = "synthetic"
@@ -240,6 +238,10 @@ def _street_rng(seed: int, code: int, *ids: int) -> np.random.Generator:
 
 def build_plan(preset: SyntheticPreset, seed: int):
     """World (streets) and the list of images to render, with their metadata."""
+    # Imported here, not at the top: .gsv and .vg import torch, which `scicevpr synth --help` does not need.
+    from .gsv import gsv_image_name
+    from .vg import format_vg_name
+
     world_rng = np.random.default_rng([seed, 0])
     styles = R.make_styles(world_rng, preset.num_styles)
     templates = R.make_templates(world_rng, styles, preset.num_templates)
