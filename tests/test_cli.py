@@ -297,3 +297,20 @@ def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_pa
     code, _, err = run_cli([*argv, "--preset", "SciceVPR-S", "--quiet"], capsys)
     assert code == 2 and re.search(match, err), err
 
+
+# --------------------------------------------------------------------------------------------
+# Installing
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_cpu_only_install_is_documented_and_wired():
+    readme = (ROOT / "README.md").read_text()
+    assert "about 6 GB" in readme
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    cpu = "https://download.pytorch.org/whl/cpu"
+    lines = subprocess.run(["make", "-n", "-B", ".venv/.installed", f"TORCH_INDEX={cpu}"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    first_cpu = next(i for i, line in enumerate(lines) if f"pip install torch torchvision --index-url {cpu}" in line)
+    assert first_cpu < next(i for i, line in enumerate(lines) if "pip install -e" in line)
