@@ -245,16 +245,32 @@ def main(argv=None) -> int:
     skip = set(args.skip.split(",")) - {""}
     rows, loss_rows, recall_rows = [], [], []
     model = None
+    t0 = time.perf_counter()
+
+    def progress(part: str, first_row: int) -> None:
+        """Each measurement as soon as it is made: a run stopped later still leaves them."""
+        for name, b, ips, sp, mem, cos in rows[first_row:]:
+            print(f"[{time.perf_counter() - t0:6.1f} s] {name}: batch {b}, {ips:,.0f} images/s, speed-up {sp:.2f}, "
+                  f"peak {mem:,.0f} MiB, min cosine {cos:.6f}", flush=True)
+        print(f"[{time.perf_counter() - t0:6.1f} s] {part} done", flush=True)
+
     if "descriptors" not in skip:
+        n = len(rows)
         model = descriptors_benchmark(args, device, rows)
+        progress("descriptors", n)
     if "jpeg" not in skip:
         if model is None:
             model = scicevpr.SciceVPR(args.preset, weights=None, image_size=args.image_size).to(device).eval()
+        n = len(rows)
         jpeg_benchmark(args, device, model, rows)
+        progress("jpeg", n)
     if "train" not in skip:
+        n = len(rows)
         distillation_benchmark(args, device, rows, loss_rows)
+        progress("train", n)
     if "recall" not in skip:
         recall_benchmark(args, device, recall_rows)
+        progress(f"recall {recall_rows}", len(rows))
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     lines = [

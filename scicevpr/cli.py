@@ -7,6 +7,8 @@
     scicevpr eval           --checkpoint runs/student/best.pt --vg-root ... --dataset pitts30k
     scicevpr stability      --checkpoint ... --vg-root ... --dataset tokyo247
     scicevpr extract        --checkpoint ... --images folder/ --out descriptors.npy
+    scicevpr search         --checkpoint ... --database photos/ --queries new/ --out results/
+    scicevpr index build    --checkpoint ... --database photos/ --out map/   # then: index query --index map/ ...
     scicevpr demo                                                # run every notebook headlessly
 
 Multi-GPU training: ``torchrun --nproc_per_node 4 -m scicevpr.cli train-teacher ...``.
@@ -29,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -186,6 +189,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", required=True, help="e.g. pitts30k, msls, tokyo247, nordland, synthetic")
     g.add_argument("--split", default="test")
     g.add_argument("--radius", type=float, default=25.0, help="positive radius in metres")
+    g.add_argument("--queries", default="queries", help="queries folder name (SF-XL test: queries_v1)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="test-decode every image first and leave out (and count) the ones that fail; default: a corrupt "
                         "image is an error naming it")
@@ -199,21 +203,44 @@ def eval_config(args: argparse.Namespace):
     return EvalConfig(progress=not args.quiet, **dataclass_overrides(args, EvalConfig))
 
 
-def load_split(args: argparse.Namespace):
+def load_split(args: argparse.Namespace, model=None, protocol: str = "default"):
+    """The evaluation split; ``model`` (None: saved descriptors) decides the official UTM precision."""
     from .data.vg import load_vg_split
+    from .protocol import utm_dtype
 
-    return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius, skip_corrupt=args.skip_corrupt)
+    model_class = None if model is None else type(model).__name__
+    return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius, queries=args.queries,
+                         utm_dtype=utm_dtype(protocol, model_class), skip_corrupt=args.skip_corrupt)
+
+
+def model_for_split(args: argparse.Namespace, cfg, split):
+    """The model, built after ``split`` was read (a wrong path fails before the seconds a model
+    takes); under the official protocol the split is read again with the model's UTM precision."""
+    model = build_model(args)
+    if cfg.protocol == "official":
+        split = load_split(args, model, cfg.protocol)
+    return model, split
+
+
+def require_folders(**folders: str | None) -> None:
+    """Each ``--option folder`` must be an existing folder (checked before a model is built)."""
+    for option, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass a folder of photos.")
 
 
 def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> list[Path]:
-    """The .jpg files under ``folder`` (recursively, sorted); with ``skip_corrupt`` the ones that
-    decode, the others counted in a warning."""
+    """The .jpg files under ``folder`` (:func:`scicevpr.data.vg.list_images`); with ``skip_corrupt``
+    the ones that decode, the others counted in a warning."""
     from .data.decode import find_corrupt_images, warn_skipped
+    from .data.vg import list_images
 
     path = Path(folder) if folder else None
     if path is None or not path.is_dir():
-        raise FileNotFoundError(f"{option} {folder!r} is not a folder; pass a folder of .jpg images.")
-    paths = sorted(path.rglob("*.jpg"))
+        problem = "is a file, not a folder" if path is not None and path.exists() else "does not exist"
+        raise FileNotFoundError(f"{option} {folder!r} {problem}; pass a folder of .jpg images.")
+    paths = list_images(path)
     if not paths:
         raise FileNotFoundError(f"no .jpg files under {option} {str(path)!r}; pass a folder of .jpg images.")
     if skip_corrupt:
@@ -240,19 +267,30 @@ def _write_table(table, out: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, fit_pca_on_images
+    import dataclasses
 
-    split, cfg = load_split(args), eval_config(args)  # paths first: the model takes seconds to build
+    if args.descriptors:
+        return cmd_eval_descriptors(args)
+    from .evaluate import evaluate, fit_pca_on_images, official_pca_images
+    from .protocol import eval_batch_size
+
+    cfg = eval_config(args)
+    split = load_split(args, None, "default")  # paths first: the model takes seconds to build
     pca_paths = None
     if cfg.pca_dim:
-        if not args.pca_images:
-            raise ValueError("--pca-dim needs --pca-images: a folder of training images (e.g. GSV-Cities Images/)")
-        pca_paths = image_files(args.pca_images, "--pca-images", args.skip_corrupt)
-    model = build_model(args)
+        if args.pca_images:
+            pca_paths = image_files(args.pca_images, "--pca-images", args.skip_corrupt)
+        elif cfg.protocol == "official":
+            pca_paths = official_pca_images(args.vg_root)  # the authors': <vg-root>/pitts30k/images/train
+        else:
+            raise ValueError("--pca-dim needs --pca-images: a folder of training images (the authors use "
+                             "<vg-root>/pitts30k/images/train, the default under --protocol official)")
+    model, split = model_for_split(args, cfg, split)
     print(f"{split}")
     pca = None
     if pca_paths is not None:
-        pca = fit_pca_on_images(model, pca_paths, cfg.pca_dim, config=cfg)
+        bs = eval_batch_size(cfg.protocol, type(model).__name__, split.dataset, cfg.batch_size)
+        pca = fit_pca_on_images(model, pca_paths, cfg.pca_dim, config=dataclasses.replace(cfg, batch_size=bs))
     result = evaluate(model, split, cfg, pca=pca)
     _write_table(result.table(), args.out)
     if result.per_condition is not None:
@@ -260,14 +298,108 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.save_descriptors:
         for p in result.save_descriptors(args.save_descriptors):
             print(f"written {p}")
+    if args.plot:
+        db, q = result.database_descriptors, result.query_descriptors
+        if pca is not None:
+            db, q = pca.transform(db), pca.transform(q)
+        _write_recall_plot(args.plot, split, {result.model_name: (db, q)})
+    return 0
+
+
+def cmd_eval_descriptors(args: argparse.Namespace) -> int:
+    """``eval --descriptors A B ...``: Recall@N of saved descriptor folders, no model needed."""
+    import pandas as pd
+
+    from .evaluate import load_descriptor_folder, score
+
+    cfg = eval_config(args)
+    split = load_split(args, None, cfg.protocol)
+    if cfg.pca_dim:
+        raise ValueError("--pca-dim needs a model; with --descriptors, save descriptors that are already projected")
+    names = args.names or list(args.descriptors)
+    if len(names) != len(args.descriptors):
+        raise ValueError(f"--names gives {len(names)} names for {len(args.descriptors)} --descriptors folders")
+    print(f"{split}")
+    pairs, tables = {}, []
+    for name, folder in zip(names, args.descriptors):
+        db, q = load_descriptor_folder(folder, split)
+        tables.append(score(None, split, db, q, cfg, name=name).table())
+        pairs[name] = (db, q)
+    _write_table(pd.concat(tables, ignore_index=True), args.out)
+    if args.plot:
+        _write_recall_plot(args.plot, split, pairs)
+    return 0
+
+
+def _write_recall_plot(path: str, split, descriptors: dict) -> None:
+    """Recall@N for N = 1..100, one line per model, beside the eval table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import chance_recall, recall_curve
+    from .viz import plot_recall_curves, save_png
+
+    curves = {name: recall_curve(db, q, split.positives, 100) for name, (db, q) in descriptors.items()}
+    chance = chance_recall(split.num_database, split.positives, range(1, 101))
+    fig = plot_recall_curves(curves, chance=list(chance.values()),
+                             title=f"Recall@N on {split.dataset}/{split.split} ({split.num_queries} queries, {split.radius:.0f} m)",
+                             label=f"{split.dataset}/{split.split}")
+    print(f"written {save_png(fig, path)}")
+    plt.close(fig)
+
+
+def _model_source(args: argparse.Namespace) -> str:
+    """How the command line made the model, in its own options (recorded in an index)."""
+    if args.checkpoint:
+        return f"--checkpoint {args.checkpoint}"
+    text = f"--model {args.model} --preset {args.preset}"
+    text += f" --official {args.official}" if args.official else f" --weights {args.weights}"
+    return text + (f" --set {' '.join(args.set)}" if args.set else "")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import report, search_folders, write_search_outputs
+
+    require_folders(database=args.database, queries=args.queries)
+    model, cfg = build_model(args), eval_config(args)
+    result = search_folders(model, args.database, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
+    print(report(result, write_search_outputs(result, args.out, args.top_k, args.sheet_queries)))
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .index import IndexConfig, build_index, describe
+
+    require_folders(database=args.database)
+    model, cfg = build_model(args), eval_config(args)
+    saved = build_index(model, args.database, args.out, IndexConfig(**dataclass_overrides(args, IndexConfig)), cfg,
+                        args.skip_unreadable, _model_source(args), args.overwrite)
+    print(describe(saved))
+    if saved.manifest["skipped"]:
+        print(f"skipped {saved.manifest['skipped']} unreadable files (listed in {saved.folder / 'skipped.txt'})")
+    return 0
+
+
+def cmd_index_query(args: argparse.Namespace) -> int:
+    from .index import describe, load_index
+    from .search import report, write_search_outputs
+
+    saved = load_index(args.index, args.database_root)
+    require_folders(queries=args.queries)
+    model, cfg = build_model(args), eval_config(args)
+    print(describe(saved))
+    result = saved.query(model, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
+    print(report(result, write_search_outputs(result, args.out, args.top_k, args.sheet_queries)))
     return 0
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
     from .evaluate import batch_stability, stability_summary
 
-    split, cfg = load_split(args), eval_config(args)  # paths first: the model takes seconds to build
-    model = build_model(args)
+    cfg = eval_config(args)
+    model, split = model_for_split(args, cfg, load_split(args))  # paths first: the model takes seconds to build
     table = batch_stability(model, split, args.batch_sizes, args.orders, args.seed, cfg.batch_size, cfg)
     _write_table(table, args.out)
     print(stability_summary(table).to_string(index=False))
@@ -321,7 +453,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         **dataclass_overrides(args, TrainConfig),
     )
     if args.stage == "student" and config.teacher is None:
-        raise ValueError("train-student needs --teacher: stage 1's best.pt or the authors' Super-CricaVPR checkpoint")
+        raise ValueError("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -406,6 +538,27 @@ def demo_environment() -> dict[str, str]:
     return {**os.environ, **PINNED_CPU_KERNELS, "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_widget_state(path: Path) -> None:
+    """Remove what a run of the interactive cells stores with random ids (the widget state in
+    the notebook's metadata, the widget views in the outputs; their text form stays), so that
+    re-running an unchanged notebook leaves the file unchanged. The widgets come back when the
+    cell is run in Jupyter."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    changed = nb.metadata.pop("widgets", None) is not None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if WIDGET_VIEW in out.get("data", {}):
+                del out["data"][WIDGET_VIEW]
+                changed = True
+    if changed:
+        nbformat.write(nb, path)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Execute every notebook headlessly, in order, then print the final results table."""
     root = repo_root()
@@ -414,6 +567,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no notebooks in {str(root / 'notebooks')!r}; run `scicevpr demo` from the repository's folder.")
     for nb in notebooks:
         print(f"running {nb.relative_to(root)} ...", flush=True)
+        start = time.perf_counter()
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
@@ -421,12 +575,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if done.returncode:
             raise RuntimeError(f"notebook {str(nb.relative_to(root))!r} failed (jupyter nbconvert exited with status "
                                f"{done.returncode}); its error is printed above.")
+        strip_widget_state(nb if args.inplace else Path(args.output_dir).resolve() / nb.name)
+        print(f"  {nb.name}: {time.perf_counter() - start:.0f} s", flush=True)
     results = root / "figures" / "results.md"
     print(f"\nfigures written to {root / 'figures'}")
     if results.is_file():
         print(f"\nFinal results ({results.relative_to(root)}):\n")
         print(results.read_text())
     return 0
+
+
+def _search_options(p, what: str) -> None:
+    """Options shared by ``search``, ``index build`` and ``index query``."""
+    from .config import EvalConfig
+
+    add_model_options(p)
+    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim", "query_batch_size"))
+    p.add_argument("--skip-unreadable", "--skip-corrupt", dest="skip_unreadable", action="store_true",
+                   help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _search_outputs(p) -> None:
+    p.add_argument("--queries", required=True, help="folder of query photos (.jpg/.jpeg/.png, searched recursively)")
+    p.add_argument("--out", default="search_results", help="folder for matches.csv and contact_sheet.png (default: search_results)")
+    p.add_argument("--top-k", type=int, default=5, help="matches per query in matches.csv (default: 5)")
+    p.add_argument("--sheet-queries", type=int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
+    p.add_argument("--radius", type=float, default=25.0, help="positives radius (m) when names carry UTM fields")
+
+
+def add_search_parser(sub) -> None:
+    """``search``: two photo folders."""
+    p = sub.add_parser(
+        "search", help=COMMANDS["search"],
+        description="Describe every .jpg/.jpeg/.png below --database and --queries (any names, any nesting), search "
+        "exactly, and write per query the top-k database files and their similarities (matches.csv) and a contact "
+        "sheet of the first queries (contact_sheet.png). When the names carry UTM fields (@east@north@...@.jpg), "
+        "Recall@N is printed as eval does.")
+    _search_options(p, "database or query")
+    p.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
+    _search_outputs(p)
+    p.set_defaults(func=cmd_search)
+
+
+def add_index_parser(sub) -> None:
+    """``index build`` / ``index query``: a saved map."""
+    from .index import IndexConfig
+
+    p = sub.add_parser("index", help=COMMANDS["index"],
+                       description="Build a FAISS index of a photo folder once, then localise new photos against it.")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = isub.add_parser(
+        "build", help="describe a database folder and save descriptors, FAISS index, file list and model identity",
+        description="Writes index.json, index.faiss, descriptors.npy and files.txt into --out. Exact search by default; "
+        "--kind ivf or --kind hnsw for an approximate index (see README.md for its measured recall).")
+    _search_options(b, "database")
+    add_dataclass_options(b, IndexConfig, title="defaults: exact search")
+    b.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
+    b.add_argument("--out", required=True, help="the index folder")
+    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    b.set_defaults(func=cmd_index_build)
+    q = isub.add_parser(
+        "query", help="localise new photos against a saved index (with the model that built it)",
+        description="The database is not recomputed; a model other than the index's is refused.")
+    _search_options(q, "query")
+    q.add_argument("--index", required=True, help="an index folder written by `scicevpr index build`")
+    q.add_argument("--database-root", help="where the database images are now, if they moved (for the contact sheet)")
+    _search_outputs(q)
+    q.set_defaults(func=cmd_index_query)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +657,8 @@ COMMANDS: dict[str, str] = {
     "eval": "Recall@N of a model on a VG-layout dataset",
     "stability": "R@N under other query batch sizes and orders (paper Fig. 1-2)",
     "extract": "descriptors of a folder of images, saved as fp16 .npy",
+    "search": "nearest database photos of each query photo (folders without labels)",
+    "index": "a saved map: index build (database once), index query (new photos later)",
     "demo": "execute every notebook headlessly and print the final results",
 }
 """Every command and its one-line help (``scicevpr --help``)."""
@@ -454,12 +672,18 @@ def add_synth_parser(sub) -> None:
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help=COMMANDS["eval"],
-                       description="Recall@1/5/10/100 under the official protocol (file order, batches of 16, exact L2 search).")
+                       description="Recall@1/5/10/100 under the VG-benchmark protocol (file order, batches of 16, exact L2 "
+                       "search); --protocol official: the authors' code to the detail (README table).")
     add_model_options(p)
     add_eval_options(p)
-    p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim)")
+    p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim); "
+                   "under --protocol official, default: <vg-root>/pitts30k/images/train")
     p.add_argument("--out", help="write the results table to this CSV")
     p.add_argument("--save-descriptors", help="folder for database.npy / queries.npy (fp16)")
+    p.add_argument("--descriptors", nargs="+", metavar="FOLDER",
+                   help="score saved descriptor folders (database.npy, queries.npy) instead of a model, one row each")
+    p.add_argument("--names", nargs="+", help="names of the --descriptors folders in the table and plot (default: the paths)")
+    p.add_argument("--plot", metavar="PNG", help="also write the Recall@N curve for N = 1..100 (one line per model)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -489,6 +713,7 @@ def add_extract_parser(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
 
+
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help=COMMANDS["demo"])
     p.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
@@ -505,6 +730,8 @@ PARSERS: dict[str, Callable[[Any], None]] = {
     "eval": add_eval_parser,
     "stability": add_stability_parser,
     "extract": add_extract_parser,
+    "search": add_search_parser,
+    "index": add_index_parser,
     "demo": add_demo_parser,
 }
 

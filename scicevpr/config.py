@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .protocol import OFFICIAL_GROUP_SIZES, check_group_size, check_protocol
+
 # Official DINOv2 architectures (facebookresearch/dinov2 hubconf): the key is the short name
 # used by scicevpr, the value the hub name, which is also the prefix of the official weight
 # file ``<hub name>_pretrain.pth``.
@@ -328,7 +330,9 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How descriptors are computed and scored. Defaults: the official protocol.
+    """How descriptors are computed and scored. Defaults: the VG-benchmark protocol (file
+    order, batches of 16, exact L2 search) with this project's input pipeline; ``protocol=
+    "official"`` is the authors' code to the detail (:mod:`scicevpr.protocol`).
 
     Attributes:
         batch_size: images per forward pass for the database (and queries unless
@@ -346,6 +350,13 @@ class EvalConfig:
         num_workers: DataLoader worker processes (decoding or file reading).
         pca_dim: project descriptors with a PCA of this many dimensions (fitted separately).
         progress: tqdm progress bars.
+        protocol: ``"default"`` or ``"official"``: the authors' non-antialiased resize of the
+            normalised tensor, fp32, PIL decoding (``fast``, ``amp`` and ``gpu_decode`` off), a
+            shuffled PCA subset, CricaVPR at half the batch on Pitts30k/250k.
+        encoder_group_size: the cross-image encoder attends within groups of this many images
+            of each batch, as ``nn.DataParallel`` splits a batch over GPUs (a batch of B in
+            ``ceil(B / g)`` chunks); None: the whole batch (the authors' ``eval.py``, one GPU).
+            Their stage-1 validation ran on 2 GPUs: 8 of 16.
     """
 
     batch_size: int = 16
@@ -358,6 +369,19 @@ class EvalConfig:
     num_workers: int = 2
     pca_dim: int | None = None
     progress: bool = True
+    protocol: str = "default"
+    encoder_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol, "EvalConfig.protocol")
+        check_group_size(self.encoder_group_size, "EvalConfig.encoder_group_size")
+        if self.protocol == "official":
+            on = [n for n in ("fast", "amp", "gpu_decode") if getattr(self, n)]
+            if on:
+                raise ValueError(
+                    f"protocol='official' computes in fp32 with PIL decoding, as the authors do; "
+                    f"{', '.join(f'{n}=True' for n in on)} contradicts it. Leave them unset, or use protocol='default'."
+                )
 
 
 @dataclass(frozen=True)
@@ -404,15 +428,30 @@ class TrainConfig:
         seed: seeds initialisation, data order, augmentation and dropout.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
-            on a CPU only where bf16 is native), False: fp32.
+            on a CPU only where bf16 is native), False: fp32. ``protocol="official"``: fp32.
         teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
-            authors' format (then ``preset`` must describe it).
+            authors' format (then ``preset`` must describe it); or stage 1's run folder, whose
+            ``best.pt`` is taken (``last.pt`` under ``protocol="official"``, as the authors' default
+            ``--crica_path .../last_model.pth``).
         trust_checkpoint: also load a teacher or ``last.pt`` that holds pickled Python objects
             (which runs code from the file); only for a file from a source you trust. Files are
             otherwise read with ``weights_only=True``.
         store_backbone: save the frozen backbone in every checkpoint even when it can be
             rebuilt from its weight file or seed.
         progress: tqdm bars.
+    Protocol (:mod:`scicevpr.protocol`):
+        protocol: ``"default"`` or ``"official"``: the authors' training order (cities in their
+            list order, places shuffled once, the same order every epoch, the last partial batch
+            kept; see :class:`PlaceBatchSampler`), fp32, the group sizes below, the teacher's
+            ``last.pt``, their evaluation transform and float32 UTMs in validation.
+        encoder_group_size: stage 1: the cross-image encoder attends within groups of this many
+            images of each global batch (as ``nn.DataParallel`` splits it); None: the whole
+            batch, or 144 (of 288) under ``"official"``.
+        target_group_size: stage 2: the same for the teacher computing the distillation targets;
+            None: the whole batch, or 72 under ``"official"``.
+        val_group_size: validation batches likewise; None: the whole batch, or 8 (of 16) under
+            ``"official"``. The official sizes are inferred from the GPUs the authors' scripts
+            make visible (``CUDA_VISIBLE_DEVICES``: 2 in stage 1, 4 in stage 2).
     """
 
     model: str = "SuperCricaVPR"
@@ -447,8 +486,18 @@ class TrainConfig:
     trust_checkpoint: bool = False
     store_backbone: bool = False
     progress: bool = True
+    protocol: str = "default"
+    encoder_group_size: int | None = None
+    target_group_size: int | None = None
+    val_group_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_protocol(self.protocol, "TrainConfig.protocol")
+        for name in ("encoder_group_size", "target_group_size", "val_group_size"):
+            check_group_size(getattr(self, name), name)
+        if self.protocol == "official" and self.amp:
+            raise ValueError("protocol='official' trains in fp32, as the authors do; amp=True contradicts it. "
+                             "Leave amp unset, or use protocol='default'.")
         if self.model not in STAGE1_MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
         for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
@@ -464,6 +513,19 @@ class TrainConfig:
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         if self.cities is not None:
             object.__setattr__(self, "cities", tuple(self.cities))
+
+    def group_size(self, which: str) -> int | None:
+        """Images the cross-image encoder attends across: ``which`` is ``"train"`` (stage 1),
+        ``"targets"`` (stage 2's teacher) or ``"validation"``; None means the whole batch."""
+        value = {"train": self.encoder_group_size, "targets": self.target_group_size,
+                 "validation": self.val_group_size}[which]
+        if value is None and self.protocol == "official":
+            return OFFICIAL_GROUP_SIZES[which]
+        return value
+
+    def use_amp(self) -> bool | None:
+        """``amp`` for :func:`scicevpr.precision.resolve_amp`: False (fp32) under the official protocol."""
+        return False if self.protocol == "official" else self.amp
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -28,8 +28,16 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
-from .data.vg import ImageFileDataset, VGSplit
+from .data.transforms import eval_transform
+from .data.vg import ImageFileDataset, VGSplit, list_images
 from .precision import autocast, resolve_amp
+from .protocol import (
+    OFFICIAL_PCA_FOLDER,
+    OFFICIAL_PCA_MAX_IMAGES,
+    check_protocol,
+    eval_batch_size,
+    num_groups,
+)
 
 PathLike = str | os.PathLike
 
@@ -39,6 +47,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def fast_enabled(config: EvalConfig, device: torch.device) -> bool:
+    if config.protocol == "official":
+        return False  # fp32, no compile, PIL decoding (then amp and gpu_decode follow: off)
     return device.type == "cuda" if config.fast is None else config.fast
 
 
@@ -92,18 +102,19 @@ def iterate_images(
     gpu_decode: bool = False,
     progress: bool = True,
     desc: str = "images",
+    protocol: str = "default",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches ``(images (b, 3, S, S) on device, indices (b,))`` in the order of ``paths``.
 
     With ``gpu_decode`` on CUDA, workers only read bytes and the batch is decoded on the GPU;
-    otherwise workers decode with PIL.
+    otherwise workers decode with PIL and apply ``eval_transform(S, protocol)``.
     """
     gpu = bool(gpu_decode) and device.type == "cuda"
     if gpu:
         ds = JpegBytesDataset(paths)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_jpeg_bytes)
     else:
-        ds = ImageFileDataset(paths, image_size)
+        ds = ImageFileDataset(paths, image_size, transform=eval_transform(image_size, protocol))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
     for batch, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -122,17 +133,19 @@ def compute_descriptors(
     batch_size: int | None = None,
     desc: str = "descriptors",
 ) -> np.ndarray:
-    """(N, D) float32 descriptors of image files, fed in file order in batches of ``batch_size``
-    (default ``config.batch_size``), as the official protocol does."""
+    """(N, D) float32 descriptors of image files, fed in the order of ``paths`` in batches of
+    ``batch_size`` (default ``config.batch_size``), as the VG-benchmark protocol does. The
+    cross-image encoder sees exactly each batch, or its groups of ``config.encoder_group_size``."""
     device = _prepare(model, config)
     bs = batch_size or config.batch_size
     amp = amp_enabled(config, device)
+    groups = num_groups(bs, config.encoder_group_size)
     features = per_image_function(model, dataclasses.replace(config, batch_size=bs), device)
     out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
     for x, idx in iterate_images(paths, model.image_size, bs, device, config.num_workers,
-                                 gpu_decode_enabled(config, device), config.progress, desc):
+                                 gpu_decode_enabled(config, device), config.progress, desc, config.protocol):
         with autocast(device, amp):
-            d = model.encode(features(x))  # the encoder sees exactly this batch
+            d = model.encode(features(x), groups)  # the encoder sees exactly this batch (or its groups)
         out[idx.numpy()] = d.float().cpu().numpy()
     return out
 
@@ -151,7 +164,7 @@ def compute_regional_features(
     features = per_image_function(model, config, device)
     chunks, order = [], []
     for x, idx in iterate_images(paths, model.image_size, config.batch_size, device, config.num_workers,
-                                 gpu_decode_enabled(config, device), config.progress, desc):
+                                 gpu_decode_enabled(config, device), config.progress, desc, config.protocol):
         with autocast(device, amp):
             r = features(x)
         chunks.append(r.float().cpu())
@@ -167,10 +180,12 @@ def encode_in_batches(
     batch_size: int,
     order: np.ndarray | None = None,
     amp: bool = False,
+    group_size: int | None = None,
 ) -> np.ndarray:
     """Descriptors from regional features (N, R, C), the images grouped into consecutive
     batches of ``batch_size`` following ``order`` (default: file order). Returns (N, D) in the
-    original index order. ``amp``: bf16 autocast where the precision policy allows it."""
+    original index order. ``amp``: bf16 autocast where the precision policy allows it.
+    ``group_size``: the encoder attends within groups of a batch (``EvalConfig.encoder_group_size``)."""
     device = model_device(model)
     amp = resolve_amp(device, amp)
     model.eval()
@@ -181,7 +196,7 @@ def encode_in_batches(
         idx = order[start : start + batch_size]
         r = regional[torch.as_tensor(idx)].to(device)
         with autocast(device, amp):
-            out[idx] = model.encode(r).float().cpu().numpy()
+            out[idx] = model.encode(r, num_groups(batch_size, group_size)).float().cpu().numpy()
     return out
 
 
@@ -213,10 +228,77 @@ def recall_at_n(
     correct = np.zeros(predictions.shape, dtype=bool)
     for i, pos in enumerate(positives):
         correct[i] = np.isin(predictions[i], pos)
-    hit_rank = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    hit_rank = hit_ranks(correct)
     n_q = max(len(positives), 1)
     recalls = {int(n): float(100.0 * (hit_rank < n).sum() / n_q) for n in recall_values}
     return recalls, correct
+
+
+def hit_ranks(correct: np.ndarray) -> np.ndarray:
+    """(N_q,) rank of each query's first correct prediction (``iinfo.max`` when none)."""
+    return np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+
+
+def recall_curve(
+    database: np.ndarray, queries: np.ndarray, positives: Sequence[np.ndarray], max_n: int = 100
+) -> np.ndarray:
+    """(max_n,) Recall@N in percent for N = 1..max_n (the curve VPR papers draw), from one exact
+    :func:`search` and :func:`recall_at_n`. N beyond the database size keeps the last value."""
+    _, pred = search(database, queries, max_n)
+    recalls, _ = recall_at_n(pred, positives, tuple(range(1, max_n + 1)))
+    return np.array([recalls[n] for n in range(1, max_n + 1)])
+
+
+def recall_intervals(
+    correct: np.ndarray,
+    recall_values: Sequence[int] = (1, 5, 10, 100),
+    level: float = 0.95,
+    num_samples: int = 2000,
+    seed: int = 0,
+) -> dict[int, tuple[float, float]]:
+    """Percentile bootstrap interval of Recall@N (percent) over queries.
+
+    The queries are resampled with replacement ``num_samples`` times (seeded, so an interval is
+    reproducible); each Recall@N is recomputed on the resample and the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles are returned. With 125 queries one query is 0.8 points and a
+    95% interval around R@1 = 10 spans about 10 points: differences inside it are noise.
+
+    Args:
+        correct: (N_q, k) bool, prediction j of query i is a positive (``recall_at_n``'s second output).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n_q = correct.shape[0]
+    if n_q == 0:
+        raise ValueError("recall intervals need at least one query")
+    ranks = hit_ranks(correct)
+    rng = np.random.default_rng(seed)
+    sample = rng.integers(0, n_q, size=(num_samples, n_q))  # (S, N_q) query indices
+    out = {}
+    for n in recall_values:
+        hits = (ranks < n)[sample].mean(1) * 100.0  # (S,)
+        lo, hi = np.quantile(hits, [(1 - level) / 2, (1 + level) / 2])
+        out[int(n)] = (float(lo), float(hi))
+    return out
+
+
+def chance_recall(num_database: int, positives: Sequence[np.ndarray], recall_values: Sequence[int] = (1, 5, 10, 100)) -> dict[int, float]:
+    """Expected Recall@N (percent) of a random ranking of the database, from the split's positives.
+
+    A query with p positives among D database images is found at N with probability
+    ``1 - C(D - p, N) / C(D, N) = 1 - prod_{j<N} (D - p - j) / (D - j)``; the mean over queries
+    (queries without positives count 0) is the chance level every recall plot should show.
+    """
+    if num_database < 1:
+        raise ValueError("chance_recall needs a non-empty database")
+    counts = np.array([len(p) for p in positives], dtype=np.float64)
+    out = {}
+    for n in recall_values:
+        n_eff = min(int(n), num_database)
+        j = np.arange(n_eff, dtype=np.float64)
+        miss = np.prod(np.clip((num_database - counts[:, None] - j) / (num_database - j), 0.0, 1.0), axis=1)
+        out[int(n)] = float(100.0 * (1.0 - miss).mean()) if len(counts) else 0.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,21 +341,60 @@ def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
     return PCA(mean.numpy().astype(np.float32), comps.numpy().astype(np.float32), var.numpy())
 
 
+def official_pca_images(vg_root: PathLike) -> list[Path]:
+    """The authors' PCA folder: every ``*.jpg`` (database and queries) of Pitts30k's training
+    split, ``<vg_root>/pitts30k/images/train`` (their ``--pca_dataset_folder`` and
+    ``datasets_ws.PCADataset``: sorted ``glob("**/*.jpg")``)."""
+    folder = Path(vg_root).joinpath(*OFFICIAL_PCA_FOLDER)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"the official PCA folder {str(folder)!r} does not exist: the authors fit the PCA on Pitts30k's "
+            "training images. Put Pitts30k (VG layout, train split) under the VG root, or pass the images "
+            "to fit on explicitly (command line: --pca-images FOLDER)."
+        )
+    return list_images(folder)
+
+
+def select_pca_images(
+    paths: Sequence[PathLike],
+    max_images: int = OFFICIAL_PCA_MAX_IMAGES,
+    seed: int = 0,
+    protocol: str = "default",
+) -> list[Path]:
+    """The images a PCA is fitted on, in the order they are fed to the model.
+
+    ``"default"``: a seeded subset of ``max_images`` kept in file order (so a cross-image model
+    sees neighbouring images together). ``"official"``: the authors' shuffled loader
+    (``util.compute_pca``: ``DataLoader(..., shuffle=True)`` stopped after 2^14 images): a
+    seeded permutation of all the images, its first ``max_images``, in that shuffled order.
+    """
+    check_protocol(protocol)
+    paths = [Path(p) for p in paths]
+    if protocol == "official":
+        perm = np.random.default_rng(seed).permutation(len(paths))[:max_images]
+        return [paths[i] for i in perm]
+    if len(paths) > max_images:
+        rng = np.random.default_rng(seed)
+        paths = [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
+    return paths
+
+
 def fit_pca_on_images(
     model: torch.nn.Module,
     paths: Sequence[PathLike],
     dim: int = 4096,
-    max_images: int = 2**14,
+    max_images: int = OFFICIAL_PCA_MAX_IMAGES,
     seed: int = 0,
     config: EvalConfig = EvalConfig(),
 ) -> PCA:
-    """PCA fitted on the descriptors of up to ``max_images`` training images (official: 2^14)."""
+    """PCA fitted on the descriptors of up to ``max_images`` training images (official: 2^14),
+    chosen and ordered by :func:`select_pca_images` under ``config.protocol``. The authors' set
+    is :func:`official_pca_images` (Pitts30k train)."""
     paths = list(paths)
     if not paths:
-        raise ValueError("no images to fit the PCA on: pass the training images (e.g. GSV-Cities files)")
-    if len(paths) > max_images:
-        rng = np.random.default_rng(seed)
-        paths = [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
+        raise ValueError("no images to fit the PCA on: pass training images (the authors use Pitts30k's "
+                         "images/train, see official_pca_images)")
+    paths = select_pca_images(paths, max_images, seed, config.protocol)
     return fit_pca(compute_descriptors(model, paths, config, desc="PCA descriptors"), dim)
 
 
@@ -308,6 +429,14 @@ class EvalResult:
         row.update({f"R@{n}": round(v, 2) for n, v in self.recalls.items()})
         return pd.DataFrame([row])
 
+    def intervals(self, level: float = 0.95, seed: int = 0) -> dict[int, tuple[float, float]]:
+        """Bootstrap interval of each Recall@N over the queries (:func:`recall_intervals`)."""
+        return recall_intervals(self.correct, tuple(self.recalls), level=level, seed=seed)
+
+    def chance(self) -> dict[int, float]:
+        """Recall@N of a random ranking on this split (:func:`chance_recall`)."""
+        return chance_recall(self.split.num_database, self.split.positives, tuple(self.recalls))
+
     def save_descriptors(self, folder: PathLike) -> tuple[Path, Path]:
         """Write ``database.npy`` and ``queries.npy`` (fp16) for reuse; returns their paths."""
         folder = Path(folder)
@@ -334,6 +463,30 @@ def load_descriptors(path: PathLike) -> np.ndarray:
     return np.load(path).astype(np.float32)
 
 
+def load_descriptor_folder(folder: PathLike, split: VGSplit) -> tuple[np.ndarray, np.ndarray]:
+    """``database.npy`` and ``queries.npy`` of a folder written by
+    :meth:`EvalResult.save_descriptors`, checked against ``split`` (one row per image)."""
+    folder = Path(folder)
+    out = []
+    for role, n in (("database", split.num_database), ("queries", split.num_queries)):
+        path = folder / f"{role}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"descriptor file {str(path)!r} does not exist: a descriptor folder holds database.npy and "
+                f"queries.npy, as `scicevpr eval --save-descriptors FOLDER` writes them."
+            )
+        d = load_descriptors(path)
+        if d.ndim != 2 or d.shape[0] != n:
+            raise ValueError(
+                f"{str(path)!r} holds {d.shape[0] if d.ndim else 0} descriptors but {split.dataset}/{split.split} has "
+                f"{n} {role} images: it was computed on another split. Pass the same --dataset/--split it was saved with."
+            )
+        out.append(d)
+    if out[0].shape[1] != out[1].shape[1]:
+        raise ValueError(f"{str(folder)!r}: database ({out[0].shape[1]}-d) and queries ({out[1].shape[1]}-d) differ in dimension")
+    return out[0], out[1]
+
+
 def recall_by_condition(
     correct: np.ndarray, conditions: Sequence[str], recall_values: Sequence[int] = (1, 5, 10, 100)
 ) -> pd.DataFrame:
@@ -358,16 +511,19 @@ def evaluate(
     pca: PCA | None = None,
     name: str | None = None,
 ) -> EvalResult:
-    """Recall@N of ``model`` on ``split`` under the official protocol (see module docstring).
+    """Recall@N of ``model`` on ``split`` under the VG-benchmark protocol (see module docstring)
+    and ``config.protocol``.
 
     ``pca``: a fitted :class:`PCA` applied to both database and query descriptors.
     """
     if split.num_database == 0 or split.num_queries == 0:
         raise ValueError(f"{split.dataset}/{split.split} has {split.num_database} database images and "
                          f"{split.num_queries} queries; both must be non-empty")
-    db = compute_descriptors(model, split.database_paths, config, desc=f"{split.dataset} database")
-    q = compute_descriptors(model, split.query_paths, config, batch_size=config.query_batch_size,
-                            desc=f"{split.dataset} queries")
+    cls = type(model).__name__
+    bs = eval_batch_size(config.protocol, cls, split.dataset, config.batch_size)  # CricaVPR, Pitts: 8
+    qbs = eval_batch_size(config.protocol, cls, split.dataset, config.query_batch_size or config.batch_size)
+    db = compute_descriptors(model, split.database_paths, config, batch_size=bs, desc=f"{split.dataset} database")
+    q = compute_descriptors(model, split.query_paths, config, batch_size=qbs, desc=f"{split.dataset} queries")
     return score(model, split, db, q, config, pca, name)
 
 
@@ -422,14 +578,15 @@ def batch_stability(
     q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
     db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
     amp = amp_enabled(config, model_device(model))
-    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp)
+    g = config.encoder_group_size
+    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
     alone = encode_in_batches(model, q_regional, 1, amp=amp)
     rng = np.random.default_rng(seed)
     orders = [np.arange(split.num_queries)] + [rng.permutation(split.num_queries) for _ in range(num_orders - 1)]
     rows = []
     for bs in query_batch_sizes:
         for o, order in enumerate(orders):
-            q = alone if bs == 1 and o == 0 else encode_in_batches(model, q_regional, bs, order, amp=amp)
+            q = alone if bs == 1 and o == 0 else encode_in_batches(model, q_regional, bs, order, amp=amp, group_size=g)
             res = score(None, split, db, q, config)
             row = {"model": name, "batch_size": bs, "order": o,
                    "max_abs_change": float(np.abs(q - alone).max())}

@@ -15,7 +15,8 @@ that names it.
 a training writes there, so that a second training into the same folder is refused instead of
 interleaving its log and checkpoints with the first. The kernel releases the lock when the
 process ends, however it ends (a killed process leaves nothing stuck; forked DataLoader workers
-share the lock and exit with their parent).
+share the lock and exit with their parent). :func:`exclusive_lock` is the lock itself; the
+synthetic benchmark's generator waits on it, where a training refuses at once.
 
 Importing this module does not import torch.
 """
@@ -141,39 +142,50 @@ def holds_files(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: PathLike, wait: bool = True) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; yields
+    its file descriptor. ``wait=False``: ``BlockingIOError`` at once when another process holds
+    it. The kernel releases the lock when the process ends. Without ``fcntl`` (Windows) nothing
+    is locked."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def lock_run_dir(run_dir: PathLike) -> Iterator[Path]:
-    """Create ``run_dir`` if needed and hold its lock for the duration of the ``with`` block.
+    """Create ``run_dir`` if needed and hold its lock (``<run_dir>/.lock``) for the ``with`` block.
 
     Raises ``RunDirInUseError`` at once when another process holds it, and an ``OSError`` naming
     the folder when it cannot be created or written to. A folder created here that is still empty
     at the end (a run that failed at once) is removed again.
     """
     run_dir = Path(run_dir)
+    lock = run_dir / LOCK_NAME
     created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise unwritable_folder(run_dir, e) from None
-    locked = False
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                raise RunDirInUseError(
-                    f"run folder {str(run_dir)!r} is in use by another training"
-                    f"{f' (process {holder})' if holder.isdigit() else ''}. Wait for it to finish, or choose "
-                    f"another run_dir (--run-dir). A training that was killed releases its folder by itself."
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        locked = True
-        yield run_dir
-    finally:
-        if locked and created and not holds_files(run_dir):  # a run that failed before writing anything
-            with contextlib.suppress(OSError):
-                (run_dir / LOCK_NAME).unlink()
-                run_dir.rmdir()
-        os.close(fd)  # releases the lock
+    with contextlib.ExitStack() as stack:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = stack.enter_context(exclusive_lock(lock, wait=False))
+        except BlockingIOError:
+            holder = lock.read_text(errors="replace").strip()
+            raise RunDirInUseError(
+                f"run folder {str(run_dir)!r} is in use by another training"
+                f"{f' (process {holder})' if holder.isdigit() else ''}. Wait for it to finish, or choose "
+                f"another run_dir (--run-dir). A training that was killed releases its folder by itself."
+            ) from None
+        except OSError as e:
+            raise unwritable_folder(run_dir, e) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield run_dir
+        finally:
+            if created and not holds_files(run_dir):  # a run that failed before writing anything
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                    run_dir.rmdir()

@@ -167,11 +167,18 @@ class VPRModel(nn.Module):
         """
         return self.pool(self.fusion.mix_tokens(f))  # (B, C_mix, H, W) -> (B, 14, C_mix), fp32
 
-    def encode(self, r: torch.Tensor) -> torch.Tensor:
+    def encode(self, r: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """(B, 14, C_mix) regional features -> (B, 14 * C_mix) unit-norm descriptors.
 
         The only step where the teacher lets the images of a batch see each other.
+        ``groups > 1`` splits the batch as ``nn.DataParallel`` over ``groups`` GPUs does
+        (``torch.chunk``: chunks of ``ceil(B / groups)``, the last smaller, fewer chunks when
+        ``B < groups``) and encodes each chunk on its own: the authors' multi-GPU scripts
+        (:data:`scicevpr.protocol.OFFICIAL_GROUP_SIZES`).
         """
+        if groups > 1 and r.shape[0] > 1:
+            chunks = torch.chunk(r, groups, dim=0)  # each (B_g, 14, C_mix)
+            return torch.cat([self.encode(c) for c in chunks], dim=0)  # (B, 14 * C_mix)
         r = self.encoder(r)  # (B, 14, C_mix)
         return F.normalize(r.flatten(1).float(), p=2, dim=-1)  # (B, 14, C) -> (B, 14*C)
 

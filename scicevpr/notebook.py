@@ -20,8 +20,23 @@ Every notebook starts with this call. It reads one environment variable, ``SCICE
     recipe (:class:`scicevpr.train.TrainConfig` defaults).
 
 Other variables (all optional): ``SCICEVPR_DATASET`` (evaluation dataset in full mode,
-default ``pitts30k``), ``SCICEVPR_THREADS`` (torch CPU threads; offline default 2, the setting
-the stored notebook outputs were produced with), ``SCICEVPR_SEED`` (default 0).
+default ``pitts30k``), ``SCICEVPR_VAL_DATASET`` (validation dataset in full mode, default
+``pitts30k``), ``SCICEVPR_THREADS`` (torch CPU threads; offline default 2, the setting the
+stored notebook outputs were produced with), ``SCICEVPR_SEED`` (default 0).
+
+Smoke runs of the full configuration (checking that it runs end to end, not reproducing the
+paper), in any mode:
+
+* ``SCICEVPR_WEIGHTS=random``: a seeded **random** DINOv2 initialisation instead of the official
+  file; every figure and table then says so (``random DINOv2 backbone (full mode)`` in full
+  mode).
+* ``SCICEVPR_EPOCHS=n`` and ``SCICEVPR_MAX_ITERS=m``: both training stages run ``n`` epochs of
+  at most ``m`` iterations (:class:`~scicevpr.train.TrainConfig` ``epochs`` and
+  ``max_iters_per_epoch``) instead of the recipe's; the batches keep the recipe's P x K. The
+  summary printed by :func:`setup` states the cap.
+
+``benchmarks/device_run.sh`` uses all three with a synthetic benchmark laid out where full mode
+expects the real datasets (``benchmarks/full_mode_data.py``).
 
 :func:`setup` also seeds Python, NumPy and torch, fixes torch's thread count, silences the
 random-backbone warning after stating it once, and sets the plotting style. The returned
@@ -54,11 +69,16 @@ THREADS_ENV = "SCICEVPR_THREADS"
 SEED_ENV = "SCICEVPR_SEED"
 DATA_ENV = "SCICEVPR_DATA"
 WEIGHTS_ENV = "SCICEVPR_WEIGHTS"
+VAL_DATASET_ENV = "SCICEVPR_VAL_DATASET"
+EPOCHS_ENV = "SCICEVPR_EPOCHS"
+MAX_ITERS_ENV = "SCICEVPR_MAX_ITERS"
+RANDOM_WEIGHTS = "random"  # SCICEVPR_WEIGHTS=random: random DINOv2 in any mode
 
 MODES = ("offline", "full")
 FULL_PRESETS = ("SciceVPR-B", "SciceVPR-L")
 
 RANDOM_BACKBONE_LABEL = "random DINOv2 backbone (offline)"
+RANDOM_FULL_LABEL = "random DINOv2 backbone (full mode)"
 
 
 def find_repo_root(start: str | os.PathLike | None = None) -> Path:
@@ -88,6 +108,29 @@ def seed_everything(seed: int) -> None:
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name, "").strip()
     return value if value else default
+
+
+def _weights_from_env(default: str | None) -> str | None:
+    """DINOv2 weights from ``SCICEVPR_WEIGHTS``: unset -> ``default``; ``random`` -> None (random
+    initialisation); a folder -> ``"auto"`` (the backbone loader looks in that folder first)."""
+    value = _env(WEIGHTS_ENV)
+    if value is None:
+        return default
+    return None if value.lower() == RANDOM_WEIGHTS else "auto"
+
+
+def _train_overrides_from_env() -> dict[str, int]:
+    """TrainConfig fields capped by ``SCICEVPR_EPOCHS`` / ``SCICEVPR_MAX_ITERS`` (smoke runs)."""
+    out = {}
+    for name, fld in ((EPOCHS_ENV, "epochs"), (MAX_ITERS_ENV, "max_iters_per_epoch")):
+        value = _env(name)
+        if value is None:
+            continue
+        n = int(value) if value.isdigit() else 0
+        if n < 1:
+            raise ValueError(f"{name}={value!r}: expected a whole number >= 1, or unset for the recipe's {fld}.")
+        out[fld] = n
+    return out
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -171,9 +214,14 @@ class NotebookSettings:
         return f"{self.eval_dataset} {self.eval_split}"
 
     @property
+    def random_label(self) -> str:
+        """How figures name a random DINOv2 backbone in this mode."""
+        return RANDOM_BACKBONE_LABEL if self.offline else RANDOM_FULL_LABEL
+
+    @property
     def weights_label(self) -> str:
         if self.random_backbone:
-            return RANDOM_BACKBONE_LABEL
+            return self.random_label
         arch = self.model_config().backbone.arch  # e.g. "vitb14"
         return f"pretrained DINOv2 ViT-{arch[3].upper()}/{arch[4:]}"
 
@@ -186,7 +234,7 @@ class NotebookSettings:
         """The figure label for a figure built on ``model``: the random-backbone statement
         whenever the model's DINOv2 is randomly initialised, whatever the settings say."""
         if model is not None and getattr(model, "is_random_init", False):
-            return f"{RANDOM_BACKBONE_LABEL}, {self.data_label}"
+            return f"{self.random_label}, {self.data_label}"
         return self.figure_label
 
     def describe(self) -> str:
@@ -212,6 +260,9 @@ class NotebookSettings:
             f"figures, runs   : {_relative(self.figures_dir, self.repo_root)}/, {_relative(self.runs_dir, self.repo_root)}/",
             f"figure label    : {self.figure_label}",
         ]
+        if self.train_overrides:
+            capped = ", ".join(f"{k}={v}" for k, v in sorted(self.train_overrides.items()))
+            lines.append(f"training        : recipe capped by ${EPOCHS_ENV} / ${MAX_ITERS_ENV}: {capped}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -418,6 +469,7 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
     data_root = Path(data_env).expanduser() if data_env else root / "data"
     seed = int(_env(SEED_ENV, "0"))
     cuda = torch.cuda.is_available()
+    train_overrides = _train_overrides_from_env()
     if mode == "offline":
         from .train import offline_train_config
 
@@ -428,12 +480,13 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
         recipe = offline_train_config(bench_root / "gsv_cities", bench_root / "vg", root / "runs", stage="teacher")
         settings = NotebookSettings(
             mode=mode, preset=recipe.preset, model_overrides=dict(recipe.model_overrides),
-            weights="auto" if _env(WEIGHTS_ENV) else recipe.weights, device="cpu", repo_root=root,
+            weights=_weights_from_env(recipe.weights), device="cpu", repo_root=root,
             data_root=data_root, figures_dir=root / "figures", runs_dir=root / "runs" / "notebooks" / mode,
             synthetic_preset=synthetic, vg_root=bench_root / "vg", gsv_root=bench_root / "gsv_cities",
             eval_dataset="synthetic", eval_split="test", val_dataset="synthetic", val_split="val",
             stability_batch_sizes=(1, 2, 4, 8, 16, 32), stability_orders=3, num_workers=0, amp=False,
             pca_dim=256, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
+            train_overrides=train_overrides,
         )
     else:
         preset = _env(PRESET_ENV, "SciceVPR-B")
@@ -442,13 +495,15 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
         threads = int(_env(THREADS_ENV, str(os.cpu_count() or 1)))
         dataset = _env(DATASET_ENV, "pitts30k")
         settings = NotebookSettings(
-            mode=mode, preset=preset, model_overrides={}, weights="auto", device="cuda" if cuda else "cpu",
+            mode=mode, preset=preset, model_overrides={}, weights=_weights_from_env("auto"),
+            device="cuda" if cuda else "cpu",
             repo_root=root, data_root=data_root, figures_dir=root / "figures",
             runs_dir=root / "runs" / "notebooks" / preset, synthetic_preset=None, vg_root=data_root,
             gsv_root=data_root / "gsv_cities", eval_dataset=dataset, eval_split="test",
-            val_dataset="pitts30k", val_split="val", num_workers=min(8, os.cpu_count() or 1),
+            val_dataset=_env(VAL_DATASET_ENV, "pitts30k"), val_split="val", num_workers=min(8, os.cpu_count() or 1),
             amp=resolve_amp("cuda" if cuda else "cpu", None),
             pca_dim=4096, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
+            train_overrides=train_overrides,
         )
     torch.set_num_threads(settings.threads)
     seed_everything(seed)
@@ -462,9 +517,12 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
     viz.set_style()
     if not quiet:
         print(settings.describe())
-        if settings.random_backbone:
+        if settings.random_backbone and settings.offline:
             print("NOTE: DINOv2 is randomly initialised (no download in offline mode). Every figure and "
                   "table\n      is stamped with this; see notebook 05 for running with the real weights.")
+        elif settings.random_backbone:
+            print(f"NOTE: DINOv2 is randomly initialised ({WEIGHTS_ENV}={RANDOM_WEIGHTS}): a check that the full "
+                  "configuration\n      runs, not the paper's results. Every figure and table is stamped with this.")
         if mode == "full" and not cuda:
             print("NOTE: full mode without a CUDA GPU: everything runs, very slowly, on the CPU.")
     return settings
@@ -475,13 +533,15 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_images(paths, image_size: int) -> torch.Tensor:
-    """Image files -> (N, 3, S, S) normalised tensor, with the evaluation transform."""
+def load_images(paths, image_size: int, device: str | torch.device | None = None) -> torch.Tensor:
+    """Image files -> (N, 3, S, S) normalised tensor, with the evaluation transform, on
+    ``device`` (default the CPU; pass ``settings.device`` to feed a model directly)."""
     from .data.decode import load_rgb
     from .data.transforms import eval_transform
 
     t = eval_transform(image_size)
-    return torch.stack([t(load_rgb(p)) for p in paths])
+    x = torch.stack([t(load_rgb(p)) for p in paths])
+    return x if device is None else x.to(device)
 
 
 def patch_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -496,8 +556,10 @@ def patch_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def layer_features(backbone, images: torch.Tensor, layers) -> dict[int, torch.Tensor]:
     """Patch features of several DINOv2 blocks (after the final LayerNorm, as SciceVPR takes
-    them): block -> (N, C, H, W), float32 on the CPU."""
+    them): block -> (N, C, H, W), float32 on the CPU. ``images`` may be on any device: they are
+    moved to the backbone's."""
     layers = list(layers)
+    images = images.to(next(backbone.parameters()).device)
     grid = backbone.grid_size(images.shape[-2], images.shape[-1])
     outs = backbone.get_intermediate_layers(images, layers)  # M x (N, 1 + HW, C)
     return {l: patch_maps(o, grid).float().cpu() for l, o in zip(layers, outs)}
@@ -613,7 +675,7 @@ def gem_analysis(fmap: torch.Tensor, ps=(1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32),
     (0 = average pooling, 1 = max pooling); ``weights[p]`` the (H, W) share of each token in
     ``GeM_p`` of a typical channel (median spread) (``x^p / sum x^p``).
     """
-    x = fmap.float().clamp(min=eps)  # (C, H, W)
+    x = fmap.detach().float().cpu().clamp(min=eps)  # (C, H, W), any device in; a small map
     mean = x.mean((1, 2))
     mx = x.amax((1, 2))
     ok = (mx - mean) > 1e-6

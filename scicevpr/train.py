@@ -70,7 +70,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
-from .data.gsv import GSVCitiesDataset
+from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
+from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
@@ -78,6 +79,12 @@ from .files import holds_files, load_torch_file, lock_run_dir
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, resolve_amp
+from .protocol import (
+    OFFICIAL_CITIES,
+    num_groups,
+    teacher_checkpoint_name,
+    utm_dtype,
+)
 
 PathLike = str | os.PathLike
 
@@ -257,15 +264,26 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 class PlaceBatchSampler(Sampler[list[int]]):
-    """Batches of P place indices, shuffled per epoch from ``(seed, epoch)`` only.
+    """Batches of P place indices.
 
-    Under DDP, global batch b is ``perm[b*P : (b+1)*P]`` and rank r takes its r-th slice of
-    P / N places, so the N ranks together see exactly the one-process batch. Incomplete final
-    batches are dropped. ``max_batches`` caps an epoch.
+    ``order="default"``: all places shuffled per epoch from ``(seed, epoch)`` only; incomplete
+    final batches are dropped. ``order="official"`` (the authors' ``DataLoader(shuffle=False,
+    drop_last=False)`` over ``GSVCitiesDataset``, whose rows are shuffled once per city when it
+    is built: SciceVPR ``train_super_cricavpr.py``, ``dataloaders/train/GSVCitiesDataset.py``):
+    the places of each city, cities in the order of ``place_cities`` values (the city list's
+    order), are shuffled once from ``(seed, city)``; the same order serves every epoch and the
+    last partial batch is kept.
+
+    Under DDP, global batch b is ``order[b*P : (b+1)*P]`` and rank r takes its r-th slice of
+    P / N places, so the N ranks together see exactly the one-process batch. ``max_batches``
+    caps an epoch.
     """
 
     def __init__(self, num_places: int, places_per_batch: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, max_batches: int | None = None) -> None:
+                 world_size: int = 1, max_batches: int | None = None, order: str = "default",
+                 place_cities: np.ndarray | None = None) -> None:
+        if order not in ("default", "official"):
+            raise ValueError(f"order={order!r}: expected 'default' or 'official'")
         if places_per_batch % world_size:
             raise ValueError(
                 f"places_per_batch (P) = {places_per_batch} must be divisible by the number of "
@@ -276,9 +294,26 @@ class PlaceBatchSampler(Sampler[list[int]]):
                 f"the training set has {num_places} places (with >= K images), fewer than one batch of "
                 f"places_per_batch (P) = {places_per_batch}; lower places_per_batch."
             )
-        self.num_places, self.P, self.seed = num_places, places_per_batch, seed
+        self.num_places, self.P, self.seed, self.order = num_places, places_per_batch, seed, order
         self.rank, self.world_size = rank, world_size
         full = num_places // places_per_batch
+        self._fixed: np.ndarray | None = None
+        if order == "official":
+            last = num_places % places_per_batch
+            if last % world_size:
+                raise ValueError(
+                    f"order='official' keeps the last partial batch ({last} places), which {world_size} processes "
+                    f"cannot share evenly; run on one process, or on a number of processes dividing {last}."
+                )
+            full += last > 0
+            cities = np.zeros(num_places, np.int64) if place_cities is None else np.asarray(place_cities)
+            if len(cities) != num_places:
+                raise ValueError(f"place_cities has {len(cities)} entries for {num_places} places")
+            parts = []
+            for c in pd.unique(cities):  # cities in their order of first appearance
+                idx = np.flatnonzero(cities == c)
+                parts.append(idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))])
+            self._fixed = np.concatenate(parts)  # one shuffle per city, for every epoch
         self.num_batches = full if max_batches is None else min(full, max_batches)
         self.epoch = 0
 
@@ -289,11 +324,14 @@ class PlaceBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_places)
-        share = self.P // self.world_size
+        if self._fixed is not None:
+            perm = self._fixed
+        else:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_places)
         for b in range(self.num_batches):
-            start = b * self.P + self.rank * share
-            yield perm[start : start + share].tolist()
+            batch = perm[b * self.P : (b + 1) * self.P]  # the last one may be partial (official)
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share : (self.rank + 1) * share].tolist()
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -322,16 +360,17 @@ def _train_loader(dataset: GSVCitiesDataset, sampler: PlaceBatchSampler, config:
 class MetricLearningStep(nn.Module):
     """Stage 1: ``L_MS`` on the global batch. ``forward(images, labels) -> (loss, parts)``."""
 
-    def __init__(self, model: VPRModel, loss: LossConfig) -> None:
+    def __init__(self, model: VPRModel, loss: LossConfig, groups: int = 1) -> None:
         super().__init__()
         self.model = model
         self.ms = MultiSimilarityLoss(loss)
+        self.groups = groups  # the encoder attends within this many chunks of the global batch
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar loss."""
         f = self.model.extract_features(images)  # (b, C_mix, H, W)
         r = gather_batch(self.model.regional_features(f))  # (B, 14, C): per image, gathered over ranks
-        loss = self.ms(self.model.encode(r), gather_batch(labels))  # the encoder sees the global batch
+        loss = self.ms(self.model.encode(r, self.groups), gather_batch(labels))  # the encoder sees the global batch
         return loss, {"loss_ms": loss.detach()}
 
 
@@ -343,8 +382,9 @@ class DistillationStep(nn.Module):
     gradient) and the student heads both read it.
     """
 
-    def __init__(self, student: SciceVPR, teacher: SuperCricaVPR, loss: LossConfig) -> None:
+    def __init__(self, student: SciceVPR, teacher: SuperCricaVPR, loss: LossConfig, target_groups: int = 1) -> None:
         super().__init__()
+        self.target_groups = target_groups  # the teacher attends within this many chunks of the batch
         if student.backbone is not teacher.backbone:
             raise ValueError("the student must share the teacher's backbone (build it with SciceVPR.from_teacher)")
         if not (torch.equal(student.fusion.conv.weight, teacher.fusion.conv.weight)
@@ -365,7 +405,7 @@ class DistillationStep(nn.Module):
         """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar ``L_T``."""
         with torch.no_grad():
             f = self.student.extract_features(images)  # (b, C_mix, H, W), shared frozen backbone + conv
-            t = self.teacher.encode(gather_batch(self.teacher.regional_features(f)))  # (B, D)
+            t = self.teacher.encode(gather_batch(self.teacher.regional_features(f)), self.target_groups)  # (B, D)
         s = self.student.encode(gather_batch(self.student.regional_features(f)))  # (B, D)
         l_t, l_ms, l_d = self.objective(s, t, gather_batch(labels))
         return l_t, {"loss_ms": l_ms.detach(), "loss_d": l_d.detach()}
@@ -379,9 +419,29 @@ class _Stage:
     teacher: VPRModel | None = None
 
 
+def _global_batch(config: TrainConfig) -> int:
+    return config.places_per_batch * config.img_per_place  # P * K
+
+
 def _build_teacher_stage(config: TrainConfig, device: torch.device) -> _Stage:
     model = build_model(config.model, config.model_config(), weights=config.weights, seed=config.seed).to(device)
-    return _Stage("teacher", model, MetricLearningStep(model, config.loss))
+    groups = num_groups(_global_batch(config), config.group_size("train"))
+    return _Stage("teacher", model, MetricLearningStep(model, config.loss, groups))
+
+
+def teacher_path(config: TrainConfig) -> Path:
+    """``config.teacher`` as a file: a run folder gives its ``best.pt`` (``last.pt`` under the
+    official protocol: the authors distil from the last stage-1 checkpoint)."""
+    path = Path(config.teacher)
+    if path.is_dir():
+        name = teacher_checkpoint_name(config.protocol)
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"teacher run folder {str(path)!r} has no {name} (protocol={config.protocol!r} distils from "
+                f"stage 1's {name}). Finish stage 1 in that folder, or pass a checkpoint file."
+            )
+        return path / name
+    return path
 
 
 def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> SuperCricaVPR:
@@ -392,7 +452,7 @@ def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> Sup
             "stage 2 needs a trained teacher: set teacher= to stage 1's checkpoint (its run folder's "
             "best.pt), or to the authors' Super-CricaVPR checkpoint."
         )
-    path = Path(config.teacher)
+    path = teacher_path(config)
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
@@ -416,7 +476,8 @@ def _build_student_stage(config: TrainConfig, device: torch.device) -> _Stage:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         student = SciceVPR.from_teacher(teacher)
-    return _Stage("student", student, DistillationStep(student, teacher, config.loss), teacher=teacher)
+    target_groups = num_groups(_global_batch(config), config.group_size("targets"))
+    return _Stage("student", student, DistillationStep(student, teacher, config.loss, target_groups), teacher=teacher)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +584,16 @@ def _seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def training_cities(config: TrainConfig) -> tuple[str, ...] | None:
+    """``config.cities``; when None under the official protocol, the authors' 23 cities in their
+    order (``dataloaders/GSVCities.py``) if the dataset holds them all, else every city sorted."""
+    if config.cities is not None or config.protocol != "official":
+        return config.cities
+    root = Path(config.gsv_root) if config.gsv_root is not None else data_root() / "gsv_cities"
+    present = set(list_cities(root))
+    return OFFICIAL_CITIES if present.issuperset(OFFICIAL_CITIES) else None
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     """Adam (lr ``config.lr``) over the parameters that require gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -540,8 +611,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterat
 
 def _validate(model: VPRModel, split, config: TrainConfig, amp: bool) -> dict[int, float]:
     """Recall@N (percent) of ``model`` on the validation split; the caller's RNG is untouched."""
-    eval_cfg = EvalConfig(batch_size=config.eval_batch_size, recall_values=RECALL_VALUES, amp=amp,
-                          fast=False, num_workers=config.num_workers, progress=config.progress)
+    official = config.protocol == "official"
+    eval_cfg = EvalConfig(batch_size=config.eval_batch_size, recall_values=RECALL_VALUES, amp=False if official else amp,
+                          fast=False, num_workers=config.num_workers, progress=config.progress,
+                          protocol=config.protocol, encoder_group_size=config.group_size("validation"))
     with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
         result = evaluate(model, split, eval_cfg)
     return {int(k): float(v) for k, v in result.recalls.items()}
@@ -576,23 +649,26 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     if ddp.enabled:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     epochs = config.epochs or PAPER_EPOCHS[stage]
-    amp = resolve_amp(device, config.amp)
-    val_split = None  # read first: a wrong path fails before the model is built
-    if config.val_dataset is not None and ddp.main:
-        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split, skip_corrupt=config.skip_corrupt)
+    amp = resolve_amp(device, config.use_amp())
 
     _seed_everything(config.seed)
     st = build(config, device)
     model = st.model.to(device)
-    dataset = GSVCitiesDataset(config.gsv_root, cities=config.cities, img_per_place=config.img_per_place,
+    dataset = GSVCitiesDataset(config.gsv_root, cities=training_cities(config), img_per_place=config.img_per_place,
                                image_size=model.image_size, seed=config.seed,
                                transform=train_transform(model.image_size, config.randaugment_ops),
                                drop_small_places=config.drop_small_places, skip_corrupt=config.skip_corrupt)
     sampler = PlaceBatchSampler(len(dataset), config.places_per_batch, config.seed, ddp.rank, ddp.world_size,
-                                config.max_iters_per_epoch)
+                                config.max_iters_per_epoch, order=config.protocol,
+                                place_cities=dataset.place_ids // CITY_ID_STRIDE)
     ipe = len(sampler)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, ipe)
+    val_split = None
+    if config.val_dataset is not None and ddp.main:
+        val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split,
+                                  utm_dtype=utm_dtype(config.protocol, type(model).__name__),
+                                  skip_corrupt=config.skip_corrupt)
     data_report = {"num_dropped_places": dataset.num_dropped_places,
                    "num_skipped_images": len(dataset.skipped) + (len(val_split.skipped) if val_split is not None else 0)}
 

@@ -129,14 +129,20 @@ def save_figure(
     if not FIGURE_NAME.match(name):
         raise ValueError(f"figure name {name!r} must look like 'NN_some_name' (notebook number, lower case, "
                          f"underscores), e.g. '03_stability'.")
+    folder = Path(folder) if folder is not None else figures_dir()
+    return save_png(fig, folder / f"{name}.png", label, check)
+
+
+def save_png(fig: plt.Figure, path: str | os.PathLike, label: str | None = None, check: bool = True) -> Path:
+    """Save ``fig`` at ``path`` (any name; the folder is created) as :func:`save_figure` does:
+    stamped with ``label``, checked for titles and axis labels, fixed DPI, no metadata."""
+    path = Path(path)
     stamp(fig, label)
     if check:
         problems = missing_labels(fig)
         if problems:
-            raise ValueError(f"figure {name!r} is incomplete: {'; '.join(problems)}")
-    folder = Path(folder) if folder is not None else figures_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
+            raise ValueError(f"figure {path.stem!r} is incomplete: {'; '.join(problems)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, metadata={"Software": None})
     return path
 
@@ -666,6 +672,70 @@ def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | S
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
+
+
+def plot_recall_curves(curves: Mapping[str, Sequence[float]], label: str | None = None,
+                       title: str | None = None, chance: Sequence[float] | None = None) -> plt.Figure:
+    """Recall@N against N = 1..len(curve), one line per model, as VPR papers draw them.
+
+    ``curves``: model name -> Recall@N in percent for N = 1, 2, ... (:func:`scicevpr.evaluate.recall_curve`);
+    ``chance``: the Recall@N of a random ranking, drawn dashed (:func:`scicevpr.evaluate.chance_recall`).
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.get_cmap("tab10")
+    longest = 1
+    for i, (name, curve) in enumerate(curves.items()):
+        curve = np.asarray(curve, dtype=float)
+        n = np.arange(1, len(curve) + 1)
+        longest = max(longest, len(curve))
+        ax.plot(n, curve, color=colours(i % 10), lw=1.8, label=f"{name} (R@1 {curve[0]:.1f})")
+    if chance is not None:
+        chance = np.asarray(chance, dtype=float)
+        ax.plot(np.arange(1, len(chance) + 1), chance, color="0.5", ls="--", lw=1.2, label="random ranking")
+    ax.set_xscale("log")
+    ax.set_xlim(1, longest)
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("N, number of retrieved database images (log scale)")
+    ax.set_ylabel("Recall@N (% of queries)")
+    ax.set_title(title or "Recall@N")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_matches(query_paths: Sequence[str | os.PathLike], database_paths: Sequence[str | os.PathLike],
+                 predictions: np.ndarray, similarities: np.ndarray, queries: Sequence[int], k: int = 5,
+                 correct: np.ndarray | None = None, label: str | None = None, title: str | None = None,
+                 thumb: int = 112) -> plt.Figure:
+    """Contact sheet of a search without labels: each row a query, then its ``k`` nearest
+    database images with their similarity and file name; framed green / red when ``correct``
+    ((N_q, >= k) bool, from UTM file names) is known, grey otherwise.
+
+    ``predictions`` / ``similarities``: (N_q, >= k) database indices (-1: none) and similarities.
+    """
+    queries = list(queries)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.75 * (k + 1), 2.05 * len(queries) + 0.5), squeeze=False)
+    for row, q in enumerate(queries):
+        _image_panel(axes[row, 0], read_thumbnail(query_paths[q], thumb), f"query {q}\n{_short(query_paths[q])}",
+                     frame=QUERY_COLOUR)
+        for j in range(k):
+            ax = axes[row, 1 + j]
+            d = int(predictions[q, j]) if j < predictions.shape[1] else -1
+            if d < 0:
+                ax.set_visible(False)
+                continue
+            frame = "0.6" if correct is None else (CORRECT_COLOUR if correct[q, j] else WRONG_COLOUR)
+            _image_panel(ax, read_thumbnail(database_paths[d], thumb),
+                         f"#{j + 1} sim {similarities[q, j]:.3f}\n{_short(database_paths[d])}", frame=frame)
+    default = f"Top-{k} database images per query" + (" (green: within the radius, red: not)" if correct is not None else "")
+    fig.suptitle(title or default)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def _short(path: str | os.PathLike, n: int = 22) -> str:
+    name = Path(path).name
+    return name if len(name) <= n else name[: n // 2 - 1] + "..." + name[-(n // 2 - 2):]
 
 
 def _utm_distance(split, q: int, d: int) -> float:

@@ -18,7 +18,8 @@ import torch
 import scicevpr
 from scicevpr.cli import build_parser, main, parse_model_overrides
 
-COMMANDS = ("synth", "train-teacher", "train-student", "pretrain-backbone", "eval", "stability", "extract", "demo")
+COMMANDS = ("synth", "train-teacher", "train-student", "pretrain-backbone", "eval", "stability", "extract", "search", "index",
+            "demo")
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "SciceVPR-S", "--weights", "none", "--set", "image_size=56", "mix_dim=64", "encoder_heads=4",
          "encoder_ffn=128"]
@@ -285,9 +286,10 @@ def test_weights_that_are_not_dinov2_are_summarised(vg_copy, tmp_path, capsys):
     (["eval", "--vg-root", "{tmp}/nowhere", "--dataset", "synthetic"], "nowhere"),
     (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--pca-dim", "8"], "--pca-dim needs --pca-images"),
     (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--pca-dim", "8", "--pca-images", "{tmp}/nowhere"],
-     "--pca-images '.*nowhere' is not a folder"),
+     "--pca-images '.*nowhere' does not exist"),
     (["stability", "--vg-root", "{vg}", "--dataset", "pitts30k"], "pitts30k"),
-    (["extract", "--images", "{tmp}/nowhere", "--out", "{tmp}/d.npy"], "--images '.*nowhere' is not a folder"),
+    (["extract", "--images", "{tmp}/nowhere", "--out", "{tmp}/d.npy"], "--images '.*nowhere' does not exist"),
+    (["search", "--database", "{tmp}/nowhere", "--queries", "{tmp}/empty"], "--database '.*nowhere' does not exist"),
     (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "no .jpg files under --images"),
     (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--weights", "{tmp}/dinov2.pth"], "dinov2.pth does not exist"),
 ])
@@ -314,3 +316,33 @@ def test_the_cpu_only_install_is_documented_and_wired():
                            capture_output=True, text=True, check=True).stdout.splitlines()
     first_cpu = next(i for i, line in enumerate(lines) if f"pip install torch torchvision --index-url {cpu}" in line)
     assert first_cpu < next(i for i, line in enumerate(lines) if "pip install -e" in line)
+
+
+def test_demo_strips_widget_state_so_an_unchanged_notebook_stays_unchanged(tmp_path):
+    import nbformat
+
+    from scicevpr.cli import WIDGET_VIEW, strip_widget_state
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"a1b2": {}}}}
+    cell = nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nwidget")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "a1b2"}, "text/plain": "VBox()"})]
+    nb.cells.append(cell)
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    strip_widget_state(path)
+    cleaned = nbformat.read(path, as_version=4)
+    assert "widgets" not in cleaned.metadata
+    assert cleaned.cells[0].outputs[0]["data"] == {"text/plain": "VBox()"}
+    before = path.read_bytes()
+    strip_widget_state(path)
+    assert path.read_bytes() == before
+
+
+def test_stored_notebooks_hold_no_random_widget_ids():
+    """What `make demo` stores: no widget state, so re-running leaves `git status` clean."""
+    from scicevpr.cli import WIDGET_VIEW
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
+        text = path.read_text()
+        assert WIDGET_VIEW not in text and "widget-state+json" not in text, path.name

@@ -62,6 +62,7 @@ def test_pil_dataset_in_workers(jpegs):
     assert sorted(seen) == list(range(len(jpegs)))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
 def test_gpu_decode_matches_cpu(jpegs):
     cpu = decode_jpeg_batch(jpegs, 32, device="cpu")

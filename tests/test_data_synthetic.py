@@ -155,3 +155,20 @@ def test_command_line(tmp_path, capsys):
     assert "synthetic benchmark (tiny, seed 3)" in capsys.readouterr().out
     assert main(["--preset", "tiny", "--out", str(tmp_path / "cli"), "--seed", "3", "--quiet", "--splits", "val"]) == 0
     assert (tmp_path / "cli" / "vg" / "synthetic" / "images" / "val" / "metadata.csv").is_file()
+
+
+
+def test_two_processes_generating_one_folder_do_not_corrupt_it(tmp_path, tiny_benchmark):
+    """Two notebooks (here: processes) generating the same benchmark at once: the second waits
+    for the first and reuses its result; every file equals a generation made alone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shared"
+    code = ("import sys; from scicevpr.data.synthetic import generate; "
+            "generate(sys.argv[1], preset='tiny', seed=0, progress=False, workers=0)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert _digest(out) == _digest(tiny_benchmark.root)
+    assert not (out / ".generating").exists()

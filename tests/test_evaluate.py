@@ -167,3 +167,57 @@ def test_fast_flag_resolution_and_bf16_agreement(toy_split, student, monkeypatch
     fast = compute_descriptors(student, toy_split.query_paths, EvalConfig(num_workers=0, progress=False, fast=True))
     cos = (ref * fast).sum(1) / np.linalg.norm(fast, axis=1)
     assert cos.min() > 0.99 and np.abs(ref - fast).max() > 0  # bf16 really ran
+
+
+def test_chance_recall_matches_a_simulated_random_ranking():
+    from scicevpr.evaluate import chance_recall
+
+    rng = np.random.default_rng(0)
+    n_db = 40
+    positives = [rng.choice(n_db, size=k, replace=False) for k in (1, 3, 5, 0, 8)]
+    expected = chance_recall(n_db, positives, (1, 5, 10, 100))
+    trials = 20000
+    hits = {n: 0 for n in (1, 5, 10)}
+    for _ in range(trials // len(positives)):
+        for pos in positives:
+            ranking = rng.permutation(n_db)
+            for n in hits:
+                hits[n] += np.isin(ranking[:n], pos).any()
+    done = (trials // len(positives)) * len(positives)
+    for n in hits:
+        assert abs(100 * hits[n] / done - expected[n]) < 1.5
+    assert expected[100] == pytest.approx(80.0)  # N >= D: every query with a positive is found
+    assert expected[1] == pytest.approx(100 * np.mean([1, 3, 5, 0, 8]) / n_db)
+
+
+def test_bootstrap_intervals_bracket_the_recall_and_shrink_with_more_queries():
+    from scicevpr.evaluate import recall_at_n, recall_intervals
+
+    rng = np.random.default_rng(1)
+
+    def case(n_q):
+        correct = np.zeros((n_q, 10), dtype=bool)
+        found = rng.random(n_q) < 0.3
+        correct[found, rng.integers(0, 10, found.sum())] = True
+        return correct
+
+    small, large = case(100), case(2000)
+    for correct in (small, large):
+        recalls = recall_at_n(np.tile(np.arange(10), (len(correct), 1)),
+                              [np.flatnonzero(c) for c in correct], (1, 10))[0]
+        iv = recall_intervals(correct, (1, 10))
+        for n in (1, 10):
+            assert iv[n][0] <= recalls[n] <= iv[n][1]
+    width = lambda c: recall_intervals(c, (10,))[10][1] - recall_intervals(c, (10,))[10][0]
+    assert width(large) < width(small) / 3
+    assert recall_intervals(small, (10,), seed=3) == recall_intervals(small, (10,), seed=3)
+    with pytest.raises(ValueError, match="level"):
+        recall_intervals(small, (1,), level=1.5)
+
+
+def test_an_evaluation_reports_its_intervals_and_chance_level(toy_split, student):
+    result = evaluate(student, toy_split, CFG)
+    iv, chance = result.intervals(), result.chance()
+    assert set(iv) == set(result.recalls) == set(chance)
+    for n, r in result.recalls.items():
+        assert iv[n][0] <= r <= iv[n][1] and 0 <= chance[n] <= 100

@@ -30,7 +30,7 @@ from scicevpr.pooling import region_boxes  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 LABEL = "random DINOv2 backbone (offline), synthetic data"
 ENV = ("SCICEVPR_MODE", "SCICEVPR_PRESET", "SCICEVPR_DATA", "SCICEVPR_WEIGHTS", "SCICEVPR_DATASET",
-       "SCICEVPR_THREADS", "SCICEVPR_SEED")
+       "SCICEVPR_THREADS", "SCICEVPR_SEED", "SCICEVPR_VAL_DATASET", "SCICEVPR_EPOCHS", "SCICEVPR_MAX_ITERS")
 
 
 @pytest.fixture(autouse=True)
@@ -369,9 +369,53 @@ def test_full_mode_reads_preset_data_and_dataset(clean_env, tmp_path):
     assert s.vg_root == tmp_path and s.gsv_root == tmp_path / "gsv_cities"
     assert s.eval_dataset == "tokyo247" and s.synthetic_preset is None and s.pca_dim == 4096
     assert s.figure_label == "pretrained DINOv2 ViT-L/14, tokyo247 test"
-    assert s.label_for(SimpleNamespace(is_random_init=True)) == "random DINOv2 backbone (offline), tokyo247 test"
+    assert s.label_for(SimpleNamespace(is_random_init=True)) == "random DINOv2 backbone (full mode), tokyo247 test"
+    assert s.val_dataset == "pitts30k" and s.train_overrides == {}
     with pytest.raises(FileNotFoundError, match="data/README.md"):
         s.benchmark()  # no dataset there: the message says where to look
+
+
+def test_full_mode_with_random_weights_says_so_everywhere(clean_env, tmp_path, capsys):
+    clean_env.setenv("SCICEVPR_MODE", "full")
+    clean_env.setenv("SCICEVPR_WEIGHTS", "random")
+    clean_env.setenv("SCICEVPR_DATA", str(tmp_path))
+    clean_env.setenv("SCICEVPR_DATASET", "synthetic")
+    clean_env.setenv("SCICEVPR_VAL_DATASET", "synthetic")
+    s = nb.setup()
+    printed = capsys.readouterr().out
+    assert s.preset == "SciceVPR-B" and s.weights is None and s.random_backbone
+    assert s.figure_label == "random DINOv2 backbone (full mode), synthetic test"
+    assert s.label_for(None) == s.label_for(SimpleNamespace(is_random_init=True)) == s.figure_label
+    assert "RANDOM" in s.describe() and "SCICEVPR_WEIGHTS=random" in printed
+    assert (s.eval_dataset, s.val_dataset) == ("synthetic", "synthetic")
+    cfg = s.train_config("teacher")
+    assert cfg.weights is None and cfg.val_dataset == "synthetic" and cfg.preset == "SciceVPR-B"
+    assert cfg.places_per_batch == 72 and cfg.img_per_place == 4 and cfg.epochs is None  # the paper's recipe
+    # offline: "random" is the default already
+    clean_env.setenv("SCICEVPR_MODE", "offline")
+    off = nb.setup(quiet=True)
+    assert off.weights is None and off.figure_label == LABEL
+
+
+def test_training_caps_for_smoke_runs(clean_env, tmp_path):
+    base = nb.setup(quiet=True)
+    clean_env.setenv("SCICEVPR_EPOCHS", "2")
+    clean_env.setenv("SCICEVPR_MAX_ITERS", "3")
+    s = nb.setup(quiet=True)
+    assert s.train_overrides == {"epochs": 2, "max_iters_per_epoch": 3}
+    for stage in ("teacher", "student"):
+        cfg = s.train_config(stage)
+        assert (cfg.epochs, cfg.max_iters_per_epoch) == (2, 3)
+    assert "epochs=2, max_iters_per_epoch=3" in s.describe() and "capped" not in base.describe()
+    assert s.run_root() != base.run_root()  # a capped run never resumes the recipe's
+    clean_env.setenv("SCICEVPR_MODE", "full")
+    clean_env.setenv("SCICEVPR_DATA", str(tmp_path))
+    full = nb.setup(quiet=True).train_config("teacher")
+    assert (full.epochs, full.max_iters_per_epoch, full.places_per_batch) == (2, 3, 72)
+    for bad in ("0", "two", "-1"):
+        clean_env.setenv("SCICEVPR_EPOCHS", bad)
+        with pytest.raises(ValueError, match="SCICEVPR_EPOCHS"):
+            nb.setup(quiet=True)
 
 
 def test_bad_switch_values_fail_with_the_choices(clean_env):

@@ -31,6 +31,7 @@ import string
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..files import exclusive_lock
 from . import render as R
 from .paths import data_root
 
@@ -461,6 +463,25 @@ def generate(
     if unknown or not splits:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}")
     root = Path(out_dir) if out_dir is not None else default_synthetic_dir(preset.name)
+    with _exclusive(root):  # a second generate() of the same folder waits, then reuses the result
+        return _generate(root, preset, seed, splits, progress, force, workers)
+
+
+@contextmanager
+def _exclusive(root: Path):
+    """Hold an exclusive lock on ``root`` (a ``.<name>.lock`` file beside it) for the block.
+
+    Two notebooks or commands generating the same benchmark at once would otherwise delete and
+    rewrite each other's files. The operating system releases the lock when its process dies, so
+    an interrupted generation never leaves it stuck. Without ``fcntl`` (Windows) nothing is locked.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root.parent / f".{root.name}.lock", wait=True):
+        yield
+
+
+def _generate(root: Path, preset: SyntheticPreset, seed: int, splits: tuple[str, ...], progress: bool, force: bool,
+              workers: int | None) -> SyntheticBenchmark:
     expected = _manifest_for(preset, seed, splits)
     manifest_path = root / MANIFEST
     if manifest_path.is_file() and not (root / _IN_PROGRESS).exists() and not force:

@@ -6,6 +6,11 @@ Training (GSV-Cities): the same resize, RandAugment with 3 ops, the same normali
 All PIL images are first turned into uint8 tensors, so the PIL path (``eval_transform``) and the
 batched JPEG path (``scicevpr.data.decode``) share one resize + normalise implementation,
 ``normalize_uint8_batch``; they can then differ only by the JPEG decoder's rounding.
+
+``protocol="official"`` (:mod:`scicevpr.protocol`, point 1) uses the authors' evaluation
+transform instead, :class:`OfficialEvalTransform`: ToTensor -> Normalize -> bilinear resize of the
+float tensor without antialiasing (their ``datasets_ws.py`` under torchvision 0.15). On a
+600 x 512 photo the two 224 px inputs differ by about 9% relative L2.
 """
 
 from __future__ import annotations
@@ -101,6 +106,32 @@ class EvalTransform:
         return f"EvalTransform(image_size={self.image_size})"
 
 
+class OfficialEvalTransform:
+    """The authors' evaluation transform: PIL -> ToTensor -> Normalize -> ``resize([S, S])`` of
+    the normalised float tensor, bilinear, **not** antialiased -> (3, S, S) float32.
+
+    shuimushan/SciceVPR and Lu-Feng/CricaVPR ``datasets_ws.py`` (``base_transform`` then
+    ``transforms.functional.resize(img, self.resize)``); torchvision 0.15, their pin, does not
+    antialias tensor resizes. Equal to ``T.Resize((S, S), antialias=False)`` after
+    ``T.ToTensor(), T.Normalize(...)`` (tested).
+    """
+
+    def __init__(self, image_size: int):
+        self.image_size = _check_size(image_size)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        x = to_uint8_tensor(image).to(torch.float32).div(255.0)  # ToTensor: (3, H, W) in [0, 1]
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        x = (x - mean) / std  # Normalize
+        if tuple(x.shape[-2:]) == (self.image_size, self.image_size):
+            return x
+        return TF.resize(x, [self.image_size, self.image_size], interpolation=_BILINEAR, antialias=False)  # (3, S, S)
+
+    def __repr__(self) -> str:
+        return f"OfficialEvalTransform(image_size={self.image_size})"
+
+
 class TrainTransform:
     """GSV-Cities training augmentation: resize (S, S) bilinear, RandAugment(num_ops), normalise.
 
@@ -123,8 +154,13 @@ class TrainTransform:
         return f"TrainTransform(image_size={self.image_size}, randaugment_ops={self.randaugment_ops})"
 
 
-def eval_transform(image_size: int) -> EvalTransform:
-    """The evaluation transform: PIL -> normalised (3, S, S) tensor (hard resize, no crop)."""
+def eval_transform(image_size: int, protocol: str = "default") -> EvalTransform | OfficialEvalTransform:
+    """The evaluation transform: PIL -> normalised (3, S, S) tensor (hard resize, no crop).
+    ``protocol="official"``: the authors' non-antialiased resize (:class:`OfficialEvalTransform`)."""
+    from ..protocol import check_protocol
+
+    if check_protocol(protocol) == "official":
+        return OfficialEvalTransform(image_size)
     return EvalTransform(image_size)
 
 

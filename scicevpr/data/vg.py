@@ -86,13 +86,19 @@ def format_vg_name(
     return "@" + "@".join(fields) + "@.jpg"
 
 
-def radius_positives(database_utms: np.ndarray, query_utms: np.ndarray, radius: float) -> list[np.ndarray]:
+def radius_positives(database_utms: np.ndarray, query_utms: np.ndarray, radius: float,
+                     utm_dtype: str = "float64") -> list[np.ndarray]:
     """For each query, the database indices within ``radius`` (inclusive), nearest first.
 
     Exact search, chunked over queries so that memory stays bounded for large databases.
+    ``utm_dtype="float32"`` rounds the coordinates to float32 first (then computes in float64),
+    as SciceVPR's test dataset does (``datasets_ws.py``: ``.astype(np.float32)`` before
+    sklearn's ``radius_neighbors``): at the radius edge the positive sets can differ.
     """
-    db = np.asarray(database_utms, dtype=np.float64).reshape(-1, 2)  # (N_db, 2)
-    q = np.asarray(query_utms, dtype=np.float64).reshape(-1, 2)  # (N_q, 2)
+    if utm_dtype not in ("float64", "float32"):
+        raise ValueError(f"utm_dtype must be 'float64' or 'float32', got {utm_dtype!r}")
+    db = np.asarray(database_utms).astype(utm_dtype).astype(np.float64).reshape(-1, 2)  # (N_db, 2)
+    q = np.asarray(query_utms).astype(utm_dtype).astype(np.float64).reshape(-1, 2)  # (N_q, 2)
     r2 = float(radius) ** 2
     chunk = max(1, 4_000_000 // max(1, len(db)))
     positives: list[np.ndarray] = []
@@ -123,6 +129,7 @@ class VGSplit:
     database_metadata: pd.DataFrame | None = None  # rows aligned with database_paths
     query_metadata: pd.DataFrame | None = None  # rows aligned with query_paths
     skipped: list[Path] = field(default_factory=list)  # corrupt files left out (skip_corrupt=True)
+    split_dir: Path | None = None  # where database/ and queries/ were read; None: the VG layout
 
     @property
     def num_database(self) -> int:
@@ -139,7 +146,7 @@ class VGSplit:
 
     @property
     def folder(self) -> Path:
-        return self.root / self.dataset / "images" / self.split
+        return self.split_dir if self.split_dir is not None else self.root / self.dataset / "images" / self.split
 
     @property
     def queries_without_positives(self) -> np.ndarray:
@@ -168,10 +175,21 @@ def _require_dir(folder: Path, what: str, fix: str) -> None:
         raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist{where}. {fix}")
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Every ``*.jpg`` below ``folder``, in a deterministic order (sorted relative POSIX paths)."""
-    paths = [p for p in folder.rglob("*.jpg") if p.is_file()]
+def _hidden(path: Path, folder: Path) -> bool:
+    """True when a component of ``path`` below ``folder`` starts with a dot (as ``glob`` skips)."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """Every ``*.jpg`` below ``folder``, in a deterministic order (sorted relative POSIX paths).
+
+    Dot-files and dot-folders are skipped, as the authors' ``glob("**/*.jpg")`` skips them: a
+    split copied from macOS holds ``._@...@.jpg`` resource forks that are not images.
+    """
+    folder = Path(folder)
+    paths = [p for p in folder.rglob("*.jpg") if p.is_file() and not _hidden(p, folder)]
     return sorted(paths, key=lambda p: p.relative_to(folder).as_posix())
+
 
 
 def _check_nonempty(paths: list[Path], folder: Path, role: str) -> None:
@@ -215,23 +233,48 @@ def _read_metadata(split_dir: Path, database: list[Path], queries: list[Path]):
     return out[0], out[2], out[1], out[3]
 
 
+def _find_split_dir(root: Path, dataset: str, split: str, queries: str) -> Path:
+    """``<root>/<dataset>/images/<split>``, or ``<root>/<dataset>/<split>`` when the dataset has no
+    ``images/`` level (the MSLS converter's layout ``msls/{train,val}/{database,queries}``)."""
+    readme = "data/README.md (section 'Layouts written by the public converters')"
+    _require_dir(root / dataset, "dataset", f"Expected {root!s}/{dataset}/images/{split}/{{database,{queries}}}/; check the dataset name or root.")
+    flat = root / dataset / split
+    if not (root / dataset / "images").is_dir() and (flat / "database").is_dir():
+        return flat  # MSLS converter layout, no images/ level
+    _require_dir(root / dataset / "images", "images",
+                 f"A VG-layout dataset has {dataset}/images/<split>/{{database,queries}}/ (or, as the MSLS "
+                 f"converter writes it, {dataset}/<split>/{{database,queries}}/); see {readme}.")
+    split_dir = root / dataset / "images" / split
+    _require_dir(split_dir, "split", f"Check the split name (usually 'train', 'val' or 'test'); see {readme}.")
+    return split_dir
+
+
 def load_vg_split(
     root: PathLike | None,
     dataset: str,
     split: str = "test",
     radius: float = 25.0,
     skip_corrupt: bool = False,
+    utm_dtype: str = "float64",
+    queries: str = "queries",
 ) -> VGSplit:
     """Read ``<root>/<dataset>/images/<split>/{database,queries}`` and compute positives.
 
     Args:
         root: folder holding the datasets; None means ``$SCICEVPR_DATA`` (else ``./data``).
-        dataset: e.g. ``"pitts30k"``, ``"msls"``, ``"tokyo247"``, ``"synthetic"``.
+        dataset: e.g. ``"pitts30k"``, ``"msls"``, ``"tokyo247"``, ``"synthetic"``. A dataset
+            without the ``images/`` level (``msls/<split>/{database,queries}``, as the MSLS
+            converter writes it) is read too.
         split: ``"test"``, ``"val"`` or ``"train"``.
         radius: positives are database images within this distance (metres, UTM) of the query.
         skip_corrupt: False (default): no image is decoded here and a corrupt file raises when it
             is loaded. True: every image is test-decoded now; files that fail are left out of the
             split (positives computed without them), listed in ``.skipped`` and reported in a warning.
+        utm_dtype: ``"float64"`` (default) or ``"float32"``, SciceVPR's test code, which rounds
+            the coordinates to float32 before the radius search (:func:`radius_positives`).
+        queries: the queries folder's name, e.g. ``"queries_v1"`` for SF-XL's test split.
+
+    Dot-files (macOS ``._*.jpg``) are skipped, as the authors' ``glob`` does.
     """
     root = data_root(root)
     if radius <= 0:
@@ -241,16 +284,19 @@ def load_vg_split(
             f"dataset root {str(root)!r} does not exist. Pass the folder that holds <dataset>/images/<split>/ "
             f"as root, or set the environment variable {DATA_ENV}."
         )
-    _require_dir(root / dataset, "dataset", f"Expected {root!s}/{dataset}/images/{split}/{{database,queries}}/; check the dataset name or root.")
-    _require_dir(root / dataset / "images", "images", f"A VG-layout dataset has {dataset}/images/<split>/{{database,queries}}/.")
-    split_dir = root / dataset / "images" / split
-    _require_dir(split_dir, "split", "Check the split name (usually 'train', 'val' or 'test').")
+    split_dir = _find_split_dir(root, dataset, split, queries)
     folders = {}
-    for role in ROLES:
-        folders[role] = split_dir / role
-        _require_dir(folders[role], role, "A split folder must contain both database/ and queries/.")
-    database = _list_images(folders["database"])
-    queries = _list_images(folders["queries"])
+    for role, name in zip(ROLES, ("database", queries)):
+        folders[role] = split_dir / name
+        fix = "A split folder must contain both database/ and queries/."
+        if role == "queries":
+            others = sorted(p.name for p in split_dir.glob("queries*") if p.is_dir())
+            if others:
+                fix += (f" It holds {others}: pass queries={others[0]!r} (command line: --queries {others[0]}); "
+                        "see data/README.md (section 'Layouts written by the public converters').")
+        _require_dir(folders[role], role, fix)
+    database = list_images(folders["database"])
+    queries = list_images(folders["queries"])  # the folder's name is no longer needed
     _check_nonempty(database, folders["database"], "database")
     _check_nonempty(queries, folders["queries"], "query")
     skipped: list[Path] = []
@@ -274,13 +320,14 @@ def load_vg_split(
         query_paths=queries,
         database_utms=db_utms,
         query_utms=q_utms,
-        positives=radius_positives(db_utms, q_utms, radius),
+        positives=radius_positives(db_utms, q_utms, radius, utm_dtype),
         radius=float(radius),
         database_conditions=db_cond,
         query_conditions=q_cond,
         database_metadata=db_meta,
         query_metadata=q_meta,
         skipped=skipped,
+        split_dir=split_dir,
     )
 
 

@@ -1,0 +1,95 @@
+"""The models as ``torch.hub`` entry points (``hubconf.py`` at the repository root calls :func:`create`).
+
+::
+
+    model = torch.hub.load("<owner>/scicevpr", "scicevpr_b")                      # DINOv2 weights="auto"
+    model = torch.hub.load("<owner>/scicevpr", "scicevpr_b", checkpoint="SciceVPR_pitts.pth")  # authors'
+    model = torch.hub.load("<owner>/scicevpr", "scicevpr_s", checkpoint="runs/student/best.pt")  # native
+    model = torch.hub.load("/path/to/scicevpr", "scicevpr_s", source="local", weights=None)     # random
+
+Every entry point returns the model in eval mode; ``model(images)`` maps (B, 3, S, S) images,
+hard-resized to ``model.image_size`` and ImageNet-normalised, to (B, D) unit-norm descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+# entry point -> (model class, preset)
+ENTRY_POINTS: dict[str, tuple[str, str]] = {
+    "scicevpr_b": ("SciceVPR", "SciceVPR-B"),
+    "scicevpr_l": ("SciceVPR", "SciceVPR-L"),
+    "scicevpr_s": ("SciceVPR", "SciceVPR-S"),
+    "super_cricavpr_b": ("SuperCricaVPR", "SciceVPR-B"),
+    "super_cricavpr_l": ("SuperCricaVPR", "SciceVPR-L"),
+    "super_cricavpr_s": ("SuperCricaVPR", "SciceVPR-S"),
+    "cricavpr": ("CricaVPR", "CricaVPR"),
+    "cricavpr_s": ("CricaVPR", "CricaVPR-S"),
+}
+
+
+def create(
+    entry: str,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = "auto",
+    device: str = "cpu",
+    trust_checkpoint: bool = False,
+    **overrides: Any,
+):
+    """The model of hub entry point ``entry`` (see :data:`ENTRY_POINTS`), in eval mode.
+
+    Args:
+        entry: e.g. ``"scicevpr_b"``.
+        checkpoint: None, or a path to a trained model: a native scicevpr checkpoint
+            (``runs/<name>/best.pt``; it must hold this entry's model class and preset) or the
+            authors' checkpoint (``{"model_state_dict": ...}`` in their key names; it carries the
+            whole DINOv2, so ``weights`` is not used).
+        weights: DINOv2 weights when ``checkpoint`` is None or the authors': ``"auto"`` (the
+            file in ``$SCICEVPR_WEIGHTS`` or the torch hub cache, else Meta's download), a path,
+            or None for a random initialisation.
+        device: where the model is put.
+        trust_checkpoint: also load a checkpoint that holds pickled Python objects, which runs
+            code from it; only for a file from a source you trust (it is otherwise read with
+            ``weights_only=True``, see :func:`scicevpr.files.load_torch_file`).
+        **overrides: ModelConfig fields, e.g. ``image_size=322`` (not with a native checkpoint,
+            which records its own configuration).
+    """
+    if entry not in ENTRY_POINTS:
+        raise ValueError(f"unknown scicevpr hub entry point {entry!r}; available: {sorted(ENTRY_POINTS)}")
+    name, preset = ENTRY_POINTS[entry]
+    from .backbone import RandomWeightsWarning
+    from .checkpoint import build_model, is_native_checkpoint, model_from_checkpoint
+    from .files import load_torch_file
+
+    if checkpoint is None:
+        model = build_model(name, preset, weights=weights, **overrides)
+        return model.to(device).eval()
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist. Pass the path of a scicevpr checkpoint (runs/<name>/best.pt) "
+            f"or of the authors' {name} checkpoint, or checkpoint=None for the untrained model."
+        )
+    obj = load_torch_file(path, "checkpoint", trust=trust_checkpoint)
+    if is_native_checkpoint(obj):
+        if overrides:
+            raise ValueError(
+                f"checkpoint {str(path)!r} records its own configuration; drop the overrides {sorted(overrides)}."
+            )
+        model = model_from_checkpoint(obj, where=f"checkpoint {str(path)!r}", expected=name)
+        if model.config.name != preset:
+            fits = [e for e, (n, p) in ENTRY_POINTS.items() if n == name and p == model.config.name]
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds a {name} {model.config.name}, not the {preset} of hub entry "
+                f"point {entry!r}; load it with {fits[0] if fits else 'scicevpr.load_model'!r} instead."
+            )
+        return model.to(device).eval()
+    with warnings.catch_warnings():  # the authors' checkpoint replaces the random backbone
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = build_model(name, preset, weights=None, **overrides)
+    model.load_official(obj)
+    model.backbone.source = {"source": "stored"}
+    return model.to(device).eval()

@@ -1,0 +1,275 @@
+"""Place recognition on your own photos: folders without labels in, nearest database images out.
+
+``scicevpr search --database DIR --queries DIR`` and :func:`search_folders`: every ``.jpg``,
+``.jpeg`` or ``.png`` file below each folder (any names, any nesting) is described with the
+evaluation protocol's descriptors (:func:`scicevpr.evaluate.compute_descriptors`), the database
+is searched exactly (:func:`scicevpr.evaluate.search`), and per query the top-k database files
+and their similarities are written to a CSV, with a contact sheet (PNG) of the first queries.
+
+Where every file name carries UTM fields (``@east@north@...@.jpg``, the VG-benchmark names),
+Recall@N is computed as ``scicevpr eval`` does (:func:`scicevpr.evaluate.recall_at_n`).
+
+The similarity of a query and a database image is the inner product of their descriptors,
+their cosine similarity since descriptors have unit norm (1: identical, about 0: unrelated).
+:mod:`scicevpr.index` shares :class:`SearchResult` and :func:`write_search_outputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+MATCHES_FILE = "matches.csv"
+SHEET_FILE = "contact_sheet.png"
+SKIPPED_FILE = "skipped.txt"
+RECALLS_FILE = "recalls.csv"
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------------
+
+
+def list_images(folder: PathLike, role: str = "image") -> list[Path]:
+    """Every ``.jpg`` / ``.jpeg`` / ``.png`` file below ``folder`` (any case, any depth), sorted by
+    relative POSIX path. A missing folder or one without images raises, naming the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{role} folder {str(folder)!r} does not exist. Pass a folder of .jpg/.png photos (subfolders allowed).")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    paths = sorted((p for p in files if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.relative_to(folder).as_posix())
+    if not paths:
+        others = sorted({p.suffix.lower() or "(no extension)" for p in files})
+        found = f" it holds {len(files)} other files ({', '.join(others[:8])})" if files else " it is empty"
+        raise ValueError(
+            f"{role} folder {str(folder)!r} has no images:{found}. Put .jpg, .jpeg or .png photos in it "
+            "(subfolders allowed) or convert them."
+        )
+    return paths
+
+
+def readable_images(paths: Sequence[Path], folder: PathLike, role: str, skip_unreadable: bool = False,
+                    progress: bool = True) -> tuple[list[Path], list[Path]]:
+    """``(readable, skipped)``: every file is test-decoded (:func:`~scicevpr.data.decode.find_corrupt_images`).
+    Unreadable files raise a ValueError naming them, unless ``skip_unreadable`` leaves them out."""
+    from .data.decode import find_corrupt_images
+
+    bad = set(find_corrupt_images(paths, progress=progress))
+    if not bad:
+        return list(paths), []
+    skipped = [p for p in paths if p in bad]
+    if not skip_unreadable:
+        first = ", ".join(repr(str(p)) for p in skipped[:3])
+        raise ValueError(
+            f"{len(skipped)} of {len(paths)} files in the {role} folder {str(folder)!r} cannot be decoded "
+            f"(corrupt, truncated or not images), e.g. {first}{' ...' if len(skipped) > 3 else ''}. Delete or "
+            "replace them, or pass --skip-unreadable (skip_unreadable=True) to leave them out; they are then "
+            f"counted and listed in {SKIPPED_FILE}."
+        )
+    readable = [p for p in paths if p not in bad]
+    if not readable:
+        raise ValueError(f"none of the {len(paths)} files in the {role} folder {str(folder)!r} can be decoded.")
+    return readable, skipped
+
+
+def utm_positives(database_paths: Sequence[Path], query_paths: Sequence[Path], radius: float = 25.0) -> list[np.ndarray] | None:
+    """Per query, the database indices within ``radius`` metres when every file name carries
+    UTM fields (``@east@north@...@.jpg``); None when any does not (then no recall is computed)."""
+    from .data.vg import parse_utm, radius_positives
+
+    try:
+        db = np.array([parse_utm(p) for p in database_paths], dtype=np.float64).reshape(-1, 2)
+        q = np.array([parse_utm(p) for p in query_paths], dtype=np.float64).reshape(-1, 2)
+    except ValueError:
+        return None
+    return radius_positives(db, q, radius)
+
+
+def model_label(model) -> str:
+    """Which model made a figure, e.g. ``"SciceVPR (SciceVPR-S), random backbone"``."""
+    cfg = getattr(model, "config", None)
+    name = type(model).__name__ + (f" ({cfg.name})" if cfg is not None else "")
+    return name + (", random backbone" if getattr(model, "is_random_init", False) else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    """The nearest database images of each query, with what is needed to write and plot them."""
+
+    database_root: Path
+    query_root: Path
+    database_paths: list[Path]
+    query_paths: list[Path]
+    predictions: np.ndarray  # (N_q, k) database indices, nearest first (-1: no more neighbours)
+    similarities: np.ndarray  # (N_q, k) inner products of the descriptors (cosine similarity)
+    query_descriptors: np.ndarray  # (N_q, D)
+    model_name: str = ""
+    skipped: list[Path] = field(default_factory=list)  # unreadable files left out (databases' and queries')
+    positives: list[np.ndarray] | None = None  # from UTM file names, else None
+    radius: float = 25.0
+    recalls: dict[int, float] | None = None
+    correct: np.ndarray | None = None  # (N_q, k) bool when ``positives`` is known
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_paths)
+
+    def matches(self, k: int | None = None):
+        """The top-``k`` matches as a long table: ``query, rank, database, similarity``
+        (file paths relative to the query / database folder), plus ``correct`` with UTM names."""
+        import pandas as pd
+
+        k = self.predictions.shape[1] if k is None else min(k, self.predictions.shape[1])
+        rows = []
+        for i, q in enumerate(self.query_paths):
+            name = q.relative_to(self.query_root).as_posix()
+            for j in range(k):
+                d = int(self.predictions[i, j])
+                if d < 0:
+                    break
+                row = {"query": name, "rank": j + 1, "database": self.database_paths[d].relative_to(self.database_root).as_posix(),
+                       "similarity": round(float(self.similarities[i, j]), 5)}
+                if self.correct is not None:
+                    row["correct"] = bool(self.correct[i, j])
+                rows.append(row)
+        return pd.DataFrame(rows, columns=["query", "rank", "database", "similarity"] + (["correct"] if self.correct is not None else []))
+
+    def recall_table(self):
+        """One row as ``scicevpr eval`` prints it (model, database, queries, dim, R@N), or None
+        without UTM names."""
+        import pandas as pd
+
+        if self.recalls is None:
+            return None
+        row = {"model": self.model_name, "database": str(self.database_root), "queries": self.num_queries,
+               "dim": self.query_descriptors.shape[1]}
+        row.update({f"R@{n}": round(v, 2) for n, v in self.recalls.items()})
+        return pd.DataFrame([row])
+
+
+def make_result(database_root: PathLike, query_root: PathLike, database_paths: Sequence[Path], query_paths: Sequence[Path],
+                database_descriptors: np.ndarray, query_descriptors: np.ndarray, predictions: np.ndarray,
+                recall_values: Sequence[int] = (1, 5, 10, 100), radius: float = 25.0, model_name: str = "",
+                skipped: Sequence[Path] = ()) -> SearchResult:
+    """A :class:`SearchResult` from descriptors and ranked predictions: similarities, and
+    Recall@N (:func:`scicevpr.evaluate.recall_at_n`) when the names carry UTM fields."""
+    from .evaluate import recall_at_n
+
+    predictions = np.asarray(predictions, dtype=np.int64)
+    valid = predictions >= 0
+    picked = database_descriptors[np.where(valid, predictions, 0)]  # (N_q, k, D)
+    sims = np.einsum("qkd,qd->qk", picked, query_descriptors).astype(np.float32)
+    sims[~valid] = np.nan
+    positives = utm_positives(database_paths, query_paths, radius)
+    recalls = correct = None
+    if positives is not None:
+        recalls, correct = recall_at_n(predictions, positives, recall_values)
+    return SearchResult(Path(database_root), Path(query_root), list(database_paths), list(query_paths), predictions, sims,
+                        query_descriptors, model_name, list(skipped), positives, float(radius), recalls, correct)
+
+
+# --------------------------------------------------------------------------------------------
+# Searching folders
+# --------------------------------------------------------------------------------------------
+
+
+def describe_folder(model, folder: PathLike, role: str, config=None, skip_unreadable: bool = False):
+    """``(paths, descriptors (N, D), skipped)`` of the images below ``folder`` (protocol of
+    :func:`scicevpr.evaluate.compute_descriptors`; PNGs are decoded on the CPU)."""
+    from .evaluate import EvalConfig, compute_descriptors
+
+    config = EvalConfig() if config is None else config
+    paths = list_images(folder, role)
+    paths, skipped = readable_images(paths, folder, role, skip_unreadable, progress=config.progress)
+    if any(p.suffix.lower() not in JPEG_SUFFIXES for p in paths):
+        config = dataclasses.replace(config, gpu_decode=False)  # the batched decoder reads JPEG only
+    return paths, compute_descriptors(model, paths, config, desc=f"{role} descriptors"), skipped
+
+
+def search_folders(model, database: PathLike, queries: PathLike, k: int = 5, config=None,
+                   skip_unreadable: bool = False, radius: float = 25.0) -> SearchResult:
+    """The ``k`` nearest database images of every query image (exact search).
+
+    Args:
+        model: any scicevpr model (``load_model``, ``torch.hub.load``, a preset).
+        database, queries: folders of .jpg/.jpeg/.png files, searched recursively.
+        k: matches kept per query (the search also goes as deep as the largest Recall@N).
+        config: :class:`scicevpr.evaluate.EvalConfig` (batch size, device, workers, recall values).
+        skip_unreadable: leave out files that cannot be decoded (listed in ``result.skipped``)
+            instead of raising.
+        radius: positives radius in metres when the names carry UTM fields.
+    """
+    from .evaluate import EvalConfig, search
+
+    config = EvalConfig() if config is None else config
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    db_paths, db, db_skipped = describe_folder(model, database, "database", config, skip_unreadable)
+    q_paths, q, q_skipped = describe_folder(model, queries, "query", config, skip_unreadable)
+    _, pred = search(db, q, max([k, *config.recall_values]))
+    return make_result(database, queries, db_paths, q_paths, db, q, pred, config.recall_values, radius,
+                       model_label(model), db_skipped + q_skipped)
+
+
+def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_queries: int = 8,
+                         label: str | None = None) -> dict[str, Path]:
+    """Write ``matches.csv`` (top-``k`` per query), ``contact_sheet.png`` (the first
+    ``sheet_queries`` queries; none when 0), ``skipped.txt`` (when files were skipped) and
+    ``recalls.csv`` (with UTM names) into ``out``; returns the paths by kind."""
+    import matplotlib.pyplot as plt
+
+    from .viz import plot_matches, save_png
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"matches": out / MATCHES_FILE}
+    result.matches(k).to_csv(written["matches"], index=False, lineterminator="\n")
+    if sheet_queries > 0:
+        missing = [p for p in result.database_paths[:1] if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"database image {str(missing[0])!r} is not there any more, so no contact sheet can be drawn: "
+                "pass the folder where the database images now are (--database-root), or --sheet-queries 0."
+            )
+        fig = plot_matches(result.query_paths, result.database_paths, result.predictions, result.similarities,
+                           range(min(sheet_queries, result.num_queries)), k=min(k, result.predictions.shape[1]),
+                           correct=result.correct, label=label or result.model_name)
+        written["sheet"] = save_png(fig, out / SHEET_FILE)
+        plt.close(fig)
+    if result.skipped:
+        written["skipped"] = out / SKIPPED_FILE
+        written["skipped"].write_text("".join(f"{p}\n" for p in result.skipped))
+    table = result.recall_table()
+    if table is not None:
+        written["recalls"] = out / RECALLS_FILE
+        table.to_csv(written["recalls"], index=False, lineterminator="\n")
+    return written
+
+
+def report(result: SearchResult, written: dict[str, Path]) -> str:
+    """What the command prints: counts, skipped files, Recall@N (with UTM names), outputs."""
+    lines = [f"{result.num_queries} queries searched against {len(result.database_paths)} database images "
+             f"({result.query_descriptors.shape[1]}-d descriptors, {result.model_name})"]
+    if result.skipped:
+        lines.append(f"skipped {len(result.skipped)} unreadable files (listed in {written['skipped']})")
+    table = result.recall_table()
+    if table is not None:
+        lines.append(table.to_string(index=False))
+    else:
+        lines.append("no Recall@N: the file names carry no UTM fields (@east@north@...@.jpg)")
+    lines += [f"written {p}" for kind, p in written.items() if kind != "skipped"]
+    return "\n".join(lines)

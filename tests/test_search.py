@@ -1,0 +1,166 @@
+"""`scicevpr search` over photo folders without labels, and eval's Recall@N curves, on the tiny
+synthetic benchmark with a small random-weight SciceVPR."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from scicevpr.checkpoint import build_model, load_model, save_checkpoint
+from scicevpr.cli import main
+from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, recall_at_n, recall_curve, search
+from scicevpr.search import list_images, search_folders
+
+CFG = EvalConfig(num_workers=0, progress=False)
+RUN = ["--num-workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, image_size=56, mix_dim=64)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt", model)
+
+
+@pytest.fixture(scope="module")
+def split(tiny_benchmark):
+    return tiny_benchmark.load_split("test")
+
+
+@pytest.fixture
+def photos(split, tmp_path):
+    """The test split as someone's photos: other names, nested folders, some PNGs, no UTM."""
+    db, q = tmp_path / "map", tmp_path / "new"
+    for i, p in enumerate(split.database_paths):
+        dst = db / f"street{i % 2}" / f"IMG_{i:04d}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dst)
+    for i, p in enumerate(split.query_paths):
+        dst = q / ("day" if i % 2 else "night") / f"photo {i}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(p).save(dst)
+    return db, q
+
+
+def test_search_with_utm_names_prints_the_recalls_of_eval(split, checkpoint, tmp_path, capsys):
+    folder = split.folder
+    out = tmp_path / "out"
+    code = main(["search", "--checkpoint", str(checkpoint), "--database", str(folder / "database"),
+                 "--queries", str(folder / "queries"), "--out", str(out), "--top-k", "3", "--sheet-queries", "2", *RUN])
+    assert code == 0
+    printed = capsys.readouterr().out
+    want = evaluate(load_model(checkpoint), split, CFG).recalls
+    recalls = pd.read_csv(out / "recalls.csv")
+    assert {n: recalls.loc[0, f"R@{n}"] for n in want} == pytest.approx({n: round(v, 2) for n, v in want.items()})
+    assert "R@1" in printed and f"{want[1]:.2f}".rstrip("0").rstrip(".") in printed
+    matches = pd.read_csv(out / "matches.csv")
+    assert len(matches) == split.num_queries * 3 and list(matches["rank"][:3]) == [1, 2, 3]
+    assert matches.groupby("query")["similarity"].apply(lambda s: s.is_monotonic_decreasing).all()
+    assert matches["correct"].dtype == bool
+    with Image.open(out / "contact_sheet.png") as im:
+        assert im.width > 400 and im.height > 200
+
+
+def test_search_own_photos_without_labels(photos, checkpoint, split, tmp_path, capsys):
+    db, q = photos
+    out = tmp_path / "out"
+    assert main(["search", "--checkpoint", str(checkpoint), "--database", str(db), "--queries", str(q),
+                 "--out", str(out), *RUN]) == 0
+    printed = capsys.readouterr().out
+    assert "no Recall@N" in printed and not (out / "recalls.csv").exists()
+    matches = pd.read_csv(out / "matches.csv")
+    assert len(matches) == 5 * split.num_queries and "correct" not in matches
+    assert matches["database"].str.match(r"street[01]/IMG_\d{4}\.jpg").all()
+    assert matches["query"].str.match(r"(day|night)/photo \d+\.png").all()
+    assert (out / "contact_sheet.png").is_file()
+
+
+def test_a_database_queried_with_itself_finds_each_image_first(photos, checkpoint):
+    db, _ = photos
+    result = search_folders(load_model(checkpoint), db, db, k=2, config=CFG)
+    assert (result.predictions[:, 0] == np.arange(len(result.query_paths))).all()
+    np.testing.assert_allclose(result.similarities[:, 0], 1.0, atol=1e-5)
+    assert (result.similarities[:, 1] < result.similarities[:, 0]).all()
+    assert result.recalls is None  # no UTM names
+
+
+def test_empty_and_missing_folders_are_clear_errors(photos, checkpoint, tmp_path, capsys):
+    db, q = photos
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    for bad, words in ((tmp_path / "empty", "it is empty"), (tmp_path / "notes", ".txt"), (tmp_path / "nowhere", "does not exist")):
+        assert main(["search", "--checkpoint", str(checkpoint), "--database", str(db), "--queries", str(bad), *RUN]) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and words in err
+    with pytest.raises(ValueError, match=".jpg, .jpeg or .png"):
+        list_images(tmp_path / "empty", "query")
+
+
+def test_unreadable_files_fail_or_are_skipped_and_counted(photos, checkpoint, tmp_path, capsys):
+    db, q = photos
+    (q / "broken.jpg").write_bytes(b"not a jpeg at all")
+    args = ["search", "--checkpoint", str(checkpoint), "--database", str(db), "--queries", str(q), *RUN]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "--skip-unreadable" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--skip-unreadable"]) == 0
+    assert "skipped 1 unreadable files" in capsys.readouterr().out
+    assert (tmp_path / "b" / "skipped.txt").read_text().strip().endswith("broken.jpg")
+    assert "broken.jpg" not in pd.read_csv(tmp_path / "b" / "matches.csv")["query"].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# eval: Recall@N curves
+# --------------------------------------------------------------------------------------------
+
+
+def test_recall_curve_agrees_with_recall_at_n():
+    rng = np.random.default_rng(0)
+    db, q = rng.normal(size=(150, 8)).astype(np.float32), rng.normal(size=(20, 8)).astype(np.float32)
+    positives = [rng.choice(150, size=3, replace=False) for _ in range(20)]
+    curve = recall_curve(db, q, positives, 100)
+    _, pred = search(db, q, 100)
+    want, _ = recall_at_n(pred, positives, (1, 5, 10, 100))
+    assert curve.shape == (100,) and np.all(np.diff(curve) >= 0)
+    assert [curve[n - 1] for n in (1, 5, 10, 100)] == [want[n] for n in (1, 5, 10, 100)]
+
+
+def test_eval_writes_a_recall_plot_one_line_per_descriptor_folder(tiny_benchmark, split, checkpoint, tmp_path, capsys):
+    other = save_checkpoint(tmp_path / "other.pt", build_model("SciceVPR", "SciceVPR-S", weights=None, seed=1,
+                                                                image_size=56, mix_dim=64))
+    ds = ["--vg-root", str(tiny_benchmark.vg_root), "--dataset", "synthetic", *RUN]
+    for name, ckpt in (("a", checkpoint), ("b", other)):
+        assert main(["eval", "--checkpoint", str(ckpt), *ds, "--save-descriptors", str(tmp_path / name),
+                     "--plot", str(tmp_path / f"{name}.png")]) == 0
+        assert (tmp_path / f"{name}.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", *ds, "--descriptors", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "seed 0", "seed 1",
+                 "--plot", str(tmp_path / "both.png"), "--out", str(tmp_path / "both.csv")]) == 0
+    table = pd.read_csv(tmp_path / "both.csv")
+    assert table["model"].tolist() == ["seed 0", "seed 1"]
+    want = evaluate(load_model(checkpoint), split, CFG).recalls
+    assert table.loc[0, "R@1"] == pytest.approx(round(want[1], 2), abs=0.01)  # fp16 descriptors, same ranking here
+    with Image.open(tmp_path / "both.png") as im:
+        assert im.width > 300
+    # descriptors of another split are refused
+    assert main(["eval", *ds, "--split", "val", "--descriptors", str(tmp_path / "a")]) == 2
+    assert "another split" in capsys.readouterr().err
+
+
+def test_recall_curve_plot_has_a_line_per_model_and_chance():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from scicevpr.viz import missing_labels, plot_recall_curves
+
+    curves = {"A": np.linspace(10, 90, 100), "B": np.linspace(5, 80, 100)}
+    chance = list(chance_recall(100, [np.array([1, 2])] * 4, range(1, 101)).values())
+    fig = plot_recall_curves(curves, chance=chance, label="synthetic")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3 and [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["A (R@1 10.0)", "B (R@1 5.0)"]
+    assert missing_labels(fig) == []
+    assert ax.lines[2].get_ydata()[-1] == pytest.approx(100.0)  # 100 of 100 retrieved: every positive found
