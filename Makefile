@@ -21,7 +21,7 @@ endif
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only wheels first (README, "Installing").
 TORCH_INDEX ?=
 
-.PHONY: venv test test-unit test-notebooks test-native-kernels demo lab clean-data
+.PHONY: venv test test-unit test-notebooks test-figures test-native-kernels demo lab clean-data
 
 venv: $(STAMP)
 
@@ -39,7 +39,15 @@ NBVAL := -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -q -p no
 test: $(STAMP)
 	$(PY) -m pytest tests/ -q
 	$(PY) $(NBVAL) notebooks/
+	$(MAKE) --no-print-directory test-figures
 	$(MAKE) --no-print-directory test-native-kernels
+
+# The notebooks just rewrote figures/ (PNGs and results.md/.csv): in a git checkout they must
+# equal the committed ones byte for byte, as the stored outputs do.
+test-figures:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git diff --stat --exit-code -- figures/ || { echo "figures/ differ from the committed ones: run 'make demo' and commit them, or find what made them change"; exit 1; }; \
+	else echo "not a git checkout: figures/ not compared"; fi
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/ -q
