@@ -17,6 +17,10 @@ export MKL_ENABLE_INSTRUCTIONS ?= AVX2
 export MKL_CBWR ?= AVX2
 endif
 
+# Where pip takes PyTorch from. Empty: PyPI, whose Linux wheels carry CUDA (about 6 GB in .venv).
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only wheels first (README, "Installing").
+TORCH_INDEX ?=
+
 .PHONY: venv test test-unit test-notebooks test-figures test-native-kernels demo lab clean-data
 
 venv: $(STAMP)
@@ -24,6 +28,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -e '.[dev]'
 	# The official DINOv2 model code, used only by the parity tests (its pinned deps are not needed).
 	$(PY) -m pip install --no-deps dinov2==0.0.1.dev2

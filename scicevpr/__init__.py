@@ -5,6 +5,9 @@ Quick start::
     import scicevpr
     model = scicevpr.SciceVPR("SciceVPR-B", weights="auto")   # DINOv2 ViT-B/14, 10752-d
     teacher = scicevpr.SuperCricaVPR("SciceVPR-S", weights=None)  # random backbone, CPU-sized
+
+The configs are imported at once; the models and the rest load on first use, so that importing
+the package (and ``scicevpr --help``) does not import torch.
 """
 
 import os as _os
@@ -14,11 +17,19 @@ import os as _os
 # imported before torch; an explicit setting is kept.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .backbone import DinoVisionTransformer, RandomWeightsWarning, build_backbone
-from .checkpoint import load_model
+from ._lazy import lazy_attributes as _lazy_attributes
 from .config import PRESETS, BackboneConfig, ModelConfig, get_config
-from .cricavpr import CricaVPR
-from .models import SciceVPR, SuperCricaVPR, VPRModel
+
+__getattr__ = _lazy_attributes(__name__, {
+    "DinoVisionTransformer": ("backbone", "DinoVisionTransformer"),
+    "RandomWeightsWarning": ("backbone", "RandomWeightsWarning"),
+    "build_backbone": ("backbone", "build_backbone"),
+    "load_model": ("checkpoint", "load_model"),
+    "CricaVPR": ("cricavpr", "CricaVPR"),
+    "SciceVPR": ("models", "SciceVPR"),
+    "SuperCricaVPR": ("models", "SuperCricaVPR"),
+    "VPRModel": ("models", "VPRModel"),
+}, globals())
 
 __all__ = [
     "BackboneConfig",
@@ -35,3 +46,7 @@ __all__ = [
     "load_model",
 ]
 __version__ = "0.1.0"
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

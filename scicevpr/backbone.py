@@ -94,6 +94,10 @@ def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | Non
     return manifest
 
 
+def _preview(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
 class RandomWeightsWarning(UserWarning):
     """Emitted when a backbone is randomly initialised: results are not the paper's."""
 
@@ -267,16 +271,39 @@ class DinoVisionTransformer(nn.Module):
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
         """Load a DINOv2 state dict strictly (official names; fp16 or fp32), after checking it
-        against the manifest beside it when there is one (:func:`check_manifest`)."""
+        against the manifest beside it when there is one (:func:`check_manifest`). The file is
+        read with ``weights_only=True``: a weight file holds tensors only."""
+        from .files import load_torch_file
+
         check_manifest(path, self.config)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            self.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"{path} is not a DINOv2 {self.config.arch} state dict "
-                f"(expected {self.config.hub_name}_pretrain.pth): {e}"
-            ) from None
+        state = load_torch_file(path, "DINOv2 weight file", opt_in=None)
+        expected = f"{self.config.hub_name}_pretrain.pth"
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(
+                f"DINOv2 weight file {str(path)!r} does not hold a state dict of tensors (a "
+                f"{type(state).__name__}{' with keys ' + _preview(sorted(map(str, state)), 5) if isinstance(state, dict) else ''}). "
+                f"Pass {expected} or a file exported by `scicevpr pretrain-backbone --export`; a scicevpr "
+                f"checkpoint loads with scicevpr.load_model (--checkpoint), an authors' one with load_official (--official)."
+            )
+        ours = self.state_dict()
+        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+        shapes = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+        if missing or unexpected or shapes:
+            found = []
+            if missing:
+                found.append(f"{len(missing)} missing key(s), e.g. {_preview(missing)}")
+            if unexpected:
+                found.append(f"{len(unexpected)} unexpected key(s), e.g. {_preview(unexpected)}")
+            if shapes:
+                k = shapes[0]
+                found.append(f"{len(shapes)} of another shape, e.g. {k}: {tuple(state[k].shape)} in the file, "
+                             f"{tuple(ours[k].shape)} here")
+            raise ValueError(
+                f"{str(path)!r} is not a DINOv2 {self.config.arch} state dict (expected {expected}): "
+                f"{'; '.join(found)}. Pass the weights of the backbone the preset uses, or a preset whose "
+                f"backbone these weights are."
+            )
+        self.load_state_dict(state, strict=True)
         self.is_random_init = False
         self.weights_path = Path(path)
 

@@ -29,6 +29,10 @@ or a changed random initialisation is an error, never silently another model.
 
 Writes are atomic: a temporary file in the same folder, flushed to disk, then ``os.replace``,
 so a crash during a save leaves the previous file intact.
+
+A checkpoint holds tensors and plain Python types only (no NumPy, no other objects), so it loads
+with ``torch.load(..., weights_only=True)``; :func:`read_checkpoint` reads it that way
+(:func:`scicevpr.files.load_torch_file`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from torch import nn
 from .backbone import RandomWeightsWarning, resolve_weights
 from .config import BackboneConfig, CricaVPRConfig, ModelConfig
 from .cricavpr import CricaVPR
+from .files import load_torch_file
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 
 PathLike = str | os.PathLike
@@ -214,7 +219,7 @@ def checkpoint_dict(
         "model_config": config_to_dict(model.config),
         "backbone": source,
         "model_state": trainable_state_dict(model),
-        "meta": {"torch": torch.__version__, **(meta or {})},
+        "meta": {"torch": str(torch.__version__), **(meta or {})},
     }
     if source["source"] == "stored":
         state = model.state_dict()
@@ -244,12 +249,14 @@ def is_native_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Read a native checkpoint (on the CPU) and check its format."""
+def read_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Read a native checkpoint (on the CPU) and check its format.
+
+    ``trust_checkpoint=True`` also loads a file that holds pickled Python objects (which runs
+    code from it); see :func:`scicevpr.files.load_torch_file`.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, "checkpoint", trust=trust_checkpoint)
     if not is_native_checkpoint(obj):
         raise ValueError(
             f"{str(path)!r} is not a scicevpr checkpoint (no format={FORMAT!r} entry). An authors' "
@@ -326,6 +333,7 @@ def load_model(
     path: PathLike,
     device: str | torch.device = "cpu",
     expected: str | Iterable[str] | None = None,
+    trust_checkpoint: bool = False,
 ) -> VPRModel:
     """A ready-to-evaluate model (eval mode) from a native scicevpr checkpoint alone.
 
@@ -335,7 +343,9 @@ def load_model(
         device: where to put the model.
         expected: model class name(s) this file must hold, e.g. ``"SuperCricaVPR"``; another
             kind raises a ValueError naming both.
+        trust_checkpoint: also load a file that holds pickled Python objects, which runs code
+            from it; only for a file from a source you trust.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust_checkpoint)
     model = model_from_checkpoint(ckpt, where=f"checkpoint {str(path)!r}", expected=expected)
     return model.to(device).eval()

@@ -15,6 +15,12 @@ Multi-GPU training: ``torchrun --nproc_per_node 4 -m scicevpr.cli train-teacher 
 
 This module only turns arguments into configs and calls the package; configs are dataclasses
 whose fields become ``--options`` automatically, so every default is the paper's.
+
+A fault (a missing folder, a bad file, a run folder in use, ...) ends the command with one line,
+``scicevpr <command>: error: <what, where, and what to do>``, and exit status 2; ``--debug`` or
+``SCICEVPR_DEBUG=1`` shows the traceback instead. ``--help`` answers without importing torch:
+the options come from the dataclasses of :mod:`scicevpr.config`, only the command that runs
+imports what it needs, and only its own parser is built.
 """
 
 from __future__ import annotations
@@ -22,12 +28,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+DEBUG_ENV = "SCICEVPR_DEBUG"
+"""Environment variable: set (to anything but 0) to see tracebacks instead of one-line errors."""
+
+USER_ERRORS = (OSError, ValueError, RuntimeError)
+"""Faults of the input or the machine: one message and exit status 2. Anything else is a bug in
+scicevpr: its message, a hint to set SCICEVPR_DEBUG=1, and exit status 1."""
 
 
 
@@ -106,10 +121,10 @@ def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         if key not in hints:
-            raise SystemExit(f"--set: unknown model field {key!r}; valid: {sorted(hints)}")
+            raise ValueError(f"--set: unknown model field {key!r}; valid: {sorted(hints)}")
         out[key] = _parse_value(value, hints[key])
     return out
 
@@ -129,29 +144,45 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="SciceVPR-B", help="SciceVPR-B | SciceVPR-L | SciceVPR-S (| CricaVPR presets)")
     g.add_argument("--weights", default="auto", help="DINOv2 weights: a path, 'auto' or 'none' (random init)")
     g.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. image_size=112")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="also load a --checkpoint / --official file that holds pickled Python objects, which runs code "
+                        "from it: only for a file from a source you trust (default: refused)")
 
 
 def build_model(args: argparse.Namespace):
+    """The model the options describe. Every file they name is read (or found) before the model
+    is built, so that a wrong path fails at once."""
     import scicevpr
+
+    from .backbone import resolve_weights
+    from .config import get_config
 
     if args.checkpoint:
         from .checkpoint import load_model
 
-        return load_model(args.checkpoint)
+        return load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     cls = getattr(scicevpr, args.model, None)
     if cls is None:
-        raise SystemExit(f"model {args.model!r} is not available in this version of scicevpr")
-    weights = None if str(args.weights).lower() == "none" else args.weights
+        raise ValueError(f"model {args.model!r} is not available in this version of scicevpr; choose one of {MODEL_KINDS}")
+    overrides = parse_model_overrides(args.set)
+    official = None
     if args.official:
+        from .models import unwrap_state_dict
+
+        official = unwrap_state_dict(args.official, args.trust_checkpoint)
         weights = None  # the official checkpoint carries the backbone
-    model = cls(args.preset, weights=weights, **parse_model_overrides(args.set))
-    if args.official:
-        model.load_official(args.official)
+    elif str(args.weights).lower() == "none":
+        weights = None
+    else:
+        weights = resolve_weights(args.weights, get_config(args.preset, **overrides).backbone)
+    model = cls(args.preset, weights=weights, **overrides)
+    if official is not None:
+        model.load_official(official)
     return model
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
-    from .evaluate import EvalConfig
+    from .config import EvalConfig
 
     g = p.add_argument_group("dataset (VG-benchmark layout, see data/README.md)")
     g.add_argument("--vg-root", required=True, help="folder holding <dataset>/images/<split>/{database,queries}")
@@ -159,12 +190,15 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="test")
     g.add_argument("--radius", type=float, default=25.0, help="positive radius in metres")
     g.add_argument("--queries", default="queries", help="queries folder name (SF-XL test: queries_v1)")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="test-decode every image first and leave out (and count) the ones that fail; default: a corrupt "
+                        "image is an error naming it")
     add_dataclass_options(p, EvalConfig, skip=("progress",))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def eval_config(args: argparse.Namespace):
-    from .evaluate import EvalConfig
+    from .config import EvalConfig
 
     return EvalConfig(progress=not args.quiet, **dataclass_overrides(args, EvalConfig))
 
@@ -176,7 +210,47 @@ def load_split(args: argparse.Namespace, model=None, protocol: str = "default"):
 
     model_class = None if model is None else type(model).__name__
     return load_vg_split(args.vg_root, args.dataset, args.split, radius=args.radius, queries=args.queries,
-                         utm_dtype=utm_dtype(protocol, model_class))
+                         utm_dtype=utm_dtype(protocol, model_class), skip_corrupt=args.skip_corrupt)
+
+
+def model_for_split(args: argparse.Namespace, cfg, split):
+    """The model, built after ``split`` was read (a wrong path fails before the seconds a model
+    takes); under the official protocol the split is read again with the model's UTM precision."""
+    model = build_model(args)
+    if cfg.protocol == "official":
+        split = load_split(args, model, cfg.protocol)
+    return model, split
+
+
+def require_folders(**folders: str | None) -> None:
+    """Each ``--option folder`` must be an existing folder (checked before a model is built)."""
+    for option, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass a folder of photos.")
+
+
+def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> list[Path]:
+    """The .jpg files under ``folder`` (:func:`scicevpr.data.vg.list_images`); with ``skip_corrupt``
+    the ones that decode, the others counted in a warning."""
+    from .data.decode import find_corrupt_images, warn_skipped
+    from .data.vg import list_images
+
+    path = Path(folder) if folder else None
+    if path is None or not path.is_dir():
+        problem = "is a file, not a folder" if path is not None and path.exists() else "does not exist"
+        raise FileNotFoundError(f"{option} {folder!r} {problem}; pass a folder of .jpg images.")
+    paths = list_images(path)
+    if not paths:
+        raise FileNotFoundError(f"no .jpg files under {option} {str(path)!r}; pass a folder of .jpg images.")
+    if skip_corrupt:
+        bad = set(find_corrupt_images(paths))
+        if bad:
+            warn_skipped(sorted(bad), len(paths), str(path))
+            paths = [p for p in paths if p not in bad]
+            if not paths:
+                raise ValueError(f"none of the .jpg files under {option} {str(path)!r} decodes.")
+    return paths
 
 
 def _write_table(table, out: str | None) -> None:
@@ -197,24 +271,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.descriptors:
         return cmd_eval_descriptors(args)
-    from .data.vg import list_images
     from .evaluate import evaluate, fit_pca_on_images, official_pca_images
     from .protocol import eval_batch_size
 
-    model, cfg = build_model(args), eval_config(args)
-    split = load_split(args, model, cfg.protocol)
-    print(f"{split}")
-    pca = None
+    cfg = eval_config(args)
+    split = load_split(args, None, "default")  # paths first: the model takes seconds to build
+    pca_paths = None
     if cfg.pca_dim:
         if args.pca_images:
-            paths = list_images(args.pca_images)
+            pca_paths = image_files(args.pca_images, "--pca-images", args.skip_corrupt)
         elif cfg.protocol == "official":
-            paths = official_pca_images(args.vg_root)  # the authors': <vg-root>/pitts30k/images/train
+            pca_paths = official_pca_images(args.vg_root)  # the authors': <vg-root>/pitts30k/images/train
         else:
-            raise SystemExit("--pca-dim needs --pca-images: a folder of training images (the authors use "
+            raise ValueError("--pca-dim needs --pca-images: a folder of training images (the authors use "
                              "<vg-root>/pitts30k/images/train, the default under --protocol official)")
+    model, split = model_for_split(args, cfg, split)
+    print(f"{split}")
+    pca = None
+    if pca_paths is not None:
         bs = eval_batch_size(cfg.protocol, type(model).__name__, split.dataset, cfg.batch_size)
-        pca = fit_pca_on_images(model, paths, cfg.pca_dim, config=dataclasses.replace(cfg, batch_size=bs))
+        pca = fit_pca_on_images(model, pca_paths, cfg.pca_dim, config=dataclasses.replace(cfg, batch_size=bs))
     result = evaluate(model, split, cfg, pca=pca)
     _write_table(result.table(), args.out)
     if result.per_condition is not None:
@@ -286,6 +362,7 @@ def _model_source(args: argparse.Namespace) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import report, search_folders, write_search_outputs
 
+    require_folders(database=args.database, queries=args.queries)
     model, cfg = build_model(args), eval_config(args)
     result = search_folders(model, args.database, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
     print(report(result, write_search_outputs(result, args.out, args.top_k, args.sheet_queries)))
@@ -295,6 +372,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from .index import IndexConfig, build_index, describe
 
+    require_folders(database=args.database)
     model, cfg = build_model(args), eval_config(args)
     saved = build_index(model, args.database, args.out, IndexConfig(**dataclass_overrides(args, IndexConfig)), cfg,
                         args.skip_unreadable, _model_source(args), args.overwrite)
@@ -309,6 +387,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
     from .search import report, write_search_outputs
 
     saved = load_index(args.index, args.database_root)
+    require_folders(queries=args.queries)
     model, cfg = build_model(args), eval_config(args)
     print(describe(saved))
     result = saved.query(model, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
@@ -319,8 +398,8 @@ def cmd_index_query(args: argparse.Namespace) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from .evaluate import batch_stability, stability_summary
 
-    model, cfg = build_model(args), eval_config(args)
-    split = load_split(args, model, cfg.protocol)
+    cfg = eval_config(args)
+    model, split = model_for_split(args, cfg, load_split(args))  # paths first: the model takes seconds to build
     table = batch_stability(model, split, args.batch_sizes, args.orders, args.seed, cfg.batch_size, cfg)
     _write_table(table, args.out)
     print(stability_summary(table).to_string(index=False))
@@ -330,13 +409,11 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .evaluate import compute_descriptors, save_descriptors
 
-    model, cfg = build_model(args), eval_config(args)
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise SystemExit(f"--images {folder} is not a folder of .jpg images")
-    paths = sorted(folder.rglob("*.jpg"))
-    if not paths:
-        raise SystemExit(f"no .jpg files under {folder}")
+    paths, cfg = image_files(args.images, "--images", args.skip_corrupt), eval_config(args)
+    out = Path(args.out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise NotADirectoryError(f"--out {args.out!r}: {str(out.parent)!r} is a file, not a folder.")
+    model = build_model(args)
     desc = compute_descriptors(model, paths, cfg)
     save_descriptors(args.out, desc)
     list_path = Path(args.out).with_suffix(".txt")
@@ -345,31 +422,29 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_parsers(sub) -> None:
-    from .losses import LossConfig
-    from .train import TrainConfig
+def add_train_parser(sub, stage: str) -> None:
+    from .config import LossConfig, TrainConfig
 
-    for stage, help_ in (
-        ("teacher", "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS"),
-        ("student", "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D"),
-    ):
-        p = sub.add_parser(
-            f"train-{stage}", help=help_, description=help_ + ". Every option defaults to the paper's value; "
-            "a run folder holds config.json, log.csv, last.pt and best.pt. Several GPUs: "
-            f"torchrun --nproc_per_node N -m scicevpr.cli train-{stage} ...",
-        )
-        skip = ("model_overrides", "loss", "progress") + (("teacher",) if stage == "teacher" else ())
-        add_dataclass_options(p, TrainConfig, skip=skip)
-        add_dataclass_options(p, LossConfig)
-        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="ModelConfig overrides, e.g. image_size=112 mix_dim=256")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.set_defaults(func=cmd_train, stage=stage)
+    help_ = COMMANDS[f"train-{stage}"]
+    p = sub.add_parser(
+        f"train-{stage}", help=help_, description=help_ + ". Every option defaults to the paper's value; "
+        "a run folder holds config.json, log.csv, last.pt and best.pt, and is locked while a training runs. "
+        "Places with fewer than K images are dropped (--no-drop-small-places refuses them); --skip-corrupt leaves "
+        "out images that do not decode; both are counted at the end. Several GPUs: "
+        f"torchrun --nproc_per_node N -m scicevpr.cli train-{stage} ...",
+    )
+    skip = ("model_overrides", "loss", "progress") + (("teacher",) if stage == "teacher" else ())
+    add_dataclass_options(p, TrainConfig, skip=skip)
+    add_dataclass_options(p, LossConfig)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig overrides, e.g. image_size=112 mix_dim=256")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train, stage=stage)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .losses import LossConfig
-    from .train import TrainConfig, is_main_process, train_student, train_teacher
+    from .config import LossConfig, TrainConfig
+    from .train import is_main_process, train_student, train_teacher
 
     config = TrainConfig(
         model_overrides=parse_model_overrides(args.set),
@@ -378,11 +453,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         **dataclass_overrides(args, TrainConfig),
     )
     if args.stage == "student" and config.teacher is None:
-        raise SystemExit("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
+        raise ValueError("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     print(result.history.to_string(index=False))
+    print(f"data: {result.num_dropped_places} place(s) with fewer than K = {config.img_per_place} images dropped, "
+          f"{result.num_skipped_images} corrupt image(s) skipped")
     print(f"run folder: {result.run_dir}")
     if result.best_path is not None:
         recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in (result.best_recalls or {}).items())
@@ -391,10 +468,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_pretrain_parser(sub) -> None:
-    from .losses import LossConfig
-    from .pretrain import PretrainConfig
+    from .config import LossConfig, PretrainConfig
 
-    help_ = "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, or L_MS on places)"
+    help_ = COMMANDS["pretrain-backbone"]
     p = sub.add_parser(
         "pretrain-backbone", help=help_,
         description=help_ + ". A run folder holds config.json, log.csv and last.pt; --export writes the backbone as "
@@ -418,8 +494,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     import json
 
     from .backbone import manifest_path
-    from .losses import LossConfig
-    from .pretrain import PretrainConfig, export_backbone, pretrain
+    from .config import LossConfig, PretrainConfig
+    from .pretrain import export_backbone, pretrain
     from .train import is_main_process
 
     overrides = dataclass_overrides(args, PretrainConfig)
@@ -449,7 +525,8 @@ def repo_root() -> Path:
     for d in (here, *here.parents):
         if (d / "pyproject.toml").is_file() and (d / "notebooks").is_dir():
             return d
-    raise SystemExit("run `scicevpr demo` from inside the scicevpr repository (needs notebooks/)")
+    raise FileNotFoundError(f"{str(here)!r} is not inside the scicevpr repository (no notebooks/ beside a pyproject.toml); "
+                            "run `scicevpr demo` from the repository's folder.")
 
 
 def demo_environment() -> dict[str, str]:
@@ -487,14 +564,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = repo_root()
     notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
-        raise SystemExit(f"no notebooks in {root / 'notebooks'}")
+        raise FileNotFoundError(f"no notebooks in {str(root / 'notebooks')!r}; run `scicevpr demo` from the repository's folder.")
     for nb in notebooks:
         print(f"running {nb.relative_to(root)} ...", flush=True)
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
         cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
-        subprocess.run(cmd, check=True, cwd=nb.parent, env=demo_environment())
+        done = subprocess.run(cmd, cwd=nb.parent, env=demo_environment())
+        if done.returncode:
+            raise RuntimeError(f"notebook {str(nb.relative_to(root))!r} failed (jupyter nbconvert exited with status "
+                               f"{done.returncode}); its error is printed above.")
         strip_widget_state(nb if args.inplace else Path(args.output_dir).resolve() / nb.name)
         print(f"  {nb.name}: {time.perf_counter() - start:.0f} s", flush=True)
     results = root / "figures" / "results.md"
@@ -505,44 +585,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_search_parsers(sub) -> None:
-    """``search`` (two photo folders) and ``index build`` / ``index query`` (a saved map)."""
-    from .evaluate import EvalConfig
-    from .index import IndexConfig
+def _search_options(p, what: str) -> None:
+    """Options shared by ``search``, ``index build`` and ``index query``."""
+    from .config import EvalConfig
 
-    def common(p, what: str) -> None:
-        add_model_options(p)
-        add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim", "query_batch_size"))
-        p.add_argument("--skip-unreadable", action="store_true",
-                       help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_options(p)
+    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim", "query_batch_size"))
+    p.add_argument("--skip-unreadable", "--skip-corrupt", dest="skip_unreadable", action="store_true",
+                   help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    def outputs(p) -> None:
-        p.add_argument("--queries", required=True, help="folder of query photos (.jpg/.jpeg/.png, searched recursively)")
-        p.add_argument("--out", default="search_results", help="folder for matches.csv and contact_sheet.png (default: search_results)")
-        p.add_argument("--top-k", type=int, default=5, help="matches per query in matches.csv (default: 5)")
-        p.add_argument("--sheet-queries", type=int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
-        p.add_argument("--radius", type=float, default=25.0, help="positives radius (m) when names carry UTM fields")
 
+def _search_outputs(p) -> None:
+    p.add_argument("--queries", required=True, help="folder of query photos (.jpg/.jpeg/.png, searched recursively)")
+    p.add_argument("--out", default="search_results", help="folder for matches.csv and contact_sheet.png (default: search_results)")
+    p.add_argument("--top-k", type=int, default=5, help="matches per query in matches.csv (default: 5)")
+    p.add_argument("--sheet-queries", type=int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
+    p.add_argument("--radius", type=float, default=25.0, help="positives radius (m) when names carry UTM fields")
+
+
+def add_search_parser(sub) -> None:
+    """``search``: two photo folders."""
     p = sub.add_parser(
-        "search", help="nearest database photos of each query photo (folders without labels)",
+        "search", help=COMMANDS["search"],
         description="Describe every .jpg/.jpeg/.png below --database and --queries (any names, any nesting), search "
         "exactly, and write per query the top-k database files and their similarities (matches.csv) and a contact "
         "sheet of the first queries (contact_sheet.png). When the names carry UTM fields (@east@north@...@.jpg), "
         "Recall@N is printed as eval does.")
-    common(p, "database or query")
+    _search_options(p, "database or query")
     p.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
-    outputs(p)
+    _search_outputs(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("index", help="a saved map: index build (database once), index query (new photos later)",
+
+def add_index_parser(sub) -> None:
+    """``index build`` / ``index query``: a saved map."""
+    from .index import IndexConfig
+
+    p = sub.add_parser("index", help=COMMANDS["index"],
                        description="Build a FAISS index of a photo folder once, then localise new photos against it.")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     b = isub.add_parser(
         "build", help="describe a database folder and save descriptors, FAISS index, file list and model identity",
         description="Writes index.json, index.faiss, descriptors.npy and files.txt into --out. Exact search by default; "
         "--kind ivf or --kind hnsw for an approximate index (see README.md for its measured recall).")
-    common(b, "database")
+    _search_options(b, "database")
     add_dataclass_options(b, IndexConfig, title="defaults: exact search")
     b.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
     b.add_argument("--out", required=True, help="the index folder")
@@ -551,10 +638,10 @@ def add_search_parsers(sub) -> None:
     q = isub.add_parser(
         "query", help="localise new photos against a saved index (with the model that built it)",
         description="The database is not recomputed; a model other than the index's is refused.")
-    common(q, "query")
+    _search_options(q, "query")
     q.add_argument("--index", required=True, help="an index folder written by `scicevpr index build`")
     q.add_argument("--database-root", help="where the database images are now, if they moved (for the contact sheet)")
-    outputs(q)
+    _search_outputs(q)
     q.set_defaults(func=cmd_index_query)
 
 
@@ -562,22 +649,29 @@ def add_search_parsers(sub) -> None:
 # parser
 # --------------------------------------------------------------------------------------------
 
+COMMANDS: dict[str, str] = {
+    "synth": "generate the offline synthetic benchmark",
+    "train-teacher": "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS",
+    "train-student": "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D",
+    "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, or L_MS on places)",
+    "eval": "Recall@N of a model on a VG-layout dataset",
+    "stability": "R@N under other query batch sizes and orders (paper Fig. 1-2)",
+    "extract": "descriptors of a folder of images, saved as fp16 .npy",
+    "search": "nearest database photos of each query photo (folders without labels)",
+    "index": "a saved map: index build (database once), index query (new photos later)",
+    "demo": "execute every notebook headlessly and print the final results",
+}
+"""Every command and its one-line help (``scicevpr --help``)."""
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scicevpr", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .data.synthetic import add_cli as add_synth
+def add_synth_parser(sub) -> None:
+    from .data.synthetic import add_cli
 
-    add_synth(sub)
+    add_cli(sub)
 
-    add_train_parsers(sub)
-    add_pretrain_parser(sub)
 
-    p = sub.add_parser("eval", help="Recall@N of a model on a VG-layout dataset",
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help=COMMANDS["eval"],
                        description="Recall@1/5/10/100 under the VG-benchmark protocol (file order, batches of 16, exact L2 "
                        "search); --protocol official: the authors' code to the detail (README table).")
     add_model_options(p)
@@ -592,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also write the Recall@N curve for N = 1..100 (one line per model)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("stability", help="R@N under other query batch sizes and orders (paper Fig. 1-2)",
+
+def add_stability_parser(sub) -> None:
+    p = sub.add_parser("stability", help=COMMANDS["stability"],
                        description="Database in file order, batches of 16; queries re-encoded with each batch size and order.")
     add_model_options(p)
     add_eval_options(p)
@@ -602,33 +698,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the tidy table to this CSV")
     p.set_defaults(func=cmd_stability)
 
-    p = sub.add_parser("extract", help="descriptors of a folder of images, saved as fp16 .npy")
-    add_model_options(p)
-    from .evaluate import EvalConfig
 
+def add_extract_parser(sub) -> None:
+    from .config import EvalConfig
+
+    p = sub.add_parser("extract", help=COMMANDS["extract"])
+    add_model_options(p)
     add_dataclass_options(p, EvalConfig, skip=("progress", "recall_values", "pca_dim", "query_batch_size"))
     p.add_argument("--images", required=True, help="folder searched recursively for .jpg")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="test-decode every image first and leave out (and count) the ones that fail")
     p.add_argument("--out", required=True, help="output .npy path")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_extract)
 
-    add_search_parsers(sub)
 
-    p = sub.add_parser("demo", help="execute every notebook headlessly and print the final results")
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help=COMMANDS["demo"])
     p.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
                    help="store outputs in the notebooks (default) or, with --no-inplace, in --output-dir")
     p.add_argument("--output-dir", default="runs/notebooks")
     p.set_defaults(func=cmd_demo)
+
+
+PARSERS: dict[str, Callable[[Any], None]] = {
+    "synth": add_synth_parser,
+    "train-teacher": lambda sub: add_train_parser(sub, "teacher"),
+    "train-student": lambda sub: add_train_parser(sub, "student"),
+    "pretrain-backbone": add_pretrain_parser,
+    "eval": add_eval_parser,
+    "stability": add_stability_parser,
+    "extract": add_extract_parser,
+    "search": add_search_parser,
+    "index": add_index_parser,
+    "demo": add_demo_parser,
+}
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``scicevpr`` parser. ``commands``: the commands whose options are built (default: all);
+    the others are listed with their one-line help only. :func:`main` builds the one it runs."""
+    parser = argparse.ArgumentParser(
+        prog="scicevpr", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"An error ends a command with one line and exit status 2; --debug or {DEBUG_ENV}=1 shows its traceback.",
+    )
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of its one-line message (or set {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = set(COMMANDS if commands is None else commands)
+    for name, help_ in COMMANDS.items():
+        if name in wanted:
+            PARSERS[name](sub)
+        else:
+            sub.add_parser(name, help=help_)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> list[str]:
+    """The command named in ``argv`` (the first word that is not an option), if it is one."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return [word] if word in COMMANDS else []
+
+
+def error_message(error: BaseException) -> str:
+    """One message for ``error``: an error raised in a DataLoader worker arrives wrapped in the
+    worker's traceback; only its own message is kept."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback (most recent call last):" in text:
+        lines = text.rsplit("Traceback (most recent call last):", 1)[1].strip("\n").splitlines()
+        first = next((i for i, line in enumerate(lines) if line and not line.startswith(" ")), 0)
+        text = re.sub(r"^[\w.]+: ", "", "\n".join(lines[first:]).strip(), count=1)  # drop "module.ErrorType: "
+    return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
+    if args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"scicevpr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    prefix = f"scicevpr {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *_, **__: print(
+            f"{prefix}: warning: {message}", file=sys.stderr)
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001  (every fault: one line, no traceback)
+            print(f"{prefix}: error: {error_message(e)}", file=sys.stderr)
+            if not isinstance(e, USER_ERRORS):
+                print(f"{prefix}: this looks like a bug in scicevpr; {DEBUG_ENV}=1 shows where it happened.", file=sys.stderr)
+                return 1
+            return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,13 @@
 Every function in the package takes one of these configs (or explicit arguments), never an
 argparse namespace. The command line and the notebooks only *build* configs.
 
+The model configs (:class:`BackboneConfig`, :class:`ModelConfig`, :class:`CricaVPRConfig`, the
+presets) come first, then the configs of the jobs: :class:`LossConfig` (``scicevpr.losses``),
+:class:`EvalConfig` (``scicevpr.evaluate``), :class:`TrainConfig` (``scicevpr.train``) and
+:class:`PretrainConfig` (``scicevpr.pretrain``), each also importable from the module that uses
+it. This module imports neither torch nor NumPy, so the command line builds its options (and
+answers ``--help``) without loading them.
+
 Paper symbols used throughout (PAPER.md, Sec. "Architecture"):
 
 - ``M``      number of last DINOv2 blocks fused (``len(ModelConfig.layers)``)
@@ -15,8 +22,12 @@ Paper symbols used throughout (PAPER.md, Sec. "Architecture"):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from .protocol import OFFICIAL_GROUP_SIZES, check_group_size, check_protocol
 
 # Official DINOv2 architectures (facebookresearch/dinov2 hubconf): the key is the short name
 # used by scicevpr, the value the hub name, which is also the prefix of the official weight
@@ -294,3 +305,442 @@ def get_config(preset_or_config: "str | ModelConfig", **overrides: Any) -> Model
             f"Expected a preset name or ModelConfig, got {type(preset_or_config).__name__}."
         )
     return cfg.with_overrides(**overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, evaluation, training and pretraining
+# --------------------------------------------------------------------------------------------
+
+STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")  # what stage 1 (train_teacher) can train
+OBJECTIVES = ("dino", "supervised")  # pretraining objectives
+POOLINGS = ("mean", "gem", "cls")  # pretraining's pooling for the supervised objective
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of ``L_MS`` and ``L_T`` (official values)."""
+
+    ms_alpha: float = 1.0
+    ms_beta: float = 50.0
+    ms_base: float = 0.0
+    miner_epsilon: float = 0.1
+    gamma: float = 1.0  # weight of L_MS in L_T
+    eta: float = 1.0  # weight of L_D in L_T
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How descriptors are computed and scored. Defaults: the VG-benchmark protocol (file
+    order, batches of 16, exact L2 search) with this project's input pipeline; ``protocol=
+    "official"`` is the authors' code to the detail (:mod:`scicevpr.protocol`).
+
+    Attributes:
+        batch_size: images per forward pass for the database (and queries unless
+            ``query_batch_size`` is set); 16 officially (8 for CricaVPR on Pitts30k).
+        query_batch_size: a different batch size for the queries, or None.
+        recall_values: the N of Recall@N.
+        device: None keeps the model where it is; else the model is moved there.
+        fast: the fast path: bf16 autocast (where the device computes bf16 natively, see
+            :mod:`scicevpr.precision`), batched GPU JPEG decoding and ``torch.compile`` of the
+            per-image part of the model. None means on for CUDA, off for CPU;
+            ``fast=False`` is the plain fp32 eager path everywhere.
+        amp: bf16 autocast alone (on a CPU only where bf16 is native); None follows ``fast``.
+        gpu_decode: decode JPEGs in batches on the GPU (nvJPEG) when the device is CUDA;
+            None follows ``fast``.
+        num_workers: DataLoader worker processes (decoding or file reading).
+        pca_dim: project descriptors with a PCA of this many dimensions (fitted separately).
+        progress: tqdm progress bars.
+        protocol: ``"default"`` or ``"official"``: the authors' non-antialiased resize of the
+            normalised tensor, fp32, PIL decoding (``fast``, ``amp`` and ``gpu_decode`` off), a
+            shuffled PCA subset, CricaVPR at half the batch on Pitts30k/250k.
+        encoder_group_size: the cross-image encoder attends within groups of this many images
+            of each batch, as ``nn.DataParallel`` splits a batch over GPUs (a batch of B in
+            ``ceil(B / g)`` chunks); None: the whole batch (the authors' ``eval.py``, one GPU).
+            Their stage-1 validation ran on 2 GPUs: 8 of 16.
+    """
+
+    batch_size: int = 16
+    query_batch_size: int | None = None
+    recall_values: tuple[int, ...] = (1, 5, 10, 100)
+    device: str | None = None
+    fast: bool | None = None
+    amp: bool | None = None
+    gpu_decode: bool | None = None
+    num_workers: int = 2
+    pca_dim: int | None = None
+    progress: bool = True
+    protocol: str = "default"
+    encoder_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol, "EvalConfig.protocol")
+        check_group_size(self.encoder_group_size, "EvalConfig.encoder_group_size")
+        if self.protocol == "official":
+            on = [n for n in ("fast", "amp", "gpu_decode") if getattr(self, n)]
+            if on:
+                raise ValueError(
+                    f"protocol='official' computes in fp32 with PIL decoding, as the authors do; "
+                    f"{', '.join(f'{n}=True' for n in on)} contradicts it. Leave them unset, or use protocol='default'."
+                )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults: the paper's (PAPER.md, "Training").
+
+    Model:
+        model: stage-1 model class: ``"SuperCricaVPR"`` (the teacher, default), ``"CricaVPR"``
+            (the baseline) or ``"SciceVPR"`` (trained alone with ``L_MS``: an ablation).
+            Stage 2 always trains a SciceVPR built from the teacher.
+        preset: ModelConfig preset (``"SciceVPR-B"`` / ``"-L"`` / ``"-S"``, ``"CricaVPR"``,
+            ``"CricaVPR-S"``); None means ``"CricaVPR"`` for that model, else ``"SciceVPR-B"``.
+            Stage 2 takes the teacher's architecture and ignores it.
+        model_overrides: ModelConfig fields to replace, e.g. ``{"image_size": 112}``.
+        weights: DINOv2 weights: a path, ``"auto"`` or None (random, reproducible from ``seed``).
+    Data:
+        gsv_root: GSV-Cities folder (``Dataframes/``, ``Images/``); None: ``$SCICEVPR_DATA/gsv_cities``.
+        cities: city names, or None for all.
+        places_per_batch: P (72). Under DDP the global batch; each of N ranks loads P / N places.
+        img_per_place: K (4).
+        randaugment_ops: RandAugment operations per training image (3); 0 turns augmentation off.
+        num_workers: DataLoader workers (per rank).
+        drop_small_places: True (the official loader's choice): places with fewer than K images
+            are left out, and counted (``RunResult.num_dropped_places``, ``config.json``).
+            False: such a place is an error naming it.
+        skip_corrupt: False: a corrupt training or validation image is an error naming it. True:
+            every image is test-decoded before training and the ones that fail are left out,
+            and counted (``RunResult.num_skipped_images``, ``config.json``).
+    Optimisation:
+        lr: Adam learning rate (1e-4).
+        lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``
+            epochs, stepped per iteration (step size ``lr_step_epochs * iterations_per_epoch``).
+        epochs: None means the paper's: 10 for stage 1, 1 for stage 2.
+        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch.
+        loss: ``L_MS`` and ``L_T`` hyper-parameters (gamma = eta = 1).
+    Validation:
+        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``;
+            ``val_dataset=None`` turns validation off (no ``best.pt``).
+        val_every: validate every this many epochs (and after the last one).
+        eval_batch_size: images per batch in validation (16, the official protocol).
+    Run:
+        run_dir: the run folder; None means ``runs/teacher`` or ``runs/student``.
+        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
+        seed: seeds initialisation, data order, augmentation and dropout.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
+            on a CPU only where bf16 is native), False: fp32. ``protocol="official"``: fp32.
+        teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
+            authors' format (then ``preset`` must describe it); or stage 1's run folder, whose
+            ``best.pt`` is taken (``last.pt`` under ``protocol="official"``, as the authors' default
+            ``--crica_path .../last_model.pth``).
+        trust_checkpoint: also load a teacher or ``last.pt`` that holds pickled Python objects
+            (which runs code from the file); only for a file from a source you trust. Files are
+            otherwise read with ``weights_only=True``.
+        store_backbone: save the frozen backbone in every checkpoint even when it can be
+            rebuilt from its weight file or seed.
+        progress: tqdm bars.
+    Protocol (:mod:`scicevpr.protocol`):
+        protocol: ``"default"`` or ``"official"``: the authors' training order (cities in their
+            list order, places shuffled once, the same order every epoch, the last partial batch
+            kept; see :class:`PlaceBatchSampler`), fp32, the group sizes below, the teacher's
+            ``last.pt``, their evaluation transform and float32 UTMs in validation.
+        encoder_group_size: stage 1: the cross-image encoder attends within groups of this many
+            images of each global batch (as ``nn.DataParallel`` splits it); None: the whole
+            batch, or 144 (of 288) under ``"official"``.
+        target_group_size: stage 2: the same for the teacher computing the distillation targets;
+            None: the whole batch, or 72 under ``"official"``.
+        val_group_size: validation batches likewise; None: the whole batch, or 8 (of 16) under
+            ``"official"``. The official sizes are inferred from the GPUs the authors' scripts
+            make visible (``CUDA_VISIBLE_DEVICES``: 2 in stage 1, 4 in stage 2).
+    """
+
+    model: str = "SuperCricaVPR"
+    preset: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = "auto"
+    gsv_root: str | None = None
+    cities: tuple[str, ...] | None = None
+    places_per_batch: int = 72  # P
+    img_per_place: int = 4  # K
+    randaugment_ops: int = 3
+    num_workers: int = 4
+    drop_small_places: bool = True
+    skip_corrupt: bool = False
+    lr: float = 1e-4
+    lr_step_epochs: int = 3
+    lr_gamma: float = 0.5
+    epochs: int | None = None
+    max_iters_per_epoch: int | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_root: str | None = None
+    val_dataset: str | None = "pitts30k"
+    val_split: str = "val"
+    val_every: int = 1
+    eval_batch_size: int = 16
+    run_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    teacher: str | None = None
+    trust_checkpoint: bool = False
+    store_backbone: bool = False
+    progress: bool = True
+    protocol: str = "default"
+    encoder_group_size: int | None = None
+    target_group_size: int | None = None
+    val_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol, "TrainConfig.protocol")
+        for name in ("encoder_group_size", "target_group_size", "val_group_size"):
+            check_group_size(getattr(self, name), name)
+        if self.protocol == "official" and self.amp:
+            raise ValueError("protocol='official' trains in fp32, as the authors do; amp=True contradicts it. "
+                             "Leave amp unset, or use protocol='default'.")
+        if self.model not in STAGE1_MODELS:
+            raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
+        for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.img_per_place < 2:
+            raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (or None for the paper's), got {self.epochs}")
+        if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
+            raise ValueError(f"max_iters_per_epoch must be >= 1 or None, got {self.max_iters_per_epoch}")
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
+        if self.cities is not None:
+            object.__setattr__(self, "cities", tuple(self.cities))
+
+    def group_size(self, which: str) -> int | None:
+        """Images the cross-image encoder attends across: ``which`` is ``"train"`` (stage 1),
+        ``"targets"`` (stage 2's teacher) or ``"validation"``; None means the whole batch."""
+        value = {"train": self.encoder_group_size, "targets": self.target_group_size,
+                 "validation": self.val_group_size}[which]
+        if value is None and self.protocol == "official":
+            return OFFICIAL_GROUP_SIZES[which]
+        return value
+
+    def use_amp(self) -> bool | None:
+        """``amp`` for :func:`scicevpr.precision.resolve_amp`: False (fp32) under the official protocol."""
+        return False if self.protocol == "official" else self.amp
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def model_config(self) -> ModelConfig:
+        """The stage-1 ModelConfig (preset + overrides)."""
+        preset = self.preset or ("CricaVPR" if self.model == "CricaVPR" else "SciceVPR-B")
+        cfg = get_config(preset, **self.model_overrides)
+        if (self.model == "CricaVPR") != isinstance(cfg, CricaVPRConfig):
+            raise ValueError(
+                f"model={self.model!r} does not fit preset {preset!r}: CricaVPR takes the 'CricaVPR' / "
+                f"'CricaVPR-S' presets, SuperCricaVPR and SciceVPR the 'SciceVPR-*' ones."
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (``config.json``)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One pretraining run. Defaults: the offline backbone (``OFFLINE_BACKBONE``) with DINO.
+
+    Objective and data:
+        objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo) or ``"supervised"``
+            (``L_MS`` on place batches).
+        data: a synthetic benchmark folder (holding ``gsv_cities/``) or a GSV-Cities-layout folder
+            (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
+        cities: city names, or None for all.
+        cache_size: side (pixels) at which every image is kept in memory; crops are cut from it.
+    Backbone (``BackboneConfig(arch, num_blocks=num_blocks, pretrain_img_size=image_size)``):
+        arch: the DINOv2 architecture whose widths are used (``"vits14"``: C = 384, 6 heads).
+        num_blocks: transformer blocks (4: 7.4 M parameters, 15 MB in fp16).
+        image_size: side of the global crops and of the position table (112 -> 8 x 8 patches).
+    Multi-crop (DINO):
+        local_size: side of the local crops (56 -> 4 x 4 patches).
+        local_crops: local crops per image.
+        global_scale, local_scale: area ranges of the random resized crops.
+    DINO / iBOT / KoLeo:
+        head_hidden, head_bottleneck, prototypes: DINO head C -> hidden -> hidden -> bottleneck,
+            then ``K = prototypes`` weight-normalised prototypes.
+        student_temp: ``tau_s``.
+        teacher_temp_warmup, teacher_temp, teacher_temp_warmup_fraction: ``tau_t`` rises linearly
+            from the first to the second over that share of the steps, then stays.
+        center_momentum: EMA momentum of the centers.
+        momentum, momentum_end: teacher EMA momentum ``m``, cosine from the first to the second.
+        ibot_weight: weight of the masked-patch loss (0 turns it off).
+        mask_ratio: range of the share of patches masked in a masked crop.
+        mask_probability: share of the student's global crops that are masked.
+        koleo_weight: weight of the KoLeo regulariser (0 turns it off).
+    Supervised:
+        img_per_place: K; a step holds ``batch_size / K`` places (P).
+        pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), or ``"cls"``.
+        supervised_scale: area range of the single random resized crop per image.
+        loss: ``L_MS`` hyper-parameters (the paper's).
+    Monitoring:
+        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
+            the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
+        val_every: steps between two retrieval checks (also at step 0 and at the end).
+    Optimisation:
+        steps: optimisation steps (the schedules span them); None fits them to ``max_minutes``
+            from the measured speed of the first steps (then recorded, so a resume keeps them).
+        batch_size: images per step over all ranks (DINO: source images, each giving
+            2 + ``local_crops`` crops; supervised: P x K).
+        lr, min_lr, warmup_fraction: AdamW learning rate (peak), its cosine floor, warm-up share.
+        weight_decay, weight_decay_end: cosine weight-decay schedule.
+        clip_grad: global gradient-norm clip (0: none).
+    Run:
+        run_dir: the run folder; None means ``runs/pretrain-<objective>``.
+        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
+        max_minutes: wall-clock budget of this call (from its start, data loading included); the
+            run stops at a step boundary with a checkpoint before exceeding it. None: no budget.
+        stop_at_step: end this call after that step (checkpointed), keeping the schedules of
+            ``steps``: a run done in parts, or a test of resume.
+        seed: seeds initialisation, data order and every augmentation.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        amp: bf16 autocast; None: :mod:`scicevpr.precision` decides (CUDA: on; a CPU: only where
+            bf16 is native), False: fp32.
+        num_workers: DataLoader workers that decode the images (per rank).
+        checkpoint_every, log_every: steps between checkpoints / log rows.
+        progress: tqdm bars.
+    """
+
+    objective: str = "dino"
+    data: str | None = None
+    cities: tuple[str, ...] | None = None
+    cache_size: int = 160
+    arch: str = "vits14"
+    num_blocks: int = 4
+    image_size: int = 112
+    local_size: int = 56
+    local_crops: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    prototypes: int = 8192
+    student_temp: float = 0.1
+    teacher_temp_warmup: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_fraction: float = 0.3
+    center_momentum: float = 0.9
+    momentum: float = 0.992
+    momentum_end: float = 1.0
+    ibot_weight: float = 1.0
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    koleo_weight: float = 0.1
+    img_per_place: int = 4
+    pooling: str = "mean"
+    supervised_scale: tuple[float, float] = (0.5, 1.0)
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_root: str | None = None
+    val_dataset: str = "synthetic"
+    val_split: str = "val"
+    val_every: int = 500
+    steps: int | None = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    run_dir: str | None = None
+    resume: bool = False
+    max_minutes: float | None = None
+    stop_at_step: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    num_workers: int = 4
+    checkpoint_every: int = 500
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
+        for name in ("cities", "global_scale", "local_scale", "mask_ratio", "supervised_scale"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}.")
+        if self.arch not in BACKBONE_ARCHS:
+            raise ValueError(f"arch={self.arch!r}: expected one of {sorted(BACKBONE_ARCHS)}.")
+        for name in ("cache_size", "image_size", "local_size", "head_hidden", "head_bottleneck", "prototypes",
+                     "batch_size", "img_per_place", "checkpoint_every", "log_every", "num_blocks", "val_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.num_workers < 0 or self.local_crops < 0:
+            raise ValueError("num_workers and local_crops must be >= 0")
+        p = 14  # checked again by BackboneConfig; named here for the message
+        for name in ("image_size", "local_size"):
+            if getattr(self, name) % p:
+                v = getattr(self, name)
+                raise ValueError(f"{name}={v} is not a multiple of the patch size {p}; use {max(p, v // p * p)} or {(v // p + 1) * p}.")
+        for name in ("global_scale", "local_scale", "mask_ratio", "supervised_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a range (lo, hi) with 0 < lo <= hi <= 1.")
+        for name in ("teacher_temp_warmup_fraction", "warmup_fraction", "mask_probability", "center_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.momentum <= self.momentum_end <= 1:
+            raise ValueError(f"need 0 <= momentum ({self.momentum}) <= momentum_end ({self.momentum_end}) <= 1.")
+        for name in ("student_temp", "teacher_temp", "teacher_temp_warmup", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if min(self.min_lr, self.weight_decay, self.weight_decay_end, self.clip_grad, self.ibot_weight, self.koleo_weight) < 0:
+            raise ValueError("min_lr, weight decays, clip_grad and loss weights must be >= 0")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, or None to fit them to max_minutes; got {self.steps}")
+        if self.steps is None and self.max_minutes is None:
+            raise ValueError("steps=None fits the schedule to a time budget: give max_minutes too (or give steps).")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
+        if self.stop_at_step is not None and self.stop_at_step < 0:
+            raise ValueError(f"stop_at_step must be >= 0 (or None), got {self.stop_at_step}")
+        if self.objective == "supervised":
+            if self.img_per_place < 2:
+                raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
+            if self.batch_size % self.img_per_place:
+                raise ValueError(
+                    f"batch_size={self.batch_size} must be a multiple of img_per_place (K) = {self.img_per_place} "
+                    f"(a step holds P = batch_size / K places); use e.g. {self.batch_size // self.img_per_place * self.img_per_place or self.img_per_place}."
+                )
+        elif self.batch_size < 2 and self.koleo_weight > 0:
+            raise ValueError("KoLeo needs at least 2 images per step: raise batch_size or set koleo_weight=0.")
+        self.backbone_config()  # validates arch / num_blocks / image_size together
+
+    def backbone_config(self) -> BackboneConfig:
+        """The backbone trained and exported."""
+        return BackboneConfig(arch=self.arch, num_blocks=self.num_blocks, pretrain_img_size=self.image_size)
+
+    @property
+    def places_per_batch(self) -> int:  # P (supervised)
+        return self.batch_size // self.img_per_place
+
+    def replace(self, **changes: Any) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

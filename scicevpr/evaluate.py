@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
 from .data.transforms import eval_transform
 from .data.vg import ImageFileDataset, VGSplit, list_images
@@ -33,69 +34,12 @@ from .precision import autocast, resolve_amp
 from .protocol import (
     OFFICIAL_PCA_FOLDER,
     OFFICIAL_PCA_MAX_IMAGES,
-    check_group_size,
     check_protocol,
     eval_batch_size,
     num_groups,
 )
 
 PathLike = str | os.PathLike
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How descriptors are computed and scored. Defaults: the VG-benchmark protocol (file
-    order, batches of 16, exact L2 search) with this project's input pipeline; ``protocol=
-    "official"`` is the authors' code to the detail (:mod:`scicevpr.protocol`).
-
-    Attributes:
-        batch_size: images per forward pass for the database (and queries unless
-            ``query_batch_size`` is set); 16 officially (8 for CricaVPR on Pitts30k).
-        query_batch_size: a different batch size for the queries, or None.
-        recall_values: the N of Recall@N.
-        device: None keeps the model where it is; else the model is moved there.
-        fast: the fast path: bf16 autocast (where the device computes bf16 natively, see
-            :mod:`scicevpr.precision`), batched GPU JPEG decoding and ``torch.compile`` of the
-            per-image part of the model. None means on for CUDA, off for CPU;
-            ``fast=False`` is the plain fp32 eager path everywhere.
-        amp: bf16 autocast alone (on a CPU only where bf16 is native); None follows ``fast``.
-        gpu_decode: decode JPEGs in batches on the GPU (nvJPEG) when the device is CUDA;
-            None follows ``fast``.
-        num_workers: DataLoader worker processes (decoding or file reading).
-        pca_dim: project descriptors with a PCA of this many dimensions (fitted separately).
-        progress: tqdm progress bars.
-        protocol: ``"default"`` or ``"official"``: the authors' non-antialiased resize of the
-            normalised tensor, fp32, PIL decoding (``fast``, ``amp`` and ``gpu_decode`` off), a
-            shuffled PCA subset, CricaVPR at half the batch on Pitts30k/250k.
-        encoder_group_size: the cross-image encoder attends within groups of this many images
-            of each batch, as ``nn.DataParallel`` splits a batch over GPUs (a batch of B in
-            ``ceil(B / g)`` chunks); None: the whole batch (the authors' ``eval.py``, one GPU).
-            Their stage-1 validation ran on 2 GPUs: 8 of 16.
-    """
-
-    batch_size: int = 16
-    query_batch_size: int | None = None
-    recall_values: tuple[int, ...] = (1, 5, 10, 100)
-    device: str | None = None
-    fast: bool | None = None
-    amp: bool | None = None
-    gpu_decode: bool | None = None
-    num_workers: int = 2
-    pca_dim: int | None = None
-    progress: bool = True
-    protocol: str = "default"
-    encoder_group_size: int | None = None
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol, "EvalConfig.protocol")
-        check_group_size(self.encoder_group_size, "EvalConfig.encoder_group_size")
-        if self.protocol == "official":
-            on = [n for n in ("fast", "amp", "gpu_decode") if getattr(self, n)]
-            if on:
-                raise ValueError(
-                    f"protocol='official' computes in fp32 with PIL decoding, as the authors do; "
-                    f"{', '.join(f'{n}=True' for n in on)} contradicts it. Leave them unset, or use protocol='default'."
-                )
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

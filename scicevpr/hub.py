@@ -36,6 +36,7 @@ def create(
     checkpoint: str | os.PathLike | None = None,
     weights: str | os.PathLike | None = "auto",
     device: str = "cpu",
+    trust_checkpoint: bool = False,
     **overrides: Any,
 ):
     """The model of hub entry point ``entry`` (see :data:`ENTRY_POINTS`), in eval mode.
@@ -50,16 +51,18 @@ def create(
             file in ``$SCICEVPR_WEIGHTS`` or the torch hub cache, else Meta's download), a path,
             or None for a random initialisation.
         device: where the model is put.
+        trust_checkpoint: also load a checkpoint that holds pickled Python objects, which runs
+            code from it; only for a file from a source you trust (it is otherwise read with
+            ``weights_only=True``, see :func:`scicevpr.files.load_torch_file`).
         **overrides: ModelConfig fields, e.g. ``image_size=322`` (not with a native checkpoint,
             which records its own configuration).
     """
     if entry not in ENTRY_POINTS:
         raise ValueError(f"unknown scicevpr hub entry point {entry!r}; available: {sorted(ENTRY_POINTS)}")
     name, preset = ENTRY_POINTS[entry]
-    import torch
-
-    from .checkpoint import build_model, is_native_checkpoint, model_from_checkpoint
     from .backbone import RandomWeightsWarning
+    from .checkpoint import build_model, is_native_checkpoint, model_from_checkpoint
+    from .files import load_torch_file
 
     if checkpoint is None:
         model = build_model(name, preset, weights=weights, **overrides)
@@ -70,7 +73,7 @@ def create(
             f"checkpoint {str(path)!r} does not exist. Pass the path of a scicevpr checkpoint (runs/<name>/best.pt) "
             f"or of the authors' {name} checkpoint, or checkpoint=None for the untrained model."
         )
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, "checkpoint", trust=trust_checkpoint)
     if is_native_checkpoint(obj):
         if overrides:
             raise ValueError(

@@ -18,23 +18,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Hyper-parameters of ``L_MS`` and ``L_T`` (official values)."""
-
-    ms_alpha: float = 1.0
-    ms_beta: float = 50.0
-    ms_base: float = 0.0
-    miner_epsilon: float = 0.1
-    gamma: float = 1.0  # weight of L_MS in L_T
-    eta: float = 1.0  # weight of L_D in L_T
+from .config import LossConfig  # noqa: F401  (defined with the other configs; imported from here too)
 
 
 class MultiSimilarityLoss(torch.nn.Module):

@@ -28,6 +28,7 @@ from torch import nn
 from .backbone import build_backbone
 from .config import ModelConfig, get_config
 from .encoders import CrossImageEncoder, SelfEnhancedEncoder
+from .files import load_torch_file
 from .fusion import MultiLayerFusion
 from .pooling import MultiRegionGeM
 
@@ -48,11 +49,15 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint: ``{"model_state_dict": ...}``, ``{"state_dict": ...}``
-    or a bare state dict, with a DataParallel/DDP ``module.`` prefix removed."""
+    or a bare state dict, with a DataParallel/DDP ``module.`` prefix removed.
+
+    A path is read with ``weights_only=True`` (the authors' files hold tensors, plain types and
+    NumPy recalls); ``trust_checkpoint=True`` also loads pickled objects (runs code from the file).
+    """
     if isinstance(obj, (str, os.PathLike)):
-        obj = torch.load(obj, map_location="cpu", weights_only=False)
+        obj = load_torch_file(obj, "checkpoint", trust=trust_checkpoint)
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a checkpoint path or a state dict, got {type(obj).__name__}")
     for key in ("model_state_dict", "state_dict"):
@@ -129,6 +134,12 @@ class VPRModel(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         s = self.config.image_size
+        if not torch.is_floating_point(x):
+            raise TypeError(
+                f"{type(self).__name__} ({self.config.name}) expects float images normalised with the ImageNet "
+                f"mean and std, got a {x.dtype} tensor. Convert uint8 images with "
+                f"scicevpr.data.normalize_uint8_batch(images, {s}) or load files with scicevpr.data.eval_transform({s})."
+            )
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
             raise ValueError(
                 f"{type(self).__name__} ({self.config.name}) expects images of shape "
@@ -197,7 +208,9 @@ class VPRModel(nn.Module):
         back = tuple((dst, src) for src, dst in self.official_key_map)
         return _rename(key, back) or key
 
-    def load_official(self, path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> "VPRModel":
+    def load_official(
+        self, path_or_state_dict: str | os.PathLike | Mapping[str, Any], trust_checkpoint: bool = False
+    ) -> "VPRModel":
         """Load the authors' training checkpoint strictly.
 
         Accepts ``{"model_state_dict": ...}`` or a bare state dict, keys with or without
@@ -205,9 +218,10 @@ class VPRModel(nn.Module):
         ``backbone.dino_model.*``, ``conv.*``, ``tokenmix.{i}.*``, ``gem.p``,
         ``encoder.layers.{i}.*``). Anything else raises an error listing the missing and
         unexpected keys. The checkpoint holds the whole DINOv2, so ``is_random_init`` becomes
-        False.
+        False. A file is read safely (``weights_only=True``); ``trust_checkpoint=True`` also
+        loads one that holds pickled Python objects, which runs code from it.
         """
-        source = unwrap_state_dict(path_or_state_dict)
+        source = unwrap_state_dict(path_or_state_dict, trust_checkpoint)
         ours, unexpected = {}, []
         for k, v in source.items():
             new = _rename(k, self.official_key_map)

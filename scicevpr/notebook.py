@@ -410,8 +410,10 @@ class NotebookSettings:
 
         from .train import STAGES
 
-        # Everything that can change the trained weights; not where files are or how fast.
-        skip = {"resume", "progress", "num_workers", "run_dir", "teacher", "gsv_root", "val_root"}
+        # Everything that can change the trained weights; not where files are or how fast, nor how
+        # files are checked (the synthetic benchmark has no corrupt image and no place under K).
+        skip = {"resume", "progress", "num_workers", "run_dir", "teacher", "gsv_root", "val_root",
+                "trust_checkpoint", "skip_corrupt", "drop_small_places"}
         recipe = [{k: v for k, v in self._train_config(stage, Path(".")).to_dict().items() if k not in skip}
                   for stage in STAGES]
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]

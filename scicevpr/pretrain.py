@@ -69,6 +69,7 @@ manifest.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -79,7 +80,7 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,11 @@ from tqdm.auto import tqdm
 
 from .backbone import MANIFEST_FORMAT, DinoVisionTransformer, RandomWeightsWarning, check_manifest, file_sha256, manifest_path
 from .checkpoint import atomic_save
-from .config import BACKBONE_ARCHS, BackboneConfig
+from .config import OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa: F401  (PretrainConfig is defined with the other configs)
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
+from .files import holds_files, load_torch_file, lock_run_dir
 from .losses import LossConfig, MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
@@ -106,8 +108,6 @@ from .train import PlaceBatchSampler, _Dist, _rng_state, _resolve_device, _set_r
 
 PathLike = str | os.PathLike
 
-OBJECTIVES = ("dino", "supervised")
-POOLINGS = ("mean", "gem", "cls")
 CHECKPOINT_FORMAT = "scicevpr-pretrain"
 CHECKPOINT_VERSION = 1
 # PretrainConfig fields that may differ when a run is resumed (they do not change its result).
@@ -120,201 +120,6 @@ LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms"
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """One pretraining run. Defaults: the offline backbone (``OFFLINE_BACKBONE``) with DINO.
-
-    Objective and data:
-        objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo) or ``"supervised"``
-            (``L_MS`` on place batches).
-        data: a synthetic benchmark folder (holding ``gsv_cities/``) or a GSV-Cities-layout folder
-            (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
-        cities: city names, or None for all.
-        cache_size: side (pixels) at which every image is kept in memory; crops are cut from it.
-    Backbone (``BackboneConfig(arch, num_blocks=num_blocks, pretrain_img_size=image_size)``):
-        arch: the DINOv2 architecture whose widths are used (``"vits14"``: C = 384, 6 heads).
-        num_blocks: transformer blocks (4: 7.4 M parameters, 15 MB in fp16).
-        image_size: side of the global crops and of the position table (112 -> 8 x 8 patches).
-    Multi-crop (DINO):
-        local_size: side of the local crops (56 -> 4 x 4 patches).
-        local_crops: local crops per image.
-        global_scale, local_scale: area ranges of the random resized crops.
-    DINO / iBOT / KoLeo:
-        head_hidden, head_bottleneck, prototypes: DINO head C -> hidden -> hidden -> bottleneck,
-            then ``K = prototypes`` weight-normalised prototypes.
-        student_temp: ``tau_s``.
-        teacher_temp_warmup, teacher_temp, teacher_temp_warmup_fraction: ``tau_t`` rises linearly
-            from the first to the second over that share of the steps, then stays.
-        center_momentum: EMA momentum of the centers.
-        momentum, momentum_end: teacher EMA momentum ``m``, cosine from the first to the second.
-        ibot_weight: weight of the masked-patch loss (0 turns it off).
-        mask_ratio: range of the share of patches masked in a masked crop.
-        mask_probability: share of the student's global crops that are masked.
-        koleo_weight: weight of the KoLeo regulariser (0 turns it off).
-    Supervised:
-        img_per_place: K; a step holds ``batch_size / K`` places (P).
-        pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), or ``"cls"``.
-        supervised_scale: area range of the single random resized crop per image.
-        loss: ``L_MS`` hyper-parameters (the paper's).
-    Monitoring:
-        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
-            the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
-        val_every: steps between two retrieval checks (also at step 0 and at the end).
-    Optimisation:
-        steps: optimisation steps (the schedules span them); None fits them to ``max_minutes``
-            from the measured speed of the first steps (then recorded, so a resume keeps them).
-        batch_size: images per step over all ranks (DINO: source images, each giving
-            2 + ``local_crops`` crops; supervised: P x K).
-        lr, min_lr, warmup_fraction: AdamW learning rate (peak), its cosine floor, warm-up share.
-        weight_decay, weight_decay_end: cosine weight-decay schedule.
-        clip_grad: global gradient-norm clip (0: none).
-    Run:
-        run_dir: the run folder; None means ``runs/pretrain-<objective>``.
-        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
-        max_minutes: wall-clock budget of this call (from its start, data loading included); the
-            run stops at a step boundary with a checkpoint before exceeding it. None: no budget.
-        stop_at_step: end this call after that step (checkpointed), keeping the schedules of
-            ``steps``: a run done in parts, or a test of resume.
-        seed: seeds initialisation, data order and every augmentation.
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        amp: bf16 autocast; None: :mod:`scicevpr.precision` decides (CUDA: on; a CPU: only where
-            bf16 is native), False: fp32.
-        num_workers: DataLoader workers that decode the images (per rank).
-        checkpoint_every, log_every: steps between checkpoints / log rows.
-        progress: tqdm bars.
-    """
-
-    objective: str = "dino"
-    data: str | None = None
-    cities: tuple[str, ...] | None = None
-    cache_size: int = 160
-    arch: str = "vits14"
-    num_blocks: int = 4
-    image_size: int = 112
-    local_size: int = 56
-    local_crops: int = 8
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    head_hidden: int = 2048
-    head_bottleneck: int = 256
-    prototypes: int = 8192
-    student_temp: float = 0.1
-    teacher_temp_warmup: float = 0.04
-    teacher_temp: float = 0.07
-    teacher_temp_warmup_fraction: float = 0.3
-    center_momentum: float = 0.9
-    momentum: float = 0.992
-    momentum_end: float = 1.0
-    ibot_weight: float = 1.0
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    mask_probability: float = 0.5
-    koleo_weight: float = 0.1
-    img_per_place: int = 4
-    pooling: str = "mean"
-    supervised_scale: tuple[float, float] = (0.5, 1.0)
-    loss: LossConfig = field(default_factory=LossConfig)
-    val_root: str | None = None
-    val_dataset: str = "synthetic"
-    val_split: str = "val"
-    val_every: int = 500
-    steps: int | None = 1000
-    batch_size: int = 64
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
-    run_dir: str | None = None
-    resume: bool = False
-    max_minutes: float | None = None
-    stop_at_step: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None
-    num_workers: int = 4
-    checkpoint_every: int = 500
-    log_every: int = 10
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.loss, dict):
-            object.__setattr__(self, "loss", LossConfig(**self.loss))
-        for name in ("cities", "global_scale", "local_scale", "mask_ratio", "supervised_scale"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}.")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}.")
-        if self.arch not in BACKBONE_ARCHS:
-            raise ValueError(f"arch={self.arch!r}: expected one of {sorted(BACKBONE_ARCHS)}.")
-        for name in ("cache_size", "image_size", "local_size", "head_hidden", "head_bottleneck", "prototypes",
-                     "batch_size", "img_per_place", "checkpoint_every", "log_every", "num_blocks", "val_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.num_workers < 0 or self.local_crops < 0:
-            raise ValueError("num_workers and local_crops must be >= 0")
-        p = 14  # checked again by BackboneConfig; named here for the message
-        for name in ("image_size", "local_size"):
-            if getattr(self, name) % p:
-                v = getattr(self, name)
-                raise ValueError(f"{name}={v} is not a multiple of the patch size {p}; use {max(p, v // p * p)} or {(v // p + 1) * p}.")
-        for name in ("global_scale", "local_scale", "mask_ratio", "supervised_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a range (lo, hi) with 0 < lo <= hi <= 1.")
-        for name in ("teacher_temp_warmup_fraction", "warmup_fraction", "mask_probability", "center_momentum"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.momentum <= self.momentum_end <= 1:
-            raise ValueError(f"need 0 <= momentum ({self.momentum}) <= momentum_end ({self.momentum_end}) <= 1.")
-        for name in ("student_temp", "teacher_temp", "teacher_temp_warmup", "lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if min(self.min_lr, self.weight_decay, self.weight_decay_end, self.clip_grad, self.ibot_weight, self.koleo_weight) < 0:
-            raise ValueError("min_lr, weight decays, clip_grad and loss weights must be >= 0")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, or None to fit them to max_minutes; got {self.steps}")
-        if self.steps is None and self.max_minutes is None:
-            raise ValueError("steps=None fits the schedule to a time budget: give max_minutes too (or give steps).")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
-        if self.stop_at_step is not None and self.stop_at_step < 0:
-            raise ValueError(f"stop_at_step must be >= 0 (or None), got {self.stop_at_step}")
-        if self.objective == "supervised":
-            if self.img_per_place < 2:
-                raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
-            if self.batch_size % self.img_per_place:
-                raise ValueError(
-                    f"batch_size={self.batch_size} must be a multiple of img_per_place (K) = {self.img_per_place} "
-                    f"(a step holds P = batch_size / K places); use e.g. {self.batch_size // self.img_per_place * self.img_per_place or self.img_per_place}."
-                )
-        elif self.batch_size < 2 and self.koleo_weight > 0:
-            raise ValueError("KoLeo needs at least 2 images per step: raise batch_size or set koleo_weight=0.")
-        self.backbone_config()  # validates arch / num_blocks / image_size together
-
-    def backbone_config(self) -> BackboneConfig:
-        """The backbone trained and exported."""
-        return BackboneConfig(arch=self.arch, num_blocks=self.num_blocks, pretrain_img_size=self.image_size)
-
-    @property
-    def places_per_batch(self) -> int:  # P (supervised)
-        return self.batch_size // self.img_per_place
-
-    def replace(self, **changes: Any) -> "PretrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # --------------------------------------------------------------------------------------------
@@ -796,7 +601,7 @@ def machine_info(device: torch.device, amp: bool, world_size: int = 1) -> dict[s
     except OSError:
         pass
     info = {"device": device.type, "cpu": cpu, "cpu_count": os.cpu_count(), "precision": describe(device, amp),
-            "torch": torch.__version__, "world_size": world_size}
+            "torch": str(torch.__version__), "world_size": world_size}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -812,10 +617,14 @@ def _param_groups(module: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
+def _run_dir(config: PretrainConfig) -> Path:
+    return Path(config.run_dir or Path("runs") / f"pretrain-{config.objective}")
+
+
 def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
     """Check the run folder; True when there is a ``last.pt`` to resume from."""
     if not config.resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if holds_files(run_dir):
             raise FileExistsError(
                 f"run folder {str(run_dir)!r} already holds a run; refusing to overwrite it. Pass resume=True "
                 f"(--resume) to continue it, or choose another run_dir (or delete the folder)."
@@ -1037,14 +846,15 @@ class _Run:
         _set_rng_state(ckpt["rng"])
 
 
-def read_pretrain_checkpoint(path: PathLike) -> dict[str, Any]:
-    """A pretraining checkpoint (``last.pt``) as a dict, its format checked."""
+def read_pretrain_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """A pretraining checkpoint (``last.pt``) as a dict, its format checked. It is read with
+    ``weights_only=True``; ``trust_checkpoint=True`` also loads pickled objects (runs code from it)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"pretraining checkpoint {str(path)!r} does not exist; pass a run folder or its last.pt.")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, "pretraining checkpoint", trust=trust_checkpoint)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a pretraining checkpoint (written by scicevpr.pretrain).")
     if obj.get("version", 0) > CHECKPOINT_VERSION:
@@ -1058,14 +868,15 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     device = _resolve_device(config)
     ddp = _setup_distributed(device)
     try:
-        return _pretrain(config, device, ddp, t_start)
+        with lock_run_dir(_run_dir(config)) if ddp.main else contextlib.nullcontext():
+            return _pretrain(config, device, ddp, t_start)
     finally:
         if ddp.created:
             dist.destroy_process_group()
 
 
 def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start: float) -> PretrainResult:
-    run_dir = Path(config.run_dir or Path("runs") / f"pretrain-{config.objective}")
+    run_dir = _run_dir(config)
     resuming = _check_resume(run_dir, config)
     if ddp.enabled:
         dist.barrier()
@@ -1271,7 +1082,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "wall_s": round(sum(s["wall_s"] for s in sessions), 1),
         "machines": [s["machine"] for s in sessions],
         "sessions": [{k: s[k] for k in ("start_step", "end_step", "wall_s")} for s in sessions],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "config": ckpt["config"],
     }
     tmp = out.parent / f".{out.stem}.json.tmp"

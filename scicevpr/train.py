@@ -15,7 +15,9 @@
 Both stages: Adam, lr 1e-4, StepLR halving every 3 epochs stepped per iteration
 (``step_size = 3 * iterations_per_epoch``); a run folder with ``config.json``, ``log.csv``,
 ``last.pt`` and ``best.pt`` (see :mod:`scicevpr.checkpoint`); ``resume=True`` continues from
-``last.pt`` and gives the same weights as an uninterrupted run.
+``last.pt`` and gives the same weights as an uninterrupted run. A run holds its folder's lock
+(:func:`scicevpr.files.lock_run_dir`) while it runs: a second training into the same folder is
+refused.
 
 Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank loads P/N places of every
 global batch and runs the backbone (and everything per image) on them. The per-image outputs
@@ -36,15 +38,15 @@ ready-to-evaluate model from a checkpoint alone.
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -67,20 +69,18 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import CricaVPRConfig, ModelConfig, get_config
+from .config import STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
+from .files import holds_files, load_torch_file, lock_run_dir
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, resolve_amp
 from .protocol import (
     OFFICIAL_CITIES,
-    OFFICIAL_GROUP_SIZES,
-    check_group_size,
-    check_protocol,
     num_groups,
     teacher_checkpoint_name,
     utm_dtype,
@@ -90,170 +90,14 @@ PathLike = str | os.PathLike
 
 STAGES = ("teacher", "student")
 PAPER_EPOCHS = {"teacher": 10, "student": 1}
-STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")
 RECALL_VALUES = (1, 5, 10, 100)
 # TrainConfig fields that may differ when a run is resumed (they do not change the result).
-RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device")
+RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "trust_checkpoint")
 
 
 # --------------------------------------------------------------------------------------------
 # Configuration and result
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Defaults: the paper's (PAPER.md, "Training").
-
-    Model:
-        model: stage-1 model class: ``"SuperCricaVPR"`` (the teacher, default), ``"CricaVPR"``
-            (the baseline) or ``"SciceVPR"`` (trained alone with ``L_MS``: an ablation).
-            Stage 2 always trains a SciceVPR built from the teacher.
-        preset: ModelConfig preset (``"SciceVPR-B"`` / ``"-L"`` / ``"-S"``, ``"CricaVPR"``,
-            ``"CricaVPR-S"``); None means ``"CricaVPR"`` for that model, else ``"SciceVPR-B"``.
-            Stage 2 takes the teacher's architecture and ignores it.
-        model_overrides: ModelConfig fields to replace, e.g. ``{"image_size": 112}``.
-        weights: DINOv2 weights: a path, ``"auto"`` or None (random, reproducible from ``seed``).
-    Data:
-        gsv_root: GSV-Cities folder (``Dataframes/``, ``Images/``); None: ``$SCICEVPR_DATA/gsv_cities``.
-        cities: city names, or None for all.
-        places_per_batch: P (72). Under DDP the global batch; each of N ranks loads P / N places.
-        img_per_place: K (4).
-        randaugment_ops: RandAugment operations per training image (3); 0 turns augmentation off.
-        num_workers: DataLoader workers (per rank).
-    Optimisation:
-        lr: Adam learning rate (1e-4).
-        lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``
-            epochs, stepped per iteration (step size ``lr_step_epochs * iterations_per_epoch``).
-        epochs: None means the paper's: 10 for stage 1, 1 for stage 2.
-        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch.
-        loss: ``L_MS`` and ``L_T`` hyper-parameters (gamma = eta = 1).
-    Validation:
-        val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``;
-            ``val_dataset=None`` turns validation off (no ``best.pt``).
-        val_every: validate every this many epochs (and after the last one).
-        eval_batch_size: images per batch in validation (16, the official protocol).
-    Run:
-        run_dir: the run folder; None means ``runs/teacher`` or ``runs/student``.
-        resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
-        seed: seeds initialisation, data order, augmentation and dropout.
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
-            on a CPU only where bf16 is native), False: fp32. ``protocol="official"``: fp32.
-        teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
-            authors' format (then ``preset`` must describe it); or stage 1's run folder, whose
-            ``best.pt`` is taken (``last.pt`` under ``protocol="official"``, as the authors' default
-            ``--crica_path .../last_model.pth``).
-        store_backbone: save the frozen backbone in every checkpoint even when it can be
-            rebuilt from its weight file or seed.
-        progress: tqdm bars.
-    Protocol (:mod:`scicevpr.protocol`):
-        protocol: ``"default"`` or ``"official"``: the authors' training order (cities in their
-            list order, places shuffled once, the same order every epoch, the last partial batch
-            kept; see :class:`PlaceBatchSampler`), fp32, the group sizes below, the teacher's
-            ``last.pt``, their evaluation transform and float32 UTMs in validation.
-        encoder_group_size: stage 1: the cross-image encoder attends within groups of this many
-            images of each global batch (as ``nn.DataParallel`` splits it); None: the whole
-            batch, or 144 (of 288) under ``"official"``.
-        target_group_size: stage 2: the same for the teacher computing the distillation targets;
-            None: the whole batch, or 72 under ``"official"``.
-        val_group_size: validation batches likewise; None: the whole batch, or 8 (of 16) under
-            ``"official"``. The official sizes are inferred from the GPUs the authors' scripts
-            make visible (``CUDA_VISIBLE_DEVICES``: 2 in stage 1, 4 in stage 2).
-    """
-
-    model: str = "SuperCricaVPR"
-    preset: str | None = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = "auto"
-    gsv_root: str | None = None
-    cities: tuple[str, ...] | None = None
-    places_per_batch: int = 72  # P
-    img_per_place: int = 4  # K
-    randaugment_ops: int = 3
-    num_workers: int = 4
-    lr: float = 1e-4
-    lr_step_epochs: int = 3
-    lr_gamma: float = 0.5
-    epochs: int | None = None
-    max_iters_per_epoch: int | None = None
-    loss: LossConfig = field(default_factory=LossConfig)
-    val_root: str | None = None
-    val_dataset: str | None = "pitts30k"
-    val_split: str = "val"
-    val_every: int = 1
-    eval_batch_size: int = 16
-    run_dir: str | None = None
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None
-    teacher: str | None = None
-    store_backbone: bool = False
-    progress: bool = True
-    protocol: str = "default"
-    encoder_group_size: int | None = None
-    target_group_size: int | None = None
-    val_group_size: int | None = None
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol, "TrainConfig.protocol")
-        for name in ("encoder_group_size", "target_group_size", "val_group_size"):
-            check_group_size(getattr(self, name), name)
-        if self.protocol == "official" and self.amp:
-            raise ValueError("protocol='official' trains in fp32, as the authors do; amp=True contradicts it. "
-                             "Leave amp unset, or use protocol='default'.")
-        if self.model not in STAGE1_MODELS:
-            raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
-        for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.img_per_place < 2:
-            raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1 (or None for the paper's), got {self.epochs}")
-        if self.max_iters_per_epoch is not None and self.max_iters_per_epoch < 1:
-            raise ValueError(f"max_iters_per_epoch must be >= 1 or None, got {self.max_iters_per_epoch}")
-        if isinstance(self.loss, dict):
-            object.__setattr__(self, "loss", LossConfig(**self.loss))
-        if self.cities is not None:
-            object.__setattr__(self, "cities", tuple(self.cities))
-
-    def group_size(self, which: str) -> int | None:
-        """Images the cross-image encoder attends across: ``which`` is ``"train"`` (stage 1),
-        ``"targets"`` (stage 2's teacher) or ``"validation"``; None means the whole batch."""
-        value = {"train": self.encoder_group_size, "targets": self.target_group_size,
-                 "validation": self.val_group_size}[which]
-        if value is None and self.protocol == "official":
-            return OFFICIAL_GROUP_SIZES[which]
-        return value
-
-    def use_amp(self) -> bool | None:
-        """``amp`` for :func:`scicevpr.precision.resolve_amp`: False (fp32) under the official protocol."""
-        return False if self.protocol == "official" else self.amp
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def model_config(self) -> ModelConfig:
-        """The stage-1 ModelConfig (preset + overrides)."""
-        preset = self.preset or ("CricaVPR" if self.model == "CricaVPR" else "SciceVPR-B")
-        cfg = get_config(preset, **self.model_overrides)
-        if (self.model == "CricaVPR") != isinstance(cfg, CricaVPRConfig):
-            raise ValueError(
-                f"model={self.model!r} does not fit preset {preset!r}: CricaVPR takes the 'CricaVPR' / "
-                f"'CricaVPR-S' presets, SuperCricaVPR and SciceVPR the 'SciceVPR-*' ones."
-            )
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (``config.json``)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -268,6 +112,8 @@ class RunResult:
         run_dir, best_path, last_path: the run folder and its checkpoints.
         best_epoch, best_recalls: the epoch (1-based) and Recall@N of ``best.pt``.
         iterations_per_epoch: iterations in one epoch.
+        num_dropped_places: training places left out for having fewer than K images.
+        num_skipped_images: corrupt training and validation images left out (``skip_corrupt``).
     """
 
     model: VPRModel
@@ -279,6 +125,8 @@ class RunResult:
     best_recalls: dict[int, float] | None = None
     teacher: VPRModel | None = None
     iterations_per_epoch: int = 0
+    num_dropped_places: int = 0
+    num_skipped_images: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,7 +458,7 @@ def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> Sup
             f"teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
             f"(train_teacher / `scicevpr train-teacher`) and pass its best.pt, or the authors' checkpoint."
         )
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, "teacher checkpoint", trust=config.trust_checkpoint)
     if is_native_checkpoint(obj):
         teacher = model_from_checkpoint(obj, where=f"teacher checkpoint {str(path)!r}", expected="SuperCricaVPR")
     else:
@@ -641,10 +489,14 @@ LOG_COLUMNS = ("epoch", "iteration", "loss", "loss_ms", "loss_d", "lr", "images_
 ) + ("best",)
 
 
+def _run_dir(config: TrainConfig, stage: str) -> Path:
+    return Path(config.run_dir or Path("runs") / stage)
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
     """Check the run folder; returns True when there is a ``last.pt`` to resume from."""
     if not config.resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if holds_files(run_dir):
             raise FileExistsError(
                 f"run folder {str(run_dir)!r} already holds a run; refusing to overwrite it. Pass "
                 f"resume=True (command line: --resume) to continue it, or choose another run_dir "
@@ -657,8 +509,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
         if old.get("stage") != stage:
             raise ValueError(f"run folder {str(run_dir)!r} holds a {old.get('stage')} run, not a {stage} run.")
         now = config.to_dict()
-        diff = {k: (old["train"].get(k), now[k]) for k in now
-                if k not in RESUMABLE_CHANGES and old["train"].get(k) != now[k]}
+        then = {**_FIELD_DEFAULTS, **old["train"]}  # a field added since the run started: its default
+        diff = {k: (then.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and then.get(k) != now[k]}
         if diff:
             lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise ValueError(
@@ -666,6 +518,9 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
                 f"run's configuration (its config.json) or start a new run_dir."
             )
     return (run_dir / "last.pt").is_file()
+
+
+_FIELD_DEFAULTS = TrainConfig().to_dict()
 
 
 def _write_config(run_dir: Path, config: TrainConfig, stage: str, model: VPRModel, extra: dict) -> None:
@@ -698,16 +553,23 @@ def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_rng_state(),
         "python": random.getstate(),
     }
+
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's global RNG state in plain types (a checkpoint holds no NumPy objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
@@ -774,14 +636,15 @@ def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.dev
     device = _resolve_device(config)
     ddp = _setup_distributed(device)
     try:
-        return _fit(stage, config, build, device, ddp)
+        with lock_run_dir(_run_dir(config, stage)) if ddp.main else contextlib.nullcontext():
+            return _fit(stage, config, build, device, ddp)
     finally:
         if ddp.created:
             dist.destroy_process_group()
 
 
 def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dist) -> RunResult:
-    run_dir = Path(config.run_dir or Path("runs") / stage)
+    run_dir = _run_dir(config, stage)
     resuming = _prepare_run_dir(run_dir, config, stage)
     if ddp.enabled:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
@@ -793,7 +656,8 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     model = st.model.to(device)
     dataset = GSVCitiesDataset(config.gsv_root, cities=training_cities(config), img_per_place=config.img_per_place,
                                image_size=model.image_size, seed=config.seed,
-                               transform=train_transform(model.image_size, config.randaugment_ops))
+                               transform=train_transform(model.image_size, config.randaugment_ops),
+                               drop_small_places=config.drop_small_places, skip_corrupt=config.skip_corrupt)
     sampler = PlaceBatchSampler(len(dataset), config.places_per_batch, config.seed, ddp.rank, ddp.world_size,
                                 config.max_iters_per_epoch, order=config.protocol,
                                 place_cities=dataset.place_ids // CITY_ID_STRIDE)
@@ -803,12 +667,15 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     val_split = None
     if config.val_dataset is not None and ddp.main:
         val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split,
-                                  utm_dtype=utm_dtype(config.protocol, type(model).__name__))
+                                  utm_dtype=utm_dtype(config.protocol, type(model).__name__),
+                                  skip_corrupt=config.skip_corrupt)
+    data_report = {"num_dropped_places": dataset.num_dropped_places,
+                   "num_skipped_images": len(dataset.skipped) + (len(val_split.skipped) if val_split is not None else 0)}
 
     start_epoch, iteration, best = 0, 0, {"r5": -math.inf, "epoch": None, "recalls": None}
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resuming:
-        ckpt = read_checkpoint(last_path)
+        ckpt = read_checkpoint(last_path, config.trust_checkpoint)
         if ckpt["model_class"] != type(model).__name__:
             raise ValueError(f"{str(last_path)!r} holds a {ckpt['model_class']}, this run trains a {type(model).__name__}.")
         tr = ckpt["training"]
@@ -827,7 +694,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = {"world_size": ddp.world_size, "iterations_per_epoch": ipe, "epochs": epochs,
-                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device)}
+                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device), **data_report}
         _write_config(run_dir, config, stage, model, extra)
 
     step = st.step
@@ -897,7 +764,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     return RunResult(
         model=model.eval(), history=history, run_dir=run_dir, last_path=last_path,
         best_path=best_path if has_best else None, best_epoch=best["epoch"],
-        best_recalls=best["recalls"], teacher=st.teacher, iterations_per_epoch=ipe,
+        best_recalls=best["recalls"], teacher=st.teacher, iterations_per_epoch=ipe, **data_report,
     )
 
 

@@ -129,8 +129,20 @@ def test_weights_of_another_architecture_fail_clearly(tmp_path):
     src = _random_small_backbone()
     path = tmp_path / "small.pth"
     torch.save(src.state_dict(), path)
-    with pytest.raises(RuntimeError, match="not a DINOv2 vitb14 state dict"):
+    with pytest.raises(ValueError, match=r"not a DINOv2 vitb14 state dict.*of another shape") as e:
         bb.build_backbone(BackboneConfig(arch="vitb14"), weights=path)
+    assert len(str(e.value)) < 600 and "\n" not in str(e.value)  # a summary, not every key
+
+
+def test_a_file_that_is_not_a_state_dict_fails_clearly(tmp_path):
+    path = tmp_path / "foreign.pth"
+    torch.save({"a": torch.zeros(3), "b": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match=r"2 unexpected key\(s\), e.g. a, b") as e:
+        bb.build_backbone(BackboneConfig(arch="vits14"), weights=path)
+    assert len(str(e.value)) < 600
+    torch.save({"model_state": {"a": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="does not hold a state dict of tensors.*load_model"):
+        bb.build_backbone(BackboneConfig(arch="vits14"), weights=path)
 
 
 def test_auto_finds_file_in_env_folder(tmp_path, monkeypatch):

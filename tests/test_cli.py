@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+import scicevpr
 from scicevpr.cli import build_parser, main, parse_model_overrides
 
-COMMANDS = ("synth", "train-teacher", "train-student", "eval", "stability", "extract", "demo")
+COMMANDS = ("synth", "train-teacher", "train-student", "pretrain-backbone", "eval", "stability", "extract", "search", "index",
+            "demo")
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--preset", "SciceVPR-S", "--weights", "none", "--set", "image_size=56", "mix_dim=64", "encoder_heads=4",
+         "encoder_ffn=128"]
 
 
 def test_every_command_has_help(capsys):
@@ -37,7 +46,7 @@ def test_options_default_to_the_paper_and_parse_types():
     assert vars(args)["TrainConfig.epochs"] is None and vars(args)["TrainConfig.resume"] is True
     assert "TrainConfig.places_per_batch" not in vars(args)  # unchanged -> the dataclass default (72)
     assert parse_model_overrides(["image_size=112", "layers=8,9"]) == {"image_size": 112, "layers": (8, 9)}
-    with pytest.raises(SystemExit, match="unknown model field 'imagesize'"):
+    with pytest.raises(ValueError, match="unknown model field 'imagesize'"):
         parse_model_overrides(["imagesize=112"])
 
 
@@ -77,6 +86,236 @@ def test_synth_train_distil_eval_stability_extract(tmp_path, capsys):
                  "--num-workers", "0", "--quiet"]) == 0
     assert np.load(tmp_path / "q.npy").shape[1] == 14 * 384
     assert (tmp_path / "q.txt").read_text().count("\n") == np.load(tmp_path / "q.npy").shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# --help answers at once
+# --------------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_help_imports_neither_torch_nor_the_training_code():
+    code = ("import sys\nfrom scicevpr.cli import main\n"
+            f"for cmd in {list(COMMANDS)!r}:\n"
+            "    try:\n        main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
+            "    heavy = sorted(m for m in ('torch', 'scicevpr.train', 'scicevpr.pretrain', 'scicevpr.evaluate') if m in sys.modules)\n"
+            "    assert not heavy, (cmd, heavy)\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cmd", ["train-teacher", "eval"])
+def test_help_answers_in_under_two_seconds(cmd):
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "scicevpr.cli", cmd, "--help"], capture_output=True, text=True, env=_env())
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 0 and f"usage: scicevpr {cmd}" in done.stdout
+    assert elapsed < 2.0, f"scicevpr {cmd} --help took {elapsed:.1f} s"
+
+
+# --------------------------------------------------------------------------------------------
+# Every fault: one message naming the file or folder and the fix, status 2, no traceback
+# --------------------------------------------------------------------------------------------
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run the command; check that a failure is one error line without a traceback."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Original Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == (1 if code else 0), err
+    return code, out, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model fails the test: paths must be checked before (it takes seconds)."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the paths were checked")
+
+    monkeypatch.setattr(scicevpr.models.VPRModel, "__init__", built)
+
+
+@pytest.fixture
+def vg_copy(tiny_benchmark, tmp_path):
+    shutil.copytree(tiny_benchmark.vg_root, tmp_path / "vg")
+    return tmp_path / "vg"
+
+
+@pytest.fixture
+def gsv_copy(tiny_benchmark, tmp_path):
+    shutil.copytree(tiny_benchmark.gsv_root, tmp_path / "gsv")
+    return tmp_path / "gsv"
+
+
+def _queries(vg_root: Path) -> list[Path]:
+    return sorted((vg_root / "synthetic" / "images" / "test" / "queries").glob("*.jpg"))
+
+
+def test_an_existing_run_folder_without_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("epoch\n1\n")
+    code, _, err = run_cli(["train-teacher", "--run-dir", str(run), "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err and str(run) in err
+
+
+def test_a_run_folder_in_use_by_another_training(tmp_path, capsys):
+    from scicevpr.files import lock_run_dir
+
+    run = tmp_path / "run"
+    with lock_run_dir(run):
+        code, _, err = run_cli(["train-teacher", "--run-dir", str(run), "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "is in use by another training" in err and str(run) in err
+
+
+def test_a_read_only_run_folder(tmp_path, capsys, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "run")):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    code, _, err = run_cli(["train-teacher", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "cannot write to run folder" in err and "Read-only file system" in err and "--run-dir" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("epoch\n1\n")
+    argv = ["train-teacher", "--run-dir", str(run), "--device", "cpu", "--quiet"]
+    with pytest.raises(FileExistsError):
+        main(["--debug", *argv])
+    monkeypatch.setenv("SCICEVPR_DEBUG", "1")
+    with pytest.raises(FileExistsError):
+        main(argv)
+
+
+def test_a_corrupt_image_read_by_dataloader_workers_then_skipped(vg_copy, capsys):
+    bad = _queries(vg_copy)[2]
+    bad.write_bytes(bad.read_bytes()[:200])
+    argv = ["eval", *SMALL, "--vg-root", str(vg_copy), "--dataset", "synthetic", "--num-workers", "2", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and f"cannot decode image {str(bad)!r}" in err and "--skip-corrupt" in err
+    assert "DataLoader worker" not in err and len(err.strip().splitlines()) <= 3  # (plus the random-weights warning)
+    code, out, err = run_cli([*argv, "--skip-corrupt"], capsys)
+    assert code == 0 and "R@1" in out
+    assert "skipped 1 of" in err and bad.name in err
+
+
+def test_an_image_above_the_decompression_bomb_limit(vg_copy, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # the tiny images have 128 x 128 = 16,384 pixels
+    argv = ["eval", *SMALL, "--vg-root", str(vg_copy), "--dataset", "synthetic", "--num-workers", "0", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "is too large to decode safely" in err and "--skip-corrupt" in err
+
+
+def test_a_gsv_csv_in_another_encoding(gsv_copy, vg_copy, tmp_path, capsys):
+    csv = sorted((gsv_copy / "Dataframes").glob("*.csv"))[0]
+    csv.write_bytes(csv.read_text().encode("utf-16"))
+    argv = ["train-teacher", *SMALL, "--gsv-root", str(gsv_copy), "--val-dataset", "none", "--run-dir",
+            str(tmp_path / "run"), "--device", "cpu", "--num-workers", "0", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and f"{str(csv)!r} is not UTF-8 text" in err and "iconv" in err
+
+
+def test_small_places_kept_out_or_refused_and_corrupt_images_skipped(gsv_copy, tmp_path, capsys):
+    counts = pd.concat([pd.read_csv(p) for p in (gsv_copy / "Dataframes").glob("*.csv")])
+    counts = counts.groupby(["city_id", "place_id"]).size()
+    small = int((counts < 5).sum())
+    assert 0 < small and (counts >= 5).sum() >= 3
+    argv = ["train-teacher", *SMALL, "--gsv-root", str(gsv_copy), "--val-dataset", "none", "--img-per-place", "5",
+            "--places-per-batch", "2", "--epochs", "1", "--max-iters-per-epoch", "1", "--device", "cpu",
+            "--num-workers", "0", "--quiet"]
+    code, _, err = run_cli([*argv, "--run-dir", str(tmp_path / "refuse"), "--no-drop-small-places"], capsys)
+    assert code == 2 and "img_per_place (K) = 5 are required" in err and "--drop-small-places" in err
+    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "drop")], capsys)
+    assert code == 0 and f"data: {small} place(s) with fewer than K = 5 images dropped, 0 corrupt image(s) skipped" in out
+    assert f"dropped {small} of" in err
+    bad = sorted((gsv_copy / "Images").rglob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "skip"), "--skip-corrupt"], capsys)
+    assert code == 0 and "1 corrupt image(s) skipped" in out and "skipped 1 of" in err
+
+
+def test_a_truncated_or_missing_official_checkpoint_before_any_model(vg_copy, tmp_path, capsys, no_model):
+    common = ["eval", "--preset", "SciceVPR-S", "--vg-root", str(vg_copy), "--dataset", "synthetic", "--quiet"]
+    code, _, err = run_cli([*common, "--official", str(tmp_path / "missing.pth")], capsys)
+    assert code == 2 and "missing.pth' does not exist" in err
+    torch.save({"model_state_dict": {"a": torch.zeros(1000)}}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli([*common, "--official", str(tmp_path / "cut.pth")], capsys)
+    assert code == 2 and "cut.pth' cannot be read as a PyTorch file" in err and "truncated" in err
+
+
+def test_a_checkpoint_with_pickled_objects_needs_trust(vg_copy, tmp_path, capsys):
+    from scicevpr.checkpoint import build_model as build, checkpoint_dict
+
+    model = build("SciceVPR", scicevpr.get_config("SciceVPR-S", image_size=56, mix_dim=64, encoder_heads=4,
+                                                   encoder_ffn=128), weights=None)
+    torch.save(checkpoint_dict(model, meta={"when": pd.Timestamp("2024-01-01")}), tmp_path / "pickled.pt")
+    common = ["extract", "--checkpoint", str(tmp_path / "pickled.pt"), "--images", str(_queries(vg_copy)[0].parent),
+              "--out", str(tmp_path / "d.npy"), "--num-workers", "0", "--quiet"]
+    code, _, err = run_cli(common, capsys)
+    assert code == 2 and "holds pickled Python objects" in err and "--trust-checkpoint" in err
+    code, out, _ = run_cli([*common, "--trust-checkpoint"], capsys)
+    assert code == 0 and (tmp_path / "d.npy").is_file()
+
+
+def test_weights_that_are_not_dinov2_are_summarised(vg_copy, tmp_path, capsys):
+    torch.save({f"layer{i}.weight": torch.zeros(2) for i in range(500)}, tmp_path / "foreign.pth")
+    argv = ["eval", "--preset", "SciceVPR-S", "--weights", str(tmp_path / "foreign.pth"), "--vg-root", str(vg_copy),
+            "--dataset", "synthetic", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "is not a DINOv2 vits14 state dict" in err and len(err) < 800
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--vg-root", "{tmp}/nowhere", "--dataset", "synthetic"], "nowhere"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--pca-dim", "8"], "--pca-dim needs --pca-images"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--pca-dim", "8", "--pca-images", "{tmp}/nowhere"],
+     "--pca-images '.*nowhere' does not exist"),
+    (["stability", "--vg-root", "{vg}", "--dataset", "pitts30k"], "pitts30k"),
+    (["extract", "--images", "{tmp}/nowhere", "--out", "{tmp}/d.npy"], "--images '.*nowhere' does not exist"),
+    (["search", "--database", "{tmp}/nowhere", "--queries", "{tmp}/empty"], "--database '.*nowhere' does not exist"),
+    (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "no .jpg files under --images"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--weights", "{tmp}/dinov2.pth"], "dinov2.pth does not exist"),
+])
+def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_path, capsys, no_model):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path, vg=vg_copy) for a in argv]
+    code, _, err = run_cli([*argv, "--preset", "SciceVPR-S", "--quiet"], capsys)
+    assert code == 2 and re.search(match, err), err
+
+
+# --------------------------------------------------------------------------------------------
+# Installing
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_cpu_only_install_is_documented_and_wired():
+    readme = (ROOT / "README.md").read_text()
+    assert "about 6 GB" in readme
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    cpu = "https://download.pytorch.org/whl/cpu"
+    lines = subprocess.run(["make", "-n", "-B", ".venv/.installed", f"TORCH_INDEX={cpu}"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    first_cpu = next(i for i, line in enumerate(lines) if f"pip install torch torchvision --index-url {cpu}" in line)
+    assert first_cpu < next(i for i, line in enumerate(lines) if "pip install -e" in line)
 
 
 def test_demo_strips_widget_state_so_an_unchanged_notebook_stays_unchanged(tmp_path):

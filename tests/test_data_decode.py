@@ -92,3 +92,16 @@ def test_not_an_image_and_missing_file(tmp_path):
         decode_jpeg_batch([junk], 16, device="cpu")
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         decode_jpeg_batch([tmp_path / "missing.jpg"], 16, device="cpu")
+
+
+def test_an_image_above_the_decompression_bomb_limit_is_named(tmp_path, make_jpeg, monkeypatch):
+    """A 210-megapixel file behaves as this 64 x 48 one does under a 1,000-pixel limit."""
+    from PIL import Image
+
+    from scicevpr.data.decode import is_decodable, load_rgb
+
+    path = make_jpeg(tmp_path / "huge.jpg", size=(64, 48))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses above twice the limit
+    with pytest.raises(CorruptImageError, match=r"huge.jpg' is too large to decode safely.*--skip-corrupt"):
+        load_rgb(path)
+    assert not is_decodable(path)  # so skip_corrupt=True leaves it out

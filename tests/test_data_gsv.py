@@ -8,6 +8,9 @@ from torch.utils.data import DataLoader
 from scicevpr.data.decode import CorruptImageError
 from scicevpr.data.gsv import GSV_COLUMNS, GSVCitiesDataset, gsv_image_name
 
+# The fixture has a place with fewer than K = 4 images; the warning is tested once, below.
+pytestmark = pytest.mark.filterwarnings("ignore:dropped .* places:UserWarning")
+
 
 def _make_city(root, city, counts, make_jpeg, seed=0):
     """Write Dataframes/<city>.csv and the images; counts[place_id] = number of images."""
@@ -122,3 +125,41 @@ def test_corrupt_image_named(gsv_root):
         path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptImageError, match="Boston_0000000"):
         ds[0]
+
+
+def test_dropped_small_places_are_counted_and_reported(gsv_root):
+    with pytest.warns(UserWarning, match=r"dropped 1 of 5 places .* fewer than img_per_place \(K\) = 4 images"):
+        ds = GSVCitiesDataset(gsv_root, img_per_place=4)
+    assert ds.num_dropped_places == 1 and ds.skipped == []
+
+
+def test_skip_corrupt_leaves_out_images_before_places_are_counted(gsv_root):
+    victim = sorted((gsv_root / "Images" / "Boston").glob("Boston_0000000_*"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"skipped 1 of 22 images"):
+        ds = GSVCitiesDataset(gsv_root, img_per_place=4, skip_corrupt=True)
+    assert ds.skipped == [victim] and victim not in set(ds.dataframe["path"])
+    assert ds.num_dropped_places == 2  # London place 2, and Boston place 0 now that it has 3 images
+    assert ds.place_ids.tolist() == [7, 100_000, 100_001]
+
+
+@pytest.mark.parametrize("encoding,match", [
+    ("utf-16", r"Boston.csv' is not UTF-8 text .*it looks like UTF-16.*iconv -f UTF-16 -t UTF-8"),
+    ("latin-1", r"Boston.csv' is not UTF-8 text .*iconv -f LATIN1 -t UTF-8"),
+])
+def test_a_csv_in_another_encoding_is_named_with_the_fix(gsv_root, encoding, match):
+    csv = gsv_root / "Dataframes" / "Boston.csv"
+    text = csv.read_text().replace("p_7-0_x", "p_7-0_\u00e9")
+    csv.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=match):
+        GSVCitiesDataset(gsv_root)
+
+
+def test_an_empty_csv_is_named_and_a_byte_order_mark_is_read(gsv_root):
+    csv = gsv_root / "Dataframes" / "Boston.csv"
+    text = csv.read_text()
+    csv.write_bytes(text.encode("utf-8-sig"))  # as spreadsheet programs save "CSV UTF-8"
+    assert len(GSVCitiesDataset(gsv_root)) == 4
+    csv.write_text("")
+    with pytest.raises(ValueError, match=r"Boston.csv' is empty.*header line"):
+        GSVCitiesDataset(gsv_root)

@@ -72,3 +72,17 @@ def test_hub_refuses_a_checkpoint_of_another_model(tmp_path):
         hub("super_cricavpr_b", checkpoint=str(teacher))
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         hub("scicevpr_s", checkpoint=str(tmp_path / "nowhere.pt"))
+
+
+def test_hub_refuses_a_checkpoint_carrying_a_pickled_object_unless_trusted(tmp_path):
+    from fractions import Fraction
+
+    from scicevpr.files import UntrustedFileError
+
+    trained = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=3, **SMALL)
+    path = tmp_path / "authors.pth"
+    torch.save({"model_state_dict": trained.official_state_dict(), "best_r5": Fraction(157, 2)}, path)
+    with pytest.raises(UntrustedFileError, match=r"fractions.Fraction.*trust_checkpoint=True"):
+        hub("scicevpr_s", checkpoint=str(path), **SMALL)
+    assert hub("scicevpr_s", checkpoint=str(path), trust_checkpoint=True, **SMALL).descriptor_dim == trained.descriptor_dim
+

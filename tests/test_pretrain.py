@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +174,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_benchmark, t
     # resuming a finished run changes nothing
     again = pretrain(tiny_config(tiny_benchmark, tmp_path / "resumed", **common, resume=True))
     assert again.step == 6 and len(again.history) == 6
+
+
+def test_pretraining_checkpoints_hold_only_tensors_and_plain_types(dino_run):
+    config, _ = dino_run
+    ckpt = torch.load(Path(config.run_dir) / "last.pt", weights_only=True)  # no allowlist needed
+    assert ckpt["step"] == 16 and isinstance(ckpt["rng"]["numpy"][1], list)
+
+
+def test_a_run_folder_in_use_is_refused(tiny_benchmark, tmp_path):
+    from scicevpr.files import RunDirInUseError, lock_run_dir
+
+    with lock_run_dir(tmp_path / "run"):
+        with pytest.raises(RunDirInUseError, match="in use by another training"):
+            pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2))
 
 
 def test_an_existing_run_is_not_overwritten_and_resume_needs_the_same_config(tiny_benchmark, tmp_path):

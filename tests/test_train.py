@@ -18,6 +18,7 @@ from scicevpr import checkpoint as ckpt_mod
 from scicevpr.checkpoint import build_model, load_model, read_checkpoint, save_checkpoint
 from scicevpr.data.gsv import GSVCitiesDataset
 from scicevpr.data.synthetic import generate
+from scicevpr.files import RunDirInUseError, lock_run_dir
 from scicevpr.train import (
     PlaceBatchSampler,
     TrainConfig,
@@ -233,11 +234,20 @@ def test_checkpoint_with_a_stored_backbone_and_a_fingerprint_check(tmp_path):
         assert torch.equal(v, again.state_dict()[k]), k
     # a random backbone that can no longer be reproduced is an error, not another model
     save_checkpoint(tmp_path / "seeded.pt", model)
-    ck = torch.load(tmp_path / "seeded.pt", weights_only=False)
+    ck = torch.load(tmp_path / "seeded.pt", weights_only=True)
     ck["backbone"]["seed"] = 6
     torch.save(ck, tmp_path / "tampered.pt")
     with pytest.raises(ValueError, match="fingerprint"):
         load_model(tmp_path / "tampered.pt")
+
+
+def test_native_checkpoints_hold_only_tensors_and_plain_types(teacher_run):
+    """So that they load with weights_only=True and nothing allowed beyond torch's defaults."""
+    _, result = teacher_run
+    for path in (result.last_path, result.best_path):
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["format"] == "scicevpr-checkpoint" and isinstance(ckpt["meta"]["torch"], str)
+    assert isinstance(torch.load(result.last_path, weights_only=True)["training"]["rng"]["numpy"][1], list)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -302,6 +312,27 @@ def test_an_existing_run_folder_is_not_overwritten(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="resume=True"):
         train_teacher(quick_config(tiny, run))
     assert (run / "log.csv").read_text() == "epoch\n1\n"
+
+
+def test_a_run_folder_in_use_is_refused_before_anything_is_written(tiny, tmp_path):
+    run = tmp_path / "run"
+    with lock_run_dir(run):  # another training holds it
+        with pytest.raises(RunDirInUseError, match=r"run folder '.*run' is in use by another training"):
+            train_teacher(quick_config(tiny, run))
+        assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+def test_resume_accepts_a_run_recorded_before_a_field_was_added(tiny, tmp_path):
+    from scicevpr.train import _prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = quick_config(tiny, run, val_dataset=None)
+    then = {k: v for k, v in config.to_dict().items() if k not in ("drop_small_places", "skip_corrupt", "trust_checkpoint")}
+    (run / "config.json").write_text(json.dumps({"stage": "teacher", "train": then}))
+    assert _prepare_run_dir(run, config.replace(resume=True), "teacher") is False  # nothing to resume, no refusal
+    with pytest.raises(ValueError, match="drop_small_places: True then, False now"):
+        _prepare_run_dir(run, config.replace(resume=True, drop_small_places=False), "teacher")
 
 
 def test_resume_with_another_configuration_is_refused(tiny, tmp_path):

@@ -65,7 +65,7 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path):
         outs[name] = out
 
     # the first step: the same global loss and gradients
-    a, b = torch.load(outs["one"] / "grads.pt"), torch.load(outs["two"] / "grads.pt")
+    a, b = (torch.load(outs[k] / "grads.pt", weights_only=True) for k in ("one", "two"))
     assert torch.allclose(a["loss"], b["loss"], rtol=1e-5)
     assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 0
     for k, g in a["grads"].items():

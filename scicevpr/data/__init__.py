@@ -4,31 +4,21 @@ benchmark in both layouts, and the shared transforms / JPEG decoding paths.
 Real datasets are found under ``$SCICEVPR_DATA`` (or a root passed explicitly); see data/README.md.
 """
 
-from .decode import (
-    CorruptImageError,
-    JpegBytesDataset,
-    collate_jpeg_bytes,
-    decode_jpeg_batch,
-    decode_jpeg_bytes,
-)
-from .gsv import GSV_COLUMNS, GSVCitiesDataset, gsv_image_name
-from .paths import DATA_ENV, data_root
-from .synthetic import PRESETS as SYNTHETIC_PRESETS
-from .synthetic import (
-    SyntheticBenchmark,
-    SyntheticPreset,
-    default_synthetic_dir,
-    generate,
-    pixel_baseline_recall,
-)
-from .transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    eval_transform,
-    normalize_uint8_batch,
-    train_transform,
-)
-from .vg import ImageFileDataset, VGSplit, load_vg_split, parse_utm
+from .._lazy import lazy_attributes as _lazy_attributes
+
+_EXPORTS = {
+    "decode": ("CorruptImageError", "JpegBytesDataset", "collate_jpeg_bytes", "decode_jpeg_batch", "decode_jpeg_bytes"),
+    "gsv": ("GSV_COLUMNS", "GSVCitiesDataset", "gsv_image_name"),
+    "paths": ("DATA_ENV", "data_root"),
+    "synthetic": ("SyntheticBenchmark", "SyntheticPreset", "default_synthetic_dir", "generate", "pixel_baseline_recall"),
+    "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "normalize_uint8_batch", "train_transform"),
+    "vg": ("ImageFileDataset", "VGSplit", "load_vg_split", "parse_utm"),
+}
+# Loaded on first use, so that ``scicevpr.data.synthetic`` (the ``synth`` command) does not import torch.
+__getattr__ = _lazy_attributes(__name__, {
+    "SYNTHETIC_PRESETS": ("synthetic", "PRESETS"),
+    **{name: (module, name) for module, names in _EXPORTS.items() for name in names},
+}, globals())
 
 __all__ = [
     "DATA_ENV",
@@ -57,3 +47,7 @@ __all__ = [
     "pixel_baseline_recall",
     "train_transform",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

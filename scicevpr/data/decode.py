@@ -37,32 +37,44 @@ class CorruptImageError(ValueError):
 def corrupt_image_message(path: PathLike, reason: object) -> str:
     return (
         f"cannot decode image {str(path)!r} ({reason}). The file is corrupt or truncated: "
-        "download it again or delete it; to go on without it pass skip_corrupt=True "
-        "(the skipped files are then counted and reported)."
+        "download it again or delete it; to go on without it pass skip_corrupt=True (command line: "
+        "--skip-corrupt; the skipped files are then counted and reported)."
+    )
+
+
+def too_large_message(path: PathLike, reason: object) -> str:
+    return (
+        f"image {str(path)!r} is too large to decode safely ({reason}). Street-view images have a few "
+        "megapixels: resize the file (e.g. to 2048 px on its long side) or delete it; to go on without it "
+        "pass skip_corrupt=True (command line: --skip-corrupt)."
     )
 
 
 def load_rgb(path: PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; raise ``CorruptImageError`` naming the file if it fails."""
+    """Open and fully decode an image as RGB; raise ``CorruptImageError`` naming the file if it fails
+    (corrupt, truncated, or above PIL's decompression-bomb limit)."""
     try:
         with Image.open(path) as im:
             im.load()  # force the full decode here, so truncation is caught now
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image file {str(path)!r} does not exist (was the dataset moved?)") from e
+    except Image.DecompressionBombError as e:
+        raise CorruptImageError(too_large_message(path, e)) from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise CorruptImageError(corrupt_image_message(path, e)) from e
 
 
 def is_decodable(path: PathLike) -> bool:
     """True when the whole image decodes. JPEGs are decoded at 1/8 scale (DCT scaling), which still
-    reads every entropy-coded byte, so truncation and corruption are caught at a fraction of the cost."""
+    reads every entropy-coded byte, so truncation and corruption are caught at a fraction of the cost.
+    An image above PIL's decompression-bomb limit counts as not decodable."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
         return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
 

@@ -7,8 +7,11 @@ Layout::
 
 ``lat`` and ``lon`` appear in file names as Python writes the floats (``str(float)``), as in the
 dataset's own loader. Place ids are made unique across cities as the official loader does
-(``place_id + city_index * 10**5``). Places with fewer than K images are dropped (or, with
-``drop_small_places=False``, reported as an error). Each item is K images of one place, so
+(``place_id + city_index * 10**5``). Places with fewer than K images are dropped, counted and
+reported in a warning (or, with ``drop_small_places=False``, are an error). With
+``skip_corrupt=True`` images that do not decode are left out first (counted and reported too).
+CSV files are read as UTF-8 (a byte-order mark is allowed); another encoding is an error that
+names the file. Each item is K images of one place, so
 ``DataLoader(ds, batch_size=P)`` yields ``(P, K, 3, S, S)`` images and ``(P, K)`` place ids.
 
 Extra CSV columns are allowed and kept (the synthetic benchmark adds ``condition`` and others).
@@ -17,6 +20,7 @@ Extra CSV columns are allowed and kept (the synthetic benchmark adds ``condition
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +30,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .decode import load_rgb
+from .decode import find_corrupt_images, load_rgb, warn_skipped
 from .paths import DATA_ENV, data_root
 from .transforms import train_transform
 
@@ -69,7 +73,24 @@ def _read_city(root: Path, city: str) -> pd.DataFrame:
         )
     # Floats are parsed to the nearest double, so str(lat) usually rebuilds the file name; names that
     # write lat/lon differently are matched on the other fields (see _resolve_files).
-    df = pd.read_csv(csv, dtype={"panoid": str, "city_id": str}, keep_default_na=False)
+    try:
+        df = pd.read_csv(csv, dtype={"panoid": str, "city_id": str}, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = e.object[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise ValueError(
+            f"GSV-Cities dataframe {str(csv)!r} is not UTF-8 text (byte {e.start}: {e.reason}"
+            f"{'; it looks like UTF-16' if utf16 else ''}). Save it as UTF-8, e.g. "
+            f"`iconv -f {'UTF-16' if utf16 else 'LATIN1'} -t UTF-8 {csv.name} > fixed.csv`."
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"GSV-Cities dataframe {str(csv)!r} is empty. It needs a header line with {list(GSV_COLUMNS)} and "
+            "one row per image; restore the file from the dataset, or remove it to leave the city out."
+        ) from None
+    except pd.errors.ParserError as e:
+        raise ValueError(
+            f"GSV-Cities dataframe {str(csv)!r} is not a valid CSV file ({str(e).strip()}); restore it from the dataset."
+        ) from None
     missing = [c for c in GSV_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(
@@ -130,8 +151,12 @@ class GSVCitiesDataset(Dataset):
         transform: PIL -> tensor; default ``train_transform(image_size)`` (RandAugment, 3 ops).
         seed: with ``set_epoch``, fixes which K images are drawn and the augmentations, so that
             training is repeatable and resumable whatever the number of workers.
-        drop_small_places: True (official): places with fewer than K images are dropped.
-            False: such a place is an error naming it.
+        drop_small_places: True (official): places with fewer than K images are dropped,
+            counted in ``num_dropped_places`` and reported in a warning. False: such a place is
+            an error naming it.
+        skip_corrupt: False: a corrupt image raises when it is loaded. True: every image is
+            test-decoded now; the ones that fail are left out (before places are counted), listed
+            in ``.skipped`` and reported in a warning.
     """
 
     def __init__(
@@ -143,6 +168,7 @@ class GSVCitiesDataset(Dataset):
         transform: Callable | None = None,
         seed: int = 0,
         drop_small_places: bool = True,
+        skip_corrupt: bool = False,
     ):
         root = Path(root) if root is not None else data_root() / "gsv_cities"
         if img_per_place < 1:
@@ -178,6 +204,14 @@ class GSVCitiesDataset(Dataset):
             df["place_id"] = df["city_place_id"] + i * CITY_ID_STRIDE  # unique across cities
             frames.append(df)
         df = pd.concat(frames, ignore_index=True)
+        self.skipped: list[Path] = []
+        if skip_corrupt:
+            bad = set(find_corrupt_images(df["path"].tolist()))
+            if bad:
+                keep = ~df["path"].isin(bad)
+                self.skipped = df.loc[~keep, "path"].tolist()
+                warn_skipped(self.skipped, len(df), str(root))
+                df = df[keep].reset_index(drop=True)
         counts = df.groupby("place_id")["place_id"].transform("size")
         small = df[counts < self.img_per_place]
         if len(small) and not drop_small_places:
@@ -186,9 +220,16 @@ class GSVCitiesDataset(Dataset):
             raise ValueError(
                 f"place {int(first['city_place_id'])} of city {first['city_id']!r} has {n} image(s) but "
                 f"img_per_place (K) = {self.img_per_place} are required ({small['place_id'].nunique()} such places). "
-                "Lower img_per_place, or pass drop_small_places=True to drop them as the official loader does."
+                "Lower img_per_place, or pass drop_small_places=True (command line: --drop-small-places) to drop "
+                "them as the official loader does."
             )
         self.num_dropped_places = int(small["place_id"].nunique())
+        if self.num_dropped_places:
+            warnings.warn(
+                f"dropped {self.num_dropped_places} of {df['place_id'].nunique()} places in {str(root)!r} that have "
+                f"fewer than img_per_place (K) = {self.img_per_place} images (drop_small_places=False refuses them).",
+                stacklevel=2,
+            )
         df = df[counts >= self.img_per_place]
         if len(df) == 0:
             raise ValueError(

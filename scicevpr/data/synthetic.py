@@ -40,10 +40,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..files import exclusive_lock
 from . import render as R
-from .gsv import gsv_image_name
 from .paths import data_root
-from .vg import format_vg_name
 
 FORMAT_VERSION = 1  # bump whenever the rendered pixels or the layout change: old outputs are then not reused
 DATASET_NAME = "synthetic"
@@ -241,6 +240,10 @@ def _street_rng(seed: int, code: int, *ids: int) -> np.random.Generator:
 
 def build_plan(preset: SyntheticPreset, seed: int):
     """World (streets) and the list of images to render, with their metadata."""
+    # Imported here, not at the top: .gsv and .vg import torch, which `scicevpr synth --help` does not need.
+    from .gsv import gsv_image_name
+    from .vg import format_vg_name
+
     world_rng = np.random.default_rng([seed, 0])
     styles = R.make_styles(world_rng, preset.num_styles)
     templates = R.make_templates(world_rng, styles, preset.num_templates)
@@ -472,18 +475,9 @@ def _exclusive(root: Path):
     rewrite each other's files. The operating system releases the lock when its process dies, so
     an interrupted generation never leaves it stuck. Without ``fcntl`` (Windows) nothing is locked.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS
-        yield
-        return
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(root.parent / f".{root.name}.lock", wait=True):
+        yield
 
 
 def _generate(root: Path, preset: SyntheticPreset, seed: int, splits: tuple[str, ...], progress: bool, force: bool,

@@ -1,0 +1,191 @@
+"""Files and folders that scicevpr reads and writes: PyTorch files loaded safely, run folders
+claimed by one process at a time.
+
+**Loading.** :func:`load_torch_file` is the one place where a ``.pt`` / ``.pth`` file is read
+(native checkpoints, the authors' checkpoints, DINOv2 weights, pretraining runs). It calls
+``torch.load(..., weights_only=True)``: the file may hold tensors, plain Python data (dict, list,
+tuple, str, int, float, bool, None) and NumPy arrays and scalars (the authors' training scripts
+store their recalls as NumPy values); nothing in it can run code while it is read. A file that
+holds other pickled objects is refused with :class:`UntrustedFileError` unless the caller opts in
+with ``trust=True`` (``trust_checkpoint=True``, command line ``--trust-checkpoint``), which only
+makes sense for a file from a source you trust. A missing, truncated or foreign file is an error
+that names it.
+
+**Run folders.** :func:`lock_run_dir` holds an exclusive ``flock`` on ``<run_dir>/.lock`` while
+a training writes there, so that a second training into the same folder is refused instead of
+interleaving its log and checkpoints with the first. The kernel releases the lock when the
+process ends, however it ends (a killed process leaves nothing stuck; forked DataLoader workers
+share the lock and exit with their parent). :func:`exclusive_lock` is the lock itself; the
+synthetic benchmark's generator waits on it, where a training refuses at once.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: run folders are then not locked
+    fcntl = None
+
+PathLike = str | os.PathLike
+
+LOCK_NAME = ".lock"
+"""The lock file inside a run folder (ignored when deciding whether the folder holds a run)."""
+
+TRUST_HINT = "pass trust_checkpoint=True (command line: --trust-checkpoint)"
+
+
+class UntrustedFileError(ValueError):
+    """A PyTorch file that holds pickled Python objects beyond tensors and plain data."""
+
+
+class RunDirInUseError(OSError):
+    """A run folder that another process is training into."""
+
+
+def _numpy_data_globals() -> list:
+    """The NumPy functions and types that rebuild arrays and scalars from their bytes, under the
+    names NumPy 2 (``numpy._core``) and NumPy 1 (``numpy.core``) write into pickles."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1
+        from numpy.core import multiarray
+    out: list = [np.ndarray, np.dtype]
+    for fn in (multiarray._reconstruct, multiarray.scalar):
+        out += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}"), (fn, f"numpy._core.multiarray.{fn.__name__}")]
+    out += [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"]  # dtype classes (NumPy >= 1.25)
+    return out
+
+
+def _safe_globals() -> list:
+    from torch.torch_version import TorchVersion  # a str subclass (older checkpoints store torch.__version__)
+
+    return _numpy_data_globals() + [TorchVersion]
+
+
+def load_torch_file(path: PathLike, what: str = "file", trust: bool = False, opt_in: str | None = TRUST_HINT) -> Any:
+    """``torch.load`` of ``path`` on the CPU, safely (see the module docstring).
+
+    Args:
+        path: the ``.pt`` / ``.pth`` file.
+        what: what the file is, for messages (``"checkpoint"``, ``"DINOv2 weight file"``).
+        trust: load with ``weights_only=False``: pickled objects are rebuilt, which runs code
+            from the file. Only for files from a source you trust.
+        opt_in: how the caller can pass ``trust``, named in the refusal; None when it cannot.
+    Raises:
+        FileNotFoundError: no such file.
+        UntrustedFileError: the file holds pickled objects and ``trust`` is False.
+        ValueError: the file is truncated, damaged or not a PyTorch file.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} {str(path)!r} {problem}.")
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # a reference to a class or function
+        if not trust and found:
+            how = f"If you trust where the file came from, {opt_in}." if opt_in else "Use a file that holds weights only."
+            raise UntrustedFileError(
+                f"{what} {str(path)!r} holds pickled Python objects ({found.group(1)}), not only tensors and plain "
+                f"data; loading it would run code from the file, so it is refused. {how}"
+            ) from None
+        raise _unreadable(path, what, e) from None
+    except OSError:
+        raise  # e.g. permission denied: its message names the file
+    except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: zip, pickle, EOF, index errors)
+        raise _unreadable(path, what, e) from None
+
+
+def _unreadable(path: Path, what: str, error: BaseException) -> ValueError:
+    text = str(error).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # torch's own words, after its preamble
+    reason = detail.group(1) if detail else (text.splitlines()[0] if text else type(error).__name__)
+    return ValueError(
+        f"{what} {str(path)!r} cannot be read as a PyTorch file ({reason[:160]}): it is truncated, damaged or "
+        f"not a .pt/.pth file. Download or copy it again."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders
+# --------------------------------------------------------------------------------------------
+
+
+def unwritable_folder(folder: Path, error: OSError, what: str = "run folder", option: str = "run_dir (--run-dir)") -> OSError:
+    """The error for a folder that cannot be created or written to."""
+    return OSError(
+        f"cannot write to {what} {str(folder)!r} ({error.strerror or error}). Choose a writable folder with "
+        f"{option}, or make this one writable."
+    )
+
+
+def holds_files(folder: Path) -> bool:
+    """True when ``folder`` exists and holds anything but its lock file."""
+    return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike, wait: bool = True) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; yields
+    its file descriptor. ``wait=False``: ``BlockingIOError`` at once when another process holds
+    it. The kernel releases the lock when the process ends. Without ``fcntl`` (Windows) nothing
+    is locked."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: PathLike) -> Iterator[Path]:
+    """Create ``run_dir`` if needed and hold its lock (``<run_dir>/.lock``) for the ``with`` block.
+
+    Raises ``RunDirInUseError`` at once when another process holds it, and an ``OSError`` naming
+    the folder when it cannot be created or written to. A folder created here that is still empty
+    at the end (a run that failed at once) is removed again.
+    """
+    run_dir = Path(run_dir)
+    lock = run_dir / LOCK_NAME
+    created = not run_dir.exists()
+    with contextlib.ExitStack() as stack:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = stack.enter_context(exclusive_lock(lock, wait=False))
+        except BlockingIOError:
+            holder = lock.read_text(errors="replace").strip()
+            raise RunDirInUseError(
+                f"run folder {str(run_dir)!r} is in use by another training"
+                f"{f' (process {holder})' if holder.isdigit() else ''}. Wait for it to finish, or choose "
+                f"another run_dir (--run-dir). A training that was killed releases its folder by itself."
+            ) from None
+        except OSError as e:
+            raise unwritable_folder(run_dir, e) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield run_dir
+        finally:
+            if created and not holds_files(run_dir):  # a run that failed before writing anything
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                    run_dir.rmdir()
