@@ -39,7 +39,7 @@ Zhou et al. 2022, "iBOT"; Oquab et al. 2023, "DINOv2"):
 The teacher is exported: DINO's teacher is the better model throughout training (Caron et al.
 2021, Sec. 5.2) and it is the one the DINO and DINOv2 releases hold.
 
-``objective="supervised"`` -- the issue's fallback: the same backbone trained with ``L_MS``
+``objective="supervised"`` -- a fallback: the same backbone trained with ``L_MS``
 (:class:`~scicevpr.losses.MultiSimilarityLoss`) on P x K place batches of a GSV-Cities-layout
 folder (:class:`~scicevpr.data.gsv.GSVCitiesDataset` and :class:`~scicevpr.train.PlaceBatchSampler`),
 a descriptor being the L2-normalised mean (or GeM, or CLS) of the last block's tokens after the
