@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BackboneConfig
+from .data.paths import WEIGHTS_ENV
 
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{hub_name}/{hub_name}_pretrain.pth"
-WEIGHTS_ENV = "SCICEVPR_WEIGHTS"
 PACKAGE_WEIGHTS_DIR = Path(__file__).parent / "weights"  # compact backbones shipped with scicevpr
 MANIFEST_FORMAT = "scicevpr-backbone"  # the "format" entry of a weight file's manifest
 

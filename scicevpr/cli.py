@@ -521,12 +521,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def repo_root() -> Path:
-    here = Path.cwd()
-    for d in (here, *here.parents):
-        if (d / "pyproject.toml").is_file() and (d / "notebooks").is_dir():
-            return d
-    raise FileNotFoundError(f"{str(here)!r} is not inside the scicevpr repository (no notebooks/ beside a pyproject.toml); "
-                            "run `scicevpr demo` from the repository's folder.")
+    """The repository holding the notebooks (``scicevpr demo`` runs them)."""
+    from .data.paths import find_repo_root
+
+    root = find_repo_root()
+    if not (root / "notebooks").is_dir():
+        raise FileNotFoundError(f"{str(root)!r} has no notebooks/ folder; run `scicevpr demo` from a clone of "
+                                "the scicevpr repository.")
+    return root
 
 
 def demo_environment() -> dict[str, str]:

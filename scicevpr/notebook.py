@@ -49,7 +49,6 @@ builds the objects from it (:meth:`NotebookSettings.build`, :meth:`~NotebookSett
 from __future__ import annotations
 
 import os
-import random
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .data.paths import DATA_ENV, WEIGHTS_ENV, find_repo_root
 from .precision import autocast, cpu_kernels_pinned, cpu_kind, resolve_amp
 
 MODE_ENV = "SCICEVPR_MODE"
@@ -67,8 +67,6 @@ PRESET_ENV = "SCICEVPR_PRESET"
 DATASET_ENV = "SCICEVPR_DATASET"
 THREADS_ENV = "SCICEVPR_THREADS"
 SEED_ENV = "SCICEVPR_SEED"
-DATA_ENV = "SCICEVPR_DATA"
-WEIGHTS_ENV = "SCICEVPR_WEIGHTS"
 VAL_DATASET_ENV = "SCICEVPR_VAL_DATASET"
 EPOCHS_ENV = "SCICEVPR_EPOCHS"
 MAX_ITERS_ENV = "SCICEVPR_MAX_ITERS"
@@ -79,30 +77,6 @@ FULL_PRESETS = ("SciceVPR-B", "SciceVPR-L")
 
 RANDOM_BACKBONE_LABEL = "random DINOv2 backbone (offline)"
 RANDOM_FULL_LABEL = "random DINOv2 backbone (full mode)"
-
-
-def find_repo_root(start: str | os.PathLike | None = None) -> Path:
-    """The scicevpr repository: the first folder holding a ``pyproject.toml`` that names the
-    project, walking up from ``start`` (default: the working directory), else the folder above
-    the installed package. Notebooks run with the working directory ``notebooks/`` under
-    Jupyter and nbval, and the repository root under other runners: both resolve here."""
-    here = Path(start or Path.cwd()).resolve()
-    candidates = [here, *here.parents, Path(__file__).resolve().parents[1]]
-    for d in candidates:
-        py = d / "pyproject.toml"
-        if py.is_file() and 'name = "scicevpr"' in py.read_text(errors="ignore"):
-            return d
-    raise FileNotFoundError(
-        f"no scicevpr repository above {str(here)!r} (a folder with the project's pyproject.toml). "
-        "Start Jupyter inside the repository (`make lab`)."
-    )
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global random generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -506,6 +480,8 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
             train_overrides=train_overrides,
         )
     torch.set_num_threads(settings.threads)
+    from .train import seed_everything
+
     seed_everything(seed)
     from .backbone import RandomWeightsWarning
     from . import viz

@@ -573,7 +573,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -651,7 +652,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
     epochs = config.epochs or PAPER_EPOCHS[stage]
     amp = resolve_amp(device, config.use_amp())
 
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     st = build(config, device)
     model = st.model.to(device)
     dataset = GSVCitiesDataset(config.gsv_root, cities=training_cities(config), img_per_place=config.img_per_place,

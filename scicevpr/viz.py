@@ -102,7 +102,7 @@ def missing_labels(fig: plt.Figure) -> list[str]:
 
 def figures_dir() -> Path:
     """``<repository>/figures`` (created on demand)."""
-    from .notebook import find_repo_root
+    from .data.paths import find_repo_root
 
     return find_repo_root() / "figures"
 

@@ -23,7 +23,7 @@ from scicevpr.train import (
     PlaceBatchSampler,
     TrainConfig,
     _build_teacher_stage,
-    _seed_everything,
+    seed_everything,
     _setup_distributed,
     _train_loader,
     train_teacher,
@@ -33,7 +33,7 @@ from scicevpr.train import (
 def first_step_gradients(config: TrainConfig, out: Path) -> None:
     device = torch.device("cpu")
     ddp = _setup_distributed(device)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     st = _build_teacher_stage(config, device)
     data = GSVCitiesDataset(config.gsv_root, img_per_place=config.img_per_place,
                             image_size=st.model.image_size, seed=config.seed)
