@@ -104,7 +104,16 @@ from .files import holds_files, load_torch_file, lock_run_dir
 from .losses import LossConfig, MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
-from .train import PlaceBatchSampler, _Dist, _rng_state, _resolve_device, _set_rng_state, _setup_distributed, gather_batch
+from .train import (
+    PlaceBatchSampler,
+    _Dist,
+    _rng_state,
+    _resolve_device,
+    _set_rng_state,
+    _setup_distributed,
+    gather_batch,
+    refuse_config_changes,
+)
 
 PathLike = str | os.PathLike
 
@@ -633,16 +642,8 @@ def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
     saved = run_dir / "config.json"
     if saved.is_file():
         old = json.loads(saved.read_text())["pretrain"]
-        now = config.to_dict()
-        diff = {k: (old.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and old.get(k) != now[k]}
-        if diff.get("steps", (0, 0))[1] is None:
-            diff.pop("steps")  # None: keep the recorded schedule
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(
-                f"cannot resume {str(run_dir)!r} with another configuration ({lines}). Resume with the run's "
-                f"configuration (its config.json) or start a new run_dir."
-            )
+        # steps=None keeps the recorded schedule
+        refuse_config_changes(run_dir, old, config.to_dict(), RESUMABLE_CHANGES, keep_when_none=("steps",))
     return (run_dir / "last.pt").is_file()
 
 

@@ -508,16 +508,24 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
         old = json.loads(saved.read_text())
         if old.get("stage") != stage:
             raise ValueError(f"run folder {str(run_dir)!r} holds a {old.get('stage')} run, not a {stage} run.")
-        now = config.to_dict()
         then = {**_FIELD_DEFAULTS, **old["train"]}  # a field added since the run started: its default
-        diff = {k: (then.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and then.get(k) != now[k]}
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(
-                f"cannot resume {str(run_dir)!r} with another configuration ({lines}). Resume with the "
-                f"run's configuration (its config.json) or start a new run_dir."
-            )
+        refuse_config_changes(run_dir, then, config.to_dict(), RESUMABLE_CHANGES)
     return (run_dir / "last.pt").is_file()
+
+
+def refuse_config_changes(run_dir: Path, then: dict[str, Any], now: dict[str, Any], resumable: tuple[str, ...],
+                          keep_when_none: tuple[str, ...] = ()) -> None:
+    """Refuse to resume ``run_dir`` when a field of its recorded configuration ``then`` differs
+    from ``now``, except the ``resumable`` fields (they do not change the result) and the
+    ``keep_when_none`` fields left at None now (None keeps the recorded value)."""
+    diff = {k: (then.get(k), v) for k, v in now.items()
+            if k not in resumable and then.get(k) != v and not (k in keep_when_none and v is None)}
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"cannot resume {str(run_dir)!r} with another configuration ({lines}). Resume with the "
+            f"run's configuration (its config.json) or start a new run_dir."
+        )
 
 
 _FIELD_DEFAULTS = TrainConfig().to_dict()
