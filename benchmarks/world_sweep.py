@@ -51,9 +51,8 @@ def main(name: str, changes: dict, weights: str | None) -> None:
     ec = EvalConfig(num_workers=0, progress=False, amp=False)
     teacher = train_teacher(offline_train_config(bench.gsv_root, bench.vg_root, runs / "teacher", weights=weights,
                                                  model_overrides=overrides, progress=False, resume=True))
-    for label, model in (("teacher", teacher.model),):
-        r = evaluate(model, split, ec)
-        print(name, label, show(r.recalls), {k: tuple(round(x, 1) for x in v) for k, v in r.intervals().items()})
+    r = evaluate(teacher.model, split, ec)
+    print(name, "teacher", show(r.recalls), {k: tuple(round(x, 1) for x in v) for k, v in r.intervals().items()})
     student = train_student(offline_train_config(bench.gsv_root, bench.vg_root, runs / "student", stage="student",
                                                  teacher=teacher.best_path, weights=weights, model_overrides=overrides,
                                                  progress=False, resume=True))

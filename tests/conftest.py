@@ -33,3 +33,15 @@ def tiny_benchmark(tmp_path_factory):
     from scicevpr.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("synthetic") / "tiny", preset="tiny", seed=0, progress=False)
+
+
+@pytest.fixture
+def quiet_random_weights():
+    """Silence the random-backbone warning (``usefixtures`` it in modules that build many random models)."""
+    import warnings
+
+    from scicevpr.backbone import RandomWeightsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        yield

@@ -26,18 +26,12 @@ from scicevpr.train import DistillationStep, TrainConfig, train_student, train_t
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("quiet_random_weights"),
 ]
 
 DEVICE = "cuda"
 SIZE = 112  # an 8 x 8 patch grid
 SMALL_HEADS = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128, "layers": (0, 1, 2, 3)}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 @pytest.fixture(scope="module")

@@ -57,11 +57,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 @pytest.fixture(scope="module")
