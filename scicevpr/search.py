@@ -40,14 +40,16 @@ RECALLS_FILE = "recalls.csv"
 
 
 def list_images(folder: PathLike, role: str = "image") -> list[Path]:
-    """Every ``.jpg`` / ``.jpeg`` / ``.png`` file below ``folder`` (any case, any depth), sorted by
-    relative POSIX path. A missing folder or one without images raises, naming the folder."""
+    """Every ``.jpg`` / ``.jpeg`` / ``.png`` file below ``folder`` (any case, any depth;
+    dot-files skipped), sorted by relative POSIX path (:func:`scicevpr.data.vg.list_images`). A missing folder or one without images raises, naming the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{role} folder {str(folder)!r} does not exist. Pass a folder of .jpg/.png photos (subfolders allowed).")
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    paths = sorted((p for p in files if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.relative_to(folder).as_posix())
+    from .data.vg import list_images as vg_list_images  # torch-free import of this module (--help)
+
+    paths = vg_list_images(folder, IMAGE_SUFFIXES, ignore_case=True)
     if not paths:
+        files = [p for p in folder.rglob("*") if p.is_file()]
         others = sorted({p.suffix.lower() or "(no extension)" for p in files})
         found = f" it holds {len(files)} other files ({', '.join(others[:8])})" if files else " it is empty"
         raise ValueError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -180,14 +181,18 @@ def _hidden(path: Path, folder: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
-def list_images(folder: PathLike) -> list[Path]:
-    """Every ``*.jpg`` below ``folder``, in a deterministic order (sorted relative POSIX paths).
+def list_images(folder: PathLike, suffixes: Sequence[str] = (".jpg",), ignore_case: bool = False) -> list[Path]:
+    """Every file below ``folder`` whose extension is one of ``suffixes`` (default ``.jpg``, the
+    datasets' format; compared as ``glob`` does, case-sensitively, unless ``ignore_case``), in a
+    deterministic order (sorted relative POSIX paths).
 
     Dot-files and dot-folders are skipped, as the authors' ``glob("**/*.jpg")`` skips them: a
     split copied from macOS holds ``._@...@.jpg`` resource forks that are not images.
     """
     folder = Path(folder)
-    paths = [p for p in folder.rglob("*.jpg") if p.is_file() and not _hidden(p, folder)]
+    wanted = {x.lower() for x in suffixes} if ignore_case else set(suffixes)
+    paths = [p for p in folder.rglob("*")
+             if (p.suffix.lower() if ignore_case else p.suffix) in wanted and p.is_file() and not _hidden(p, folder)]
     return sorted(paths, key=lambda p: p.relative_to(folder).as_posix())
 
 
