@@ -17,6 +17,11 @@ export MKL_ENABLE_INSTRUCTIONS ?= AVX2
 export MKL_CBWR ?= AVX2
 endif
 
+# Matplotlib's font cache inside this checkout's venv: a cache shared by several checkouts can
+# name font files of a venv that no longer exists, and the fallback warnings then land in the
+# notebooks' outputs. Built once with the venv, so no notebook cell prints "building the font cache".
+export MPLCONFIGDIR := $(abspath $(VENV))/matplotlib
+
 # Where pip takes PyTorch from. Empty: PyPI, whose Linux wheels carry CUDA (about 6 GB in .venv).
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only wheels first (README, "Installing").
 TORCH_INDEX ?=
@@ -32,6 +37,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	# The official DINOv2 model code, used only by the parity tests (its pinned deps are not needed).
 	$(PY) -m pip install --no-deps dinov2==0.0.1.dev2
+	$(PY) -c "import matplotlib.font_manager"
 	touch $(STAMP)
 
 NBVAL := -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -q -p no:cacheprovider
