@@ -562,6 +562,9 @@ class PretrainConfig:
             (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
         cities: city names, or None for all.
         cache_size: side (pixels) at which every image is kept in memory; crops are cut from it.
+        init_weights: a backbone weight file to start from (e.g. a DINO run's export, fine-tuned
+            with ``objective="supervised"``); its manifest is checked and recorded in the export's.
+            None: a random initialisation.
     Backbone (``BackboneConfig(arch, num_blocks=num_blocks, pretrain_img_size=image_size)``):
         arch: the DINOv2 architecture whose widths are used (``"vits14"``: C = 384, 6 heads).
         num_blocks: transformer blocks (4: 7.4 M parameters, 15 MB in fp16).
@@ -619,6 +622,7 @@ class PretrainConfig:
     data: str | None = None
     cities: tuple[str, ...] | None = None
     cache_size: int = 160
+    init_weights: str | None = None
     arch: str = "vits14"
     num_blocks: int = 4
     image_size: int = 112

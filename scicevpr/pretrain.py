@@ -426,7 +426,7 @@ class _Student(nn.Module):
         self.objective = config.objective
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
-            self.backbone = DinoVisionTransformer(config.backbone_config(), weights=None)
+            self.backbone = DinoVisionTransformer(config.backbone_config(), weights=config.init_weights)
         C = self.backbone.embed_dim
         last = len(self.backbone.blocks) - 1
         self.last = last
@@ -1019,12 +1019,13 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def describe_backbone(config: BackboneConfig, objective: str) -> str:
+def describe_backbone(config: BackboneConfig, objective: str, init_objective: str | None = None) -> str:
     """The line every figure and table made with a pretrained backbone carries, e.g.
     "ViT-S/14, 4 blocks at 112 px, self-supervised (DINO + iBOT) on synthetic streets (not Meta's
-    DINOv2 weights)"."""
+    DINOv2 weights)". ``init_objective``: the objective of the weights the run started from."""
     arch = f"ViT-{config.arch[3].upper()}/{config.patch_size}"
-    how = "self-supervised (DINO + iBOT)" if objective == "dino" else "trained with L_MS on places"
+    names = {"dino": "self-supervised (DINO + iBOT)", "supervised": "trained with L_MS on places"}
+    how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]}"
     blocks = f"{config.depth} block{'s' if config.depth != 1 else ''}"
     return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
 
@@ -1063,9 +1064,16 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(state, out)
     sessions = ckpt["sessions"]
+    init = None
+    if cfg.init_weights is not None:  # the run started from another export: record which
+        init_manifest = json.loads(manifest_path(cfg.init_weights).read_text()) if manifest_path(cfg.init_weights).exists() else {}
+        init = {"file": Path(cfg.init_weights).name, "sha256": init_manifest.get("sha256"),
+                "objective": init_manifest.get("objective"), "description": init_manifest.get("description"),
+                "steps": init_manifest.get("steps"), "wall_s": init_manifest.get("wall_s"),
+                "machines": init_manifest.get("machines")}
     manifest = {
         "format": MANIFEST_FORMAT,
-        "description": describe_backbone(bb_config, cfg.objective),
+        "description": describe_backbone(bb_config, cfg.objective, init and init["objective"]),
         "file": out.name,
         "sha256": file_sha256(out),
         "bytes": out.stat().st_size,
@@ -1073,6 +1081,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "backbone": ckpt["backbone_config"],
         "parameters": int(sum(v.numel() for v in state.values())),
         "objective": cfg.objective,
+        "init": init,
         "model": which,
         "data": ckpt["data"],
         "steps": ckpt["step"],
