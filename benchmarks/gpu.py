@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import scicevpr  # noqa: E402
 from scicevpr.evaluate import EvalConfig, compute_descriptors, evaluate, per_image_function  # noqa: E402
 from scicevpr.losses import LossConfig  # noqa: E402
+from scicevpr.precision import autocast  # noqa: E402
 from scicevpr.train import DistillationStep  # noqa: E402
 
 warnings.filterwarnings("ignore", category=scicevpr.RandomWeightsWarning)
@@ -99,10 +100,8 @@ def descriptors_benchmark(args, device, rows):
 
     cfg = EvalConfig(batch_size=args.fast_batch, fast=True)
     features = per_image_function(model, cfg, device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16)
-
     def fast_forward(x):
-        with amp:
+        with autocast(device, True):
             return model.encode(features(x))
 
     x_fast = torch.randn(args.fast_batch, 3, args.image_size, args.image_size, device=device)
@@ -174,7 +173,7 @@ def distillation_benchmark(args, device, rows, loss_rows):
         return loss.detach()
 
     def fast_step(st, opt, x):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, True):
             loss, _ = st(x, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()

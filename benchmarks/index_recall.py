@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scicevpr.checkpoint import build_model
 from scicevpr.config import OFFLINE_BACKBONE, get_config
 from scicevpr.data.synthetic import generate
+from scicevpr.factory import create_model
 from scicevpr.evaluate import EvalConfig, compute_descriptors, recall_at_n
 from scicevpr.index import IndexConfig, make_faiss_index, measure_recall, search_index
 from scicevpr.search import list_images
@@ -44,7 +44,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = get_config("SciceVPR-S", backbone=OFFLINE_BACKBONE, layers=(0, 1, 2, 3), image_size=112)
-        model = build_model("SciceVPR", config, weights="auto", seed=0)
+        model = create_model("SciceVPR", config, weights="auto", seed=0)
     cfg = EvalConfig(num_workers=2)
     db = compute_descriptors(model, database, cfg, desc="database")
     q = compute_descriptors(model, split.query_paths, cfg, desc="queries")

@@ -3,8 +3,9 @@
 Quick start::
 
     import scicevpr
-    model = scicevpr.SciceVPR("SciceVPR-B", weights="auto")   # DINOv2 ViT-B/14, 10752-d
-    teacher = scicevpr.SuperCricaVPR("SciceVPR-S", weights=None)  # random backbone, CPU-sized
+    model = scicevpr.create_model("SciceVPR", "SciceVPR-B", weights="auto")  # DINOv2 ViT-B/14, 10752-d
+    teacher = scicevpr.create_model("SuperCricaVPR", "SciceVPR-S", weights=None)  # random backbone, CPU-sized
+    trained = scicevpr.load_model("runs/student/best.pt")  # any trained file (native or the authors')
 
 The configs are imported at once; the models and the rest load on first use, so that importing
 the package (and ``scicevpr --help``) does not import torch.
@@ -24,6 +25,7 @@ __getattr__ = _lazy_attributes(__name__, {
     "DinoVisionTransformer": ("backbone", "DinoVisionTransformer"),
     "RandomWeightsWarning": ("backbone", "RandomWeightsWarning"),
     "build_backbone": ("backbone", "build_backbone"),
+    "create_model": ("factory", "create_model"),
     "load_model": ("checkpoint", "load_model"),
     "CricaVPR": ("cricavpr", "CricaVPR"),
     "SciceVPR": ("models", "SciceVPR"),
@@ -42,6 +44,7 @@ __all__ = [
     "SuperCricaVPR",
     "VPRModel",
     "build_backbone",
+    "create_model",
     "get_config",
     "load_model",
 ]

@@ -26,12 +26,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from torch import nn
 
 from .config import BackboneConfig
 from .data.paths import WEIGHTS_ENV
+from .files import atomic_write, load_torch_file
 
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{hub_name}/{hub_name}_pretrain.pth"
 PACKAGE_WEIGHTS_DIR = Path(__file__).parent / "weights"  # compact backbones shipped with scicevpr
@@ -220,15 +220,26 @@ class DinoVisionTransformer(nn.Module):
     Args:
         config: which ViT and its patch / position-embedding settings.
         weights: a state-dict path, ``"auto"`` or ``None`` (random init; see module docstring).
+        seed: draw the random initialisation after ``torch.manual_seed(seed)`` (torch's global
+            RNG, which every ``nn.Module`` initialisation draws from), so that a checkpoint can
+            rebuild it from the seed alone; None draws from the RNG as it stands.
 
     Attributes:
         is_random_init: True when no pretrained weights were loaded. Every figure or table
             built on such a model must say so.
         weights_path: the file the weights came from, or None.
+        provenance: how these frozen weights can be had again, as a checkpoint records it
+            (:mod:`scicevpr.checkpoint`): ``{"source": "file", "path", "hub_name"}`` once a
+            weight file is loaded, ``{"source": "random", "seed"}`` for a seeded random
+            initialisation, ``{"source": "stored"}`` when only a copy of the weights can
+            rebuild them (an unseeded initialisation, weights loaded with a whole checkpoint:
+            :meth:`mark_stored`).
     """
 
-    def __init__(self, config: BackboneConfig, weights: str | os.PathLike | None = None) -> None:
+    def __init__(self, config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None) -> None:
         super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
         self.config = config
         C = config.embed_dim
         self.patch_size = config.patch_size
@@ -247,6 +258,8 @@ class DinoVisionTransformer(nn.Module):
         self._init_weights()
         self.is_random_init = True
         self.weights_path: Path | None = None
+        self.provenance: dict[str, Any] = {"source": "stored"} if seed is None else {"source": "random", "seed": int(seed)}
+        self._fingerprint: tuple[tuple, str] | None = None  # (stamp of the parameters hashed, digest)
         path = resolve_weights(weights, config)
         if path is None:
             warnings.warn(
@@ -273,8 +286,6 @@ class DinoVisionTransformer(nn.Module):
         """Load a DINOv2 state dict strictly (official names; fp16 or fp32), after checking it
         against the manifest beside it when there is one (:func:`check_manifest`). The file is
         read with ``weights_only=True``: a weight file holds tensors only."""
-        from .files import load_torch_file
-
         check_manifest(path, self.config)
         state = load_torch_file(path, "DINOv2 weight file", opt_in=None)
         expected = f"{self.config.hub_name}_pretrain.pth"
@@ -306,6 +317,34 @@ class DinoVisionTransformer(nn.Module):
         self.load_state_dict(state, strict=True)
         self.is_random_init = False
         self.weights_path = Path(path)
+        self.provenance = {"source": "file", "path": str(path), "hub_name": self.config.hub_name}
+
+    def mark_stored(self, random_init: bool = False) -> None:
+        """Record that the weights just loaded came with a whole checkpoint (an authors' one, or a
+        native one's ``backbone_state``): only a stored copy rebuilds them."""
+        self.is_random_init = bool(random_init)
+        self.weights_path = None
+        self.provenance = {"source": "stored"}
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the names (as in a model's state dict, ``backbone.*``) and bytes of the
+        frozen parameters, sorted by name; a checkpoint records it and checks it on load.
+
+        Cached until a parameter is replaced or modified in place (tensor version counters), so
+        that saving a checkpoint every epoch does not hash the backbone again.
+        """
+        frozen = sorted((f"backbone.{n}", p) for n, p in self.named_parameters() if not p.requires_grad)
+        stamp = tuple((k, p.data_ptr(), p._version) for k, p in frozen)
+        if self._fingerprint is not None and self._fingerprint[0] == stamp:
+            return self._fingerprint[1]
+        h = hashlib.sha256()
+        for k, p in frozen:
+            t = p.detach().to("cpu").contiguous()
+            h.update(k.encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._fingerprint = (stamp, h.hexdigest())
+        return self._fingerprint[1]
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -412,17 +451,9 @@ def _hub_checkpoint_dir() -> Path:
 
 
 def _download(url: str, dst: Path, timeout: float = 20.0) -> None:
-    """Download ``url`` to ``dst`` atomically (temp file + rename)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """Download ``url`` to ``dst`` atomically (:func:`scicevpr.files.atomic_write`)."""
     with urllib.request.urlopen(url, timeout=timeout) as r:
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                shutil.copyfileobj(r, f)
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(dst, lambda f: shutil.copyfileobj(r, f))
 
 
 def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -> Path | None:
@@ -480,8 +511,11 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
     return hub_dir / fname
 
 
-def build_backbone(config: BackboneConfig, weights: str | os.PathLike | None = None) -> DinoVisionTransformer:
-    """A frozen DINOv2 (all parameters ``requires_grad=False``)."""
-    model = DinoVisionTransformer(config, weights)
+def build_backbone(
+    config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None
+) -> DinoVisionTransformer:
+    """A frozen DINOv2 (all parameters ``requires_grad=False``); ``seed`` as in
+    :class:`DinoVisionTransformer`."""
+    model = DinoVisionTransformer(config, weights, seed)
     model.requires_grad_(False)
     return model

@@ -1,4 +1,5 @@
-"""Native scicevpr checkpoints: atomic saving, and :func:`load_model` from a file alone.
+"""Native scicevpr checkpoints, and the loading door: :func:`load_model` builds the model of any
+trained-model file, a native checkpoint or an authors' one.
 
 A checkpoint is one ``torch.save`` dict::
 
@@ -24,21 +25,25 @@ in training, so it is stored by reference when possible. ``backbone["source"]`` 
 - ``"stored"``: the parameters are in ``backbone_state`` (e.g. a backbone that came from an
   authors' full checkpoint, or ``store_backbone=True``).
 
-``fingerprint`` (SHA-256 of the frozen parameters) is checked on load: a different weight file
-or a changed random initialisation is an error, never silently another model.
+This record is the backbone's ``provenance``, set when its weights are loaded
+(:class:`scicevpr.backbone.DinoVisionTransformer`). ``fingerprint`` (SHA-256 of the frozen
+parameters, ``backbone.fingerprint``) is checked on load: a different weight file or a changed
+random initialisation is an error, never silently another model.
 
-Writes are atomic: a temporary file in the same folder, flushed to disk, then ``os.replace``,
-so a crash during a save leaves the previous file intact.
+Writes are atomic (:func:`scicevpr.files.save_torch_file`), so a crash during a save leaves the
+previous file intact. A checkpoint holds tensors and plain Python types only (no NumPy, no other
+objects), so it loads with ``torch.load(..., weights_only=True)``.
 
-A checkpoint holds tensors and plain Python types only (no NumPy, no other objects), so it loads
-with ``torch.load(..., weights_only=True)``; :func:`read_checkpoint` reads it that way
-(:func:`scicevpr.files.load_torch_file`).
+Loading: :func:`load_model` is the one door for a trained model, used by training (the stage-2
+teacher), the command line, ``torch.hub`` and the notebooks. :func:`scicevpr.files.read_model_file`
+reads the file and tells a native checkpoint (rebuilt from its own record, :func:`model_from_checkpoint`)
+from an authors' one (unwrapped, then loaded into :func:`scicevpr.create_model`'s model of the
+class and preset the caller names, with :meth:`~scicevpr.models.VPRModel.load_official`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -49,20 +54,15 @@ from torch import nn
 
 from .backbone import RandomWeightsWarning, resolve_weights
 from .config import BackboneConfig, CricaVPRConfig, ModelConfig
-from .cricavpr import CricaVPR
-from .files import load_torch_file
-from .models import SciceVPR, SuperCricaVPR, VPRModel
+from .factory import MODELS, create_model
+from .files import NATIVE_FORMAT, read_model_file, save_torch_file
+from .models import VPRModel
 
 PathLike = str | os.PathLike
 
-FORMAT = "scicevpr-checkpoint"
+FORMAT = NATIVE_FORMAT
 VERSION = 1
 
-MODEL_CLASSES: dict[str, type[VPRModel]] = {
-    "SuperCricaVPR": SuperCricaVPR,
-    "SciceVPR": SciceVPR,
-    "CricaVPR": CricaVPR,
-}
 _CONFIG_CLASSES: dict[str, type[ModelConfig]] = {"ModelConfig": ModelConfig, "CricaVPRConfig": CricaVPRConfig}
 
 
@@ -94,12 +94,6 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def model_class(name: str) -> type[VPRModel]:
-    if name not in MODEL_CLASSES:
-        raise ValueError(f"unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
-    return MODEL_CLASSES[name]
-
-
 def build_model(
     name: str,
     preset_or_config: str | ModelConfig,
@@ -107,52 +101,14 @@ def build_model(
     seed: int = 0,
     **overrides: Any,
 ) -> VPRModel:
-    """A fresh model whose initialisation depends only on ``seed``, with its backbone's origin
-    recorded (``model.backbone.source``) so that checkpoints can refer to it.
-
-    Args:
-        name: ``"SuperCricaVPR"``, ``"SciceVPR"`` or ``"CricaVPR"``.
-        preset_or_config: a preset name or a ModelConfig.
-        weights: DINOv2 weights: a path, ``"auto"`` or None (random, reproducible from ``seed``).
-        seed: seeds torch's RNG (in a forked RNG: the caller's RNG is untouched) for the random
-            parts: the backbone when ``weights=None``, then the trainable heads.
-    """
-    cls = model_class(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(preset_or_config, weights=weights, **overrides)
-    bb = model.backbone
-    if bb.is_random_init:
-        bb.source = {"source": "random", "seed": int(seed)}
-    else:
-        bb.source = {"source": "file", "path": str(bb.weights_path), "hub_name": bb.config.hub_name}
-    return model
+    """A fresh model whose initialisation depends only on ``seed``: :func:`scicevpr.create_model`
+    (its backbone's ``provenance`` says how a checkpoint can rebuild it)."""
+    return create_model(name, preset_or_config, weights=weights, seed=seed, **overrides)
 
 
 def frozen_backbone_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the frozen DINOv2 parameters (not saved in ``model_state``)."""
     return sorted("backbone." + n for n, p in model.backbone.named_parameters() if not p.requires_grad)
-
-
-def backbone_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names and bytes of the frozen backbone parameters.
-
-    Cached on the backbone until a parameter is modified in place (tensor version counters),
-    so that saving a checkpoint every epoch does not re-hash the backbone.
-    """
-    keys = frozen_backbone_keys(model)
-    state = model.state_dict()
-    stamp = (tuple(keys), tuple((state[k].data_ptr(), state[k]._version) for k in keys))
-    cached = getattr(model.backbone, "_fingerprint_cache", None)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    h = hashlib.sha256()
-    for k in keys:
-        t = state[k].detach().to("cpu").contiguous()
-        h.update(k.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    model.backbone._fingerprint_cache = (stamp, h.hexdigest())
-    return h.hexdigest()
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -179,24 +135,6 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: readers
-    see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # same folder: os.replace is atomic
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def checkpoint_dict(
     model: VPRModel,
     meta: dict[str, Any] | None = None,
@@ -205,12 +143,10 @@ def checkpoint_dict(
 ) -> dict[str, Any]:
     """The checkpoint of ``model`` as a dict (format in the module docstring)."""
     name = type(model).__name__
-    if name not in MODEL_CLASSES:
-        raise TypeError(f"cannot checkpoint a {name}; expected one of {sorted(MODEL_CLASSES)}")
-    source = dict(getattr(model.backbone, "source", None) or {"source": "stored"})
-    if store_backbone:
-        source = {"source": "stored"}
-    source["fingerprint"] = backbone_fingerprint(model)
+    if name not in MODELS:
+        raise TypeError(f"cannot checkpoint a {name}; expected one of {sorted(MODELS)}")
+    source = {"source": "stored"} if store_backbone else dict(model.backbone.provenance)
+    source["fingerprint"] = model.backbone.fingerprint
     source["random_init"] = bool(model.is_random_init)
     ckpt: dict[str, Any] = {
         "format": FORMAT,
@@ -237,7 +173,7 @@ def save_checkpoint(
     store_backbone: bool = False,
 ) -> Path:
     """Write ``model`` as a native checkpoint, atomically. Returns the path."""
-    return atomic_save(checkpoint_dict(model, meta, training, store_backbone), path)
+    return save_torch_file(checkpoint_dict(model, meta, training, store_backbone), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,50 +181,49 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 
-def is_native_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
-
-
 def read_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> dict[str, Any]:
-    """Read a native checkpoint (on the CPU) and check its format.
+    """Read a native checkpoint (on the CPU) and check its format and version (e.g. a run's
+    ``last.pt`` to resume from).
 
     ``trust_checkpoint=True`` also loads a file that holds pickled Python objects (which runs
     code from it); see :func:`scicevpr.files.load_torch_file`.
     """
-    path = Path(path)
-    obj = load_torch_file(path, "checkpoint", trust=trust_checkpoint)
-    if not is_native_checkpoint(obj):
+    file = read_model_file(path, trust_checkpoint)
+    if not file.native:
         raise ValueError(
-            f"{str(path)!r} is not a scicevpr checkpoint (no format={FORMAT!r} entry). An authors' "
-            f"checkpoint loads with SuperCricaVPR(...).load_official / SciceVPR(...).load_official / "
-            f"CricaVPR(...).load_official."
+            f"{str(Path(path))!r} is not a scicevpr checkpoint (no format={FORMAT!r} entry). An authors' "
+            f"checkpoint loads with scicevpr.load_model(path, expected=<model class>, preset=<its preset>)."
         )
-    if obj.get("version", 0) > VERSION:
-        raise ValueError(f"{str(path)!r} has checkpoint version {obj['version']}; this scicevpr reads <= {VERSION}. Upgrade scicevpr.")
-    return obj
+    return _check_version(file.content, file.where)
 
 
-def _check_kind(ckpt: dict[str, Any], expected: str | Iterable[str] | None, where: str) -> None:
+def _check_version(ckpt: dict[str, Any], where: str) -> dict[str, Any]:
+    if ckpt.get("version", 0) > VERSION:
+        raise ValueError(f"{where} has checkpoint version {ckpt['version']}; this scicevpr reads <= {VERSION}. Upgrade scicevpr.")
+    return ckpt
+
+
+def _check_kind(found: str, found_preset: str | None, expected: str | Iterable[str] | None, where: str) -> None:
     if expected is None:
         return
     expected = (expected,) if isinstance(expected, str) else tuple(expected)
-    if ckpt["model_class"] not in expected:
+    if found not in expected:
         raise ValueError(
-            f"{where} holds a {ckpt['model_class']} ({ckpt['model_config'].get('name')}), but a "
+            f"{where} holds a {found} ({found_preset}), but a "
             f"{' or '.join(expected)} is needed here. Pass the checkpoint of the right model "
             f"(stage 1 writes SuperCricaVPR checkpoints, stage 2 SciceVPR ones)."
         )
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expected: str | Iterable[str] | None = None) -> VPRModel:
-    """Rebuild the model of a checkpoint dict (see :func:`load_model`)."""
-    _check_kind(ckpt, expected, where)
+    """Rebuild the model of a native checkpoint dict (see :func:`load_model`)."""
+    _check_kind(ckpt["model_class"], ckpt["model_config"].get("name"), expected, where)
     name = ckpt["model_class"]
     cfg = config_from_dict(ckpt["model_config"])
     record = dict(ckpt["backbone"])
     src = record["source"]
     if src == "random":
-        model = build_model(name, cfg, weights=None, seed=record["seed"])
+        model = create_model(name, cfg, weights=None, seed=record["seed"])
     elif src == "file":
         weights = Path(record["path"])
         if not weights.is_file():
@@ -299,20 +234,18 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expec
                     f"{where} refers to the DINOv2 weights {record['path']!r}, which do not exist here, "
                     f"and weights='auto' found none: {e}"
                 ) from None
-        model = build_model(name, cfg, weights=weights)
+        model = create_model(name, cfg, weights=weights)
     elif src == "stored":
         if "backbone_state" not in ckpt:
             raise ValueError(f"{where} says its backbone is stored but holds no backbone_state; the file is damaged.")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
-            model = build_model(name, cfg, weights=None)
+            model = create_model(name, cfg, weights=None)
         model.load_state_dict(ckpt["backbone_state"], strict=False)
-        model.backbone.is_random_init = bool(record.get("random_init", False))
-        model.backbone.source = {"source": "stored"}
+        model.backbone.mark_stored(random_init=record.get("random_init", False))
     else:
         raise ValueError(f"{where}: unknown backbone source {src!r}")
-    fingerprint = backbone_fingerprint(model)
-    if record.get("fingerprint") and fingerprint != record["fingerprint"]:
+    if record.get("fingerprint") and model.backbone.fingerprint != record["fingerprint"]:
         raise ValueError(
             f"{where}: the rebuilt DINOv2 backbone (source {src!r}) differs from the one it was trained "
             f"with (fingerprint mismatch). "
@@ -334,18 +267,42 @@ def load_model(
     device: str | torch.device = "cpu",
     expected: str | Iterable[str] | None = None,
     trust_checkpoint: bool = False,
+    preset: str | ModelConfig | None = None,
+    **overrides: Any,
 ) -> VPRModel:
-    """A ready-to-evaluate model (eval mode) from a native scicevpr checkpoint alone.
+    """A trained model, ready to evaluate (eval mode), from any trained-model file: the loading door.
+
+    A native scicevpr checkpoint (written by training, ``best.pt`` / ``last.pt``, or
+    :func:`save_checkpoint`) records its model class and configuration and is rebuilt from them.
+    An authors' checkpoint (``{"model_state_dict": ...}``, ``{"state_dict": ...}`` or a bare
+    state dict, keys with or without ``module.``, in the authors' names) records neither: the
+    model is built by :func:`scicevpr.create_model` from ``expected`` (one class name) and
+    ``preset`` + ``overrides``, and the file, which carries the whole DINOv2, replaces its weights.
 
     Args:
-        path: a checkpoint written by training (``best.pt``, ``last.pt``) or
-            :func:`save_checkpoint`.
+        path: the checkpoint file.
         device: where to put the model.
-        expected: model class name(s) this file must hold, e.g. ``"SuperCricaVPR"``; another
-            kind raises a ValueError naming both.
+        expected: model class name(s) the file must hold, e.g. ``"SuperCricaVPR"``; another
+            kind raises a ValueError naming both. Required (one name) for an authors' checkpoint.
         trust_checkpoint: also load a file that holds pickled Python objects, which runs code
             from it; only for a file from a source you trust.
+        preset, **overrides: the configuration of an authors' checkpoint (preset None: the
+            class's default, :data:`scicevpr.factory.DEFAULT_PRESETS`). A native checkpoint is
+            rebuilt from the configuration it records, and these are not used.
     """
-    ckpt = read_checkpoint(path, trust_checkpoint)
-    model = model_from_checkpoint(ckpt, where=f"checkpoint {str(path)!r}", expected=expected)
+    file = read_model_file(path, trust_checkpoint)
+    if file.native:
+        model = model_from_checkpoint(_check_version(file.content, file.where), file.where, expected)
+        return model.to(device).eval()
+    names = (expected,) if isinstance(expected, str) else tuple(expected or ())
+    if len(names) != 1:
+        raise ValueError(
+            f"{file.where} is not a scicevpr checkpoint (no format={FORMAT!r} entry): if it is an authors' "
+            f"checkpoint, say which model it holds (expected='SciceVPR' / 'SuperCricaVPR' / 'CricaVPR' and its "
+            f"preset; command line: --official FILE --model NAME --preset PRESET)."
+        )
+    with warnings.catch_warnings():  # the authors' checkpoint replaces the random backbone
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = create_model(names[0], preset, weights=None, **overrides)
+    model.load_official(file.content)
     return model.to(device).eval()

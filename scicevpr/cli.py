@@ -150,35 +150,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_model(args: argparse.Namespace):
-    """The model the options describe. Every file they name is read (or found) before the model
-    is built, so that a wrong path fails at once."""
-    import scicevpr
-
-    from .backbone import resolve_weights
-    from .config import get_config
+    """The model the options describe, through the package's doors: a trained file with
+    :func:`scicevpr.checkpoint.load_model`, an untrained preset with :func:`scicevpr.create_model`.
+    Every file they name is read (or found) before the model is built, so that a wrong path fails
+    at once."""
+    from .checkpoint import load_model
+    from .factory import create_model
 
     if args.checkpoint:
-        from .checkpoint import load_model
-
         return load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
-    cls = getattr(scicevpr, args.model, None)
-    if cls is None:
-        raise ValueError(f"model {args.model!r} is not available in this version of scicevpr; choose one of {MODEL_KINDS}")
     overrides = parse_model_overrides(args.set)
-    official = None
-    if args.official:
-        from .models import unwrap_state_dict
-
-        official = unwrap_state_dict(args.official, args.trust_checkpoint)
-        weights = None  # the official checkpoint carries the backbone
-    elif str(args.weights).lower() == "none":
-        weights = None
-    else:
-        weights = resolve_weights(args.weights, get_config(args.preset, **overrides).backbone)
-    model = cls(args.preset, weights=weights, **overrides)
-    if official is not None:
-        model.load_official(official)
-    return model
+    if args.official:  # the authors' file carries the whole DINOv2
+        return load_model(args.official, expected=args.model, trust_checkpoint=args.trust_checkpoint,
+                          preset=args.preset, **overrides)
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    return create_model(args.model, args.preset, weights=weights, **overrides)
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -563,6 +549,11 @@ def strip_widget_state(path: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Execute every notebook headlessly, in order, then print the final results table."""
+    import importlib.util
+
+    if importlib.util.find_spec("nbconvert") is None:
+        raise RuntimeError("scicevpr demo runs the notebooks with Jupyter, which is not installed: install the "
+                           "notebook stack with pip install -e '.[notebooks]' (make does).")
     root = repo_root()
     notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
@@ -666,10 +657,37 @@ COMMANDS: dict[str, str] = {
 """Every command and its one-line help (``scicevpr --help``)."""
 
 
-def add_synth_parser(sub) -> None:
-    from .data.synthetic import add_cli
+def add_synth_parser(sub) -> argparse.ArgumentParser:
+    """``synth``: the offline benchmark (:func:`scicevpr.data.synthetic.generate`); no torch."""
+    from .data.synthetic import PRESETS, SPLITS
 
-    add_cli(sub)
+    p = sub.add_parser(
+        "synth",
+        help=COMMANDS["synth"],
+        description="Render the synthetic place-recognition benchmark in the GSV-Cities and VG layouts.",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: $SCICEVPR_DATA/synthetic/<preset>, else data/synthetic/<preset>)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training), pretrain (backbone pretraining, train split only)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
+    p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: automatic; 0 = none)")
+    p.add_argument("--splits", nargs="+", default=None, choices=SPLITS, help="write only these splits (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+    return p
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import generate
+
+    bench = generate(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet, force=args.force,
+                     workers=args.workers, splits=args.splits)
+    print(f"synthetic benchmark ({bench.preset}, seed {bench.seed}) in {bench.root}")
+    for k, v in bench.counts.items():
+        print(f"  {k}: {v}")
+    print(f"  GSV-Cities layout: {bench.gsv_root}")
+    print(f"  VG layout:         {bench.vg_root} (dataset '{bench.dataset}', splits val, test)")
+    return 0
 
 
 def add_eval_parser(sub) -> None:

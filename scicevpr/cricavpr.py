@@ -50,10 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import build_backbone
-from .config import CricaVPRConfig, get_config
-from .encoders import CrossImageEncoder
-from .models import VPRModel
+from .config import CricaVPRConfig
+from .models import CrossImageEncoder, VPRModel
 from .pooling import MultiRegionGeM
 
 # Authors' checkpoint names -> scicevpr names, as ordered prefix rewrites.
@@ -153,9 +151,10 @@ class CricaVPR(VPRModel):
     ``encode(regional_features(extract_features(x)))``, ``aggregate``, ``load_official``,
     ``official_state_dict``, ``is_random_init``, ``descriptor_dim``, ``image_size``,
     ``cross_image``), so training, evaluation and the batch-stability sweep take it as they
-    take Super-CricaVPR. It overrides only what differs: construction, ``train``, the
-    features (tokens with CLS instead of a fused map), ``regional_features`` and the
-    checkpoint names.
+    take Super-CricaVPR. It is built by ``VPRModel.__init__`` and overrides only what differs:
+    the per-image modules (:meth:`build_features`: adapters instead of the fusion), ``train``,
+    the backbone's output (tokens with CLS instead of a fused map), ``regional_features`` and
+    the checkpoint names.
 
     Args:
         preset_or_config: ``"CricaVPR"`` (ViT-B/14, 10752-d), ``"CricaVPR-S"`` (ViT-S/14,
@@ -165,9 +164,10 @@ class CricaVPR(VPRModel):
             checkpoint is loaded afterwards with :meth:`load_official`.
         backbone: not supported (the adapters are inserted into the backbone's blocks, so it
             cannot be shared); present so that a misuse fails clearly.
-        **overrides: config fields to replace, e.g. ``image_size=112``.
+        seed, **overrides: as for :class:`~scicevpr.models.VPRModel`.
     """
 
+    config_cls = CricaVPRConfig
     encoder_cls = CrossImageEncoder
     cross_image = True
 
@@ -176,33 +176,25 @@ class CricaVPR(VPRModel):
         preset_or_config: str | CricaVPRConfig = "CricaVPR",
         weights: str | os.PathLike | None = "auto",
         backbone: nn.Module | None = None,
+        seed: int | None = None,
         **overrides: Any,
     ) -> None:
-        # VPRModel.__init__ builds the multi-layer fusion, which CricaVPR does not have: the
-        # parts are built here and every method CricaVPR does not override is VPRModel's.
-        nn.Module.__init__(self)
-        cfg = get_config(preset_or_config, **overrides)
-        if not isinstance(cfg, CricaVPRConfig):
-            raise TypeError(
-                f"CricaVPR needs a CricaVPRConfig (presets 'CricaVPR', 'CricaVPR-S'); got the "
-                f"{type(cfg).__name__} {cfg.name!r}, which is a SciceVPR / Super-CricaVPR config."
-            )
         if backbone is not None:
             raise ValueError(
                 "CricaVPR inserts adapters into its backbone's blocks, so it cannot share a "
                 "backbone with another model; pass weights= instead."
             )
-        self.config = cfg
-        grid = (cfg.grid_size, cfg.grid_size)  # (H, W)
-        self.backbone = build_backbone(cfg.backbone, weights)  # frozen DINOv2
+        super().__init__(preset_or_config, weights, seed=seed, **overrides)
+
+    def build_features(self, cfg: CricaVPRConfig) -> None:
+        """A trainable adapter in every block of the frozen DINOv2, and the 13-region GeM of the
+        L2-normalised patch tokens (regions not normalised after)."""
         for block in self.backbone.blocks:
             block.adapter = MultiConvAdapter(cfg.backbone.embed_dim, *cfg.adapter_channels, bn_eps=cfg.adapter_bn_eps)
             block.adapter_scale = cfg.adapter_scale
+        grid = (cfg.grid_size, cfg.grid_size)  # (H, W)
         self.pool = MultiRegionGeM(
             grid, cfg.gem_p, cfg.gem_eps, whole_map=False, normalize_input=True, normalize_output=False
-        )
-        self.encoder = self.encoder_cls(
-            cfg.mix_dim, cfg.encoder_heads, cfg.encoder_ffn, cfg.encoder_dropout, self.encoder_depth(cfg)
         )
 
     @staticmethod
@@ -223,13 +215,11 @@ class CricaVPR(VPRModel):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+    def backbone_output(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1 + H*W, C): the adapted last block's tokens after the final
-        LayerNorm (CLS first). The autograd graph is kept while adapter parameters train."""
-        self.check_input(x)
-        trainable = any(p.requires_grad for p in self.backbone.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            return self.backbone.get_intermediate_layers(x, self.config.layers)[0]
+        LayerNorm (CLS first). The autograd graph is kept while adapter parameters train
+        (:meth:`~scicevpr.models.VPRModel.backbone_features`)."""
+        return self.backbone.get_intermediate_layers(x, self.config.layers)[0]
 
     def extract_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1 + H*W, C): per image (adapter BatchNorms in eval mode)."""

@@ -11,6 +11,18 @@ with ``trust=True`` (``trust_checkpoint=True``, command line ``--trust-checkpoin
 makes sense for a file from a source you trust. A missing, truncated or foreign file is an error
 that names it.
 
+**Trained models.** :func:`read_model_file` tells the two kinds of trained-model file apart: a
+native scicevpr checkpoint (a dict whose ``format`` is :data:`NATIVE_FORMAT`, written by
+:mod:`scicevpr.checkpoint`) and an authors' checkpoint (a state dict, bare or under
+``model_state_dict`` / ``state_dict``, keys with or without DataParallel's ``module.``), which
+it unwraps (:func:`unwrap_state_dict`). :func:`scicevpr.checkpoint.load_model` builds the model of
+either.
+
+**Writing.** :func:`atomic_write` is the one way a file is written in place of another: a
+temporary file in the same folder, flushed to disk, then ``os.replace``, so that a reader (or a
+crash) sees the old file or the new one, never a partial one. :func:`save_torch_file` and
+:func:`atomic_write_text` write through it.
+
 **Run folders.** :func:`lock_run_dir` holds an exclusive ``flock`` on ``<run_dir>/.lock`` while
 a training writes there, so that a second training into the same folder is refused instead of
 interleaving its log and checkpoints with the first. The kernel releases the lock when the
@@ -24,11 +36,12 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 try:
     import fcntl
@@ -41,6 +54,9 @@ LOCK_NAME = ".lock"
 """The lock file inside a run folder (ignored when deciding whether the folder holds a run)."""
 
 TRUST_HINT = "pass trust_checkpoint=True (command line: --trust-checkpoint)"
+
+NATIVE_FORMAT = "scicevpr-checkpoint"
+"""The ``format`` entry of a native scicevpr checkpoint (see :mod:`scicevpr.checkpoint`)."""
 
 
 class UntrustedFileError(ValueError):
@@ -121,6 +137,94 @@ def _unreadable(path: Path, what: str, error: BaseException) -> ValueError:
         f"{what} {str(path)!r} cannot be read as a PyTorch file ({reason[:160]}): it is truncated, damaged or "
         f"not a .pt/.pth file. Download or copy it again."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Trained-model files: native checkpoints and the authors' ones
+# --------------------------------------------------------------------------------------------
+
+
+def is_native_checkpoint(obj: Any) -> bool:
+    """True for a native scicevpr checkpoint dict (``format`` = :data:`NATIVE_FORMAT`)."""
+    return isinstance(obj, Mapping) and obj.get("format") == NATIVE_FORMAT
+
+
+def unwrap_state_dict(obj: Any) -> dict:
+    """The state dict inside an authors' checkpoint: ``{"model_state_dict": ...}``,
+    ``{"state_dict": ...}`` or a bare state dict, with a DataParallel/DDP ``module.`` prefix
+    removed from its keys."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a checkpoint path or a state dict, got {type(obj).__name__}")
+    for key in ("model_state_dict", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    """What a trained-model file holds (:func:`read_model_file`).
+
+    Attributes:
+        native: True for a native scicevpr checkpoint, False for an authors' checkpoint.
+        content: the checkpoint dict (native) or the unwrapped state dict (authors').
+        where: how messages name it, e.g. ``"checkpoint 'runs/student/best.pt'"``.
+    """
+
+    native: bool
+    content: dict
+    where: str
+
+
+def read_model_file(path_or_obj: PathLike | Mapping, trust: bool = False, what: str = "checkpoint") -> ModelFile:
+    """Read a trained-model file (or take a dict already in memory) and tell what it is: a
+    native checkpoint, kept as it is, or an authors' checkpoint, unwrapped to its state dict.
+    A path is read with :func:`load_torch_file` (``trust``: see there)."""
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        where = f"{what} {str(Path(path_or_obj))!r}"
+        obj = load_torch_file(path_or_obj, what, trust=trust)
+    else:
+        where, obj = what, path_or_obj
+    if is_native_checkpoint(obj):
+        return ModelFile(True, dict(obj), where)
+    return ModelFile(False, unwrap_state_dict(obj), where)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing files atomically
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, fsync, then
+    ``os.replace``: readers see the old file or the new one, never a partial one. The folder is
+    created if needed; the temporary file is removed if ``write`` fails. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # same folder: os.replace is atomic
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_torch_file(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`)."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # --------------------------------------------------------------------------------------------

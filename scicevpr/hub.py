@@ -14,8 +14,6 @@ hard-resized to ``model.image_size`` and ImageNet-normalised, to (B, D) unit-nor
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 from typing import Any
 
 # entry point -> (model class, preset)
@@ -60,36 +58,20 @@ def create(
     if entry not in ENTRY_POINTS:
         raise ValueError(f"unknown scicevpr hub entry point {entry!r}; available: {sorted(ENTRY_POINTS)}")
     name, preset = ENTRY_POINTS[entry]
-    from .backbone import RandomWeightsWarning
-    from .checkpoint import build_model, is_native_checkpoint, model_from_checkpoint
-    from .files import load_torch_file
+    from .checkpoint import load_model
+    from .factory import create_model
 
     if checkpoint is None:
-        model = build_model(name, preset, weights=weights, **overrides)
-        return model.to(device).eval()
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist. Pass the path of a scicevpr checkpoint (runs/<name>/best.pt) "
-            f"or of the authors' {name} checkpoint, or checkpoint=None for the untrained model."
+        return create_model(name, preset, weights=weights, **overrides).to(device).eval()
+    model = load_model(checkpoint, device, expected=name, trust_checkpoint=trust_checkpoint, preset=preset, **overrides)
+    if model.config.name != preset:  # a native checkpoint records its own preset
+        fits = [e for e, (n, p) in ENTRY_POINTS.items() if n == name and p == model.config.name]
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} holds a {name} {model.config.name}, not the {preset} of hub entry "
+            f"point {entry!r}; load it with {fits[0] if fits else 'scicevpr.load_model'!r} instead."
         )
-    obj = load_torch_file(path, "checkpoint", trust=trust_checkpoint)
-    if is_native_checkpoint(obj):
-        if overrides:
-            raise ValueError(
-                f"checkpoint {str(path)!r} records its own configuration; drop the overrides {sorted(overrides)}."
-            )
-        model = model_from_checkpoint(obj, where=f"checkpoint {str(path)!r}", expected=name)
-        if model.config.name != preset:
-            fits = [e for e, (n, p) in ENTRY_POINTS.items() if n == name and p == model.config.name]
-            raise ValueError(
-                f"checkpoint {str(path)!r} holds a {name} {model.config.name}, not the {preset} of hub entry "
-                f"point {entry!r}; load it with {fits[0] if fits else 'scicevpr.load_model'!r} instead."
-            )
-        return model.to(device).eval()
-    with warnings.catch_warnings():  # the authors' checkpoint replaces the random backbone
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = build_model(name, preset, weights=None, **overrides)
-    model.load_official(obj)
-    model.backbone.source = {"source": "stored"}
-    return model.to(device).eval()
+    if overrides and model.config != model.config.with_overrides(**overrides):
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} records its own configuration; drop the overrides {sorted(overrides)}."
+        )
+    return model

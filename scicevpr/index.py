@@ -149,9 +149,9 @@ def model_identity(model) -> dict[str, Any]:
     and trained heads): two models with the same identity give the same descriptors."""
     import torch
 
-    from .checkpoint import backbone_fingerprint, config_to_dict, trainable_state_dict
+    from .checkpoint import config_to_dict, trainable_state_dict
 
-    h = hashlib.sha256(backbone_fingerprint(model).encode())
+    h = hashlib.sha256(model.backbone.fingerprint.encode())
     for name, t in sorted(trainable_state_dict(model).items()):
         t = t.contiguous()
         h.update(name.encode())

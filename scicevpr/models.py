@@ -13,24 +13,39 @@ Both models are the same pipeline and share every line of code but their encoder
 The backbone is frozen in both training stages, and in stage 2 so is the 1x1 conv copied from
 the teacher: :meth:`VPRModel.extract_features` (backbone + conv) is then the same for both
 models and can be computed once per batch.
+
+The two region encoders (PAPER.md, "Architecture", step 4; paper Fig. 3), the one place where
+the models differ, both stack ``nn.TransformerEncoderLayer`` (d_model ``C_mix``, 16 heads, FFN
+2048, GELU, dropout 0.1, post-norm) and map the (B, 14, C_mix) regional features to
+(B, 14, C_mix). They differ only in what attends to what:
+
+- :class:`CrossImageEncoder` (Super-CricaVPR, the teacher, 2 layers): for each region, the
+  *sequence axis is the batch*: image b's region k attends to region k of every image in the
+  batch. Its output for one image depends on which other images share the batch, and on how
+  many: the instability of paper Fig. 1-2.
+- :class:`SelfEnhancedEncoder` (SciceVPR, the student, 1 layer): each of the B x 14 regional
+  features is a sequence of length 1. Attention over a single token is the identity on its
+  value, so no image sees another and descriptors do not depend on the batch.
+
+Keys: ``encoder.layers.{i}.*`` (the official ``nn.TransformerEncoder``'s names).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import build_backbone
-from .config import ModelConfig, get_config
-from .encoders import CrossImageEncoder, SelfEnhancedEncoder
-from .files import load_torch_file
+from .backbone import DinoVisionTransformer, build_backbone
+from .config import PRESETS, ModelConfig, get_config
+from .files import read_model_file
 from .fusion import MultiLayerFusion
 from .pooling import MultiRegionGeM
+from .precision import model_device
 
 # Official checkpoint names (authors' code) -> scicevpr names, as ordered prefix rewrites.
 _OFFICIAL_TO_OURS = (
@@ -49,26 +64,60 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def unwrap_state_dict(obj: Any, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: ``{"model_state_dict": ...}``, ``{"state_dict": ...}``
-    or a bare state dict, with a DataParallel/DDP ``module.`` prefix removed.
+# --------------------------------------------------------------------------------------------
+# The region encoders (module docstring)
+# --------------------------------------------------------------------------------------------
 
-    A path is read with ``weights_only=True`` (the authors' files hold tensors, plain types and
-    NumPy recalls); ``trust_checkpoint=True`` also loads pickled objects (runs code from the file).
-    """
-    if isinstance(obj, (str, os.PathLike)):
-        obj = load_torch_file(obj, "checkpoint", trust=trust_checkpoint)
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a checkpoint path or a state dict, got {type(obj).__name__}")
-    for key in ("model_state_dict", "state_dict"):
-        if key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+def _encoder_layers(dim: int, heads: int, ffn: int, dropout: float, num_layers: int) -> nn.ModuleList:
+    return nn.ModuleList(
+        nn.TransformerEncoderLayer(
+            d_model=dim, nhead=heads, dim_feedforward=ffn, dropout=dropout,
+            activation="gelu", batch_first=False,
+        )
+        for _ in range(num_layers)
+    )
+
+
+class _RegionEncoder(nn.Module):
+    def __init__(self, dim: int, heads: int = 16, ffn: int = 2048, dropout: float = 0.1, num_layers: int = 1) -> None:
+        super().__init__()
+        self.layers = _encoder_layers(dim, heads, ffn, dropout, num_layers)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, N, C) -> (S, N, C): attention along S, independently for each of the N columns."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class CrossImageEncoder(_RegionEncoder):
+    """Super-CricaVPR's encoder: attention across the images of the batch, per region."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 14, C) -> (B, 14, C); sequence = the B images, one column per region."""
+        return self._run(x)  # batch_first=False: (S=B, N=14, C)
+
+
+class SelfEnhancedEncoder(_RegionEncoder):
+    """SciceVPR's encoder: each regional feature is enhanced on its own (sequence length 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 14, C) -> (B, 14, C); every one of the B*14 features is its own sequence."""
+        B, R, C = x.shape
+        x = self._run(x.reshape(1, B * R, C))  # (B, 14, C) -> (S=1, N=B*14, C)
+        return x.reshape(B, R, C)  # (1, B*14, C) -> (B, 14, C)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared pipeline
+# --------------------------------------------------------------------------------------------
 
 
 class VPRModel(nn.Module):
-    """The pipeline shared by :class:`SuperCricaVPR` and :class:`SciceVPR`.
+    """The pipeline shared by :class:`SuperCricaVPR`, :class:`SciceVPR` and
+    :class:`~scicevpr.cricavpr.CricaVPR`: backbone, per-image features (:meth:`build_features`),
+    region encoder. Build one by name with :func:`scicevpr.create_model`.
 
     Args:
         preset_or_config: ``"SciceVPR-B"``, ``"SciceVPR-L"``, ``"SciceVPR-S"`` or a ModelConfig.
@@ -76,9 +125,13 @@ class VPRModel(nn.Module):
             ``is_random_init`` and a warning).
         backbone: an existing frozen backbone to share instead of building one (used when a
             student is built from its teacher).
+        seed: draw every random initialisation (the backbone's when ``weights=None``, then the
+            trainable parts) from ``torch.manual_seed(seed)``, in a forked RNG (the caller's
+            RNG is untouched); None draws from torch's RNG as it stands.
         **overrides: ModelConfig fields to replace, e.g. ``image_size=112``.
     """
 
+    config_cls: type[ModelConfig] = ModelConfig
     encoder_cls: type[nn.Module]
     cross_image: bool  # True when a descriptor depends on the rest of the batch
 
@@ -86,24 +139,39 @@ class VPRModel(nn.Module):
         self,
         preset_or_config: str | ModelConfig = "SciceVPR-B",
         weights: str | os.PathLike | None = "auto",
-        backbone: nn.Module | None = None,
+        backbone: DinoVisionTransformer | None = None,
+        seed: int | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
         cfg = get_config(preset_or_config, **overrides)
+        if type(cfg) is not self.config_cls:  # a CricaVPRConfig is a ModelConfig too, for another model
+            presets = [n for n, c in PRESETS.items() if type(c) is self.config_cls]
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_cls.__name__} (presets {', '.join(map(repr, presets))}); "
+                f"got the {type(cfg).__name__} {cfg.name!r}, which is another model's configuration."
+            )
         self.config = cfg
-        grid = (cfg.grid_size, cfg.grid_size)
-        if backbone is not None:
-            if getattr(backbone, "config", None) != cfg.backbone:
-                raise ValueError(f"the shared backbone is not a {cfg.backbone.arch} as the config asks")
-            self.backbone = backbone
-        else:
-            self.backbone = build_backbone(cfg.backbone, weights)
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+            if backbone is None:
+                self.backbone = build_backbone(cfg.backbone, weights, seed)  # draws first, from the seed
+            else:
+                if getattr(backbone, "config", None) != cfg.backbone:
+                    raise ValueError(f"the shared backbone is not a {cfg.backbone.arch} as the config asks")
+                self.backbone = backbone
+                if seed is not None:
+                    torch.manual_seed(seed)
+            self.build_features(cfg)
+            self.encoder = self.encoder_cls(
+                cfg.mix_dim, cfg.encoder_heads, cfg.encoder_ffn, cfg.encoder_dropout, self.encoder_depth(cfg)
+            )
+
+    def build_features(self, cfg: ModelConfig) -> None:
+        """The per-image modules between the backbone and the encoder: the multi-layer fusion
+        (1x1 channel conv + token mixers, paper Fig. 5) and the 14-region GeM."""
+        grid = (cfg.grid_size, cfg.grid_size)  # (H, W)
         self.fusion = MultiLayerFusion(cfg.in_channels, cfg.mix_dim, grid, cfg.num_token_mixers, cfg.token_mlp_ratio)
         self.pool = MultiRegionGeM(grid, cfg.gem_p, cfg.gem_eps)
-        self.encoder = self.encoder_cls(
-            cfg.mix_dim, cfg.encoder_heads, cfg.encoder_ffn, cfg.encoder_dropout, self.encoder_depth(cfg)
-        )
 
     @staticmethod
     def encoder_depth(cfg: ModelConfig) -> int:
@@ -149,12 +217,17 @@ class VPRModel(nn.Module):
             )
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, M*C, H, W), the fused DINOv2 layers. No autograd graph is kept
+        """(B, 3, S, S) checked images -> :meth:`backbone_output`. No autograd graph is kept
         while every backbone parameter is frozen."""
         self.check_input(x)
         trainable = any(p.requires_grad for p in self.backbone.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            return self.backbone.forward_multilayer(x, self.config.layers)
+            return self.backbone_output(x)
+
+    def backbone_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, M*C, H, W): blocks ``l_1..l_M`` after the final LayerNorm,
+        concatenated on channels."""
+        return self.backbone.forward_multilayer(x, self.config.layers)
 
     def extract_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C_mix, H, W): backbone and 1x1 channel fusion + ReLU."""
@@ -221,7 +294,13 @@ class VPRModel(nn.Module):
         False. A file is read safely (``weights_only=True``); ``trust_checkpoint=True`` also
         loads one that holds pickled Python objects, which runs code from it.
         """
-        source = unwrap_state_dict(path_or_state_dict, trust_checkpoint)
+        file = read_model_file(path_or_state_dict, trust_checkpoint)
+        if file.native:
+            raise ValueError(
+                f"{file.where} is a native scicevpr checkpoint, not an authors' one: load it with "
+                f"scicevpr.load_model (command line: --checkpoint)."
+            )
+        source = file.content
         ours, unexpected = {}, []
         for k, v in source.items():
             new = _rename(k, self.official_key_map)
@@ -243,7 +322,7 @@ class VPRModel(nn.Module):
             self.load_state_dict(ours, strict=True)
         except RuntimeError as e:  # shape mismatches
             raise ValueError(f"checkpoint does not fit {self.config.name}: {e}") from None
-        self.backbone.is_random_init = False
+        self.backbone.mark_stored()
         return self
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
@@ -283,10 +362,11 @@ class SciceVPR(VPRModel):
         return cfg.student_layers
 
     @classmethod
-    def from_teacher(cls, teacher: SuperCricaVPR) -> "SciceVPR":
+    def from_teacher(cls, teacher: SuperCricaVPR, seed: int | None = None) -> "SciceVPR":
         """Stage-2 initialisation (PAPER.md, "Training"): share the teacher's frozen backbone,
-        copy its 1x1 fusion conv and freeze it; token mixers, GeM and encoder start fresh."""
-        student = cls(teacher.config, backbone=teacher.backbone)
+        copy its 1x1 fusion conv and freeze it; token mixers, GeM and encoder start fresh, drawn
+        from ``seed`` (see :class:`VPRModel`)."""
+        student = cls(teacher.config, backbone=teacher.backbone, seed=seed)
         student.fusion.conv.load_state_dict(teacher.fusion.conv.state_dict())
         student.fusion.conv.requires_grad_(False)
-        return student.to(next(teacher.parameters()).device)
+        return student.to(model_device(teacher))

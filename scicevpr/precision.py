@@ -1,4 +1,5 @@
-"""Numerical precision: the one place that decides when bf16 autocast is used.
+"""Numerical precision: the one place that decides when bf16 autocast is used (and on which
+device: :func:`model_device`).
 
 Policy (``amp=None``, "auto"):
 
@@ -126,6 +127,11 @@ def resolve_amp(device: torch.device | str, amp: bool | None = None) -> bool:
             )
         return native
     return bool(amp)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters are on: where its inputs go and its autocast runs."""
+    return next(model.parameters()).device
 
 
 def autocast(device: torch.device | str, amp: bool):

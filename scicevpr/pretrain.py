@@ -95,12 +95,11 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from .backbone import MANIFEST_FORMAT, DinoVisionTransformer, RandomWeightsWarning, check_manifest, file_sha256, manifest_path
-from .checkpoint import atomic_save
 from .config import OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa: F401  (PretrainConfig is defined with the other configs)
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
-from .files import holds_files, load_torch_file, lock_run_dir
+from .files import atomic_write_text, holds_files, load_torch_file, lock_run_dir, save_torch_file
 from .losses import LossConfig, MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
@@ -904,8 +903,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {"pretrain": config.to_dict(), "backbone": dataclasses.asdict(config.backbone_config()),
                 "data": run.data_info, "machine": machine, "amp": amp}
-        (run_dir / ".config.json.tmp").write_text(json.dumps(info, indent=2))
-        os.replace(run_dir / ".config.json.tmp", run_dir / "config.json")
+        atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2))
 
     if steps is None:  # fit the schedule to the time budget from the measured speed
         for s in range(2):
@@ -965,7 +963,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
             now = time.perf_counter()
             extra = {"images_seen": images_seen, "train_s": train_s + (now - t_loop),
                      "sessions": sessions + [{**session, "end_step": at, "wall_s": round(now - t_start, 2)}]}
-            atomic_save(run.state(at, steps, extra), last_path)
+            save_torch_file(run.state(at, steps, extra), last_path)
         if ddp.enabled:
             dist.barrier()
 
@@ -1062,7 +1060,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     if out.is_dir() or (not out.suffix and not out.exists()):
         out = out / f"{bb_config.hub_name}_pretrain.pth"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, out)
+    save_torch_file(state, out)
     sessions = ckpt["sessions"]
     init = None
     if cfg.init_weights is not None:  # the run started from another export: record which
@@ -1095,8 +1093,6 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "torch": str(torch.__version__),
         "config": ckpt["config"],
     }
-    tmp = out.parent / f".{out.stem}.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path(out))
+    atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
     check_manifest(out, bb_config)
     return out

@@ -45,7 +45,6 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -59,26 +58,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .backbone import RandomWeightsWarning
-from .checkpoint import (
-    build_model,
-    config_to_dict,
-    is_native_checkpoint,
-    load_trainable_state,
-    model_from_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
 from .config import STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
-from .files import holds_files, load_torch_file, lock_run_dir
+from .factory import create_model
+from .files import atomic_write_text, holds_files, lock_run_dir
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
-from .precision import autocast, resolve_amp
+from .precision import autocast, model_device, resolve_amp
 from .protocol import (
     OFFICIAL_CITIES,
     num_groups,
@@ -424,7 +415,7 @@ def _global_batch(config: TrainConfig) -> int:
 
 
 def _build_teacher_stage(config: TrainConfig, device: torch.device) -> _Stage:
-    model = build_model(config.model, config.model_config(), weights=config.weights, seed=config.seed).to(device)
+    model = create_model(config.model, config.model_config(), weights=config.weights, seed=config.seed).to(device)
     groups = num_groups(_global_batch(config), config.group_size("train"))
     return _Stage("teacher", model, MetricLearningStep(model, config.loss, groups))
 
@@ -458,24 +449,14 @@ def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> Sup
             f"teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
             f"(train_teacher / `scicevpr train-teacher`) and pass its best.pt, or the authors' checkpoint."
         )
-    obj = load_torch_file(path, "teacher checkpoint", trust=config.trust_checkpoint)
-    if is_native_checkpoint(obj):
-        teacher = model_from_checkpoint(obj, where=f"teacher checkpoint {str(path)!r}", expected="SuperCricaVPR")
-    else:
-        cfg = get_config(config.preset or "SciceVPR-B", **config.model_overrides)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # the checkpoint holds the backbone
-            teacher = SuperCricaVPR(cfg, weights=None)
-        teacher.load_official(obj)
-        teacher.backbone.source = None  # not rebuildable from a DINOv2 file or seed: stored
-    return teacher.to(device).requires_grad_(False).eval()
+    teacher = load_model(path, device, expected="SuperCricaVPR", trust_checkpoint=config.trust_checkpoint,
+                         preset=config.preset, **config.model_overrides)
+    return teacher.requires_grad_(False).eval()
 
 
 def _build_student_stage(config: TrainConfig, device: torch.device) -> _Stage:
     teacher = load_teacher(config, device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        student = SciceVPR.from_teacher(teacher)
+    student = SciceVPR.from_teacher(teacher, seed=config.seed)
     target_groups = num_groups(_global_batch(config), config.group_size("targets"))
     return _Stage("student", student, DistillationStep(student, teacher, config.loss, target_groups), teacher=teacher)
 
@@ -534,9 +515,7 @@ _FIELD_DEFAULTS = TrainConfig().to_dict()
 def _write_config(run_dir: Path, config: TrainConfig, stage: str, model: VPRModel, extra: dict) -> None:
     info = {"stage": stage, "model_class": type(model).__name__, "model_config": config_to_dict(model.config),
             "train": config.to_dict(), **extra}
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2))
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
@@ -627,10 +606,6 @@ def _validate(model: VPRModel, split, config: TrainConfig, amp: bool) -> dict[in
     with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
         result = evaluate(model, split, eval_cfg)
     return {int(k): float(v) for k, v in result.recalls.items()}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.device], _Stage]) -> RunResult:
