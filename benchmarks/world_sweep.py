@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from scicevpr.data.synthetic import PRESETS, generate, pixel_baseline_recall
+from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import EvalConfig, chance_recall, evaluate
+from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_baseline_recall
 from scicevpr.train import offline_train_config, train_student, train_teacher
 
 
@@ -45,7 +45,7 @@ def main(name: str, changes: dict, weights: str | None) -> None:
     show = lambda d: {k: round(v, 1) for k, v in d.items()}  # noqa: E731
     print(name, "queries", split.num_queries, "database", split.num_database, f"generated in {time.time() - t:.0f} s")
     print(name, "chance", show(chance_recall(split.num_database, split.positives, (1, 5, 10))))
-    print(name, "raw pixels", show({k: 100 * v for k, v in pixel_baseline_recall(split).items()}))
+    print(name, "raw pixels", show(pixel_baseline_recall(split)))
     overrides = {"backbone_num_blocks": 4, "backbone_pretrain_img_size": 112} if weights else {}
     runs = root / ("runs-pretrained" if weights else "runs-random")
     ec = EvalConfig(num_workers=0, progress=False, amp=False)

@@ -23,14 +23,16 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
-from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
+from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
 from .data.transforms import eval_transform
 from .data.vg import ImageFileDataset, VGSplit, list_images
-from .precision import autocast, resolve_amp
+from .files import atomic_write
+from .precision import autocast, model_device, resolve_amp
 from .protocol import (
     OFFICIAL_PCA_FOLDER,
     OFFICIAL_PCA_MAX_IMAGES,
@@ -40,10 +42,6 @@ from .protocol import (
 )
 
 PathLike = str | os.PathLike
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def fast_enabled(config: EvalConfig, device: torch.device) -> bool:
@@ -228,15 +226,18 @@ def recall_at_n(
     correct = np.zeros(predictions.shape, dtype=bool)
     for i, pos in enumerate(positives):
         correct[i] = np.isin(predictions[i], pos)
-    hit_rank = hit_ranks(correct)
-    n_q = max(len(positives), 1)
-    recalls = {int(n): float(100.0 * (hit_rank < n).sum() / n_q) for n in recall_values}
-    return recalls, correct
+    return recalls_from_ranks(hit_ranks(correct), recall_values), correct
 
 
 def hit_ranks(correct: np.ndarray) -> np.ndarray:
     """(N_q,) rank of each query's first correct prediction (``iinfo.max`` when none)."""
     return np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+
+
+def recalls_from_ranks(ranks: np.ndarray, recall_values: Sequence[int] = (1, 5, 10, 100)) -> dict[int, float]:
+    """Recall@N in percent from each query's :func:`hit_ranks`: the share found within N."""
+    n_q = max(len(ranks), 1)
+    return {int(n): float(100.0 * (ranks < n).sum() / n_q) for n in recall_values}
 
 
 def recall_curve(
@@ -301,6 +302,27 @@ def chance_recall(num_database: int, positives: Sequence[np.ndarray], recall_val
     return out
 
 
+def pixel_descriptors(paths: Sequence[PathLike], thumb: int = 32, grayscale: bool = False) -> np.ndarray:
+    """(N, thumb * thumb * channels) float32 descriptors: each image bilinearly shrunk to
+    ``thumb`` x ``thumb`` pixels, values in [0, 1]."""
+    out = []
+    for p in paths:
+        im = load_rgb(p).convert("L" if grayscale else "RGB").resize((thumb, thumb), Image.BILINEAR)
+        out.append(np.asarray(im, dtype=np.float32).ravel() / 255.0)
+    return np.stack(out)
+
+
+def pixel_baseline_recall(split: VGSplit, thumb: int = 32, grayscale: bool = False,
+                          recall_values: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Recall@N in percent of raw pixels (:func:`pixel_descriptors`) through the same exact
+    :func:`search` and :func:`recall_at_n` as every model: the floor any learned descriptor must
+    beat. Low on the synthetic benchmark, whose queries come in other conditions and at other
+    viewpoints than the database."""
+    db, q = pixel_descriptors(split.database_paths, thumb, grayscale), pixel_descriptors(split.query_paths, thumb, grayscale)
+    _, predictions = search(db, q, max(recall_values))
+    return recall_at_n(predictions, split.positives, recall_values)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # PCA
 # --------------------------------------------------------------------------------------------
@@ -322,13 +344,15 @@ class PCA:
         return ((x - self.mean) @ self.components.T).astype(np.float32)
 
 
-def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
-    """PCA of (N, D) descriptors keeping ``min(dim, N - 1, D)`` components (N centred samples
-    span at most N - 1 directions); exact SVD in float64."""
-    x = torch.as_tensor(descriptors, dtype=torch.float64)
+def principal_components(x: np.ndarray | torch.Tensor, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The PCA computation, in float64: ``(mean (D,), components (d, D), variances (d,))`` of
+    (N, D) samples, ``d = min(dim, N - 1, D)`` (N centred samples span at most N - 1
+    directions), components by decreasing variance. Exact: SVD of the centred samples when
+    N <= D, else the eigenvectors of their covariance."""
+    x = torch.as_tensor(x, dtype=torch.float64)
     n, d_in = x.shape
     if n < 2:
-        raise ValueError(f"PCA needs at least 2 descriptors, got {n}")
+        raise ValueError(f"PCA needs at least 2 samples, got {n}")
     dim = min(dim, n - 1, d_in)
     mean = x.mean(0)
     xc = x - mean
@@ -338,7 +362,16 @@ def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
     else:
         evals, evecs = torch.linalg.eigh(xc.T @ xc / max(n - 1, 1))  # ascending
         comps, var = evecs.flip(1)[:, :dim].T, evals.flip(0)[:dim]
-    return PCA(mean.numpy().astype(np.float32), comps.numpy().astype(np.float32), var.numpy())
+    return mean.numpy(), comps.numpy(), var.numpy()
+
+
+def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
+    """PCA of (N, D) descriptors keeping ``min(dim, N - 1, D)`` components
+    (:func:`principal_components`)."""
+    if len(descriptors) < 2:
+        raise ValueError(f"PCA needs at least 2 descriptors, got {len(descriptors)}")
+    mean, comps, var = principal_components(descriptors, dim)
+    return PCA(mean.astype(np.float32), comps.astype(np.float32), var)
 
 
 def official_pca_images(vg_root: PathLike) -> list[Path]:
@@ -448,14 +481,8 @@ class EvalResult:
 
 
 def save_descriptors(path: PathLike, descriptors: np.ndarray) -> Path:
-    """Save (N, D) descriptors as fp16 ``.npy``, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.save(f, descriptors.astype(np.float16))
-    os.replace(tmp, path)
-    return path
+    """Save (N, D) descriptors as fp16 ``.npy``, atomically (:func:`scicevpr.files.atomic_write`)."""
+    return atomic_write(path, lambda f: np.save(f, descriptors.astype(np.float16)))
 
 
 def load_descriptors(path: PathLike) -> np.ndarray:
@@ -494,12 +521,12 @@ def recall_by_condition(
     conditions = np.asarray(conditions)
     if len(conditions) != correct.shape[0]:
         raise ValueError(f"{len(conditions)} conditions for {correct.shape[0]} queries")
-    hit = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    ranks = hit_ranks(correct)
     rows = []
     for cond in [*sorted(set(conditions.tolist())), "all"]:
         mask = np.ones(len(conditions), bool) if cond == "all" else conditions == cond
         row = {"condition": cond, "queries": int(mask.sum())}
-        row.update({f"R@{n}": round(float(100.0 * (hit[mask] < n).mean()), 2) for n in recall_values})
+        row.update({f"R@{n}": round(v, 2) for n, v in recalls_from_ranks(ranks[mask], recall_values).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -224,18 +224,20 @@ def pca_rgb(features, clip: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
     """PCA-to-RGB maps: (N, C, H, W) patch features -> (N, H, W, 3) colours in [0, 1].
 
     One PCA is fitted on all N * H * W patch vectors together, so the same colour means the
-    same feature direction in every image. Each of the first 3 principal components becomes a
-    colour channel, scaled between its ``clip`` percentiles. Deterministic (exact SVD, signs
-    fixed so that each component's largest loading is positive).
+    same feature direction in every image. Each of the first 3 principal components
+    (:func:`scicevpr.evaluate.principal_components`, exact, float64) becomes a colour channel,
+    scaled between its ``clip`` percentiles. Deterministic (signs fixed so that each component's
+    largest loading is positive).
     """
+    from .evaluate import principal_components
+
     f = np.asarray(features.detach().float().cpu() if hasattr(features, "detach") else features, dtype=np.float64)
     if f.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) features, got shape {f.shape}")
     n, c, h, w = f.shape
     x = f.transpose(0, 2, 3, 1).reshape(-1, c)  # (N, C, H, W) -> (N*H*W, C)
-    x = x - x.mean(0)
-    _, _, vh = np.linalg.svd(x, full_matrices=False)
-    comps = vh[:3]
+    mean, comps, _ = principal_components(x, 3)
+    x = x - mean
     comps = comps * np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]
     y = x @ comps.T  # (N*H*W, 3)
     lo, hi = np.percentile(y, clip[0], axis=0), np.percentile(y, clip[1], axis=0)

@@ -10,7 +10,7 @@ _EXPORTS = {
     "decode": ("CorruptImageError", "JpegBytesDataset", "collate_jpeg_bytes", "decode_jpeg_batch", "decode_jpeg_bytes"),
     "gsv": ("GSV_COLUMNS", "GSVCitiesDataset", "gsv_image_name"),
     "paths": ("DATA_ENV", "data_root"),
-    "synthetic": ("SyntheticBenchmark", "SyntheticPreset", "default_synthetic_dir", "generate", "pixel_baseline_recall"),
+    "synthetic": ("SyntheticBenchmark", "SyntheticPreset", "default_synthetic_dir", "generate"),
     "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "normalize_uint8_batch", "train_transform"),
     "vg": ("ImageFileDataset", "VGSplit", "load_vg_split", "parse_utm"),
 }
@@ -44,7 +44,6 @@ __all__ = [
     "load_vg_split",
     "normalize_uint8_batch",
     "parse_utm",
-    "pixel_baseline_recall",
     "train_transform",
 ]
 

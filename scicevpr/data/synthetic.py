@@ -22,13 +22,11 @@ number of worker processes. Re-running ``generate`` on a finished output is free
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import string
-import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -552,74 +550,3 @@ def _generate(root: Path, preset: SyntheticPreset, seed: int, splits: tuple[str,
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (root / _IN_PROGRESS).unlink()
     return _benchmark(root, preset, seed, counts)
-
-
-# ----------------------------------------------------------------------------------------------
-# a baseline that shows the benchmark is not trivial
-# ----------------------------------------------------------------------------------------------
-def pixel_baseline_recall(split, thumb: int = 32, grayscale: bool = False, ns=(1, 5, 10)) -> dict[int, float]:
-    """Recall@N of nearest neighbour on raw downsampled pixels (L2), for a ``VGSplit``.
-
-    The floor any learned descriptor must beat; on the ``small`` test split it is low because
-    queries come in other conditions and at other viewpoints than the database.
-    """
-
-    def thumbs(paths):
-        out = []
-        for p in paths:
-            with Image.open(p) as im:
-                im = im.convert("L" if grayscale else "RGB").resize((thumb, thumb), Image.BILINEAR)
-                out.append(np.asarray(im, dtype=np.float32).ravel() / 255.0)
-        return np.stack(out)
-
-    db, q = thumbs(split.database_paths), thumbs(split.query_paths)
-    d2 = (q**2).sum(1)[:, None] - 2 * q @ db.T + (db**2).sum(1)[None, :]  # (N_q, N_db)
-    order = np.argsort(d2, axis=1, kind="stable")
-    recalls = {}
-    for n in ns:
-        hits = [np.isin(order[i, :n], split.positives[i]).any() for i in range(len(q))]
-        recalls[int(n)] = float(np.mean(hits))
-    return recalls
-
-
-# ----------------------------------------------------------------------------------------------
-# command line: scicevpr synth
-# ----------------------------------------------------------------------------------------------
-def _cli(args: argparse.Namespace) -> int:
-    bench = generate(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet, force=args.force, workers=args.workers, splits=args.splits)
-    print(f"synthetic benchmark ({bench.preset}, seed {bench.seed}) in {bench.root}")
-    for k, v in bench.counts.items():
-        print(f"  {k}: {v}")
-    print(f"  GSV-Cities layout: {bench.gsv_root}")
-    print(f"  VG layout:         {bench.vg_root} (dataset '{bench.dataset}', splits val, test)")
-    return 0
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register the ``synth`` subcommand on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "synth",
-        help="generate the offline synthetic benchmark",
-        description="Render the synthetic place-recognition benchmark in the GSV-Cities and VG layouts.",
-    )
-    p.add_argument("--out", default=None, help="output folder (default: $SCICEVPR_DATA/synthetic/<preset>, else data/synthetic/<preset>)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training), pretrain (backbone pretraining, train split only)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
-    p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: automatic; 0 = none)")
-    p.add_argument("--splits", nargs="+", default=None, choices=SPLITS, help="write only these splits (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scicevpr.data.synthetic")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    args = parser.parse_args(["synth", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
