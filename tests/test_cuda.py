@@ -122,7 +122,7 @@ def test_both_training_stages_run_in_bf16_on_cuda(tiny_benchmark, tmp_path):
 def test_notebook_helpers_take_a_model_on_cuda(student, tiny_benchmark):
     """What notebooks 01 and 02 do with a model on the GPU (full mode): images loaded onto the
     settings' device, block features and the fusion analyses brought back to the CPU."""
-    from scicevpr import notebook as nb
+    from scicevpr import analysis as nb
 
     paths = tiny_benchmark.load_split("test").database_paths[:2]
     x = nb.load_images(paths, SIZE, DEVICE)

@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from scicevpr import analysis  # noqa: E402
 from scicevpr import notebook as nb  # noqa: E402
 from scicevpr import viz  # noqa: E402
 from scicevpr.pooling import region_boxes  # noqa: E402
@@ -285,9 +286,9 @@ def test_linear_cka():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(200, 8, generator=g)
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
-    assert nb.linear_cka(a, a) == pytest.approx(1.0)
-    assert nb.linear_cka(a, 3.0 * a @ q) == pytest.approx(1.0)  # rotation and scale
-    assert nb.linear_cka(a, torch.randn(200, 8, generator=g)) < 0.2
+    assert analysis.linear_cka(a, a) == pytest.approx(1.0)
+    assert analysis.linear_cka(a, 3.0 * a @ q) == pytest.approx(1.0)  # rotation and scale
+    assert analysis.linear_cka(a, torch.randn(200, 8, generator=g)) < 0.2
 
 
 def test_influence_maps_separate_channel_fusion_from_token_mixing():
@@ -295,7 +296,7 @@ def test_influence_maps_separate_channel_fusion_from_token_mixing():
 
     torch.manual_seed(0)
     fusion = MultiLayerFusion(in_channels=8, mix_dim=4, grid=(3, 3), num_token_mixers=1)
-    maps = nb.influence_maps(fusion, torch.randn(1, 8, 3, 3), token=(1, 2))
+    maps = analysis.influence_maps(fusion, torch.randn(1, 8, 3, 3), token=(1, 2))
     conv, mixed = maps["after 1x1 channel fusion"], maps["after the token mixers"]
     assert (conv > 0).sum() <= 1 and conv[1, 2] >= 0  # at most the perturbed token (ReLU may zero it)
     assert np.count_nonzero(conv[np.arange(3) != 1]) == 0
@@ -304,7 +305,7 @@ def test_influence_maps_separate_channel_fusion_from_token_mixing():
 
 def test_gem_analysis_goes_from_mean_to_max():
     x = torch.rand(4, 5, 5, generator=torch.Generator().manual_seed(0)) + 0.1
-    ps, position, weights = nb.gem_analysis(x, ps=(1, 4, 64), shown=(1, 64))
+    ps, position, weights = analysis.gem_analysis(x, ps=(1, 4, 64), shown=(1, 64))
     assert position[0] == pytest.approx(0.0, abs=1e-5)
     assert 0 < position[1] < position[2] < 1
     for w in weights.values():
@@ -315,23 +316,23 @@ def test_gem_analysis_goes_from_mean_to_max():
 def test_pick_queries():
     correct = np.array([[True, False], [False, True], [True, True], [False, False]])
     result = SimpleNamespace(correct=correct, split=SimpleNamespace(query_conditions=["a", "b", "b", "a"]))
-    assert nb.pick_queries(result, 4, success=True) == [0, 2]
-    assert nb.pick_queries(result, 4, success=False) == [1, 3]
-    assert nb.pick_queries(result, 1, success=False) == [3]  # condition "a" first
+    assert analysis.pick_queries(result, 4, success=True) == [0, 2]
+    assert analysis.pick_queries(result, 4, success=False) == [1, 3]
+    assert analysis.pick_queries(result, 1, success=False) == [3]  # condition "a" first
 
 
 def test_agreement():
     d = np.eye(3, dtype=np.float32)
     a = SimpleNamespace(query_descriptors=d, predictions=np.array([[0], [1], [2]]))
     b = SimpleNamespace(query_descriptors=d[[0, 2, 1]], predictions=np.array([[0], [2], [2]]))
-    out = nb.agreement(a, a)
+    out = analysis.agreement(a, a)
     assert out == {"mean cosine": 1.0, "L_D": 0.0, "same top-1 (%)": 100.0}
-    out = nb.agreement(a, b)
+    out = analysis.agreement(a, b)
     assert out["mean cosine"] == pytest.approx(1 / 3, abs=1e-3) and out["same top-1 (%)"] == pytest.approx(66.7)
 
 
 def test_parameter_counts_and_preset_table():
-    table = nb.preset_table(("SciceVPR-B",))
+    table = analysis.preset_table(("SciceVPR-B",))
     row = table.iloc[0]
     assert row["M*C"] == 3072 and row["C_mix"] == 768 and row["descriptor"] == 10752 and row["grid"] == "16x16"
     assert row["1x1 conv (M)"] == pytest.approx((3072 * 768 + 768) / 1e6, abs=0.01)

@@ -1,0 +1,322 @@
+"""The notebooks' measurements: what they compute about the models and the data, beside the
+plots (:mod:`scicevpr.viz`) and the notebooks' switch (:mod:`scicevpr.notebook`).
+
+- **Notebook 01, multi-layer DINOv2 features** (paper Sec. III-A): :func:`layer_features`,
+  :func:`linear_cka` / :func:`layer_similarity` (how alike the blocks are), :func:`layer_descriptors`
+  / :func:`layer_recall_table` (Recall@N of single and fused blocks), :func:`demo_pairs`.
+- **Notebook 02, the fusion module** (paper Fig. 5): :func:`influence_maps` (channel fusion vs
+  token mixing), :func:`gem_analysis` (GeM's p between mean and max), :func:`parameter_counts`,
+  :func:`preset_table`.
+- **Notebook 04, distillation**: :func:`training_batch`, :func:`initial_student`,
+  :func:`descriptor_cosines`, :func:`agreement` (how closely the student follows the teacher).
+- **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`pick_queries`.
+
+Every function takes models, splits and tensors; the ones that need the notebooks' sizes take the
+:class:`~scicevpr.notebook.NotebookSettings`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .precision import autocast, model_device
+
+if TYPE_CHECKING:
+    from .notebook import NotebookSettings
+
+
+def load_images(paths, image_size: int, device: str | torch.device | None = None) -> torch.Tensor:
+    """Image files -> (N, 3, S, S) normalised tensor, with the evaluation transform, on
+    ``device`` (default the CPU; pass ``settings.device`` to feed a model directly)."""
+    from .data.decode import load_rgb
+    from .data.transforms import eval_transform
+
+    t = eval_transform(image_size)
+    x = torch.stack([t(load_rgb(p)) for p in paths])
+    return x if device is None else x.to(device)
+
+
+def patch_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, 1 + H*W, C) ViT tokens (CLS first) -> (B, C, H, W) patch-feature maps."""
+    B, N, C = tokens.shape
+    H, W = grid
+    if N != 1 + H * W:
+        raise ValueError(f"{N} tokens do not fit a CLS token + a {H} x {W} grid")
+    return tokens[:, 1:].transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, HW) -> (B, C, H, W)
+
+
+@torch.no_grad()
+def layer_features(backbone, images: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+    """Patch features of several DINOv2 blocks (after the final LayerNorm, as SciceVPR takes
+    them): block -> (N, C, H, W), float32 on the CPU. ``images`` may be on any device: they are
+    moved to the backbone's."""
+    layers = list(layers)
+    images = images.to(model_device(backbone))
+    grid = backbone.grid_size(images.shape[-2], images.shape[-1])
+    outs = backbone.get_intermediate_layers(images, layers)  # M x (N, 1 + HW, C)
+    return {l: patch_maps(o, grid).float().cpu() for l, o in zip(layers, outs)}
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al. 2019) of two (n, d1), (n, d2)
+    representations of the same n samples: 1 = the same up to rotation and scale."""
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    cross = (b.T @ a).norm() ** 2
+    return float(cross / ((a.T @ a).norm() * (b.T @ b).norm()))
+
+
+def layer_similarity(features: dict[int, torch.Tensor]) -> np.ndarray:
+    """Linear CKA between the patch features of every pair of blocks: (L, L) matrix.
+    ``features``: block -> (N, C, H, W) (all patches of all images are the samples)."""
+    flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features.values()]  # (N*H*W, C)
+    n = len(flat)
+    m = np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            m[i, j] = m[j, i] = linear_cka(flat[i], flat[j])
+    return m
+
+
+def _gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """GeM over the tokens of (B, C, H, W) maps -> (B, C), through the project's pooling."""
+    from .pooling import MultiRegionGeM
+
+    pool = MultiRegionGeM(tuple(x.shape[-2:]), p, eps, normalize_output=False).to(x.device)
+    return pool(x)[:, 0]  # region 0: the whole map
+
+
+@torch.no_grad()
+def layer_descriptors(model, paths, layers, settings: "NotebookSettings", fusions=None) -> dict[str, np.ndarray]:
+    """Simple global descriptors from single DINOv2 blocks and from fused blocks.
+
+    Each block's patch features are GeM-pooled (p = 3) over the whole image and
+    L2-normalised; ``"blocks a-b fused"`` concatenates the descriptors of a group of blocks
+    before normalising (``fusions``: groups of block indices, default the model's
+    ``config.layers``). No trained weight is involved, so this measures what the frozen
+    backbone's blocks carry. Returns name -> (N, D) float32.
+    """
+    from .evaluate import iterate_images
+
+    fusions = [tuple(model.config.layers)] if fusions is None else [tuple(f) for f in fusions]
+    layers = sorted(set(layers).union(*map(set, fusions)))
+    backbone = model.backbone
+    device = model_device(backbone)
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    for x, _ in iterate_images(paths, model.image_size, settings.eval_batch_size, device, settings.num_workers,
+                               False, progress=False):
+        with autocast(device, settings.amp):
+            feats = layer_features(backbone, x, layers)
+        for l, f in feats.items():
+            out[l].append(torch.nn.functional.normalize(_gem(f.float()), dim=-1))
+    desc = {f"block {l}": torch.cat(v).numpy() for l, v in out.items()}
+    for fused in dict.fromkeys(fusions):
+        cat = torch.cat([torch.cat(out[l]) for l in fused], dim=1)
+        desc[fusion_name(fused)] = torch.nn.functional.normalize(cat, dim=-1).numpy()
+    return desc
+
+
+def fusion_name(layers) -> str:
+    """``"blocks 8-11 fused"`` for consecutive blocks, ``"blocks 2+5+9 fused"`` otherwise."""
+    layers = list(layers)
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"blocks {layers[0]}-{layers[-1]} fused"
+    return "blocks " + "+".join(map(str, layers)) + " fused"
+
+
+def layer_recall_table(model, split, layers, settings: "NotebookSettings", fusions=None) -> pd.DataFrame:
+    """Recall@N on ``split`` of each :func:`layer_descriptors` descriptor (exact L2 search)."""
+
+    from .evaluate import score
+
+    db = layer_descriptors(model, split.database_paths, layers, settings, fusions)
+    q = layer_descriptors(model, split.query_paths, layers, settings, fusions)
+    rows = []
+    for name in db:
+        res = score(None, split, db[name], q[name], settings.eval_config())
+        rows.append({"features": name, "dim": db[name].shape[1], **{f"R@{n}": round(v, 2) for n, v in res.recalls.items()}})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def influence_maps(fusion, x: torch.Tensor, token: tuple[int, int], delta: float = 1.0) -> dict[str, np.ndarray]:
+    """Which output tokens change when one input token changes, after each fusion step.
+
+    ``x``: (1, M*C, H, W) concatenated block features. The token at ``token`` = (row, col) is
+    shifted by ``delta`` times a fixed random direction; returns step name -> (H, W) mean
+    absolute change per output token, after the 1x1 channel fusion and after the token mixers.
+    """
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(x.shape[1], generator=g).to(x) * delta
+    x2 = x.clone()
+    x2[0, :, token[0], token[1]] += d
+    c1, c2 = fusion.channel_fusion(x), fusion.channel_fusion(x2)
+    m1, m2 = fusion.mix_tokens(c1), fusion.mix_tokens(c2)
+    return {
+        "after 1x1 channel fusion": (c2 - c1).abs().mean(1)[0].cpu().numpy(),
+        "after the token mixers": (m2 - m1).abs().mean(1)[0].cpu().numpy(),
+    }
+
+
+@torch.no_grad()
+def gem_analysis(fmap: torch.Tensor, ps=(1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32), shown=(1, 3, 16), eps: float = 1e-6):
+    """How GeM's exponent p moves the pooled value from the mean to the max.
+
+    ``fmap``: (C, H, W) non-negative map (the fused features). Returns ``(ps, position,
+    weights)``: ``position[i]`` is the mean over channels of ``(GeM_p - mean) / (max - mean)``
+    (0 = average pooling, 1 = max pooling); ``weights[p]`` the (H, W) share of each token in
+    ``GeM_p`` of a typical channel (median spread) (``x^p / sum x^p``).
+    """
+    x = fmap.detach().float().cpu().clamp(min=eps)  # (C, H, W), any device in; a small map
+    mean = x.mean((1, 2))
+    mx = x.amax((1, 2))
+    ok = (mx - mean) > 1e-6
+    position = []
+    for p in ps:
+        g = _gem(x[None], p, eps)[0]
+        position.append(float(((g - mean)[ok] / (mx - mean)[ok]).mean()))
+    valid = torch.nonzero(ok).flatten()
+    spread = (mx - mean)[valid] / mean[valid].clamp(min=eps)  # peakiness of each channel
+    c = int(valid[torch.argsort(spread)[len(valid) // 2]])  # the median channel
+    weights = {}
+    for p in shown:
+        w = x[c].double() ** p
+        weights[p] = (w / w.sum()).numpy()
+    return list(ps), np.array(position), weights
+
+
+def parameter_counts(model) -> pd.DataFrame:
+    """Parameters of each part of a model: name, parameters, trainable (in millions too)."""
+
+    parts = [("DINOv2 backbone (frozen)", model.backbone)]
+    fusion = getattr(model, "fusion", None)
+    if fusion is not None:
+        parts += [("1x1 channel fusion", fusion.conv), ("token mixers", fusion.token_mixers)]
+    parts += [("GeM p", model.pool), (f"{type(model.encoder).__name__}", model.encoder)]
+    rows = []
+    for name, module in parts:
+        n = sum(p.numel() for p in module.parameters())
+        t = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        rows.append({"part": name, "parameters": n, "trainable": t})
+    df = pd.DataFrame(rows)
+    total = pd.DataFrame([{"part": "total", "parameters": int(df["parameters"].sum()), "trainable": int(df["trainable"].sum())}])
+    return pd.concat([df, total], ignore_index=True)
+
+
+def descriptor_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) descriptor matrices of the same images."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def agreement(student, teacher) -> dict[str, float]:
+    """How closely a student's evaluation result follows its teacher's on the same split:
+    mean cosine similarity of the query descriptors, L_D (mean squared L2 distance), and the
+    share of queries whose nearest database image is the same (percent)."""
+    cos = descriptor_cosines(student.query_descriptors, teacher.query_descriptors)
+    l_d = float(((student.query_descriptors - teacher.query_descriptors) ** 2).sum(1).mean())
+    same = float(100.0 * (student.predictions[:, 0] == teacher.predictions[:, 0]).mean())
+    return {"mean cosine": round(float(cos.mean()), 3), "L_D": round(l_d, 3), "same top-1 (%)": round(same, 1)}
+
+
+def pick_queries(result, n: int = 4, success: bool = True, conditions=None) -> list[int]:
+    """``n`` queries whose first retrieval is correct (``success``) or wrong, spread over the
+    query conditions when the split has them; deterministic."""
+    ok = result.correct[:, 0] if result.correct.shape[1] else np.zeros(len(result.correct), bool)
+    idx = np.flatnonzero(ok if success else ~ok)
+    if len(idx) == 0:
+        return []
+    conditions = conditions if conditions is not None else result.split.query_conditions
+    if conditions is None:
+        return idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int)].tolist()
+    chosen: list[int] = []
+    by_cond: dict[str, list[int]] = {}
+    for i in idx:
+        by_cond.setdefault(conditions[i], []).append(int(i))
+    while len(chosen) < min(n, len(idx)):
+        for cond in sorted(by_cond):
+            if by_cond[cond] and len(chosen) < n:
+                chosen.append(by_cond[cond].pop(0))
+    return sorted(chosen)
+
+
+def demo_pairs(split, n_pairs: int = 2, conditions=("night", "fog", "snow", "rain", "dusk", "autumn")):
+    """Example images: ``n_pairs`` queries in hard conditions, each followed by its nearest
+    true-positive database image (the same place seen by day). Returns ``(paths, captions)``."""
+    conds = split.query_conditions or ["query"] * split.num_queries
+    paths, captions = [], []
+    for cond in conditions:
+        for q in range(split.num_queries):
+            if conds[q] == cond and len(split.positives[q]):
+                d = int(split.positives[q][0])
+                dist = float(np.linalg.norm(split.query_utms[q] - split.database_utms[d]))
+                paths += [split.query_paths[q], split.database_paths[d]]
+                captions += [f"query {q} ({cond})", f"database {d} ({dist:.0f} m away)"]
+                break
+        if len(paths) >= 2 * n_pairs:
+            break
+    return paths, captions
+
+
+def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), **overrides) -> pd.DataFrame:
+    """Sizes of each preset at its image size: channels, grid, descriptor dimension and
+    parameter counts of every part (models built on the ``meta`` device: nothing is
+    allocated or loaded). Parameter counts are in millions."""
+
+    from .factory import create_model
+
+    rows = []
+    for name in presets:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.device("meta"):
+                teacher = create_model("SuperCricaVPR", name, weights=None, **overrides)
+                student = create_model("SciceVPR", name, weights=None, **overrides)
+        cfg = teacher.config
+
+        def millions(module) -> float:
+            return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
+
+        rows.append({
+            "preset": name, "DINOv2": cfg.backbone.arch, "blocks fused": f"{cfg.layers[0]}-{cfg.layers[-1]}",
+            "M*C": cfg.in_channels, "C_mix": cfg.mix_dim, "grid": f"{cfg.grid_size}x{cfg.grid_size}",
+            "descriptor": cfg.descriptor_dim, "backbone (M)": millions(teacher.backbone),
+            "1x1 conv (M)": millions(teacher.fusion.conv), "token mixers (M)": millions(teacher.fusion.token_mixers),
+            "teacher encoder (M)": millions(teacher.encoder), "student encoder (M)": millions(student.encoder),
+        })
+    return pd.DataFrame(rows)
+
+
+def initial_student(teacher, seed: int = 0):
+    """The stage-2 student before any distillation step, exactly as training starts it:
+    :meth:`SciceVPR.from_teacher` under ``torch.manual_seed(seed)`` (shared frozen backbone,
+    frozen copy of the teacher's 1x1 conv, fresh token mixers, GeM and encoder)."""
+    from .models import SciceVPR
+
+    return SciceVPR.from_teacher(teacher, seed=seed).eval()
+
+
+def training_batch(dataset, places, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (P, K, 3, S, S) images and (P, K) place ids that ``dataset`` (a GSVCitiesDataset)
+    yields for the place indices ``places`` at ``epoch``, augmentations included."""
+    dataset.set_epoch(epoch)
+    items = [dataset[i] for i in places]
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def pixel_baseline_row(split, thumb: int = 32, ns=(1, 5, 10, 100)) -> dict[str, Any]:
+    """Recall@N (percent) of nearest neighbours on raw ``thumb`` x ``thumb`` RGB thumbnails
+    (:func:`scicevpr.evaluate.pixel_baseline_recall`): the floor any learned descriptor should
+    beat. A table row (``features``/``model`` = name)."""
+    from .evaluate import pixel_baseline_recall
+
+    recalls = pixel_baseline_recall(split, thumb=thumb, recall_values=ns)
+    name = f"raw pixels {thumb}x{thumb} (baseline)"
+    return {"features": name, "model": name, "dim": thumb * thumb * 3,
+            **{f"R@{n}": round(v, 2) for n, v in recalls.items()}}
