@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install torch torchvision --index-url $(TORCH_INDEX))
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,notebooks]'
 	# The official DINOv2 model code, used only by the parity tests (its pinned deps are not needed).
 	$(PY) -m pip install --no-deps dinov2==0.0.1.dev2
 	$(PY) -c "import matplotlib.font_manager"
