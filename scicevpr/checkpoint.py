@@ -35,7 +35,7 @@ previous file intact. A checkpoint holds tensors and plain Python types only (no
 objects), so it loads with ``torch.load(..., weights_only=True)``.
 
 Loading: :func:`load_model` is the one door for a trained model, used by training (the stage-2
-teacher), the command line, ``torch.hub`` and the notebooks. :func:`scicevpr.files.read_model_file`
+teacher, in the notebooks too), the command line and ``torch.hub``. :func:`scicevpr.files.read_model_file`
 reads the file and tells a native checkpoint (rebuilt from its own record, :func:`model_from_checkpoint`)
 from an authors' one (unwrapped, then loaded into :func:`scicevpr.create_model`'s model of the
 class and preset the caller names, with :meth:`~scicevpr.models.VPRModel.load_official`).
