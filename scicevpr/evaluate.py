@@ -302,6 +302,19 @@ def chance_recall(num_database: int, positives: Sequence[np.ndarray], recall_val
     return out
 
 
+def informative_recall_values(
+    num_database: int, chance: dict[int, float], recall_values: Sequence[int] = (1, 5, 10, 100),
+    max_share: float = 0.1, max_chance: float = 90.0,
+) -> tuple[int, ...]:
+    """The N of ``recall_values`` worth reporting on a split: those whose top N is at most
+    ``max_share`` of the database (R@100 needs 1,000 database images) and whose chance level
+    (:func:`chance_recall`) is at most ``max_chance`` percent. A recall that a random ranking
+    nearly reaches says nothing about the model. N = 1 is always kept."""
+    keep = [int(n) for n in recall_values
+            if int(n) == 1 or (int(n) <= max_share * num_database and chance.get(int(n), 0.0) <= max_chance)]
+    return tuple(keep)
+
+
 def pixel_descriptors(paths: Sequence[PathLike], thumb: int = 32, grayscale: bool = False) -> np.ndarray:
     """(N, thumb * thumb * channels) float32 descriptors: each image bilinearly shrunk to
     ``thumb`` x ``thumb`` pixels, values in [0, 1]."""
@@ -312,15 +325,22 @@ def pixel_descriptors(paths: Sequence[PathLike], thumb: int = 32, grayscale: boo
     return np.stack(out)
 
 
+def pixel_baseline_result(split: VGSplit, thumb: int = 32, grayscale: bool = False,
+                          recall_values: Sequence[int] = (1, 5, 10)) -> "EvalResult":
+    """Raw pixels (:func:`pixel_descriptors`) scored through the same exact :func:`search` and
+    :func:`recall_at_n` as every model (:func:`score`): an :class:`EvalResult`, so the floor any
+    learned descriptor must beat has intervals and a chance level like the models."""
+    db, q = pixel_descriptors(split.database_paths, thumb, grayscale), pixel_descriptors(split.query_paths, thumb, grayscale)
+    name = f"raw pixels {thumb}x{thumb}{' grey' if grayscale else ''} (baseline)"
+    return score(None, split, db, q, EvalConfig(recall_values=tuple(recall_values)), name=name)
+
+
 def pixel_baseline_recall(split: VGSplit, thumb: int = 32, grayscale: bool = False,
                           recall_values: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Recall@N in percent of raw pixels (:func:`pixel_descriptors`) through the same exact
-    :func:`search` and :func:`recall_at_n` as every model: the floor any learned descriptor must
-    beat. Low on the synthetic benchmark, whose queries come in other conditions and at other
-    viewpoints than the database."""
-    db, q = pixel_descriptors(split.database_paths, thumb, grayscale), pixel_descriptors(split.query_paths, thumb, grayscale)
-    _, predictions = search(db, q, max(recall_values))
-    return recall_at_n(predictions, split.positives, recall_values)[0]
+    """Recall@N in percent of raw pixels (:func:`pixel_baseline_result`): the floor any learned
+    descriptor must beat. Low on the synthetic benchmark, whose queries come in other conditions
+    and at other viewpoints than the database."""
+    return pixel_baseline_result(split, thumb, grayscale, recall_values).recalls
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,15 +471,23 @@ class EvalResult:
     pca_dim: int | None = None
     per_condition: pd.DataFrame | None = field(default=None)
 
-    def table(self) -> pd.DataFrame:
-        """One row: model, dataset, split, dimension, R@N columns (percent, 2 decimals)."""
+    def table(self, intervals: bool = False, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """One row: model, dataset, split, dimension, R@N columns (percent, 2 decimals).
+
+        ``intervals``: each ``R@N`` is followed by ``R@N lo`` and ``R@N hi``, its bootstrap
+        interval over the queries (:meth:`intervals`); :func:`scicevpr.viz.format_recalls`
+        writes them as "11.4 [8.8, 14.2]"."""
         row = {
             "model": self.model_name,
             "dataset": self.split.dataset,
             "split": self.split.split,
             "dim": self.query_descriptors.shape[1],
         }
-        row.update({f"R@{n}": round(v, 2) for n, v in self.recalls.items()})
+        bounds = self.intervals(level, seed) if intervals else {}
+        for n, v in self.recalls.items():
+            row[f"R@{n}"] = round(v, 2)
+            if intervals:
+                row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
         return pd.DataFrame([row])
 
     def intervals(self, level: float = 0.95, seed: int = 0) -> dict[int, tuple[float, float]]:
@@ -515,9 +543,12 @@ def load_descriptor_folder(folder: PathLike, split: VGSplit) -> tuple[np.ndarray
 
 
 def recall_by_condition(
-    correct: np.ndarray, conditions: Sequence[str], recall_values: Sequence[int] = (1, 5, 10, 100)
+    correct: np.ndarray, conditions: Sequence[str], recall_values: Sequence[int] = (1, 5, 10, 100),
+    intervals: bool = False, level: float = 0.95, seed: int = 0,
 ) -> pd.DataFrame:
-    """Recall@N per query condition (night, fog, ...): one row per condition plus "all"."""
+    """Recall@N per query condition (night, fog, ...): one row per condition plus "all".
+    ``intervals``: ``R@N lo`` / ``R@N hi`` columns, the bootstrap interval over that
+    condition's queries (:func:`recall_intervals`)."""
     conditions = np.asarray(conditions)
     if len(conditions) != correct.shape[0]:
         raise ValueError(f"{len(conditions)} conditions for {correct.shape[0]} queries")
@@ -526,7 +557,11 @@ def recall_by_condition(
     for cond in [*sorted(set(conditions.tolist())), "all"]:
         mask = np.ones(len(conditions), bool) if cond == "all" else conditions == cond
         row = {"condition": cond, "queries": int(mask.sum())}
-        row.update({f"R@{n}": round(v, 2) for n, v in recalls_from_ranks(ranks[mask], recall_values).items()})
+        bounds = recall_intervals(correct[mask], recall_values, level=level, seed=seed) if intervals else {}
+        for n, v in recalls_from_ranks(ranks[mask], recall_values).items():
+            row[f"R@{n}"] = round(v, 2)
+            if intervals:
+                row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -583,6 +618,66 @@ def score(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class StabilityFeatures:
+    """What a batch-stability sweep reuses: the per-image regional features of the queries
+    (computed once: they do not depend on the batch), the database descriptors (file order,
+    batches of ``database_batch_size``) and the query descriptors encoded one at a time."""
+
+    queries: torch.Tensor  # (N_q, R, C) regional features
+    database: np.ndarray  # (N_db, D)
+    alone: np.ndarray  # (N_q, D), batch size 1
+    amp: bool = False
+    group_size: int | None = None
+
+    def top1(self, queries: np.ndarray) -> np.ndarray:
+        """(N_q,) index of each query's nearest database image (exact L2 :func:`search`)."""
+        return search(self.database, queries, 1)[1][:, 0]
+
+
+def stability_features(model: torch.nn.Module, split: VGSplit, config: EvalConfig = EvalConfig(),
+                       database_batch_size: int = 16) -> StabilityFeatures:
+    """The :class:`StabilityFeatures` of ``model`` on ``split`` (one backbone pass per image)."""
+    q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
+    db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
+    amp = amp_enabled(config, model_device(model))
+    g = config.encoder_group_size
+    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
+    alone = encode_in_batches(model, q_regional, 1, amp=amp)
+    return StabilityFeatures(q_regional, db, alone, amp, g)
+
+
+def batch_orders(num_queries: int, num_orders: int, seed: int = 0) -> list[np.ndarray]:
+    """File order (order 0), then ``num_orders - 1`` seeded random permutations of the queries."""
+    rng = np.random.default_rng(seed)
+    return [np.arange(num_queries)] + [rng.permutation(num_queries) for _ in range(num_orders - 1)]
+
+
+def batch_companions(order: np.ndarray, batch_size: int, query: int) -> list[int]:
+    """The other queries that share ``query``'s batch when ``order`` is cut into consecutive
+    batches of ``batch_size`` (as :func:`encode_in_batches` does)."""
+    pos = int(np.flatnonzero(np.asarray(order) == query)[0])
+    start = pos - pos % batch_size
+    return [int(i) for i in order[start : start + batch_size] if int(i) != query]
+
+
+@torch.no_grad()
+def encode_with_companions(model: torch.nn.Module, features: StabilityFeatures, query: int,
+                           companions: Sequence[int]) -> np.ndarray:
+    """(D,) descriptor of ``query`` encoded in one batch with ``companions`` (query indices):
+    the experiment of the paper's Fig. 1 for any choice of batch."""
+    idx = [int(query), *[int(c) for c in companions if int(c) != int(query)]]
+    order = np.asarray(idx)
+    out = encode_in_batches(model, features.queries[torch.as_tensor(order)], len(idx), amp=features.amp,
+                            group_size=features.group_size)
+    return out[0]
+
+
+def top1_changes(top1: np.ndarray, reference: np.ndarray) -> int:
+    """How many queries have another nearest database image than in ``reference``."""
+    return int((np.asarray(top1) != np.asarray(reference)).sum())
+
+
 def batch_stability(
     model: torch.nn.Module,
     split: VGSplit,
@@ -592,31 +687,36 @@ def batch_stability(
     database_batch_size: int = 16,
     config: EvalConfig = EvalConfig(),
     name: str | None = None,
+    features: StabilityFeatures | None = None,
 ) -> pd.DataFrame:
     """Recall of ``model`` when the queries are encoded with other batch sizes and orders.
 
     The database is encoded in file order, in batches of ``database_batch_size``; the queries
     with every batch size in ``query_batch_sizes``, in file order (``order`` 0) and in
     ``num_orders - 1`` random orders (1, 2, ...). Returns a tidy table: one row per
-    (batch_size, order) with R@N and ``max_abs_change``, the largest change of any query
-    descriptor component relative to encoding the queries one at a time.
+    (batch_size, order) with R@N and, against encoding the queries one at a time (batch size 1):
+    ``top1_changed`` (queries whose nearest database image is another one, the paper's Fig. 1),
+    ``min_cosine`` / ``mean_cosine`` (cosine of each query descriptor to its batch-size-1 one) and
+    ``max_abs_change`` (the largest change of any descriptor component); ``typical_component``
+    is the median |component| of the batch-size-1 descriptors, the scale to read changes on.
+    ``features``: a :func:`stability_features` result to reuse (else computed here).
     """
     name = name or f"{type(model).__name__}"
-    q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
-    db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
-    amp = amp_enabled(config, model_device(model))
-    g = config.encoder_group_size
-    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
-    alone = encode_in_batches(model, q_regional, 1, amp=amp)
-    rng = np.random.default_rng(seed)
-    orders = [np.arange(split.num_queries)] + [rng.permutation(split.num_queries) for _ in range(num_orders - 1)]
+    f = features if features is not None else stability_features(model, split, config, database_batch_size)
+    alone = f.alone
+    top1_alone = score(None, split, f.database, alone, config).predictions[:, 0]
+    typical = float(np.median(np.abs(alone)))
     rows = []
     for bs in query_batch_sizes:
-        for o, order in enumerate(orders):
-            q = alone if bs == 1 and o == 0 else encode_in_batches(model, q_regional, bs, order, amp=amp, group_size=g)
-            res = score(None, split, db, q, config)
+        for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
+            q = alone if bs == 1 and o == 0 else encode_in_batches(model, f.queries, bs, order, amp=f.amp, group_size=f.group_size)
+            res = score(None, split, f.database, q, config)
+            cos = (q * alone).sum(1) / np.maximum(np.linalg.norm(q, axis=1) * np.linalg.norm(alone, axis=1), 1e-12)
             row = {"model": name, "batch_size": bs, "order": o,
-                   "max_abs_change": float(np.abs(q - alone).max())}
+                   "max_abs_change": float(np.abs(q - alone).max()),
+                   "top1_changed": top1_changes(res.predictions[:, 0], top1_alone),
+                   "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                   "typical_component": typical}
             row.update({f"R@{n}": round(v, 2) for n, v in res.recalls.items()})
             rows.append(row)
     return pd.DataFrame(rows)

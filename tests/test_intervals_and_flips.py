@@ -1,0 +1,177 @@
+"""Bootstrap intervals in tables and plots, the R@N reporting rule, the paper's Fig. 1 counted
+(top-1 changes under other batchings) and where wrong matches lie."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scicevpr import analysis, viz
+from scicevpr.evaluate import (
+    EvalConfig,
+    EvalResult,
+    StabilityFeatures,
+    batch_companions,
+    batch_orders,
+    batch_stability,
+    chance_recall,
+    encode_in_batches,
+    encode_with_companions,
+    informative_recall_values,
+    recall_by_condition,
+    score,
+    top1_changes,
+)
+
+CFG = EvalConfig(num_workers=0, progress=False, recall_values=(1, 5))
+
+
+class BatchMixer(torch.nn.Module):
+    """A toy encoder: each descriptor is its image's mean regional feature plus ``mix`` times
+    the batch mean (``mix = 0``: independent of the batch, like SciceVPR's student)."""
+
+    def __init__(self, dim: int, mix: float) -> None:
+        super().__init__()
+        self.mix = mix
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.descriptor_dim = dim
+
+    def encode(self, r: torch.Tensor, num_groups: int = 1) -> torch.Tensor:
+        x = r.mean(1) * self.scale  # (B, R, C) -> (B, C)
+        x = x + self.mix * x.mean(0, keepdim=True)
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+def toy_world(mix: float):
+    """8 database points on a circle, 8 queries between neighbours: a batch-mean shift moves
+    some queries' nearest database point (with ``mix`` > 0)."""
+    angles_db = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    db = np.stack([np.cos(angles_db), np.sin(angles_db)], 1).astype(np.float32)
+    angles_q = angles_db + np.pi / 8 + np.linspace(-0.05, 0.05, 8)
+    q = np.stack([np.cos(angles_q), np.sin(angles_q)], 1).astype(np.float32)
+    regional = torch.as_tensor(q)[:, None, :].repeat(1, 3, 1)  # (N_q, R = 3, C = 2)
+    model = BatchMixer(2, mix).eval()
+    alone = encode_in_batches(model, regional, 1)
+    split = SimpleNamespace(num_queries=8, num_database=8, positives=[np.array([i]) for i in range(8)],
+                            query_conditions=None, dataset="toy", split="test")
+    return model, StabilityFeatures(regional, db, alone), split
+
+
+def test_top1_changes_by_hand():
+    assert top1_changes(np.array([1, 2, 3, 4]), np.array([1, 0, 3, 0])) == 2
+    assert top1_changes(np.array([5]), np.array([5])) == 0
+
+
+def test_batch_companions_follow_the_order():
+    order = np.array([3, 0, 2, 1, 4])
+    assert batch_companions(order, 2, 0) == [3]
+    assert batch_companions(order, 2, 4) == []  # the last, partial batch
+    assert batch_companions(order, 5, 2) == [3, 0, 1, 4]
+    assert batch_orders(5, 3, seed=0)[0].tolist() == [0, 1, 2, 3, 4]
+    assert [o.tolist() for o in batch_orders(5, 3, seed=0)] == [o.tolist() for o in batch_orders(5, 3, seed=0)]
+
+
+def test_batch_dependent_toy_flips_top1_and_independent_one_does_not():
+    model, features, split = toy_world(mix=1.5)
+    table = batch_stability(model, split, query_batch_sizes=(1, 2, 8), num_orders=2, config=CFG, features=features)
+    alone_row = table[(table["batch_size"] == 1) & (table["order"] == 0)].iloc[0]
+    assert alone_row["top1_changed"] == 0 and alone_row["mean_cosine"] == pytest.approx(1.0)
+    assert table["top1_changed"].max() > 0
+    assert table["min_cosine"].min() < 0.999
+    assert (table["typical_component"] > 0).all()
+
+    flat_model, flat_features, _ = toy_world(mix=0.0)
+    flat = batch_stability(flat_model, split, query_batch_sizes=(1, 2, 8), num_orders=2, config=CFG, features=flat_features)
+    assert (flat["top1_changed"] == 0).all() and (flat["max_abs_change"] == 0).all()
+    assert flat["min_cosine"].min() == pytest.approx(1.0)
+
+
+def test_encode_with_companions_is_the_batch_encoding():
+    model, features, _ = toy_world(mix=1.5)
+    together = encode_in_batches(model, features.queries[torch.tensor([2, 5, 7])], 3)
+    np.testing.assert_allclose(encode_with_companions(model, features, 2, [5, 7]), together[0], atol=1e-6)
+    np.testing.assert_allclose(encode_with_companions(model, features, 2, []), features.alone[2], atol=1e-6)
+
+
+def test_flip_example_finds_a_changed_query_or_none():
+    model, features, split = toy_world(mix=1.5)
+    ex = analysis.flip_example(model, features, split, batch_size=2, num_orders=1)
+    assert ex is not None and ex["top1_a"] != ex["top1_b"]
+    assert ex["query"] not in ex["companions"] and len(ex["companions"]) == 1
+    flat_model, flat_features, _ = toy_world(mix=0.0)
+    assert analysis.flip_example(flat_model, flat_features, split, batch_size=2, num_orders=2) is None
+
+
+def _result(correct_top1, n_db=20):
+    n_q = len(correct_top1)
+    predictions = np.array([[i if ok else (i + 10) % n_db, (i + 1) % n_db] for i, ok in enumerate(correct_top1)])
+    split = SimpleNamespace(num_queries=n_q, num_database=n_db, positives=[np.array([i]) for i in range(n_q)],
+                            query_conditions=None, dataset="toy", split="test", radius=25.0,
+                            query_utms=np.array([[10.0 * i, 0.0] for i in range(n_q)]),
+                            database_utms=np.array([[10.0 * i + 1, 0.0] for i in range(n_db)]),
+                            query_metadata=None, database_metadata=None)
+    correct = np.stack([[predictions[i, j] in split.positives[i] for j in range(2)] for i in range(n_q)])
+    d = np.zeros((n_q, 4), np.float32)
+    return EvalResult(split, {1: 100.0 * correct[:, 0].mean(), 5: 100.0 * correct.any(1).mean()}, predictions,
+                      np.zeros(predictions.shape), correct, np.zeros((n_db, 4), np.float32), d, "toy")
+
+
+def test_table_intervals_bracket_the_recall_and_format():
+    res = _result([True, False, True, True, False, True, False, True])
+    plain = res.table()
+    assert "R@1 lo" not in plain
+    t = res.table(intervals=True)
+    assert list(t.columns[-6:]) == ["R@1", "R@1 lo", "R@1 hi", "R@5", "R@5 lo", "R@5 hi"]
+    row = t.iloc[0]
+    assert row["R@1 lo"] <= row["R@1"] <= row["R@1 hi"] and row["R@1 hi"] - row["R@1 lo"] > 10
+    shown = viz.format_recalls(t)
+    assert "R@1 lo" not in shown and shown.iloc[0]["R@1"] == f"62.5 [{row['R@1 lo']:.1f}, {row['R@1 hi']:.1f}]"
+    assert viz.format_recalls(plain).iloc[0]["R@1"] == "62.5"
+
+
+def test_recall_by_condition_intervals():
+    correct = np.array([[True], [False], [True], [True]])
+    t = recall_by_condition(correct, ["day", "day", "night", "night"], (1,), intervals=True).set_index("condition")
+    assert t.loc["night", "R@1 lo"] == t.loc["night", "R@1 hi"] == 100.0  # every resample is all hits
+    assert t.loc["day", "R@1 lo"] <= 50.0 <= t.loc["day", "R@1 hi"]
+    kept = analysis.conditions_with_enough_queries(recall_by_condition(correct, ["day", "day", "night", "x"], (1,)), 2)
+    assert kept["condition"].tolist() == ["day", "all"]
+
+
+def test_informative_recall_values_rule():
+    # R@100 needs a database of 1,000 and a chance level not above 90%.
+    assert informative_recall_values(155, {1: 1.0, 5: 5.0, 10: 9.0, 100: 80.0}) == (1, 5, 10)
+    assert informative_recall_values(5000, {1: 0.1, 5: 0.5, 10: 1.0, 100: 10.0}) == (1, 5, 10, 100)
+    assert informative_recall_values(5000, {1: 50.0, 5: 91.0, 10: 95.0, 100: 99.0}) == (1,)
+    chance = chance_recall(1000, [np.arange(5)] * 3)
+    assert informative_recall_values(1000, chance)[-1] == 100
+
+
+def test_failure_breakdown_counts_wrong_queries():
+    res = _result([True, False, False, True])
+    table = analysis.failure_breakdown(res, near=50.0)
+    assert table["wrong top-1"].sum() == 2
+    assert table["share (%)"].sum() == pytest.approx(100.0)
+
+
+def test_plot_recalls_draws_intervals_chance_and_zero():
+    res = _result([False] * 4 + [True] * 4)
+    t = pd.concat([res.table(intervals=True), _result([False] * 8).table(intervals=True)], ignore_index=True)
+    fig = viz.plot_recalls(t, chance={1: 5.0, 5: 20.0}, label="toy")
+    ax = fig.axes[0]
+    assert viz.missing_labels(fig) == []
+    assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # chance
+    assert len(ax.containers) >= 4  # 2 bar groups + 2 error bar sets
+    flat = [line for line in ax.get_lines() if line.get_ydata()[0] == 0 and line.get_color() == "black"]
+    assert flat, "a zero bar gets a visible mark"
+    fig2 = viz.plot_recall_by_condition({"toy": recall_by_condition(res.correct, ["a"] * 4 + ["b"] * 4, (1,), intervals=True)},
+                                        "R@1", label="toy", chance={1: 5.0})
+    assert viz.missing_labels(fig2) == []
