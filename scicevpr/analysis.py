@@ -9,7 +9,9 @@ plots (:mod:`scicevpr.viz`) and the notebooks' switch (:mod:`scicevpr.notebook`)
   :func:`preset_table`.
 - **Notebook 04, distillation**: :func:`training_batch`, :func:`initial_student`,
   :func:`descriptor_cosines`, :func:`agreement` (how closely the student follows the teacher).
-- **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`pick_queries`.
+- **Notebook 03, the paper's Fig. 1**: :func:`flip_example` (a query whose best match changes with the batch).
+- **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`pick_queries`,
+  :func:`failure_breakdown` (where wrong matches lie), :func:`conditions_with_enough_queries`.
 
 Every function takes models, splits and tensors; the ones that need the notebooks' sizes take the
 :class:`~scicevpr.notebook.NotebookSettings`.
@@ -310,13 +312,78 @@ def training_batch(dataset, places, epoch: int = 0) -> tuple[torch.Tensor, torch
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
 
-def pixel_baseline_row(split, thumb: int = 32, ns=(1, 5, 10, 100)) -> dict[str, Any]:
+def pixel_baseline_row(split, thumb: int = 32, ns=(1, 5, 10, 100), intervals: bool = False) -> dict[str, Any]:
     """Recall@N (percent) of nearest neighbours on raw ``thumb`` x ``thumb`` RGB thumbnails
-    (:func:`scicevpr.evaluate.pixel_baseline_recall`): the floor any learned descriptor should
-    beat. A table row (``features``/``model`` = name)."""
-    from .evaluate import pixel_baseline_recall
+    (:func:`scicevpr.evaluate.pixel_baseline_result`): the floor any learned descriptor should
+    beat. A table row (``features``/``model`` = name); ``intervals``: with ``R@N lo`` / ``R@N hi``
+    (the bootstrap interval over queries, as ``EvalResult.table(intervals=True)``)."""
+    from .evaluate import pixel_baseline_result
 
-    recalls = pixel_baseline_recall(split, thumb=thumb, recall_values=ns)
-    name = f"raw pixels {thumb}x{thumb} (baseline)"
-    return {"features": name, "model": name, "dim": thumb * thumb * 3,
-            **{f"R@{n}": round(v, 2) for n, v in recalls.items()}}
+    result = pixel_baseline_result(split, thumb=thumb, recall_values=ns)
+    row = result.table(intervals=intervals).iloc[0].to_dict()
+    recalls = {k: v for k, v in row.items() if k.startswith("R@")}
+    return {"features": result.model_name, "model": result.model_name, "dim": thumb * thumb * 3, **recalls}
+
+
+def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 3, seed: int = 0) -> dict[str, Any] | None:
+    """The paper's Fig. 1 on ``split``: a query whose nearest database image alone (batch size 1)
+    differs from the one in a batch of ``batch_size`` (file order first, then the random orders
+    of :func:`scicevpr.evaluate.batch_orders`). Prefers a query that is right one way and wrong
+    the other; else the first flip. Returns ``query``, ``companions`` (the other queries of its
+    batch), ``top1_a`` (alone), ``top1_b`` (in the batch), ``order``, ``cosine`` (of the two
+    descriptors), or None when no query changes its top-1.
+
+    ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``."""
+    from .evaluate import batch_companions, batch_orders, encode_in_batches
+
+    top_alone = features.top1(features.alone)
+    fallback = None
+    for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
+        q = encode_in_batches(model, features.queries, batch_size, order, amp=features.amp, group_size=features.group_size)
+        top = features.top1(q)
+        for i in np.flatnonzero(top != top_alone):
+            pos = set(int(d) for d in split.positives[i])
+            ex = {"query": int(i), "companions": batch_companions(order, batch_size, int(i)), "order": o,
+                  "batch_size": batch_size, "top1_a": int(top_alone[i]), "top1_b": int(top[i]),
+                  "name_a": "alone", "name_b": f"in a batch of {batch_size}",
+                  "cosine": float(descriptor_cosines(q[i : i + 1], features.alone[i : i + 1])[0])}
+            if (int(top_alone[i]) in pos) != (int(top[i]) in pos):
+                return ex
+            fallback = fallback or ex
+    return fallback
+
+
+def failure_breakdown(result, near: float = 50.0) -> pd.DataFrame:
+    """Where the wrong top-1 retrievals of ``result`` (an ``EvalResult``) lie: a near miss
+    (farther than the positive radius but within ``near`` metres), the same street farther away,
+    or another street (the ``street`` column of the split's metadata; without it, "farther").
+    Counts and shares of the wrong queries. Far-away matches on other streets are where
+    look-alike places (perceptual aliasing) can act; this table does not say they did."""
+    split = result.split
+    wrong = np.flatnonzero(~result.correct[:, 0])
+    top = result.predictions[wrong, 0]
+    dist = np.linalg.norm(split.query_utms[wrong] - split.database_utms[top], axis=1)
+    qm, dm = split.query_metadata, split.database_metadata
+    has_street = qm is not None and dm is not None and "street" in qm and "street" in dm
+    kinds = []
+    for k, (i, d) in enumerate(zip(wrong, top)):
+        if dist[k] <= near:
+            kinds.append(f"near miss ({split.radius:.0f}-{near:.0f} m)")
+        elif has_street and qm["street"].iloc[i] == dm["street"].iloc[d]:
+            kinds.append(f"same street, > {near:.0f} m")
+        else:
+            kinds.append("another street" if has_street else f"> {near:.0f} m")
+    counts = pd.Series(kinds, dtype=object).value_counts()
+    order = [c for c in (f"near miss ({split.radius:.0f}-{near:.0f} m)", f"same street, > {near:.0f} m",
+                         "another street", f"> {near:.0f} m") if c in counts.index]
+    out = pd.DataFrame({"wrong top-1": [int(counts[c]) for c in order]}, index=pd.Index(order, name="where"))
+    out["share (%)"] = (100.0 * out["wrong top-1"] / max(len(wrong), 1)).round(1)
+    out["median distance (m)"] = [round(float(np.median(dist[np.array(kinds) == c])), 0) for c in order]
+    return out
+
+
+def conditions_with_enough_queries(table: pd.DataFrame, min_queries: int = 20) -> pd.DataFrame:
+    """The rows of a per-condition recall table (``recall_by_condition``) with at least
+    ``min_queries`` queries ("all" always kept): a recall over a handful of queries moves by
+    many points with one query, and its interval says so."""
+    return table[(table["queries"] >= min_queries) | (table["condition"] == "all")].reset_index(drop=True)

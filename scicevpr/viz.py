@@ -150,7 +150,9 @@ def save_png(fig: plt.Figure, path: str | os.PathLike, label: str | None = None,
 def save_table(table: pd.DataFrame, name: str, label: str | None = None, title: str | None = None,
                folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Write ``table`` as ``<name>.csv`` and ``<name>.md`` (a Markdown table preceded by its title
-    and its label) into ``figures/``; returns both paths."""
+    and its label) into ``figures/``; returns both paths. Recalls with ``R@N lo`` / ``R@N hi``
+    columns stay numbers in the CSV and are written "11.4 [8.8, 14.2]" in the Markdown
+    (:func:`format_recalls`)."""
     folder = Path(folder) if folder is not None else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = folder / f"{name}.csv", folder / f"{name}.md"
@@ -160,7 +162,8 @@ def save_table(table: pd.DataFrame, name: str, label: str | None = None, title: 
         lines += [f"**{title}**", ""]
     if label:
         lines += [f"_{label}_", ""]
-    lines.append(markdown_table(table))
+    has_intervals = any(f"{c} lo" in table for c in recall_columns(table))
+    lines.append(markdown_table(format_recalls(table) if has_intervals else table))
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -177,6 +180,28 @@ def markdown_table(table: pd.DataFrame) -> str:
     for _, r in table.iterrows():
         rows.append("| " + " | ".join(fmt(v) for v in r.tolist()) + " |")
     return "\n".join(rows)
+
+
+def recall_columns(table: pd.DataFrame) -> list[str]:
+    """The ``R@N`` columns of ``table`` in order (not their ``lo`` / ``hi`` companions)."""
+    return [c for c in table.columns if re.fullmatch(r"R@\d+", str(c))]
+
+
+def format_recalls(table: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
+    """A copy of ``table`` for display: each ``R@N`` with ``R@N lo`` / ``R@N hi`` columns
+    (:meth:`scicevpr.evaluate.EvalResult.table` with ``intervals=True``) becomes one text column
+    "11.4 [8.8, 14.2]" (the recall and its 95% bootstrap interval over queries); the ``lo`` /
+    ``hi`` columns are dropped. ``R@N`` without an interval are written with ``decimals``."""
+    out = table.copy()
+    for c in recall_columns(table):
+        lo, hi = f"{c} lo", f"{c} hi"
+        if lo in table and hi in table:
+            out[c] = [f"{v:.{decimals}f} [{a:.{decimals}f}, {b:.{decimals}f}]"
+                      for v, a, b in zip(table[c], table[lo], table[hi])]
+            out = out.drop(columns=[lo, hi])
+        else:
+            out[c] = table[c].map(lambda v: f"{v:.{decimals}f}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,13 +456,13 @@ def plot_gem_p(ps: Sequence[float], position: np.ndarray, weights: Mapping[float
 
 
 def plot_stability(table: pd.DataFrame, metric: str = "R@1", label: str | None = None,
-                   title: str | None = None) -> plt.Figure:
+                   title: str | None = None, chance: float | None = None) -> plt.Figure:
     """Paper Fig. 2: ``metric`` per query batch size and order, one colour per model.
 
     Left: the recall; solid line = queries in file order, dashed = random orders. Right: the
     largest change of any descriptor component compared with encoding the queries one at a
     time (0 means bit-identical descriptors). ``table``: :func:`scicevpr.evaluate.batch_stability`
-    output (several models concatenated).
+    output (several models concatenated). ``chance``: the chance level of ``metric`` (a dashed line).
     """
     models = list(dict.fromkeys(table["model"]))
     sizes = sorted(table["batch_size"].unique())
@@ -458,6 +483,9 @@ def plot_stability(table: pd.DataFrame, metric: str = "R@1", label: str | None =
         a.set_xticks(range(len(sizes)), [str(b) for b in sizes])
         a.set_xlabel("query batch size (images per forward pass)")
     lo, hi = float(table[metric].min()), float(table[metric].max())
+    if chance is not None:
+        ax.axhline(chance, color="dimgray", ls="--", lw=1.2, label="chance (random ranking)")
+        lo, hi = min(lo, chance), max(hi, chance)
     ax.set_ylim(max(0.0, lo - 3), min(100.0, hi + 3))
     ax.set_ylabel(f"Recall@{metric[2:]} (%)")
     ax.set_title(f"Recall@{metric[2:]} per query batch size and order")
@@ -620,21 +648,51 @@ def plot_agreement(cosines: Mapping[str, np.ndarray], label: str | None = None, 
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] = ("R@1", "R@5", "R@10", "R@100"), by: str = "model",
-                 label: str | None = None, title: str | None = None) -> plt.Figure:
-    """Grouped bars of Recall@N, one bar per row of ``table`` (named by column ``by``)."""
+def _zero_marks(ax, bars, vals) -> None:
+    """A zero bar has no height: draw a short dark line and a "0" on it, so that it reads as a
+    measured zero and not as missing data."""
+    for b, v in zip(bars, vals):
+        if np.isfinite(v) and v == 0:
+            ax.plot([b.get_x(), b.get_x() + b.get_width()], [0, 0], color="black", lw=2.5, solid_capstyle="butt")
+
+
+def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: str = "model",
+                 label: str | None = None, title: str | None = None,
+                 chance: Mapping[int, float] | None = None) -> plt.Figure:
+    """Grouped bars of Recall@N, one bar per row of ``table`` (named by column ``by``).
+
+    ``metrics``: default every ``R@N`` column. Where ``table`` has ``R@N lo`` / ``R@N hi``
+    (``EvalResult.table(intervals=True)``), error bars draw the 95% interval over queries.
+    ``chance``: N -> chance Recall@N (``EvalResult.chance()``), a dashed line over each group.
+    """
+    metrics = list(metrics) if metrics is not None else recall_columns(table)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(metrics) * max(1, len(table)) / 2 + 3), 4.0))
     width = 0.8 / max(1, len(table))
     colours = plt.get_cmap("tab10")
     for i, (_, row) in enumerate(table.iterrows()):
         vals = [float(row[m]) for m in metrics]
-        bars = ax.bar(np.arange(len(metrics)) + i * width, vals, width, label=str(row[by]), color=colours(i))
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v + 0.8, f"{v:.1f}", ha="center", fontsize=7)
+        x = np.arange(len(metrics)) + i * width
+        bars = ax.bar(x, vals, width, label=str(row[by]), color=colours(i))
+        tops = vals
+        if all(f"{m} lo" in row and f"{m} hi" in row for m in metrics):
+            lo = np.array([float(row[f"{m} lo"]) for m in metrics])
+            hi = np.array([float(row[f"{m} hi"]) for m in metrics])
+            ax.errorbar(x, vals, yerr=[np.maximum(np.array(vals) - lo, 0), np.maximum(hi - np.array(vals), 0)],
+                        fmt="none", ecolor="black", elinewidth=1, capsize=2)
+            tops = hi.tolist()
+        _zero_marks(ax, bars, vals)
+        for b, v, t in zip(bars, vals, tops):
+            ax.text(b.get_x() + b.get_width() / 2, t + 1.0, f"{v:.1f}", ha="center", fontsize=7)
+    if chance:
+        for j, m in enumerate(metrics):
+            n = int(m[2:])
+            if n in chance:
+                ax.plot([j - width / 2, j + width * (len(table) - 0.5)], [chance[n]] * 2, color="dimgray", ls="--", lw=1.3,
+                        label="chance (random ranking)" if j == 0 else None)
     ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, [f"Recall@{m[2:]}" for m in metrics])
-    ax.set_xlabel("metric (a query is correct at N if a true positive is among its N nearest)")
+    ax.set_xlabel("metric (a query is correct at N if a true positive is among its N nearest; bars: 95% interval)")
     ax.set_ylabel("queries correct (%)")
-    ax.set_ylim(0, 109)
+    ax.set_ylim(0, 112)
     ax.set_title(title or "Recall@N")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -642,12 +700,15 @@ def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] = ("R@1", "R@5", "R
 
 
 def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | Sequence[str] = "R@1",
-                             label: str | None = None, title: str | None = None) -> plt.Figure:
+                             label: str | None = None, title: str | None = None,
+                             chance: Mapping[int, float] | None = None) -> plt.Figure:
     """Grouped bars of Recall@N per query condition (night, fog, ...), one colour per model and
     one panel per metric.
 
     ``tables``: model name -> :func:`scicevpr.evaluate.recall_by_condition` output
-    (``EvalResult.per_condition``); ``metric``: one column name or several.
+    (``EvalResult.per_condition``); ``metric``: one column name or several. ``R@N lo`` /
+    ``R@N hi`` columns (``recall_by_condition(..., intervals=True)``) become error bars; a zero
+    bar is drawn as a dark line with a "0". ``chance``: N -> chance Recall@N, a dashed line.
     """
     metrics = [metric] if isinstance(metric, str) else list(metric)
     names = list(tables)
@@ -662,8 +723,20 @@ def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | S
         for i, name in enumerate(names):
             t = tables[name].set_index("condition").reindex(conditions)
             vals = t[m].astype(float).values
+            x = np.arange(len(conditions)) + i * width
+            bars = ax.bar(x, vals, width, label=name, color=colours(i))
+            if f"{m} lo" in t and f"{m} hi" in t:
+                lo, hi = t[f"{m} lo"].astype(float).values, t[f"{m} hi"].astype(float).values
+                ax.errorbar(x, vals, yerr=[np.maximum(vals - lo, 0), np.maximum(hi - vals, 0)], fmt="none",
+                            ecolor="black", elinewidth=1, capsize=2)
+                top = max(top, float(np.nanmax(hi)))
             top = max(top, float(np.nanmax(vals)))
-            ax.bar(np.arange(len(conditions)) + i * width, vals, width, label=name, color=colours(i))
+            _zero_marks(ax, bars, vals)
+            for b, v in zip(bars, vals):
+                if np.isfinite(v) and v == 0:
+                    ax.text(b.get_x() + b.get_width() / 2, 1.0, "0", ha="center", fontsize=7)
+        if chance and int(m[2:]) in chance:
+            ax.axhline(chance[int(m[2:])], color="dimgray", ls="--", lw=1.2, label="chance (random ranking)")
         ax.set_xticks(np.arange(len(conditions)) + width * (len(names) - 1) / 2,
                       [f"{c}\n({counts[c]} q.)" for c in conditions])
         ax.set_xlabel("query condition (number of queries)")
@@ -808,5 +881,191 @@ def plot_training_batch(images, place_ids, label: str | None = None, title: str 
         for j in range(K):
             _image_panel(axes[i, j], shown[i, j], f"place {int(place_ids[i, j])}, view {j + 1}")
     fig.suptitle(title or f"A training batch: P = {P} places x K = {K} images (RandAugment applied)")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebooks 03 and 05: the paper's Fig. 1 (top-1 flips), similarity and positions
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_top1_flips(table: pd.DataFrame, num_queries: int, label: str | None = None,
+                    title: str | None = None) -> plt.Figure:
+    """Paper Fig. 1 in numbers: per query batch size and order (``batch_stability`` output),
+    left the queries whose nearest database image differs from batch size 1 (``top1_changed``),
+    right the mean cosine similarity of a query's descriptor to its batch-size-1 descriptor
+    (1: unchanged). One colour per model; solid = file order, dashed = random orders."""
+    models = list(dict.fromkeys(table["model"]))
+    sizes = sorted(table["batch_size"].unique())
+    xpos = {b: i for i, b in enumerate(sizes)}
+    colours = plt.get_cmap("tab10")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.3))
+    for m_i, model in enumerate(models):
+        t = table[table["model"] == model]
+        for order in sorted(t["order"].unique()):
+            o = t[t["order"] == order].sort_values("batch_size")
+            x = [xpos[b] + 0.05 * order for b in o["batch_size"]]
+            kw = dict(color=colours(m_i), lw=2.2 if order == 0 else 1.2, ls="-" if order == 0 else "--",
+                      marker="o" if order == 0 else "x", alpha=1 if order == 0 else 0.8)
+            name = f"{model}, {'file order' if order == 0 else f'random order {order}'}"
+            ax.plot(x, o["top1_changed"], label=name, **kw)
+            ax2.plot(x, o["mean_cosine"], label=name, **kw)
+    for a in (ax, ax2):
+        a.set_xticks(range(len(sizes)), [str(b) for b in sizes])
+        a.set_xlabel("query batch size (images per forward pass)")
+    ax.set_ylim(bottom=-0.5)
+    ax.set_ylabel(f"queries whose top-1 changed (of {num_queries})")
+    ax.set_title("Queries with another best match than at batch size 1")
+    ax.legend(fontsize=7, loc="best")
+    ax2.set_ylabel("mean cosine to the batch-size-1 descriptor")
+    ax2.set_title("How far the query descriptors move (1 = not at all)")
+    fig.suptitle(title or "The paper's Fig. 1, counted: best matches that depend on the batch")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_flip_example(split, example: Mapping, label: str | None = None, title: str | None = None,
+                      thumb: int = 112, max_companions: int = 4) -> plt.Figure:
+    """One query beside its best database match under two batchings (paper Fig. 1), with the
+    batch companions that changed it. ``example``: :func:`scicevpr.analysis.flip_example`."""
+    q = int(example["query"])
+    comps = list(example["companions"])[:max_companions]
+    n = 3 + max(len(comps), 1)
+    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.6), squeeze=False)
+    axes = axes[0]
+    cond = f" ({split.query_conditions[q]})" if split.query_conditions is not None else ""
+    _image_panel(axes[0], read_thumbnail(split.query_paths[q], thumb), f"query {q}{cond}", frame=QUERY_COLOUR)
+    for ax, key, name in ((axes[1], "top1_a", example.get("name_a", "alone")), (axes[2], "top1_b", example.get("name_b", "in batch"))):
+        d = int(example[key])
+        ok = d in set(int(i) for i in split.positives[q])
+        _image_panel(ax, read_thumbnail(split.database_paths[d], thumb),
+                     f"top-1 {name}:\ndb {d}, {_utm_distance(split, q, d):.0f} m {'ok' if ok else 'wrong'}",
+                     frame=CORRECT_COLOUR if ok else WRONG_COLOUR)
+    for j in range(n - 3):
+        ax = axes[3 + j]
+        if j < len(comps):
+            _image_panel(ax, read_thumbnail(split.query_paths[comps[j]], thumb), f"companion: query {comps[j]}", frame="gray")
+        else:
+            ax.set_visible(False)
+    more = len(example["companions"]) - len(comps)
+    fig.suptitle(title or (f"Query {q}: best match {example.get('name_a', 'alone')} vs "
+                           f"{example.get('name_b', 'in batch')}" + (f" (+{more} more companions)" if more > 0 else "")))
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def flip_explorer(model, split, features, label: str | None = None):
+    """An ipywidgets control for the paper's Fig. 1: pick a query and its batch companions
+    (query indices, comma-separated), see the teacher's best match alone and in that batch.
+
+    ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``. Needs a live kernel.
+    """
+    import ipywidgets as widgets
+
+    from .evaluate import encode_with_companions
+
+    def render(query: int, companions: str):
+        try:
+            comps = [int(c) for c in companions.replace(";", ",").split(",") if c.strip()]
+        except ValueError:
+            comps = []
+        comps = [c for c in comps if 0 <= c < split.num_queries and c != query]
+        d_batch = encode_with_companions(model, features, query, comps)
+        top_alone = int(features.top1(features.alone[query : query + 1])[0])
+        top_batch = int(features.top1(d_batch[None])[0])
+        cos = float(np.dot(d_batch, features.alone[query]) /
+                    max(np.linalg.norm(d_batch) * np.linalg.norm(features.alone[query]), 1e-12))
+        ex = {"query": query, "companions": comps, "top1_a": top_alone, "top1_b": top_batch,
+              "name_a": "alone", "name_b": f"with {len(comps)} companions"}
+        fig = plot_flip_example(split, ex, label=label)
+        verdict = "changed" if top_alone != top_batch else "unchanged"
+        return fig, f"top-1 {verdict}: db {top_alone} alone, db {top_batch} in the batch; cosine to the alone descriptor {cos:.4f}"
+
+    controls = [
+        widgets.IntSlider(min=0, max=split.num_queries - 1, value=0, description="query"),
+        widgets.Text(value="1, 2, 3", description="companions"),
+    ]
+    return _explorer(controls, render)
+
+
+def plot_similarity_matrix(result, label: str | None = None, title: str | None = None,
+                           max_queries: int = 60) -> plt.Figure:
+    """The query x database cosine similarity matrix of ``result`` (an ``EvalResult``), rows and
+    columns sorted by street and position along it (by UTM east without metadata), the true
+    positives (within the radius) dotted and each query's top-1 crossed: retrieval picks the
+    brightest cell of each row. At most ``max_queries`` rows (evenly spaced) are drawn."""
+    split = result.split
+    qi = np.arange(split.num_queries)
+    if len(qi) > max_queries:
+        qi = qi[np.linspace(0, len(qi) - 1, max_queries).round().astype(int)]
+
+    def order(meta, utms, idx):
+        if meta is not None and {"street", "along_m"} <= set(meta.columns):
+            m = meta.iloc[idx]
+            return idx[np.lexsort((m["along_m"].to_numpy(), m["street"].to_numpy()))]
+        return idx[np.argsort(utms[idx, 0], kind="stable")]
+
+    qi = order(split.query_metadata, split.query_utms, qi)
+    di = order(split.database_metadata, split.database_utms, np.arange(split.num_database))
+    qd, dd = result.query_descriptors[qi], result.database_descriptors[di]
+    sim = (qd / np.linalg.norm(qd, axis=1, keepdims=True)) @ (dd / np.linalg.norm(dd, axis=1, keepdims=True)).T
+    col = {int(d): j for j, d in enumerate(di)}
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    im = ax.imshow(sim, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    pr, pc, tr, tc = [], [], [], []
+    for r, q in enumerate(qi):
+        for d in split.positives[q]:
+            pr.append(r)
+            pc.append(col[int(d)])
+        tr.append(r)
+        tc.append(col[int(result.predictions[q, 0])])
+    ax.scatter(pc, pr, s=6, c="white", marker="o", label=f"true positive (within {split.radius:.0f} m)")
+    ax.scatter(tc, tr, s=22, c=WRONG_COLOUR, marker="x", label="top-1 retrieved")
+    ax.set_xlabel("database image (sorted by street and position along it)")
+    ax.set_ylabel("query (sorted the same way)")
+    ax.set_title(title or f"{result.model_name}: query x database similarity ({len(qi)} of {split.num_queries} queries)")
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return stamp(fig, label)
+
+
+def plot_positions(split, result, query: int, label: str | None = None, title: str | None = None,
+                   window: float = 150.0) -> plt.Figure:
+    """A map (UTM metres) around ``query``: database and query camera positions, the circle of
+    the positive radius (25 m), the query's true positives, and its top-1 retrieval (green
+    inside the circle, red outside; an arrow when it lies off the map)."""
+    from matplotlib.patches import Circle
+
+    qx, qy = split.query_utms[query]
+    fig, ax = plt.subplots(figsize=(6.4, 6.0))
+    near = lambda u: (np.abs(u[:, 0] - qx) <= window) & (np.abs(u[:, 1] - qy) <= window)  # noqa: E731
+    db, qs = split.database_utms, split.query_utms
+    ax.scatter(db[near(db), 0] - qx, db[near(db), 1] - qy, s=10, c="lightgray", label="database images")
+    ax.scatter(qs[near(qs), 0] - qx, qs[near(qs), 1] - qy, s=10, c="#91bfdb", marker="^", label="other queries")
+    pos = np.asarray(split.positives[query], dtype=int)
+    if len(pos):
+        ax.scatter(db[pos, 0] - qx, db[pos, 1] - qy, s=22, c=CORRECT_COLOUR, label="true positives")
+    ax.add_patch(Circle((0, 0), split.radius, fill=False, ls="--", color=QUERY_COLOUR, lw=1.5))
+    ax.scatter([0], [0], s=120, c=QUERY_COLOUR, marker="*", zorder=5, label=f"query {query}")
+    d = int(result.predictions[query, 0])
+    dx, dy = db[d, 0] - qx, db[d, 1] - qy
+    ok = bool(result.correct[query, 0])
+    dist = float(np.hypot(dx, dy))
+    if max(abs(dx), abs(dy)) <= window:
+        ax.scatter([dx], [dy], s=110, facecolors="none", edgecolors=CORRECT_COLOUR if ok else WRONG_COLOUR, lw=2.2,
+                   zorder=6, label=f"top-1: db {d}, {dist:.0f} m")
+    else:
+        ang = np.arctan2(dy, dx)
+        ax.annotate(f"top-1: db {d}, {dist:.0f} m away", xy=(0.85 * window * np.cos(ang), 0.85 * window * np.sin(ang)),
+                    xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=WRONG_COLOUR), color=WRONG_COLOUR, fontsize=8)
+    ax.set_xlim(-window, window)
+    ax.set_ylim(-window, window)
+    ax.set_aspect("equal")
+    ax.set_xlabel("UTM east - query (m)")
+    ax.set_ylabel("UTM north - query (m)")
+    ax.set_title(title or f"{result.model_name}: query {query} and the {split.radius:.0f} m radius")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
