@@ -76,6 +76,9 @@ RANDOM_WEIGHTS = "random"  # SCICEVPR_WEIGHTS=random: random DINOv2 in any mode
 
 MODES = ("offline", "full")
 FULL_PRESETS = ("SciceVPR-B", "SciceVPR-L")
+# CricaVPR-S offline (notebook 05): its adapters backpropagate through the backbone, so it trains
+# fewer epochs than the teacher to keep the notebooks within minutes.
+CRICAVPR_OFFLINE_EPOCHS = 3
 
 RANDOM_BACKBONE_LABEL = "random DINOv2 backbone (offline)"
 RANDOM_FULL_LABEL = "random DINOv2 backbone (full mode)"
@@ -361,12 +364,15 @@ class NotebookSettings:
         common = dict(resume=True, progress=False, seed=self.seed)
         common.update(self.train_overrides)
         common.update(overrides)
+        model_overrides = {**self.model_overrides, **(common.pop("model_overrides", None) or {})}
         if self.offline:
             return offline_train_config(self.gsv_root, self.vg_root, run_dir, stage=stage, teacher=teacher,
                                         dataset=self.val_dataset, weights=self.weights,
-                                        model_overrides=dict(self.model_overrides), **common)
+                                        model_overrides=model_overrides, **common)
+        common.setdefault("model", "SuperCricaVPR")
+        common.setdefault("preset", self.preset)
         return TrainConfig(
-            model="SuperCricaVPR", preset=self.preset, model_overrides=dict(self.model_overrides),
+            model_overrides=model_overrides,
             weights=self.weights, gsv_root=str(self.gsv_root), val_root=str(self.vg_root),
             val_dataset=self.val_dataset, val_split=self.val_split, run_dir=str(run_dir), device=self.device,
             teacher=None if teacher is None else str(teacher), **common,
@@ -408,6 +414,40 @@ class NotebookSettings:
         best = teacher_run.best_path or teacher_run.last_path
         student_run = train_student(self.train_config("student", teacher=best))
         return teacher_run, student_run
+
+    def train_student_variant(self, name: str, **loss: float):
+        """A stage-2 student of the same teacher, trained for the same steps as :meth:`train`'s
+        but with other loss weights, e.g. ``eta=0`` (``L_MS`` only) or ``gamma=0`` (``L_D``
+        only): the distillation ablation. Reused from ``run_root()/student-<name>`` when done.
+        Returns its :class:`scicevpr.train.RunResult`."""
+        import dataclasses
+
+        from .train import train_student, train_teacher
+
+        self.benchmark()
+        teacher_run = train_teacher(self.train_config("teacher"))
+        best = teacher_run.best_path or teacher_run.last_path
+        base = self.train_config("student", teacher=best)
+        return train_student(self._train_config("student", self.run_root() / f"student-{name}", best,
+                                                loss=dataclasses.replace(base.loss, **loss)))
+
+    def train_cricavpr(self):
+        """CricaVPR (the cross-image baseline of the paper's Fig. 1-2) trained with ``L_MS`` on the
+        same data, reused from ``run_root()/cricavpr`` when done. Offline: preset "CricaVPR-S"
+        (this project's ViT-S variant), pooling the last block the backbone computes, for
+        ``CRICAVPR_OFFLINE_EPOCHS`` epochs (its adapters train inside the backbone, so a step
+        costs more than the teacher's). Full mode: preset "CricaVPR", the paper's recipe.
+        Returns its :class:`scicevpr.train.RunResult`."""
+        from .train import train_teacher
+
+        self.benchmark()
+        overrides: dict[str, Any] = {"model": "CricaVPR", "preset": "CricaVPR-S" if self.offline else "CricaVPR"}
+        layers = self.model_overrides.get("layers")
+        if layers:
+            overrides["model_overrides"] = {"layers": (tuple(layers)[-1],)}
+        if self.offline:
+            overrides["epochs"] = CRICAVPR_OFFLINE_EPOCHS
+        return train_teacher(self._train_config("teacher", self.run_root() / "cricavpr", **overrides))
 
 
 def _cpu_kernels_line() -> str:
