@@ -653,7 +653,7 @@ def _zero_marks(ax, bars, vals) -> None:
     measured zero and not as missing data."""
     for b, v in zip(bars, vals):
         if np.isfinite(v) and v == 0:
-            ax.plot([b.get_x(), b.get_x() + b.get_width()], [0, 0], color="black", lw=2.5, solid_capstyle="butt")
+            ax.plot([b.get_x(), b.get_x() + b.get_width()], [0, 0], color="black", lw=3, solid_capstyle="butt", zorder=4)
 
 
 def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: str = "model",
@@ -1058,8 +1058,10 @@ def plot_positions(split, result, query: int, label: str | None = None, title: s
                    zorder=6, label=f"top-1: db {d}, {dist:.0f} m")
     else:
         ang = np.arctan2(dy, dx)
-        ax.annotate(f"top-1: db {d}, {dist:.0f} m away", xy=(0.85 * window * np.cos(ang), 0.85 * window * np.sin(ang)),
-                    xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=WRONG_COLOUR), color=WRONG_COLOUR, fontsize=8)
+        tip = (0.9 * window * np.cos(ang), 0.9 * window * np.sin(ang))
+        ax.annotate("", xy=tip, xytext=(0.3 * tip[0], 0.3 * tip[1]),
+                    arrowprops=dict(arrowstyle="->", color=WRONG_COLOUR, lw=1.8))
+        ax.plot([], [], color=WRONG_COLOUR, lw=1.8, label=f"top-1: db {d}, {dist:.0f} m away (off the map)")
     ax.set_xlim(-window, window)
     ax.set_ylim(-window, window)
     ax.set_aspect("equal")
