@@ -78,7 +78,7 @@ MODES = ("offline", "full")
 FULL_PRESETS = ("SciceVPR-B", "SciceVPR-L")
 # CricaVPR-S offline (notebook 05): its adapters backpropagate through the backbone, so it trains
 # fewer epochs than the teacher to keep the notebooks within minutes.
-CRICAVPR_OFFLINE_EPOCHS = 3
+CRICAVPR_OFFLINE_EPOCHS = 2
 
 RANDOM_BACKBONE_LABEL = "random DINOv2 backbone (offline)"
 RANDOM_FULL_LABEL = "random DINOv2 backbone (full mode)"
@@ -415,39 +415,49 @@ class NotebookSettings:
         student_run = train_student(self.train_config("student", teacher=best))
         return teacher_run, student_run
 
+    def student_variant_config(self, name: str, teacher: str | os.PathLike, **loss: float):
+        """The stage-2 :class:`~scicevpr.train.TrainConfig` of :meth:`train_student_variant`: the
+        student's, with the loss weights in ``loss`` replaced and ``run_root()/student-<name>``
+        as its run folder."""
+        import dataclasses
+
+        base = self.train_config("student", teacher=teacher)
+        return self._train_config("student", self.run_root() / f"student-{name}", teacher,
+                                  loss=dataclasses.replace(base.loss, **loss))
+
     def train_student_variant(self, name: str, **loss: float):
         """A stage-2 student of the same teacher, trained for the same steps as :meth:`train`'s
         but with other loss weights, e.g. ``eta=0`` (``L_MS`` only) or ``gamma=0`` (``L_D``
         only): the distillation ablation. Reused from ``run_root()/student-<name>`` when done.
         Returns its :class:`scicevpr.train.RunResult`."""
-        import dataclasses
-
         from .train import train_student, train_teacher
 
         self.benchmark()
         teacher_run = train_teacher(self.train_config("teacher"))
         best = teacher_run.best_path or teacher_run.last_path
-        base = self.train_config("student", teacher=best)
-        return train_student(self._train_config("student", self.run_root() / f"student-{name}", best,
-                                                loss=dataclasses.replace(base.loss, **loss)))
+        return train_student(self.student_variant_config(name, best, **loss))
 
-    def train_cricavpr(self):
-        """CricaVPR (the cross-image baseline of the paper's Fig. 1-2) trained with ``L_MS`` on the
-        same data, reused from ``run_root()/cricavpr`` when done. Offline: preset "CricaVPR-S"
-        (this project's ViT-S variant), pooling the last block the backbone computes, for
+    def cricavpr_config(self):
+        """The :class:`~scicevpr.train.TrainConfig` of :meth:`train_cricavpr`. Offline: preset
+        "CricaVPR-S" (this project's ViT-S variant), pooling the last block the backbone computes,
         ``CRICAVPR_OFFLINE_EPOCHS`` epochs (its adapters train inside the backbone, so a step
-        costs more than the teacher's). Full mode: preset "CricaVPR", the paper's recipe.
-        Returns its :class:`scicevpr.train.RunResult`."""
-        from .train import train_teacher
-
-        self.benchmark()
+        costs more than the teacher's). Full mode: preset "CricaVPR", the paper's recipe."""
         overrides: dict[str, Any] = {"model": "CricaVPR", "preset": "CricaVPR-S" if self.offline else "CricaVPR"}
         layers = self.model_overrides.get("layers")
         if layers:
             overrides["model_overrides"] = {"layers": (tuple(layers)[-1],)}
         if self.offline:
             overrides["epochs"] = CRICAVPR_OFFLINE_EPOCHS
-        return train_teacher(self._train_config("teacher", self.run_root() / "cricavpr", **overrides))
+        return self._train_config("teacher", self.run_root() / "cricavpr", **overrides)
+
+    def train_cricavpr(self):
+        """CricaVPR (the cross-image baseline of the paper's Fig. 1-2) trained with ``L_MS`` on the
+        same data (:meth:`cricavpr_config`), reused from ``run_root()/cricavpr`` when done.
+        Returns its :class:`scicevpr.train.RunResult`."""
+        from .train import train_teacher
+
+        self.benchmark()
+        return train_teacher(self.cricavpr_config())
 
 
 def _cpu_kernels_line() -> str:

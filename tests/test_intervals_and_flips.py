@@ -175,3 +175,20 @@ def test_plot_recalls_draws_intervals_chance_and_zero():
     fig2 = viz.plot_recall_by_condition({"toy": recall_by_condition(res.correct, ["a"] * 4 + ["b"] * 4, (1,), intervals=True)},
                                         "R@1", label="toy", chance={1: 5.0})
     assert viz.missing_labels(fig2) == []
+
+
+def test_notebook_ablation_and_cricavpr_runs_differ_from_the_student_only_where_meant():
+    from scicevpr.notebook import CRICAVPR_OFFLINE_EPOCHS, setup
+
+    s = setup("offline", quiet=True)
+    student = s.train_config("student", teacher="t.pt").to_dict()
+    for name, loss in (("ms-only", {"eta": 0.0}), ("distill-only", {"gamma": 0.0})):
+        variant = s.student_variant_config(name, "t.pt", **loss).to_dict()
+        differ = {k for k in student if student[k] != variant[k]}
+        assert differ == {"loss", "run_dir"}, differ
+        assert variant["run_dir"].endswith(f"student-{name}")
+        assert all(variant["loss"][k] == v for k, v in loss.items())
+    crica = s.cricavpr_config()
+    assert crica.model == "CricaVPR" and crica.preset == "CricaVPR-S" and crica.epochs == CRICAVPR_OFFLINE_EPOCHS
+    assert crica.model_overrides["layers"] == (tuple(s.model_overrides["layers"])[-1],)
+    assert crica.run_dir.endswith("cricavpr")
