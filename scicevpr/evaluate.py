@@ -283,6 +283,17 @@ def recall_intervals(
     return out
 
 
+def recall_interval_from_value(recall: float, num_queries: int, level: float = 0.95, num_samples: int = 2000,
+                               seed: int = 0) -> tuple[float, float]:
+    """The bootstrap interval (:func:`recall_intervals`) of a Recall@N known only as a value over
+    ``num_queries`` queries (e.g. a training log's validation recall): resampling queries depends
+    only on how many were found (in distribution), so the interval follows from the value and
+    the count, up to the bootstrap's sampling noise."""
+    hits = int(round(recall / 100.0 * num_queries))
+    correct = (np.arange(num_queries) < hits)[:, None]  # (N_q, 1)
+    return recall_intervals(correct, (1,), level=level, num_samples=num_samples, seed=seed)[1]
+
+
 def chance_recall(num_database: int, positives: Sequence[np.ndarray], recall_values: Sequence[int] = (1, 5, 10, 100)) -> dict[int, float]:
     """Expected Recall@N (percent) of a random ranking of the database, from the split's positives.
 
@@ -688,6 +699,7 @@ def batch_stability(
     config: EvalConfig = EvalConfig(),
     name: str | None = None,
     features: StabilityFeatures | None = None,
+    intervals: bool = False,
 ) -> pd.DataFrame:
     """Recall of ``model`` when the queries are encoded with other batch sizes and orders.
 
@@ -700,6 +712,7 @@ def batch_stability(
     ``max_abs_change`` (the largest change of any descriptor component); ``typical_component``
     is the median |component| of the batch-size-1 descriptors, the scale to read changes on.
     ``features``: a :func:`stability_features` result to reuse (else computed here).
+    ``intervals``: ``R@N lo`` / ``R@N hi`` columns, each setting's bootstrap interval over queries.
     """
     name = name or f"{type(model).__name__}"
     f = features if features is not None else stability_features(model, split, config, database_batch_size)
@@ -717,7 +730,11 @@ def batch_stability(
                    "top1_changed": top1_changes(res.predictions[:, 0], top1_alone),
                    "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
                    "typical_component": typical}
-            row.update({f"R@{n}": round(v, 2) for n, v in res.recalls.items()})
+            bounds = recall_intervals(res.correct, tuple(res.recalls)) if intervals else {}
+            for n, v in res.recalls.items():
+                row[f"R@{n}"] = round(v, 2)
+                if intervals:
+                    row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -463,12 +463,15 @@ def plot_stability(table: pd.DataFrame, metric: str = "R@1", label: str | None =
     largest change of any descriptor component compared with encoding the queries one at a
     time (0 means bit-identical descriptors). ``table``: :func:`scicevpr.evaluate.batch_stability`
     output (several models concatenated). ``chance``: the chance level of ``metric`` (a dashed line).
+    With ``{metric} lo`` / ``hi`` columns (``batch_stability(..., intervals=True)``), a band draws
+    the file-order line's 95% interval over queries.
     """
     models = list(dict.fromkeys(table["model"]))
     sizes = sorted(table["batch_size"].unique())
     xpos = {b: i for i, b in enumerate(sizes)}
     colours = plt.get_cmap("tab10")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [1.5, 1]})
+    band = False
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [1.5, 1]})
     for m_i, model in enumerate(models):
         t = table[table["model"] == model]
         for order in sorted(t["order"].unique()):
@@ -477,19 +480,25 @@ def plot_stability(table: pd.DataFrame, metric: str = "R@1", label: str | None =
             ax.plot(x, o[metric], color=colours(m_i), lw=2.2 if order == 0 else 1.2, ls="-" if order == 0 else "--",
                     marker="o" if order == 0 else "x", ms=6 if order == 0 else 5, alpha=1 if order == 0 else 0.8,
                     label=f"{model}, {'file order' if order == 0 else f'random order {order}'}")
+            if order == 0 and f"{metric} lo" in o and f"{metric} hi" in o:
+                ax.fill_between(x, o[f"{metric} lo"], o[f"{metric} hi"], color=colours(m_i), alpha=0.12, lw=0)
+                band = True
         worst = t.groupby("batch_size")["max_abs_change"].max().reindex(sizes)
         ax2.plot([xpos[b] for b in sizes], worst.values, color=colours(m_i), marker="o", lw=2, label=model)
     for a in (ax, ax2):
         a.set_xticks(range(len(sizes)), [str(b) for b in sizes])
         a.set_xlabel("query batch size (images per forward pass)")
     lo, hi = float(table[metric].min()), float(table[metric].max())
+    if band:
+        lo, hi = min(lo, float(table[f"{metric} lo"].min())), max(hi, float(table[f"{metric} hi"].max()))
+        ax.fill_between([], [], [], color="gray", alpha=0.2, label="95% interval over queries (file order)")
     if chance is not None:
         ax.axhline(chance, color="dimgray", ls="--", lw=1.2, label="chance (random ranking)")
         lo, hi = min(lo, chance), max(hi, chance)
     ax.set_ylim(max(0.0, lo - 3), min(100.0, hi + 3))
     ax.set_ylabel(f"Recall@{metric[2:]} (%)")
     ax.set_title(f"Recall@{metric[2:]} per query batch size and order")
-    ax.legend(fontsize=7.5, loc="best", ncol=1 if len(models) < 3 else 2)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ax2.set_yscale("symlog", linthresh=1e-7)
     ax2.set_ylim(bottom=-1e-8)
     ax2.set_ylabel("max |descriptor change| vs batch size 1")

@@ -192,3 +192,20 @@ def test_notebook_ablation_and_cricavpr_runs_differ_from_the_student_only_where_
     assert crica.model == "CricaVPR" and crica.preset == "CricaVPR-S" and crica.epochs == CRICAVPR_OFFLINE_EPOCHS
     assert crica.model_overrides["layers"] == (tuple(s.model_overrides["layers"])[-1],)
     assert crica.run_dir.endswith("cricavpr")
+
+
+def test_interval_from_a_logged_value_and_sweep_intervals():
+    from scicevpr.evaluate import recall_interval_from_value, recall_intervals
+
+    lo, hi = recall_interval_from_value(40.0, 100)
+    assert lo < 40.0 < hi and 15 < hi - lo < 25  # about +-10 points on 100 queries
+    assert recall_interval_from_value(0.0, 50) == (0.0, 0.0)
+    correct = (np.arange(100) < 40)[:, None]
+    assert recall_interval_from_value(40.0, 100) == recall_intervals(correct, (1,))[1]
+
+    model, features, split = toy_world(mix=1.5)
+    table = batch_stability(model, split, query_batch_sizes=(1, 2), num_orders=1, config=CFG, features=features,
+                            intervals=True)
+    assert ((table["R@1 lo"] <= table["R@1"]) & (table["R@1"] <= table["R@1 hi"])).all()
+    fig = viz.plot_stability(table.assign(model="toy"), "R@1", label="toy", chance=12.5)
+    assert viz.missing_labels(fig) == []
