@@ -185,7 +185,8 @@ def test_notebook_ablation_and_cricavpr_runs_differ_from_the_student_only_where_
     for name, loss in (("ms-only", {"eta": 0.0}), ("distill-only", {"gamma": 0.0})):
         variant = s.student_variant_config(name, "t.pt", **loss).to_dict()
         differ = {k for k in student if student[k] != variant[k]}
-        assert differ == {"loss", "run_dir"}, differ
+        assert differ == {"loss", "run_dir", "val_every"}, differ
+        assert variant["val_every"] == variant["epochs"]
         assert variant["run_dir"].endswith(f"student-{name}")
         assert all(variant["loss"][k] == v for k, v in loss.items())
     crica = s.cricavpr_config()
