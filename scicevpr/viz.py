@@ -293,10 +293,10 @@ def plot_layer_similarity(matrix: np.ndarray | Mapping[str, np.ndarray], layers:
         ax.set_ylabel("block (* fused by SciceVPR)")
         if name is not None:
             ax.set_title(name, fontsize=10)
-    cb = fig.colorbar(im, ax=list(axes[0]), fraction=0.046 / len(panels), pad=0.04)
-    cb.set_label("linear CKA (1 = same representation)")
     fig.suptitle(title or "Similarity of patch features between blocks (linear CKA)")
-    fig.subplots_adjust(bottom=0.14, top=0.86)
+    fig.subplots_adjust(left=0.08 / len(panels) ** 0.5, right=0.86, bottom=0.14, top=0.86, wspace=0.35)
+    cb = fig.colorbar(im, cax=fig.add_axes((0.89, 0.14, 0.02, 0.72)))
+    cb.set_label("linear CKA (1 = same representation)")
     return stamp(fig, label)
 
 

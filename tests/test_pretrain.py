@@ -267,8 +267,13 @@ def test_the_shipped_backbone_loads_and_matches_its_manifest():
     assert path.stat().st_size <= 25e6
     manifest = check_manifest(path, OFFLINE_BACKBONE)
     assert manifest is not None and "not Meta's DINOv2 weights" in manifest["description"]
+    assert "not Meta's DINOv2" in manifest["label"]  # the short form figures carry
     model = _model(OFFLINE_BACKBONE, "auto")
     assert not model.is_random_init and model.backbone.weights_path == path
+    random = _model(OFFLINE_BACKBONE, None)
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(model.backbone_features(x), random.backbone_features(x), atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------
