@@ -3,14 +3,14 @@ teacher and student on it, with bootstrap intervals. A tool for choosing the def
 difficulty (how far queries stray from the database lane, the condition mix, aliasing, the
 number of training places).
 
-    python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0, "test_streets": 10,
-        "queries_per_street": 50}' [WEIGHTS.pth | none]
+    python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0}' [WEIGHTS.pth | none | auto] [--ablation]
 
 Fields are those of ``scicevpr.data.synthetic.SyntheticPreset`` replaced in the ``small``
 preset; the data go to ``/tmp/scicevpr-world-NAME`` and the runs beside it. Run it with the
 pinned kernels (``make`` exports them) for numbers comparable with the stored notebooks.
-Measured so far (2 CPU cores; DINO backbone of ``scicevpr/weights``): see
-``scicevpr/weights/README.md``.
+The student before training is the stage-2 model as training starts it (the backbone and the
+teacher's frozen 1x1 conv, untrained token mixers and encoder). Measured so far (2 CPU cores):
+see ``scicevpr/weights/README.md`` and ``data/README.md``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from scicevpr.analysis import initial_student
 from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_baseline_recall
+from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_descriptors, score
+from scicevpr.losses import LossConfig
 from scicevpr.train import offline_train_config, train_student, train_teacher
 
 
@@ -34,7 +36,7 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def main(name: str, changes: dict, weights: str | None) -> None:
+def main(name: str, changes: dict, weights: str | None, ablation: bool = False) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     preset = dataclasses.replace(PRESETS["small"], name=name, **{k: _tuples(v) for k, v in changes.items()})
@@ -43,23 +45,33 @@ def main(name: str, changes: dict, weights: str | None) -> None:
     bench = generate(root / "data", preset=preset, seed=0, progress=False, workers=2)
     split = load_vg_split(bench.vg_root, "synthetic", "test")
     show = lambda d: {k: round(v, 1) for k, v in d.items()}  # noqa: E731
+    ci = lambda r: {k: tuple(round(x, 1) for x in v) for k, v in r.intervals().items()}  # noqa: E731
     print(name, "queries", split.num_queries, "database", split.num_database, f"generated in {time.time() - t:.0f} s")
     print(name, "chance", show(chance_recall(split.num_database, split.positives, (1, 5, 10))))
-    print(name, "raw pixels", show(pixel_baseline_recall(split)))
-    overrides = {"backbone_num_blocks": 4, "backbone_pretrain_img_size": 112} if weights else {}
-    runs = root / ("runs-pretrained" if weights else "runs-random")
+    pixels = score(None, split, pixel_descriptors(split.database_paths), pixel_descriptors(split.query_paths),
+                   EvalConfig(recall_values=(1, 5, 10)))
+    print(name, "raw pixels", show(pixels.recalls), ci(pixels))
+    tag = "random" if weights is None else Path(weights).stem if weights != "auto" else "shipped"
+    runs = root / f"runs-{tag}"
     ec = EvalConfig(num_workers=0, progress=False, amp=False)
-    teacher = train_teacher(offline_train_config(bench.gsv_root, bench.vg_root, runs / "teacher", weights=weights,
-                                                 model_overrides=overrides, progress=False, resume=True))
+    common = dict(weights=weights, progress=False, resume=True)
+    teacher = train_teacher(offline_train_config(bench.gsv_root, bench.vg_root, runs / "teacher", **common))
+    untrained = initial_student(teacher.model, seed=0)  # the backbone (and the teacher's conv) without trained heads
+    r = evaluate(untrained, split, ec)
+    print(name, "student before training", show(r.recalls), ci(r))
     r = evaluate(teacher.model, split, ec)
-    print(name, "teacher", show(r.recalls), {k: tuple(round(x, 1) for x in v) for k, v in r.intervals().items()})
+    print(name, "teacher", show(r.recalls), ci(r))
     student = train_student(offline_train_config(bench.gsv_root, bench.vg_root, runs / "student", stage="student",
-                                                 teacher=teacher.best_path, weights=weights, model_overrides=overrides,
-                                                 progress=False, resume=True))
+                                                 teacher=teacher.best_path, **common))
     r = evaluate(student.model, split, ec)
-    print(name, "student", show(r.recalls), {k: tuple(round(x, 1) for x in v) for k, v in r.intervals().items()},
-          f"{time.time() - t:.0f} s in all")
+    print(name, "student", show(r.recalls), ci(r), f"{time.time() - t:.0f} s in all")
+    if ablation:
+        ms_only = train_student(offline_train_config(bench.gsv_root, bench.vg_root, runs / "student-eta0", stage="student",
+                                                     teacher=teacher.best_path, loss=LossConfig(eta=0.0), **common))
+        r = evaluate(ms_only.model, split, ec)
+        print(name, "student L_MS only (eta = 0)", show(r.recalls), ci(r), f"{time.time() - t:.0f} s in all")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], json.loads(sys.argv[2]), None if len(sys.argv) < 4 or sys.argv[3] == "none" else sys.argv[3])
+    w = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    main(sys.argv[1], json.loads(sys.argv[2]), None if w == "none" else w, ablation="--ablation" in sys.argv)

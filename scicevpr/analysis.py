@@ -132,7 +132,8 @@ def fusion_name(layers) -> str:
 
 
 def layer_recall_table(model, split, layers, settings: "NotebookSettings", fusions=None) -> pd.DataFrame:
-    """Recall@N on ``split`` of each :func:`layer_descriptors` descriptor (exact L2 search)."""
+    """Recall@N on ``split`` of each :func:`layer_descriptors` descriptor (exact L2 search), with
+    the bootstrap 95% interval of R@1 over queries (columns ``R@1 lo``, ``R@1 hi``)."""
 
     from .evaluate import score
 
@@ -141,7 +142,9 @@ def layer_recall_table(model, split, layers, settings: "NotebookSettings", fusio
     rows = []
     for name in db:
         res = score(None, split, db[name], q[name], settings.eval_config())
-        rows.append({"features": name, "dim": db[name].shape[1], **{f"R@{n}": round(v, 2) for n, v in res.recalls.items()}})
+        lo, hi = res.intervals(seed=settings.seed)[1]
+        rows.append({"features": name, "dim": db[name].shape[1], **{f"R@{n}": round(v, 2) for n, v in res.recalls.items()},
+                     "R@1 lo": round(lo, 2), "R@1 hi": round(hi, 2)})
     return pd.DataFrame(rows)
 
 

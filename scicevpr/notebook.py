@@ -54,6 +54,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,18 @@ def _train_overrides_from_env() -> dict[str, int]:
             raise ValueError(f"{name}={value!r}: expected a whole number >= 1, or unset for the recipe's {fld}.")
         out[fld] = n
     return out
+
+
+def compact_backbone_label(config, weights: str | None, short: bool = True) -> str:
+    """How figures name a compact backbone pretrained by :mod:`scicevpr.pretrain`, as its
+    manifest records it: ``short`` the figure label (e.g. "ViT-S/14 self-supervised on
+    synthetic streets (not Meta's DINOv2)"), else the full description."""
+    import json
+
+    from .backbone import manifest_path, resolve_weights
+
+    manifest = json.loads(manifest_path(resolve_weights(weights, config)).read_text())
+    return manifest["label"] if short else manifest["description"]
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -201,7 +214,10 @@ class NotebookSettings:
     def weights_label(self) -> str:
         if self.random_backbone:
             return self.random_label
-        arch = self.model_config().backbone.arch  # e.g. "vitb14"
+        backbone = self.model_config().backbone
+        if not backbone.is_official:  # a compact backbone pretrained by scicevpr: its manifest says how
+            return compact_backbone_label(backbone, self.weights)
+        arch = backbone.arch  # e.g. "vitb14"
         return f"pretrained DINOv2 ViT-{arch[3].upper()}/{arch[4:]}"
 
     @property
@@ -221,6 +237,8 @@ class NotebookSettings:
         cfg = self.model_config()
         if self.random_backbone:
             weights = "RANDOM initialisation (seeded): results are not the paper's"
+        elif not cfg.backbone.is_official:
+            weights = f"{cfg.backbone.hub_name}_pretrain.pth: {compact_backbone_label(cfg.backbone, self.weights, short=False)}"
         elif self.weights == "auto":
             weights = f"official {cfg.backbone.hub_name}_pretrain.pth (from ${WEIGHTS_ENV} or the torch hub cache)"
         else:
@@ -248,6 +266,10 @@ class NotebookSettings:
         return self.describe()
 
     # ---- models --------------------------------------------------------------------------
+
+    def with_weights(self, weights: str | None) -> "NotebookSettings":
+        """The same settings with other backbone weights (None: a random initialisation)."""
+        return dataclasses.replace(self, weights=weights)
 
     def model_config(self, preset: str | None = None):
         """The ModelConfig of ``preset`` (default: the settings' preset) with the overrides."""
@@ -397,10 +419,26 @@ class NotebookSettings:
         # files are checked (the synthetic benchmark has no corrupt image and no place under K).
         skip = {"resume", "progress", "num_workers", "run_dir", "teacher", "gsv_root", "val_root",
                 "trust_checkpoint", "skip_corrupt", "drop_small_places"}
-        recipe = [{k: v for k, v in self._train_config(stage, Path(".")).to_dict().items() if k not in skip}
-                  for stage in STAGES]
+        recipe: list[Any] = [{k: v for k, v in self._train_config(stage, Path(".")).to_dict().items() if k not in skip}
+                             for stage in STAGES]
+        recipe.append(self._inputs_record())
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return self.runs_dir / f"recipe-{digest}"
+
+    def _inputs_record(self) -> dict[str, Any]:
+        """What the runs are trained on beyond their configuration: the backbone file's SHA-256
+        (``weights="auto"`` names a file whose content may change) and the synthetic world's
+        settings, so that a new backbone or world trains anew instead of reusing older runs."""
+        from dataclasses import asdict
+
+        from .backbone import file_sha256, resolve_weights
+        from .data.synthetic import FORMAT_VERSION, get_preset
+
+        path = resolve_weights(self.weights, self.model_config().backbone)
+        record: dict[str, Any] = {"backbone_sha256": None if path is None else file_sha256(path)}
+        if self.synthetic_preset is not None:
+            record["synthetic"] = {"preset": asdict(get_preset(self.synthetic_preset)), "format": FORMAT_VERSION}
+        return record
 
     def train(self):
         """Both training stages (reused from :meth:`run_root` when already done).
@@ -549,8 +587,12 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
     if not quiet:
         print(settings.describe())
         if settings.random_backbone and settings.offline:
-            print("NOTE: DINOv2 is randomly initialised (no download in offline mode). Every figure and "
-                  "table\n      is stamped with this; see notebook 05 for running with the real weights.")
+            print(f"NOTE: DINOv2 is randomly initialised ({WEIGHTS_ENV}={RANDOM_WEIGHTS}). Every figure and "
+                  "table\n      is stamped with this; unset it for the pretrained compact backbone.")
+        elif settings.offline:
+            print("NOTE: the backbone is a compact ViT pretrained by this project on synthetic streets, not "
+                  f"Meta's DINOv2\n      (nothing is downloaded offline; {WEIGHTS_ENV}={RANDOM_WEIGHTS} for a random "
+                  "one). See notebook 05 for\n      running with the real weights.")
         elif settings.random_backbone:
             print(f"NOTE: DINOv2 is randomly initialised ({WEIGHTS_ENV}={RANDOM_WEIGHTS}): a check that the full "
                   "configuration\n      runs, not the paper's results. Every figure and table is stamped with this.")

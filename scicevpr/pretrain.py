@@ -1017,11 +1017,18 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def describe_backbone(config: BackboneConfig, objective: str, init_objective: str | None = None) -> str:
+def describe_backbone(config: BackboneConfig, objective: str, init_objective: str | None = None,
+                      short: bool = False) -> str:
     """The line every figure and table made with a pretrained backbone carries, e.g.
     "ViT-S/14, 4 blocks at 112 px, self-supervised (DINO + iBOT) on synthetic streets (not Meta's
-    DINOv2 weights)". ``init_objective``: the objective of the weights the run started from."""
+    DINOv2 weights)"; ``short=True``: the form that fits under a figure, e.g. "ViT-S/14
+    self-supervised on synthetic streets (not Meta's DINOv2)". ``init_objective``: the objective
+    of the weights the run started from."""
     arch = f"ViT-{config.arch[3].upper()}/{config.patch_size}"
+    if short:
+        names = {"dino": "self-supervised", "supervised": "trained with L_MS"}
+        how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]},"
+        return f"{arch} {how} on synthetic streets (not Meta's DINOv2)"
     names = {"dino": "self-supervised (DINO + iBOT)", "supervised": "trained with L_MS on places"}
     how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]}"
     blocks = f"{config.depth} block{'s' if config.depth != 1 else ''}"
@@ -1072,6 +1079,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     manifest = {
         "format": MANIFEST_FORMAT,
         "description": describe_backbone(bb_config, cfg.objective, init and init["objective"]),
+        "label": describe_backbone(bb_config, cfg.objective, init and init["objective"], short=True),
         "file": out.name,
         "sha256": file_sha256(out),
         "bytes": out.stat().st_size,

@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
-from .config import STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
+from .config import OFFLINE_BACKBONE, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
@@ -125,6 +125,13 @@ class RunResult:
 # --------------------------------------------------------------------------------------------
 
 
+# The offline model: SciceVPR-S at 112 px on the compact 4-block backbone (config.OFFLINE_BACKBONE).
+OFFLINE_MODEL_OVERRIDES: dict[str, Any] = {
+    "image_size": 112, "layers": (0, 1, 2, 3),
+    "backbone_num_blocks": OFFLINE_BACKBONE.num_blocks, "backbone_pretrain_img_size": OFFLINE_BACKBONE.pretrain_img_size,
+}
+
+
 def offline_train_config(
     gsv_root: PathLike,
     vg_root: PathLike,
@@ -134,25 +141,27 @@ def offline_train_config(
     dataset: str = "synthetic",
     **overrides: Any,
 ) -> TrainConfig:
-    """The fast offline configuration: SciceVPR-S with a random DINOv2 backbone on the synthetic
-    ``small`` benchmark (80 training places), sized for a 2-core CPU (fp32,
-    ``OMP_WAIT_POLICY=PASSIVE``).
+    """The fast offline configuration: SciceVPR-S on the compact backbone this project pretrained
+    (``config.OFFLINE_BACKBONE``, the file in ``scicevpr/weights/``: ViT-S/14 widths, 4 blocks,
+    112 px, trained on synthetic streets, not Meta's DINOv2 weights) and the synthetic ``small``
+    benchmark, sized for a 2-core CPU (fp32, ``OMP_WAIT_POLICY=PASSIVE``).
 
-    It keeps the paper's recipe (P x K batches with K = 4, Adam at lr 1e-4, the lr halved every
-    3 epochs stepped per iteration, ``L_MS`` then ``L_T`` with gamma = eta = 1, validation each
-    epoch, best by R@5, 10 epochs for stage 1) and changes only what the CPU needs:
+    It keeps the paper's recipe (frozen backbone, P x K batches with K = 4, Adam at lr 1e-4, the
+    lr halved every 3 epochs stepped per iteration, ``L_MS`` then ``L_T`` with gamma = eta = 1,
+    validation each epoch, best by R@5, 10 epochs for stage 1) and changes only what the CPU
+    needs:
 
     - 112 px (an 8 x 8 patch grid), in fp32 (``amp=False``): bf16 is emulated, about 7x slower
       than fp32, on CPUs without native bf16, and fp32 gives the same numbers on every CPU
       kind (with the kernels pinned, :data:`scicevpr.precision.PINNED_CPU_KERNELS`);
-    - the first four DINOv2 blocks fused (``layers=(0, 1, 2, 3)``) instead of 8-11: with random
-      weights the deeper blocks add no information (recall was the same in our runs) and the
-      backbone stops after block 3, 2.5x less compute;
-    - P = 8 places (10 iterations per epoch on ``small``);
-    - stage 2 for 6 epochs instead of 1: one epoch is only 10 iterations here.
+    - a 4-block backbone whose four blocks are all fused (``layers=(0, 1, 2, 3)``, M = 4 as in
+      the paper, but the blocks of a 4-block network rather than blocks 8-11 of 12): a third of
+      the compute of ViT-S/14;
+    - P = 8 places (the training split's places / 8 iterations per epoch);
+    - stage 2 for 6 epochs instead of 1: one epoch is only a few iterations here.
 
-    With a random backbone the features hardly separate places: expect a trained teacher a few
-    points of R@1 (and 10-15 of R@10) above the untrained model, not the paper's numbers.
+    ``weights=None`` (``SCICEVPR_WEIGHTS=random`` in the notebooks) gives the same model with a
+    random backbone, one setting away.
 
     Args:
         gsv_root, vg_root: the synthetic benchmark's ``.gsv_root`` and ``.vg_root``.
@@ -167,8 +176,8 @@ def offline_train_config(
     base = dict(
         model="SuperCricaVPR",
         preset="SciceVPR-S",
-        model_overrides={"image_size": 112, "layers": (0, 1, 2, 3)},
-        weights=None,
+        model_overrides=dict(OFFLINE_MODEL_OVERRIDES),
+        weights="auto",
         gsv_root=str(gsv_root),
         places_per_batch=8,
         img_per_place=4,

@@ -296,45 +296,75 @@ def plot_layer_pca(images: np.ndarray, layer_maps: Mapping[int, np.ndarray], fus
     return stamp(fig, label)
 
 
-def plot_layer_similarity(matrix: np.ndarray, layers: Sequence[int], fused: Sequence[int] = (),
+def plot_layer_similarity(matrix: np.ndarray | Mapping[str, np.ndarray], layers: Sequence[int], fused: Sequence[int] = (),
                           label: str | None = None, title: str | None = None) -> plt.Figure:
-    """Heat map of a layer-by-layer similarity (linear CKA, 0 to 1) of patch features."""
-    fig, ax = plt.subplots(figsize=(6.2, 5.2))
-    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    """Heat map of a layer-by-layer similarity (linear CKA, 0 to 1) of patch features; a mapping
+    name -> matrix draws one panel per backbone, side by side, on the same colour scale."""
+    panels = dict(matrix) if isinstance(matrix, Mapping) else {None: matrix}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 0.6, 5.2), squeeze=False)
     ticks = [f"{l}*" if l in fused else str(l) for l in layers]
-    ax.set_xticks(range(len(layers)), ticks)
-    ax.set_yticks(range(len(layers)), ticks)
-    ax.grid(False)
-    if len(layers) <= 14:
-        for i in range(len(layers)):
-            for j in range(len(layers)):
-                v = matrix[i, j]
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if v < 0.6 else "black")
-    ax.set_xlabel("DINOv2 block (* fused by SciceVPR)")
-    ax.set_ylabel("DINOv2 block (* fused by SciceVPR)")
-    ax.set_title(title or "Similarity of patch features between blocks (linear CKA)")
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax, (name, m) in zip(axes[0], panels.items()):
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(layers)), ticks)
+        ax.set_yticks(range(len(layers)), ticks)
+        ax.grid(False)
+        if len(layers) <= 14:
+            for i in range(len(layers)):
+                for j in range(len(layers)):
+                    v = m[i, j]
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5 if len(layers) > 6 else 10,
+                            color="white" if v < 0.6 else "black")
+        ax.set_xlabel("block (* fused by SciceVPR)")
+        ax.set_ylabel("block (* fused by SciceVPR)")
+        if name is not None:
+            ax.set_title(name, fontsize=10)
+    fig.suptitle(title or "Similarity of patch features between blocks (linear CKA)")
+    fig.subplots_adjust(left=0.08 / len(panels) ** 0.5, right=0.86, bottom=0.14, top=0.86, wspace=0.35)
+    cb = fig.colorbar(im, cax=fig.add_axes((0.89, 0.14, 0.02, 0.72)))
     cb.set_label("linear CKA (1 = same representation)")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
 
 
 def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Sequence[str] = (),
-                      label: str | None = None, title: str | None = None) -> plt.Figure:
+                      label: str | None = None, title: str | None = None, chance: float | None = None) -> plt.Figure:
     """Bars of Recall@N for descriptors built from single blocks and from fused blocks.
 
-    ``table``: columns ``features`` (bar name) and ``metric`` (percent).
+    ``table``: columns ``features`` (bar name) and ``metric`` (percent); with a ``backbone``
+    column, one bar per backbone in each group (e.g. random and pretrained side by side);
+    with ``<metric> lo`` / ``<metric> hi`` columns, their interval as an error bar.
+    ``chance``: the Recall@N of a random ranking, drawn dashed.
     """
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(table) + 2), 3.8))
-    colours = ["#fc8d59" if f in highlight else "#bdbdbd" if "baseline" in f else "#91bfdb" for f in table["features"]]
-    bars = ax.bar(range(len(table)), table[metric], color=colours, edgecolor="0.3")
-    for b, v in zip(bars, table[metric]):
-        ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(table)), table["features"], rotation=45, ha="right")
-    ax.set_xlabel("features pooled into the descriptor (GeM of DINOv2 block outputs)")
+    groups = list(dict.fromkeys(table["backbone"])) if "backbone" in table else [None]
+    features = list(dict.fromkeys(table["features"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(features) * len(groups) + 2.5), 4.0))
+    width = 0.8 / len(groups)
+    palettes = [("#91bfdb", "#4575b4"), ("#fee090", "#fc8d59"), ("#d9f0d3", "#5aae61")]
+    top = 5.0
+    for k, g in enumerate(groups):
+        t = table if g is None else table[table["backbone"] == g]
+        t = t.set_index("features").reindex(features)
+        vals = t[metric].astype(float).values
+        plain, strong = palettes[k % len(palettes)]
+        colours = [strong if f in highlight else "#bdbdbd" if "baseline" in f else plain for f in features]
+        x = np.arange(len(features)) + (k - (len(groups) - 1) / 2) * width
+        err = None
+        if f"{metric} lo" in t and f"{metric} hi" in t:
+            err = np.vstack([vals - t[f"{metric} lo"].astype(float).values, t[f"{metric} hi"].astype(float).values - vals])
+            top = max(top, float(np.nanmax(t[f"{metric} hi"].astype(float))))
+        bars = ax.bar(x, vals, width, color=colours, edgecolor="0.3", yerr=err, capsize=2,
+                      error_kw={"lw": 0.8, "ecolor": "0.3"}, label=g)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        top = max(top, float(np.nanmax(vals)))
+    if chance is not None:
+        ax.axhline(chance, color="0.4", ls="--", lw=1.0, label=f"random ranking ({chance:.1f})")
+    ax.set_xticks(range(len(features)), features, rotation=45, ha="right")
+    ax.set_xlabel("features pooled into the descriptor (GeM of backbone block outputs)")
     ax.set_ylabel(f"Recall@{metric[2:]} (%)")
-    ax.set_ylim(0, max(5.0, float(table[metric].max()) * 1.2))
+    ax.set_ylim(0, top * 1.25)
     ax.set_title(title or f"Recall@{metric[2:]} of single blocks and of fused blocks")
+    if len(groups) > 1 or chance is not None:
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
 

@@ -32,9 +32,14 @@ def _digest(root):
 def test_preset_sizes_fit_their_use():
     small = PRESETS["small"]
     assert 60 <= small.num_train_places <= 100 and small.views_per_place[0] >= 4
-    for n_streets, length in ((small.val_streets, small.val_street_length), (small.test_streets, small.test_street_length)):
-        n_db = n_streets * (int(length / small.db_spacing) + 1)
-        assert 100 <= n_db <= 200 and 100 <= n_streets * small.queries_per_street <= 150
+    n_db = lambda streets, length: streets * (int(length / small.db_spacing) + 1)  # noqa: E731
+    assert 100 <= n_db(small.val_streets, small.val_street_length) <= 200  # validated every epoch: small
+    assert 100 <= small.val_streets * small.queries_per_street <= 250
+    # the split the notebooks report on: >= 500 queries, so that a 95% interval is a few points wide
+    assert 200 <= n_db(small.test_streets, small.test_street_length) <= 400
+    assert small.test_streets * small.queries_per_street >= 500
+    hard = PRESETS["small-hard"]  # the former default stays available
+    assert hard.max_lateral_offset > small.max_lateral_offset and hard.template_prob > small.template_prob
     assert PRESETS["full"].num_train_places >= 1000
     assert PRESETS["tiny"].num_train_places <= 20
 

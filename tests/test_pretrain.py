@@ -267,8 +267,13 @@ def test_the_shipped_backbone_loads_and_matches_its_manifest():
     assert path.stat().st_size <= 25e6
     manifest = check_manifest(path, OFFLINE_BACKBONE)
     assert manifest is not None and "not Meta's DINOv2 weights" in manifest["description"]
+    assert "not Meta's DINOv2" in manifest["label"]  # the short form figures carry
     model = _model(OFFLINE_BACKBONE, "auto")
     assert not model.is_random_init and model.backbone.weights_path == path
+    random = _model(OFFLINE_BACKBONE, None)
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(model.backbone_features(x), random.backbone_features(x), atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,3 +353,20 @@ def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
     checked = h[h["step"].isin([0, 2, 4])]
     assert checked[["R@1", "R@5", "R@1_cls"]].notna().all().all() and h.loc[h["step"] == 3, "R@1"].isna().all()
     assert ((0 <= checked["R@1"]) & (checked["R@1"] <= checked["R@5"]) & (checked["R@5"] <= 100)).all()
+
+
+def test_init_weights_start_from_an_export_and_the_chain_is_recorded(dino_run, tiny_benchmark, tmp_path):
+    config, result = dino_run
+    first = export_backbone(result.run_dir, tmp_path / "dino.pth")
+    tuned = tiny_config(tiny_benchmark, tmp_path / "tuned", objective="supervised", batch_size=8, img_per_place=4,
+                        steps=1, stop_at_step=0, init_weights=str(first))
+    start = read_pretrain_checkpoint(pretrain(tuned).run_dir)["student"]  # step 0: the weights it started from
+    exported = torch.load(first, weights_only=True)
+    assert torch.equal(start["backbone.blocks.0.attn.qkv.weight"].half(), exported["blocks.0.attn.qkv.weight"])
+    tuned = tuned.replace(stop_at_step=None, resume=True)
+    out = export_backbone(pretrain(tuned).run_dir, tmp_path / "tuned.pth")
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["objective"] == "supervised"
+    assert manifest["init"]["sha256"] == json.loads(manifest_path(first).read_text())["sha256"]
+    assert manifest["init"]["objective"] == "dino"
+    assert "self-supervised (DINO + iBOT), then trained with L_MS on places" in manifest["description"]

@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from scicevpr import analysis  # noqa: E402
 from scicevpr import notebook as nb  # noqa: E402
 from scicevpr import viz  # noqa: E402
+from scicevpr.config import OFFLINE_BACKBONE  # noqa: E402
 from scicevpr.pooling import region_boxes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,15 +358,23 @@ def test_offline_is_the_default(clean_env):
     from scicevpr.train import offline_train_config
 
     recipe = offline_train_config("gsv", "vg", "run")
-    assert s.preset == recipe.preset == "SciceVPR-S" and s.weights is None and s.device == "cpu"
+    assert s.preset == recipe.preset == "SciceVPR-S" and s.weights == recipe.weights == "auto" and s.device == "cpu"
     assert s.model_overrides == dict(recipe.model_overrides)  # the model the offline recipe trains
     assert s.synthetic_preset == "small" and s.eval_dataset == "synthetic"
     assert s.data_root == REPO / "data" and s.figures_dir == REPO / "figures"
     assert s.vg_root == REPO / "data" / "synthetic" / "small" / "vg"
-    assert s.figure_label == LABEL
+    # the compact backbone shipped in scicevpr/weights, named as its manifest says, never as Meta's DINOv2
+    cfg = s.model_config()
+    assert cfg.backbone == OFFLINE_BACKBONE and not s.random_backbone
+    assert "synthetic streets (not Meta's DINOv2)" in s.figure_label and s.figure_label.endswith(", synthetic data")
+    model = s.build("SciceVPR")
+    assert not model.is_random_init and s.label_for(model) == s.figure_label
     assert torch.get_num_threads() == 2
     text = s.describe()
-    assert str(REPO) not in text and "RANDOM" in text
+    assert str(REPO) not in text and "RANDOM" not in text and "not Meta's DINOv2 weights" in text
+    # random initialisation stays one setting away
+    r = s.with_weights(None)
+    assert r.random_backbone and r.figure_label == LABEL and r.build("SciceVPR").is_random_init
 
 
 def test_full_mode_reads_preset_data_and_dataset(clean_env, tmp_path):
@@ -400,10 +409,10 @@ def test_full_mode_with_random_weights_says_so_everywhere(clean_env, tmp_path, c
     cfg = s.train_config("teacher")
     assert cfg.weights is None and cfg.val_dataset == "synthetic" and cfg.preset == "SciceVPR-B"
     assert cfg.places_per_batch == 72 and cfg.img_per_place == 4 and cfg.epochs is None  # the paper's recipe
-    # offline: "random" is the default already
+    # offline: the same variable turns the pretrained compact backbone into a random one
     clean_env.setenv("SCICEVPR_MODE", "offline")
     off = nb.setup(quiet=True)
-    assert off.weights is None and off.figure_label == LABEL
+    assert off.weights is None and off.figure_label == LABEL and "RANDOM" in off.describe()
 
 
 def test_training_caps_for_smoke_runs(clean_env, tmp_path):
@@ -449,13 +458,28 @@ def test_offline_train_config_matches_the_settings(clean_env):
     pytest.importorskip("scicevpr.train")
     s = nb.setup(quiet=True)
     cfg = s.train_config("teacher")
-    assert cfg.preset == s.preset and cfg.weights is None and dict(cfg.model_overrides) == s.model_overrides
+    assert cfg.preset == s.preset and cfg.weights == s.weights == "auto" and dict(cfg.model_overrides) == s.model_overrides
     assert s.build("SciceVPR").config == cfg.model_config()  # notebooks and training: the same model
     assert cfg.resume and not cfg.progress and Path(cfg.run_dir) == s.run_root() / "teacher"
     assert s.run_root().parent == s.runs_dir and s.run_root() == nb.setup(quiet=True).run_root()
     other = dataclasses.replace(s, train_overrides={"epochs": 1})
     assert other.run_root() != s.run_root()  # another recipe never resumes this one's runs
     assert Path(cfg.gsv_root) == s.gsv_root and Path(cfg.val_root) == s.vg_root
+
+
+def test_runs_are_not_reused_across_backbones_or_worlds(clean_env, monkeypatch, tmp_path):
+    from scicevpr.data import synthetic
+
+    s = nb.setup(quiet=True)
+    base = s.run_root()
+    assert s.with_weights(None).run_root() != base  # random backbone: other runs
+    copy = tmp_path / "other.pth"  # the same name, other content: "auto" would find either
+    copy.write_bytes(b"not the shipped weights")
+    monkeypatch.setattr("scicevpr.backbone.resolve_weights", lambda weights, config: copy)
+    assert s.run_root() != base
+    monkeypatch.undo()
+    monkeypatch.setitem(synthetic.PRESETS, "small", dataclasses.replace(synthetic.PRESETS["small"], max_lateral_offset=1.0))
+    assert s.run_root() != base  # another world
 
 
 # ---------------------------------------------------------------------------------------------
