@@ -647,13 +647,21 @@ class StabilityFeatures:
 
 
 def stability_features(model: torch.nn.Module, split: VGSplit, config: EvalConfig = EvalConfig(),
-                       database_batch_size: int = 16) -> StabilityFeatures:
-    """The :class:`StabilityFeatures` of ``model`` on ``split`` (one backbone pass per image)."""
+                       database_batch_size: int = 16, database: np.ndarray | None = None) -> StabilityFeatures:
+    """The :class:`StabilityFeatures` of ``model`` on ``split`` (one backbone pass per image).
+    ``database``: (N_db, D) descriptors already computed in file order in batches of
+    ``database_batch_size`` (e.g. ``EvalResult.database_descriptors``), reused instead of a
+    second pass over the database."""
     q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
-    db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
     amp = amp_enabled(config, model_device(model))
     g = config.encoder_group_size
-    db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
+    if database is None:
+        db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
+        db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
+    else:
+        if database.shape[0] != split.num_database:
+            raise ValueError(f"{database.shape[0]} database descriptors for {split.num_database} database images")
+        db = np.asarray(database, dtype=np.float32)
     alone = encode_in_batches(model, q_regional, 1, amp=amp)
     return StabilityFeatures(q_regional, db, alone, amp, g)
 

@@ -210,3 +210,33 @@ def test_interval_from_a_logged_value_and_sweep_intervals():
     assert ((table["R@1 lo"] <= table["R@1"]) & (table["R@1"] <= table["R@1 hi"])).all()
     fig = viz.plot_stability(table.assign(model="toy"), "R@1", label="toy", chance=12.5)
     assert viz.missing_labels(fig) == []
+
+
+def test_stability_features_reuse_database_descriptors(tmp_path):
+    import scicevpr
+    from scicevpr.data.vg import load_vg_split
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for role, n in (("database", 4), ("queries", 3)):
+        folder = tmp_path / "toy" / "images" / "test" / role
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(
+                folder / f"@{500000.0 + 10 * i:.2f}@4100000.00@{i:03d}@.jpg")
+    split = load_vg_split(tmp_path, "toy", "test")
+    torch.manual_seed(0)
+    teacher = scicevpr.SuperCricaVPR("SciceVPR-S", weights=None, image_size=56).eval()
+    cfg = EvalConfig(num_workers=0, progress=False)
+    computed = stability_features_for(teacher, split, cfg)
+    reused = stability_features_for(teacher, split, cfg, database=computed.database)
+    np.testing.assert_array_equal(reused.database, computed.database)
+    np.testing.assert_array_equal(reused.alone, computed.alone)
+    with pytest.raises(ValueError, match="database descriptors"):
+        stability_features_for(teacher, split, cfg, database=computed.database[:2])
+
+
+def stability_features_for(model, split, cfg, database=None):
+    from scicevpr.evaluate import stability_features
+
+    return stability_features(model, split, cfg, database_batch_size=2, database=database)
