@@ -82,6 +82,7 @@ class SyntheticPreset:
     db_spacing: float = 10.0
     db_directions: int = 1  # 1: views along the street; 2: also the opposite direction
     queries_per_street: int = 25
+    val_queries_per_street: int | None = None  # None: as many as the test streets
     max_lateral_offset: float = 9.0  # of queries, from the database camera's lane
     max_query_yaw_deg: float = 20.0
     max_query_pitch_deg: float = 5.0
@@ -104,7 +105,7 @@ PRESETS: dict[str, SyntheticPreset] = {
     # CPU notebooks: ~1,600 images at 224 px; a test split of 500 queries (intervals a few points
     # wide) in a world tuned to teach (data/README.md, "Choosing the difficulty")
     "small": SyntheticPreset(
-        name="small", image_size=224, template_prob=0.15, test_streets=10, queries_per_street=50,
+        name="small", image_size=224, template_prob=0.15, test_streets=10, queries_per_street=50, val_queries_per_street=25,
         max_lateral_offset=4.0, max_query_yaw_deg=10.0, max_query_pitch_deg=3.0,
         query_conditions=(("day", 0.3), ("dusk", 0.12), ("night", 0.12), ("fog", 0.12), ("rain", 0.12),
                           ("snow", 0.11), ("autumn", 0.11)),
@@ -336,7 +337,7 @@ def build_plan(preset: SyntheticPreset, seed: int):
                         pitch=math.radians(BASE_PITCH_DEG + float(srng.uniform(-1, 1))),
                     )
                     rows.append(("database", cam, "day", 0.5, db_sun))
-            n_q = preset.queries_per_street
+            n_q = preset.queries_per_street if split == "test" or preset.val_queries_per_street is None else preset.val_queries_per_street
             for cond in _choose_conditions(srng, preset.query_conditions, n_q):
                 # Anywhere across the road or sidewalks, but not hugging a facade.
                 lo = max(-(hwr - 2.0), DB_LANE_X - preset.max_lateral_offset)
