@@ -340,6 +340,7 @@ def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Seque
     width = 0.8 / len(groups)
     palettes = [("#91bfdb", "#4575b4"), ("#fee090", "#fc8d59"), ("#d9f0d3", "#5aae61")]
     top = 5.0
+    labels = []
     for k, g in enumerate(groups):
         t = table if g is None else table[table["backbone"] == g]
         t = t.set_index("features").reindex(features)
@@ -353,18 +354,21 @@ def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Seque
             top = max(top, float(np.nanmax(t[f"{metric} hi"].astype(float))))
         bars = ax.bar(x, vals, width, color=colours, edgecolor="0.3", yerr=err, capsize=2,
                       error_kw={"lw": 0.8, "ecolor": "0.3"}, label=g)
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        labels.append((bars, vals, vals if err is None else vals + err[1]))  # values go above their error bars
         top = max(top, float(np.nanmax(vals)))
+    for bars, vals, tops in labels:
+        for b, v, y in zip(bars, vals, tops):
+            ax.text(b.get_x() + b.get_width() / 2, y + 0.02 * top, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     if chance is not None:
         ax.axhline(chance, color="0.4", ls="--", lw=1.0, label=f"random ranking ({chance:.1f})")
     ax.set_xticks(range(len(features)), features, rotation=45, ha="right")
     ax.set_xlabel("features pooled into the descriptor (GeM of backbone block outputs)")
     ax.set_ylabel(f"Recall@{metric[2:]} (%)")
-    ax.set_ylim(0, top * 1.25)
+    legend = len(groups) > 1 or chance is not None
+    ax.set_ylim(0, top * (1.6 if legend else 1.25))  # headroom for the legend above the bars
     ax.set_title(title or f"Recall@{metric[2:]} of single blocks and of fused blocks")
-    if len(groups) > 1 or chance is not None:
-        ax.legend(fontsize=8, loc="upper left")
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", ncols=len(groups) + (chance is not None))
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
 
