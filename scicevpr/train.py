@@ -157,7 +157,7 @@ def offline_train_config(
     - a 4-block backbone whose four blocks are all fused (``layers=(0, 1, 2, 3)``, M = 4 as in
       the paper, but the blocks of a 4-block network rather than blocks 8-11 of 12): a third of
       the compute of ViT-S/14;
-    - P = 8 places (the training split's places / 8 iterations per epoch);
+    - P = 8 places (an epoch is the training split's places / 8 iterations: 10 on ``small``);
     - stage 2 for 6 epochs instead of 1: one epoch is only a few iterations here.
 
     ``weights=None`` (``SCICEVPR_WEIGHTS=random`` in the notebooks) gives the same model with a
