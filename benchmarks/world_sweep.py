@@ -27,7 +27,7 @@ import torch
 from scicevpr.analysis import initial_student
 from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_descriptors, score
+from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_baseline_result
 from scicevpr.losses import LossConfig
 from scicevpr.train import offline_train_config, train_student, train_teacher
 
@@ -48,8 +48,7 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False) 
     ci = lambda r: {k: tuple(round(x, 1) for x in v) for k, v in r.intervals().items()}  # noqa: E731
     print(name, "queries", split.num_queries, "database", split.num_database, f"generated in {time.time() - t:.0f} s")
     print(name, "chance", show(chance_recall(split.num_database, split.positives, (1, 5, 10))))
-    pixels = score(None, split, pixel_descriptors(split.database_paths), pixel_descriptors(split.query_paths),
-                   EvalConfig(recall_values=(1, 5, 10)))
+    pixels = pixel_baseline_result(split)
     print(name, "raw pixels", show(pixels.recalls), ci(pixels))
     tag = "random" if weights is None else Path(weights).stem if weights != "auto" else "shipped"
     runs = root / f"runs-{tag}"
