@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .evaluate import descriptor_cosines  # noqa: F401  (notebooks call it from here)
 from .precision import autocast, model_device
 
 if TYPE_CHECKING:
@@ -213,13 +214,6 @@ def parameter_counts(model) -> pd.DataFrame:
     return pd.concat([df, total], ignore_index=True)
 
 
-def descriptor_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two (N, D) descriptor matrices of the same images."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(1)
-
-
 def agreement(student, teacher) -> dict[str, float]:
     """How closely a student's evaluation result follows its teacher's on the same split:
     mean cosine similarity of the query descriptors, L_D (mean squared L2 distance), and the
@@ -336,20 +330,19 @@ def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 
     batch), ``top1_a`` (alone), ``top1_b`` (in the batch), ``order``, ``cosine`` (of the two
     descriptors), or None when no query changes its top-1.
 
-    ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``."""
-    from .evaluate import batch_companions, batch_orders, encode_in_batches
+    ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``; the settings that
+    :func:`scicevpr.evaluate.batch_stability` has already encoded with them are not encoded again."""
+    from .evaluate import batch_companions, batch_orders
 
     top_alone = features.top1(features.alone)
     fallback = None
     for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
-        q = encode_in_batches(model, features.queries, batch_size, order, amp=features.amp, group_size=features.group_size)
-        top = features.top1(q)
+        top, cosine = features.setting(model, batch_size, order, (seed, o))
         for i in np.flatnonzero(top != top_alone):
             pos = set(int(d) for d in split.positives[i])
             ex = {"query": int(i), "companions": batch_companions(order, batch_size, int(i)), "order": o,
                   "batch_size": batch_size, "top1_a": int(top_alone[i]), "top1_b": int(top[i]),
-                  "name_a": "alone", "name_b": f"in a batch of {batch_size}",
-                  "cosine": float(descriptor_cosines(q[i : i + 1], features.alone[i : i + 1])[0])}
+                  "name_a": "alone", "name_b": f"in a batch of {batch_size}", "cosine": float(cosine[i])}
             if (int(top_alone[i]) in pos) != (int(top[i]) in pos):
                 return ex
             fallback = fallback or ex

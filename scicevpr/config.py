@@ -120,6 +120,13 @@ class BackboneConfig:
 # fp16), its position embedding learned at 112 px (8 x 8 patches), the offline image size.
 OFFLINE_BACKBONE = BackboneConfig(arch="vits14", num_blocks=4, pretrain_img_size=112)
 
+# The offline model: SciceVPR-S at 112 px on OFFLINE_BACKBONE with all four of its blocks fused
+# (M = 4, as in the paper, but blocks 0-3 of a 4-block network): ModelConfig fields.
+OFFLINE_MODEL_OVERRIDES: dict[str, Any] = {
+    "image_size": 112, "layers": (0, 1, 2, 3),
+    "backbone_num_blocks": OFFLINE_BACKBONE.num_blocks, "backbone_pretrain_img_size": OFFLINE_BACKBONE.pretrain_img_size,
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -227,6 +227,21 @@ def save_torch_file(obj: Any, path: PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def append_csv_row(path: PathLike, row: Mapping[str, Any], columns: tuple[str, ...]) -> None:
+    """Append ``row`` to the CSV log at ``path`` in the order of ``columns`` (missing fields
+    empty), writing the header first when the file is new. A killed run loses at most the row
+    it was writing; a resumed one appends after the rows it kept."""
+    import csv
+
+    path = Path(path)
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in columns})
+
+
 # --------------------------------------------------------------------------------------------
 # Run folders
 # --------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ import os
 import sys
 import warnings
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,32 @@ def compact_backbone_label(config, weights: str | None, short: bool = True) -> s
     """How figures name a compact backbone pretrained by :mod:`scicevpr.pretrain`, as its
     manifest records it: ``short`` the figure label (e.g. "ViT-S/14 self-supervised on
     synthetic streets (not Meta's DINOv2)"), else the full description."""
-    import json
-
     from .backbone import manifest_path, resolve_weights
 
-    manifest = json.loads(manifest_path(resolve_weights(weights, config)).read_text())
+    path = resolve_weights(weights, config)
+    manifest = None if path is None else weights_record(path)[1]
+    if manifest is None:
+        raise ValueError(f"{weights!r} has no weights manifest ({manifest_path(path or 'weights.pth').name}) to take the "
+                         f"backbone's label from: export it with `scicevpr pretrain-backbone --export`.")
     return manifest["label"] if short else manifest["description"]
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_record(path: str, size: int, mtime_ns: int) -> tuple[str, dict | None]:
+    from .backbone import check_manifest, file_sha256
+
+    manifest = check_manifest(path)
+    return (file_sha256(path) if manifest is None else manifest["sha256"]), manifest
+
+
+def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
+    """``(sha256, manifest)`` of a weight file: its manifest verified against the file
+    (:func:`scicevpr.backbone.check_manifest`; None when it has none). Read once per process
+    and version of the file (its size and modification time), however many run folders and
+    figure labels ask for it. Do not modify the returned manifest."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _weights_record(str(path), st.st_size, st.st_mtime_ns)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -431,11 +452,11 @@ class NotebookSettings:
         settings, so that a new backbone or world trains anew instead of reusing older runs."""
         from dataclasses import asdict
 
-        from .backbone import file_sha256, resolve_weights
+        from .backbone import resolve_weights
         from .data.synthetic import FORMAT_VERSION, get_preset
 
         path = resolve_weights(self.weights, self.model_config().backbone)
-        record: dict[str, Any] = {"backbone_sha256": None if path is None else file_sha256(path)}
+        record: dict[str, Any] = {"backbone_sha256": None if path is None else weights_record(path)[0]}
         if self.synthetic_preset is not None:
             record["synthetic"] = {"preset": asdict(get_preset(self.synthetic_preset)), "format": FORMAT_VERSION}
         return record

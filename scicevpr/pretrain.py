@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import hashlib
 import json
@@ -99,7 +98,7 @@ from .config import OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
-from .files import atomic_write_text, holds_files, load_torch_file, lock_run_dir, save_torch_file
+from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, save_torch_file
 from .losses import LossConfig, MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
@@ -652,15 +651,6 @@ def _truncate_log(path: Path, step: int) -> None:
         df[df["step"] <= step].to_csv(path, index=False)
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-
-
 def _broadcast(value: Any, ddp: _Dist) -> Any:
     if not ddp.enabled:
         return value
@@ -953,7 +943,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
             row.update(run.check.recalls(run.exported.backbone, amp))
             bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in ("R@1", "R@5", "R@1_cls")))
         if ddp.main and len(row) > 1:
-            _append_log(log_path, row)
+            append_csv_row(log_path, row, LOG_COLUMNS)
         if ddp.enabled:
             dist.barrier()
         acc.update(sums={}, n=0, t=time.perf_counter())
@@ -1071,7 +1061,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     sessions = ckpt["sessions"]
     init = None
     if cfg.init_weights is not None:  # the run started from another export: record which
-        init_manifest = json.loads(manifest_path(cfg.init_weights).read_text()) if manifest_path(cfg.init_weights).exists() else {}
+        init_manifest = check_manifest(cfg.init_weights, bb_config) or {}  # verified: the recorded sha256 is the file's
         init = {"file": Path(cfg.init_weights).name, "sha256": init_manifest.get("sha256"),
                 "objective": init_manifest.get("objective"), "description": init_manifest.get("description"),
                 "steps": init_manifest.get("steps"), "wall_s": init_manifest.get("wall_s"),

@@ -39,7 +39,6 @@ ready-to-evaluate model from a checkpoint alone.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -59,14 +58,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
-from .config import OFFLINE_BACKBONE, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
+from .config import OFFLINE_BACKBONE, OFFLINE_MODEL_OVERRIDES, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
 from .factory import create_model
-from .files import atomic_write_text, holds_files, lock_run_dir
+from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, model_device, resolve_amp
@@ -123,13 +122,6 @@ class RunResult:
 # --------------------------------------------------------------------------------------------
 # The CPU-sized offline configuration
 # --------------------------------------------------------------------------------------------
-
-
-# The offline model: SciceVPR-S at 112 px on the compact 4-block backbone (config.OFFLINE_BACKBONE).
-OFFLINE_MODEL_OVERRIDES: dict[str, Any] = {
-    "image_size": 112, "layers": (0, 1, 2, 3),
-    "backbone_num_blocks": OFFLINE_BACKBONE.num_blocks, "backbone_pretrain_img_size": OFFLINE_BACKBONE.pretrain_img_size,
-}
 
 
 def offline_train_config(
@@ -536,15 +528,6 @@ def _truncate_log(path: Path, iteration: int) -> None:
     df.to_csv(path, index=False)
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-
-
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -738,7 +721,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
                     row["best"] = True
                     save_checkpoint(best_path, model, meta={**meta_base, "epoch": epoch + 1, "recalls": recalls},
                                     store_backbone=config.store_backbone)
-            _append_log(run_dir / "log.csv", row)
+            append_csv_row(run_dir / "log.csv", row, LOG_COLUMNS)
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                         "iteration": iteration, "iterations_per_epoch": ipe, "rng": _rng_state(), "best": best}
             save_checkpoint(last_path, model, meta={**meta_base, "epoch": epoch + 1}, training=training,

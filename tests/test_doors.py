@@ -191,3 +191,18 @@ def test_recall_by_condition_counts_hits_as_recall_at_n():
     assert [table.loc["all", f"R@{n}"] for n in (1, 5, 10)] == [round(recalls[n], 2) for n in (1, 5, 10)]
     sub, _ = recall_at_n(predictions[0::3], positives[0::3], (1, 5, 10))
     assert [table.loc["a", f"R@{n}"] for n in (1, 5, 10)] == [round(sub[n], 2) for n in (1, 5, 10)]
+
+
+def test_training_and_pretraining_logs_are_written_by_one_function(tmp_path):
+    import pandas as pd
+
+    from scicevpr import pretrain, train
+    from scicevpr.files import append_csv_row
+
+    assert not hasattr(train, "_append_log") and not hasattr(pretrain, "_append_log")
+    log = tmp_path / "log.csv"
+    append_csv_row(log, {"b": 2, "a": 1}, ("a", "b", "c"))
+    append_csv_row(log, {"a": 3, "unknown": 9}, ("a", "b", "c"))
+    assert log.read_text().splitlines()[0] == "a,b,c"
+    df = pd.read_csv(log)
+    assert df["a"].tolist() == [1, 3] and df["b"].tolist()[0] == 2 and df["c"].isna().all()

@@ -110,6 +110,19 @@ def test_flip_example_finds_a_changed_query_or_none():
     assert analysis.flip_example(flat_model, flat_features, split, batch_size=2, num_orders=2) is None
 
 
+def test_flip_example_after_the_sweep_reuses_its_encodings_and_agrees():
+    model, fresh, split = toy_world(mix=1.5)
+    expected = analysis.flip_example(model, fresh, split, batch_size=2, num_orders=2)
+    _, features, _ = toy_world(mix=1.5)
+    batch_stability(model, split, query_batch_sizes=(1, 2), num_orders=2, config=CFG, features=features)
+    calls = []
+    features.encode = lambda *a, **k: calls.append(a)  # the sweep saw batch size 2 in both orders
+    assert analysis.flip_example(model, features, split, batch_size=2, num_orders=2) == expected
+    assert calls == []
+    fresh_cos = analysis.descriptor_cosines(encode_in_batches(model, fresh.queries, 2, batch_orders(8, 2)[1]), fresh.alone)
+    np.testing.assert_allclose(features.settings_seen[(2, (0, 1))][1], fresh_cos, atol=1e-7)
+
+
 def _result(correct_top1, n_db=20):
     n_q = len(correct_top1)
     predictions = np.array([[i if ok else (i + 10) % n_db, (i + 1) % n_db] for i, ok in enumerate(correct_top1)])

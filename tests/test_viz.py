@@ -7,6 +7,7 @@ must be deterministic; the switch must select the documented configurations.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -480,6 +481,28 @@ def test_runs_are_not_reused_across_backbones_or_worlds(clean_env, monkeypatch, 
     monkeypatch.undo()
     monkeypatch.setitem(synthetic.PRESETS, "small", dataclasses.replace(synthetic.PRESETS["small"], max_lateral_offset=1.0))
     assert s.run_root() != base  # another world
+
+
+def test_the_weights_file_is_hashed_once_per_version(clean_env, monkeypatch, tmp_path):
+    import os
+
+    from scicevpr import backbone
+
+    calls = []
+    real = backbone.file_sha256
+    monkeypatch.setattr(backbone, "file_sha256", lambda path: calls.append(path) or real(path))
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"first")
+    assert nb.weights_record(path) == (real(path), None) and nb.weights_record(path)[0] == real(path)
+    assert len(calls) == 1  # no manifest: hashed once, however often asked
+    path.write_bytes(b"second, longer")  # a new version of the file is hashed anew
+    assert nb.weights_record(path)[0] == real(path) != hashlib.sha256(b"first").hexdigest()
+    assert len(calls) == 2
+    manifest = {"format": backbone.MANIFEST_FORMAT, "sha256": "0" * 64, "label": "x", "description": "y"}
+    backbone.manifest_path(path).write_text(json.dumps(manifest))
+    os.utime(path, ns=(1, 1))  # the manifest changed, not the file: still verified on its next version
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        nb.weights_record(path)
 
 
 # ---------------------------------------------------------------------------------------------
