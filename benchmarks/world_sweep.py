@@ -4,9 +4,12 @@ difficulty (how far queries stray from the database lane, the condition mix, ali
 number of training places).
 
     python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0}' [WEIGHTS.pth | none | auto] [--ablation]
+        [--train='{"max_iters_per_epoch": 10}']
 
 Fields are those of ``scicevpr.data.synthetic.SyntheticPreset`` replaced in the ``small``
-preset; the data go to ``/tmp/scicevpr-world-NAME`` and the runs beside it. Run it with the
+preset; the data go to ``/tmp/scicevpr-world-NAME`` and the runs beside it. ``--train`` replaces
+fields of both stages' ``TrainConfig`` (e.g. keep the recipe's 10 iterations an epoch on a world
+with more training places). Run it with the
 pinned kernels (``make`` exports them) for numbers comparable with the stored notebooks.
 The student before training is the stage-2 model as training starts it (the backbone and the
 teacher's frozen 1x1 conv, untrained token mixers and encoder). Measured so far (2 CPU cores):
@@ -36,7 +39,7 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def main(name: str, changes: dict, weights: str | None, ablation: bool = False) -> None:
+def main(name: str, changes: dict, weights: str | None, ablation: bool = False, train: dict | None = None) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     preset = dataclasses.replace(PRESETS["small"], name=name, **{k: _tuples(v) for k, v in changes.items()})
@@ -53,7 +56,7 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False) 
     tag = "random" if weights is None else Path(weights).stem if weights != "auto" else "shipped"
     runs = root / f"runs-{tag}"
     ec = EvalConfig(num_workers=0, progress=False, amp=False)
-    common = dict(weights=weights, progress=False, resume=True)
+    common = dict(weights=weights, progress=False, resume=True, **(train or {}))
     teacher = train_teacher(offline_train_config(bench.gsv_root, bench.vg_root, runs / "teacher", **common))
     untrained = initial_student(teacher.model, seed=0)  # the backbone (and the teacher's conv) without trained heads
     r = evaluate(untrained, split, ec)
@@ -72,5 +75,7 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False) 
 
 
 if __name__ == "__main__":
-    w = sys.argv[3] if len(sys.argv) > 3 else "auto"
-    main(sys.argv[1], json.loads(sys.argv[2]), None if w == "none" else w, ablation="--ablation" in sys.argv)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    train = next((json.loads(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--train=")), None)
+    w = args[2] if len(args) > 2 else "auto"
+    main(args[0], json.loads(args[1]), None if w == "none" else w, ablation="--ablation" in sys.argv, train=train)
