@@ -9,8 +9,8 @@ number of training places).
 Fields are those of ``scicevpr.data.synthetic.SyntheticPreset`` replaced in the ``small``
 preset; the data go to ``/tmp/scicevpr-world-NAME`` and the runs beside it. ``--train`` replaces
 fields of both stages' ``TrainConfig`` (e.g. keep the recipe's 10 iterations an epoch on a world
-with more training places). Run it with the
-pinned kernels (``make`` exports them) for numbers comparable with the stored notebooks.
+with more training places). Run it with the pinned kernels (``make`` exports them) for numbers
+comparable with the stored notebooks.
 The student before training is the stage-2 model as training starts it (the backbone and the
 teacher's frozen 1x1 conv, untrained token mixers and encoder). Measured so far (2 CPU cores):
 see ``scicevpr/weights/README.md`` and ``data/README.md``.
