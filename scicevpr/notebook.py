@@ -118,13 +118,13 @@ def compact_backbone_label(config, weights: str | None, short: bool = True) -> s
     """How figures name a compact backbone pretrained by :mod:`scicevpr.pretrain`, as its
     manifest records it: ``short`` the figure label (e.g. "ViT-S/14 self-supervised on
     synthetic streets (not Meta's DINOv2)"), else the full description."""
-    from .backbone import manifest_path, resolve_weights
+    from .backbone import resolve_weights
 
     path = resolve_weights(weights, config)
     manifest = None if path is None else weights_record(path)[1]
     if manifest is None:
-        raise ValueError(f"{weights!r} has no weights manifest ({manifest_path(path or 'weights.pth').name}) to take the "
-                         f"backbone's label from: export it with `scicevpr pretrain-backbone --export`.")
+        raise ValueError(f"weights={weights!r}: no manifest (the .json beside the weight file) to take the backbone's "
+                         f"label from; export the file with `scicevpr pretrain-backbone --export`, which writes one.")
     return manifest["label"] if short else manifest["description"]
 
 
