@@ -21,11 +21,13 @@ SHA-256 against it and refuses a file that differs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -51,6 +53,23 @@ def manifest_path(weights_path: str | os.PathLike) -> Path:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, hex. Read once per process and version of the file (its
+    resolved path, inode, size and modification time): building several models on one 15 MB
+    weight file, or labelling every figure with it, hashes it once. A file modified in the last
+    :data:`_SETTLE_NS` is hashed every time (a second write within the file system's timestamp
+    granularity could keep size and time), as git treats "racy" index entries."""
+    path = Path(path).resolve()
+    st = path.stat()
+    if time.time_ns() - st.st_mtime_ns < _SETTLE_NS:
+        return _sha256_of_version.__wrapped__(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    return _sha256_of_version(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_SETTLE_NS = 2_000_000_000  # files younger than 2 s are not cached (see file_sha256)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -60,6 +79,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | None = None) -> dict | None:
     """Verify a weight file against the manifest beside it, if there is one (else None).
+
+    The manifest is read on every call; the file's hash is computed once per version of the file
+    (:func:`file_sha256`).
 
     Raises ValueError when the file's SHA-256 differs from the manifest's (a modified or
     swapped file) or when the manifest describes another backbone than ``config``.

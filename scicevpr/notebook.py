@@ -55,7 +55,6 @@ import os
 import sys
 import warnings
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,22 +127,14 @@ def compact_backbone_label(config, weights: str | None, short: bool = True) -> s
     return manifest["label"] if short else manifest["description"]
 
 
-@functools.lru_cache(maxsize=8)
-def _weights_record(path: str, size: int, mtime_ns: int) -> tuple[str, dict | None]:
-    from .backbone import check_manifest, file_sha256
-
-    manifest = check_manifest(path)
-    return (file_sha256(path) if manifest is None else manifest["sha256"]), manifest
-
-
 def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
     """``(sha256, manifest)`` of a weight file: its manifest verified against the file
-    (:func:`scicevpr.backbone.check_manifest`; None when it has none). Read once per process
-    and version of the file (its size and modification time), however many run folders and
-    figure labels ask for it. Do not modify the returned manifest."""
-    path = Path(path).resolve()
-    st = path.stat()
-    return _weights_record(str(path), st.st_size, st.st_mtime_ns)
+    (:func:`scicevpr.backbone.check_manifest`; None when it has none). The file is hashed once
+    per process and version (:func:`scicevpr.backbone.file_sha256`), however many run folders,
+    figure labels and model builds ask. Do not modify the returned manifest."""
+    from .backbone import check_manifest, file_sha256
+
+    return file_sha256(path), check_manifest(path)
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -7,9 +7,11 @@ must be deterministic; the switch must select the documented configurations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -483,26 +485,42 @@ def test_runs_are_not_reused_across_backbones_or_worlds(clean_env, monkeypatch, 
     assert s.run_root() != base  # another world
 
 
-def test_the_weights_file_is_hashed_once_per_version(clean_env, monkeypatch, tmp_path):
+def test_the_weights_file_is_hashed_once_per_version(clean_env, tmp_path):
     import os
 
     from scicevpr import backbone
 
-    calls = []
-    real = backbone.file_sha256
-    monkeypatch.setattr(backbone, "file_sha256", lambda path: calls.append(path) or real(path))
+    hashes = backbone._sha256_of_version.cache_info
     path = tmp_path / "w.pth"
     path.write_bytes(b"first")
-    assert nb.weights_record(path) == (real(path), None) and nb.weights_record(path)[0] == real(path)
-    assert len(calls) == 1  # no manifest: hashed once, however often asked
-    path.write_bytes(b"second, longer")  # a new version of the file is hashed anew
-    assert nb.weights_record(path)[0] == real(path) != hashlib.sha256(b"first").hexdigest()
-    assert len(calls) == 2
+    os.utime(path, ns=(1, 1))  # an old file: its hash is kept
+    before = hashes().misses
+    assert nb.weights_record(path) == (hashlib.sha256(b"first").hexdigest(), None)
+    assert nb.weights_record(path)[0] == backbone.file_sha256(path)
+    assert hashes().misses == before + 1  # no manifest: hashed once, however often asked
+    path.write_bytes(b"second")  # a new version (same size) is hashed anew...
+    assert nb.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
+    assert nb.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
+    assert hashes().misses == before + 1  # ...every time while it is young (a racy write could keep its mtime)
     manifest = {"format": backbone.MANIFEST_FORMAT, "sha256": "0" * 64, "label": "x", "description": "y"}
-    backbone.manifest_path(path).write_text(json.dumps(manifest))
-    os.utime(path, ns=(1, 1))  # the manifest changed, not the file: still verified on its next version
+    backbone.manifest_path(path).write_text(json.dumps(manifest))  # the manifest is read on every call
     with pytest.raises(ValueError, match="does not match its manifest"):
         nb.weights_record(path)
+
+
+def test_building_models_on_one_weight_file_hashes_it_once(clean_env, monkeypatch):
+    from scicevpr import backbone
+
+    path = backbone.PACKAGE_WEIGHTS_DIR / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth"
+    if not path.is_file() or time.time() - path.stat().st_mtime < 3:
+        pytest.skip(f"no settled shipped backbone at {path}")
+    read = []
+    real = backbone._sha256_of_version.__wrapped__
+    monkeypatch.setattr(backbone, "_sha256_of_version", functools.lru_cache(lambda *key: read.append(key) or real(*key)))
+    for _ in range(3):
+        backbone.DinoVisionTransformer(OFFLINE_BACKBONE, weights=path)
+    nb.weights_record(path)
+    assert len(read) == 1
 
 
 # ---------------------------------------------------------------------------------------------
