@@ -337,7 +337,7 @@ def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 
     top_alone = features.top1(features.alone)
     fallback = None
     for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
-        top, cosine = features.setting(model, batch_size, order, (seed, o))
+        top, cosine = features.setting(model, batch_size, order)
         for i in np.flatnonzero(top != top_alone):
             pos = set(int(d) for d in split.positives[i])
             ex = {"query": int(i), "companions": batch_companions(order, batch_size, int(i)), "order": o,

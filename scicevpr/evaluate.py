@@ -17,7 +17,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -640,7 +640,7 @@ class StabilityFeatures:
     alone: np.ndarray  # (N_q, D), batch size 1
     amp: bool = False
     group_size: int | None = None
-    # (batch_size, order key) -> (top-1 (N_q,), cosine to ``alone`` (N_q,)) of the settings
+    # (batch_size, order's bytes) -> (top-1 (N_q,), cosine to ``alone`` (N_q,)) of the settings
     # encoded so far, so that a second look at a setting (e.g. Fig. 1 after Fig. 2) is free
     settings_seen: dict = field(default_factory=dict, repr=False)
 
@@ -653,19 +653,27 @@ class StabilityFeatures:
         ``order`` (:func:`encode_in_batches`)."""
         return encode_in_batches(model, self.queries, batch_size, order, amp=self.amp, group_size=self.group_size)
 
-    def remember(self, batch_size: int, key: Any, queries: np.ndarray, top1: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Record one setting's top-1 and cosines to ``alone``; returns them."""
-        top1 = self.top1(queries) if top1 is None else np.asarray(top1)
-        self.settings_seen[(batch_size, key)] = (top1, descriptor_cosines(queries, self.alone))
-        return self.settings_seen[(batch_size, key)]
+    @staticmethod
+    def _key(batch_size: int, order: np.ndarray) -> tuple[int, bytes]:
+        """A setting is its batch size and the order itself, so no other setting's result can
+        answer for it."""
+        return int(batch_size), np.asarray(order, dtype=np.int64).tobytes()
 
-    def setting(self, model: torch.nn.Module, batch_size: int, order: np.ndarray, key: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(top1, cosine)`` of the queries encoded in batches of ``batch_size`` in ``order``
-        (``key`` names the order, e.g. ``(seed, index)`` of :func:`batch_orders`), encoded only
-        when this setting was not seen before."""
-        if (batch_size, key) not in self.settings_seen:
-            self.remember(batch_size, key, self.encode(model, batch_size, order))
-        return self.settings_seen[(batch_size, key)]
+    def remember(self, batch_size: int, order: np.ndarray, queries: np.ndarray,
+                 top1: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Record the top-1 and cosines to ``alone`` of ``queries``, encoded in batches of
+        ``batch_size`` in ``order``; returns them."""
+        top1 = self.top1(queries) if top1 is None else np.asarray(top1)
+        seen = self.settings_seen[self._key(batch_size, order)] = (top1, descriptor_cosines(queries, self.alone))
+        return seen
+
+    def setting(self, model: torch.nn.Module, batch_size: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(top1, cosine)`` of the queries encoded in batches of ``batch_size`` in ``order``,
+        encoded only when this setting was not seen before."""
+        key = self._key(batch_size, order)
+        if key not in self.settings_seen:
+            self.remember(batch_size, order, self.encode(model, batch_size, order))
+        return self.settings_seen[key]
 
 
 def descriptor_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -761,7 +769,7 @@ def batch_stability(
         for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
             q = alone if bs == 1 and o == 0 else f.encode(model, bs, order)
             res = score(None, split, f.database, q, config)
-            _, cos = f.remember(bs, (seed, o), q, res.predictions[:, 0])
+            _, cos = f.remember(bs, order, q, res.predictions[:, 0])
             row = {"model": name, "batch_size": bs, "order": o,
                    "max_abs_change": float(np.abs(q - alone).max()),
                    "top1_changed": top1_changes(res.predictions[:, 0], top1_alone),

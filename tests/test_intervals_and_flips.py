@@ -27,7 +27,6 @@ from scicevpr.evaluate import (
     encode_with_companions,
     informative_recall_values,
     recall_by_condition,
-    score,
     top1_changes,
 )
 
@@ -116,11 +115,15 @@ def test_flip_example_after_the_sweep_reuses_its_encodings_and_agrees():
     _, features, _ = toy_world(mix=1.5)
     batch_stability(model, split, query_batch_sizes=(1, 2), num_orders=2, config=CFG, features=features)
     calls = []
-    features.encode = lambda *a, **k: calls.append(a)  # the sweep saw batch size 2 in both orders
+    features.encode = lambda *a, **k: calls.append(a) or features.alone.copy()  # the sweep saw batch size 2 in both orders
     assert analysis.flip_example(model, features, split, batch_size=2, num_orders=2) == expected
+    order = batch_orders(8, 2)[1]
+    fresh_cos = analysis.descriptor_cosines(encode_in_batches(model, fresh.queries, 2, order), fresh.alone)
+    np.testing.assert_allclose(features.setting(model, 2, order)[1], fresh_cos, atol=1e-7)
     assert calls == []
-    fresh_cos = analysis.descriptor_cosines(encode_in_batches(model, fresh.queries, 2, batch_orders(8, 2)[1]), fresh.alone)
-    np.testing.assert_allclose(features.settings_seen[(2, (0, 1))][1], fresh_cos, atol=1e-7)
+    features.setting(model, 2, order[::-1])  # another order is another setting: encoded
+    features.setting(model, 4, order)
+    assert len(calls) == 2
 
 
 def _result(correct_top1, n_db=20):
