@@ -27,15 +27,15 @@ import argparse
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scicevpr.analysis import patch_maps
 from scicevpr.backbone import DinoVisionTransformer
 from scicevpr.config import OFFLINE_BACKBONE
 from scicevpr.data.gsv import GSVCitiesDataset
 from scicevpr.data.synthetic import default_synthetic_dir
-from scicevpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalConfig, chance_recall, score
 from scicevpr.losses import MultiSimilarityLoss
@@ -49,18 +49,16 @@ RECALLS = (1, 5, 10)
 def block_features(backbone: DinoVisionTransformer, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """(N, 3, S, S) uint8 -> (N, L * 5 * C): per block, the class token and the 2 x 2 region means
     of the patch tokens, each L2-normalised."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     layers = list(range(backbone.config.depth))
-    side = IMAGE_SIZE // backbone.config.patch_size
+    grid = backbone.grid_size(IMAGE_SIZE, IMAGE_SIZE)
     out = []
     for i in range(0, len(images), batch):
-        x = (images[i : i + batch].float() / 255 - mean) / std
+        x = normalize_uint8_batch(images[i : i + batch], IMAGE_SIZE)  # (B, 3, S, S) float
         parts = []
-        for tokens in backbone.get_intermediate_layers(x, layers):  # each (B, 1 + side^2, C)
-            grid = tokens[:, 1:].reshape(len(x), side, side, -1).permute(0, 3, 1, 2)  # (B, C, side, side)
-            regions = F.adaptive_avg_pool2d(grid, 2).flatten(2)  # (B, C, 4)
+        for tokens in backbone.get_intermediate_layers(x, layers):  # each (B, 1 + H*W, C)
+            regions = F.adaptive_avg_pool2d(patch_maps(tokens, grid), 2).flatten(2)  # (B, C, H, W) -> (B, C, 4)
             parts.append(torch.cat([tokens[:, 0, :, None], regions], 2))  # (B, C, 5)
-        out.append(F.normalize(torch.stack(parts, 1), dim=2).flatten(1))  # (B, L * C * 5)
+        out.append(F.normalize(torch.stack(parts, 1), dim=2).flatten(1))  # (B, L, C, 5) -> (B, L * C * 5)
     return torch.cat(out)
 
 
