@@ -99,7 +99,7 @@ from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
 from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, save_torch_file
-from .losses import LossConfig, MultiSimilarityLoss
+from .losses import MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
 from .train import (
