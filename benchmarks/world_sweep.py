@@ -3,8 +3,8 @@ teacher and student on it, with bootstrap intervals. A tool for choosing the def
 difficulty (how far queries stray from the database lane, the condition mix, aliasing, the
 number of training places).
 
-    python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0}' [WEIGHTS.pth | none | auto] [--ablation]
-        [--train='{"max_iters_per_epoch": 10}']
+    python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0}' [auto | none | WEIGHTS.pth] [--ablation]
+        [--train '{"max_iters_per_epoch": 10}']
 
 Fields are those of ``scicevpr.data.synthetic.SyntheticPreset`` replaced in the ``small``
 preset; the data go to ``/tmp/scicevpr-world-NAME`` and the runs beside it. ``--train`` replaces
@@ -18,9 +18,9 @@ see ``scicevpr/weights/README.md`` and ``data/README.md``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +32,7 @@ from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_baseline_result
 from scicevpr.losses import LossConfig
-from scicevpr.train import offline_train_config, train_student, train_teacher
+from scicevpr.train import TrainConfig, offline_train_config, train_student, train_teacher
 
 
 def _tuples(v):
@@ -74,8 +74,31 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False, 
         print(name, "student L_MS only (eta = 0)", show(r.recalls), ci(r), f"{time.time() - t:.0f} s in all")
 
 
+def _json_fields(parser: argparse.ArgumentParser, option: str, text: str, fields_of) -> dict:
+    """``text`` as a JSON object whose keys are fields of the dataclass ``fields_of``."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        parser.error(f"{option}: {text!r} is not JSON ({e}); write an object such as '{{\"max_lateral_offset\": 4.0}}'")
+    if not isinstance(value, dict):
+        parser.error(f"{option}: {text!r} is not a JSON object of field names and values")
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(fields_of)})
+    if unknown:
+        parser.error(f"{option}: {fields_of.__name__} has no field {', '.join(unknown)}; "
+                     f"its fields are {', '.join(f.name for f in dataclasses.fields(fields_of))}")
+    return value
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    train = next((json.loads(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--train=")), None)
-    w = args[2] if len(args) > 2 else "auto"
-    main(args[0], json.loads(args[1]), None if w == "none" else w, ablation="--ablation" in sys.argv, train=train)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="the variant's name (data in /tmp/scicevpr-world-NAME)")
+    parser.add_argument("changes", help="JSON object of SyntheticPreset fields replaced in the 'small' preset")
+    parser.add_argument("weights", nargs="?", default="auto", help="auto (the shipped backbone), none (random) or a path")
+    parser.add_argument("--ablation", action="store_true", help="also train the student with L_MS only (eta = 0)")
+    parser.add_argument("--train", default=None, help="JSON object of TrainConfig fields replaced in both stages")
+    args = parser.parse_args()
+    changes = _json_fields(parser, "changes", args.changes, type(PRESETS["small"]))
+    train = None if args.train is None else _json_fields(parser, "--train", args.train, TrainConfig)
+    if args.weights not in ("auto", "none") and not Path(args.weights).is_file():
+        parser.error(f"weights: no file {args.weights!r}; give auto, none or the path of a weight file")
+    main(args.name, changes, None if args.weights == "none" else args.weights, ablation=args.ablation, train=train)
