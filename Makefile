@@ -63,18 +63,19 @@ test-notebooks: $(STAMP)
 
 # The stored outputs hold with the CPU's own kernels too (AVX-512 or AMX where the machine has
 # them), in a copy of the notebooks with its own runs/ (so that 04 really trains again) and the
-# synthetic data shared. 01 (untrained features ranked) must match exactly; 04 (training) and
-# 05 (the trained models) within the tolerance stated in tests/nbcompare.py: last-bit differences
-# grow through training into another best epoch or a query more or less found.
+# synthetic data shared. 01 (untrained features ranked) must match exactly; 04 (training), 05
+# and 03 (the trained models, read from 04's runs) within the tolerance stated in
+# tests/nbcompare.py: last-bit differences grow through training into another best epoch or a
+# query more or less found.
 NATIVE_CHECK := runs/native-kernels-check
 UNPIN := env $(foreach v,$(PINNED_VARS),-u $(v))
 test-native-kernels: $(STAMP)
 	rm -rf $(NATIVE_CHECK) && mkdir -p $(NATIVE_CHECK)/data $(NATIVE_CHECK)/notebooks data/synthetic
 	cp pyproject.toml $(NATIVE_CHECK)/
-	cp notebooks/sanitize.cfg notebooks/01_*.ipynb notebooks/04_*.ipynb notebooks/05_*.ipynb $(NATIVE_CHECK)/notebooks/
+	cp notebooks/sanitize.cfg notebooks/01_*.ipynb notebooks/03_*.ipynb notebooks/04_*.ipynb notebooks/05_*.ipynb $(NATIVE_CHECK)/notebooks/
 	ln -s $(CURDIR)/data/synthetic $(NATIVE_CHECK)/data/synthetic
 	cd $(NATIVE_CHECK) && $(UNPIN) $(CURDIR)/$(PY) $(NBVAL) notebooks/01_*.ipynb
-	cd $(NATIVE_CHECK) && $(UNPIN) MPLBACKEND=Agg $(CURDIR)/$(PY) $(CURDIR)/tests/nbcompare.py notebooks/04_*.ipynb notebooks/05_*.ipynb
+	cd $(NATIVE_CHECK) && $(UNPIN) MPLBACKEND=Agg $(CURDIR)/$(PY) $(CURDIR)/tests/nbcompare.py notebooks/04_*.ipynb notebooks/05_*.ipynb notebooks/03_*.ipynb
 	rm -rf $(NATIVE_CHECK)
 
 demo: $(STAMP)

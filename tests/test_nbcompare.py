@@ -39,6 +39,10 @@ def test_notebook_comparison_reports_each_cell_and_skips_ignored_ones(tmp_path):
     assert [d.cell for d in diffs] == [1]
     ignored = _nb("R@1 10.4\n", source="# NBVAL_IGNORE_OUTPUT\nx")
     assert compare_notebooks(ignored, _nb("R@1 90.0\n", source="# NBVAL_IGNORE_OUTPUT\nx"), []) == []
+    ids = lambda text: _nb(text, source="# NBCOMPARE_TEXT_ONLY\nx")  # noqa: E731
+    assert compare_notebooks(ids("query 80 -> database 74\n"), ids("query 3 -> database 250\n"), []) == []
+    assert [d.cell for d in compare_notebooks(ids("query 80 -> database 74 (the same image)\n"),
+                                              ids("query 3 -> database 250 (another image)\n"), [])] == [0]
     cfg = tmp_path / "s.cfg"
     cfg.write_text("[paths]\nregex: /tmp/\\S+\nreplace: <path>\n")
     rules = load_sanitizers(cfg)
