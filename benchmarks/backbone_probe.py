@@ -12,11 +12,15 @@ than the notebooks' CPU recipe affords: the result says what the backbone's feat
 what the notebooks' 100 iterations reach.
 
     python benchmarks/backbone_probe.py --train-root data/synthetic/pretrain/gsv_cities [--weights auto|none|PATH]
-        [--places N] [--batch-places P] [--steps S] [--lr LR]
+        [--test-root VG_ROOT] [--places N] [--batch-places P] [--steps S] [--lr LR] [--device auto|cpu|cuda]
+        [--csv OUT.csv]
 
 The training split must share no street with the test split: the ``pretrain`` preset
 (``scicevpr synth --preset pretrain --seed 0 --splits train``) or the ``small`` preset's own
-training split (80 places). Run it with the pinned kernels (``make`` exports them).
+training split (80 places). The test split is the ``small`` preset's (``--test-root``, default
+``$SCICEVPR_DATA/synthetic/small/vg``). Run it with the pinned kernels (``make`` exports them);
+on a GPU (``--device cuda``) encoding and the head take seconds (``benchmarks/device_pretrain.sh``
+probes every export this way).
 Measured (2 CPU cores, AMD EPYC, fp32; 2026-11-28) for the shipped backbone, on the ``small``
 test split (500 queries, chance R@1 1.6): see ``scicevpr/weights/README.md``.
 """
@@ -27,6 +31,7 @@ import argparse
 import time
 import warnings
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -47,18 +52,19 @@ RECALLS = (1, 5, 10)
 
 @torch.no_grad()
 def block_features(backbone: DinoVisionTransformer, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    """(N, 3, S, S) uint8 -> (N, L * 5 * C): per block, the class token and the 2 x 2 region means
-    of the patch tokens, each L2-normalised."""
+    """(N, 3, S, S) uint8 -> (N, L * 5 * C) float32 on the CPU: per block, the class token and the
+    2 x 2 region means of the patch tokens, each L2-normalised; encoded on the backbone's device."""
+    device = next(backbone.parameters()).device
     layers = list(range(backbone.config.depth))
     grid = backbone.grid_size(IMAGE_SIZE, IMAGE_SIZE)
     out = []
     for i in range(0, len(images), batch):
-        x = normalize_uint8_batch(images[i : i + batch], IMAGE_SIZE)  # (B, 3, S, S) float
+        x = normalize_uint8_batch(images[i : i + batch].to(device), IMAGE_SIZE)  # (B, 3, S, S) float
         parts = []
         for tokens in backbone.get_intermediate_layers(x, layers):  # each (B, 1 + H*W, C)
             regions = F.adaptive_avg_pool2d(patch_maps(tokens, grid), 2).flatten(2)  # (B, C, H, W) -> (B, C, 4)
             parts.append(torch.cat([tokens[:, 0, :, None], regions], 2))  # (B, C, 5)
-        out.append(F.normalize(torch.stack(parts, 1), dim=2).flatten(1))  # (B, L, C, 5) -> (B, L * C * 5)
+        out.append(F.normalize(torch.stack(parts, 1), dim=2).flatten(1).float().cpu())  # (B, L, C, 5) -> (B, L * C * 5)
     return torch.cat(out)
 
 
@@ -70,22 +76,28 @@ def main() -> None:
     p.add_argument("--batch-places", type=int, default=128, help="P places per batch (K = 4 images each)")
     p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--test-root", default=None, help="VG root of the synthetic test split (default: the small preset's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when there is one")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes decoding the JPEGs")
+    p.add_argument("--csv", default=None, help="also write the result rows (recalls with intervals) to this CSV")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
 
     weights = None if args.weights == "none" else args.weights
-    backbone = DinoVisionTransformer(OFFLINE_BACKBONE, weights=weights).eval()
-    split = load_vg_split(default_synthetic_dir("small") / "vg", "synthetic", "test")
+    backbone = DinoVisionTransformer(OFFLINE_BACKBONE, weights=weights).eval().to(device)
+    split = load_vg_split(args.test_root or default_synthetic_dir("small") / "vg", "synthetic", "test")
     t0 = time.time()
-    test = block_features(backbone, load_image_cache(split.all_paths, IMAGE_SIZE, 2, progress=False))
+    test = block_features(backbone, load_image_cache(split.all_paths, IMAGE_SIZE, args.workers, progress=False))
     train_set = GSVCitiesDataset(args.train_root, img_per_place=4, image_size=IMAGE_SIZE)
     frame = train_set.dataframe
     if args.places is not None:
         frame = frame[frame["place_id"].isin(train_set.place_ids[: args.places])]
-    train = block_features(backbone, load_image_cache(frame["path"].tolist(), IMAGE_SIZE, 2, progress=False))
+    train = block_features(backbone, load_image_cache(frame["path"].tolist(), IMAGE_SIZE, args.workers, progress=False))
     labels = torch.as_tensor(frame["place_id"].to_numpy())
     print(f"features: {len(train)} training images of {labels.unique().numel()} places, {len(test)} test images, "
           f"{train.shape[1]} dims, {time.time() - t0:.0f} s")
@@ -96,23 +108,28 @@ def main() -> None:
     chance = chance_recall(split.num_database, split.positives, RECALLS)
     print("chance: " + ", ".join(f"R@{n} {v:.1f}" for n, v in chance.items()))
 
+    tables = []
+
     def report(name: str, head) -> None:
         with torch.no_grad():
-            d = F.normalize(head(test), dim=-1).numpy()
+            d = F.normalize(head(test.to(device)), dim=-1).cpu().numpy()
         result = score(None, split, d[: split.num_database], d[split.num_database :], config, name=name)
-        print(result.table(intervals=True).to_string(index=False))
+        tables.append(result.table(intervals=True))
+        print(tables[-1].to_string(index=False))
 
     report("raw features", lambda x: x)
-    head = torch.nn.Linear(train.shape[1], 1024)
+    head = torch.nn.Linear(train.shape[1], 1024).to(device)  # initialised on the CPU: the same head on any device
     optimiser = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2)
     loss_fn = MultiSimilarityLoss()
-    places = [torch.nonzero(labels == p).flatten() for p in labels.unique()]
+    places = [torch.nonzero(labels == p).flatten() for p in labels.unique()]  # on the CPU, as the sampling
+    train, labels = train.to(device), labels.to(device)
     P, K = min(args.batch_places, len(places)), 4
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
     for step in range(1, args.steps + 1):
         chosen = torch.randperm(len(places), generator=gen)[:P]
         idx = torch.cat([places[c][torch.randperm(len(places[c]), generator=gen)[:K]] for c in chosen])  # (P * K,)
+        idx = idx.to(device)
         loss = loss_fn(F.normalize(head(train[idx]), dim=-1), labels[idx])
         optimiser.zero_grad()
         loss.backward()
@@ -120,6 +137,11 @@ def main() -> None:
         if step % max(1, args.steps // 4) == 0:
             print(f"step {step}: L_MS {loss.item():.3f} ({time.time() - t0:.0f} s)")
     report(f"linear head, {len(places)} places, {args.steps} steps of {P} x {K}", head)
+    if args.csv:
+        table = pd.concat(tables, ignore_index=True)
+        table.insert(1, "weights", args.weights)
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":
