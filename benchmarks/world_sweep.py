@@ -89,16 +89,23 @@ def _json_fields(parser: argparse.ArgumentParser, option: str, text: str, fields
     return value
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> dict:
+    """The command line as ``main``'s keyword arguments; a bad variant, ``--train`` field or
+    weights path exits with status 2 and one message naming it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the variant's name (data in /tmp/scicevpr-world-NAME)")
     parser.add_argument("changes", help="JSON object of SyntheticPreset fields replaced in the 'small' preset")
     parser.add_argument("weights", nargs="?", default="auto", help="auto (the shipped backbone), none (random) or a path")
     parser.add_argument("--ablation", action="store_true", help="also train the student with L_MS only (eta = 0)")
     parser.add_argument("--train", default=None, help="JSON object of TrainConfig fields replaced in both stages")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     changes = _json_fields(parser, "changes", args.changes, type(PRESETS["small"]))
     train = None if args.train is None else _json_fields(parser, "--train", args.train, TrainConfig)
     if args.weights not in ("auto", "none") and not Path(args.weights).is_file():
         parser.error(f"weights: no file {args.weights!r}; give auto, none or the path of a weight file")
-    main(args.name, changes, None if args.weights == "none" else args.weights, ablation=args.ablation, train=train)
+    return dict(name=args.name, changes=changes, weights=None if args.weights == "none" else args.weights,
+                ablation=args.ablation, train=train)
+
+
+if __name__ == "__main__":
+    main(**parse_args())
