@@ -134,7 +134,8 @@ def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
     figure labels and model builds ask. Do not modify the returned manifest."""
     from .backbone import check_manifest, file_sha256
 
-    return file_sha256(path), check_manifest(path)
+    manifest = check_manifest(path)  # hashes the file when it has a manifest: its sha256 is then the file's
+    return (file_sha256(path) if manifest is None else manifest["sha256"]), manifest
 
 
 def _relative(path: Path, root: Path) -> str:
