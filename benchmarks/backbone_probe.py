@@ -44,6 +44,7 @@ from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalConfig, chance_recall, score
 from scicevpr.losses import MultiSimilarityLoss
+from scicevpr.precision import model_device
 from scicevpr.pretrain import load_image_cache
 
 IMAGE_SIZE = 112
@@ -54,7 +55,7 @@ RECALLS = (1, 5, 10)
 def block_features(backbone: DinoVisionTransformer, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """(N, 3, S, S) uint8 -> (N, L * 5 * C) float32 on the CPU: per block, the class token and the
     2 x 2 region means of the patch tokens, each L2-normalised; encoded on the backbone's device."""
-    device = next(backbone.parameters()).device
+    device = model_device(backbone)
     layers = list(range(backbone.config.depth))
     grid = backbone.grid_size(IMAGE_SIZE, IMAGE_SIZE)
     out = []
