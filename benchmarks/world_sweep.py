@@ -1,7 +1,7 @@
-"""Try a variant of the synthetic world: chance level, raw pixels, and the offline recipe's
-teacher and student on it, with bootstrap intervals. A tool for choosing the default preset's
-difficulty (how far queries stray from the database lane, the condition mix, aliasing, the
-number of training places).
+"""Try a variant of the synthetic world: chance level, raw pixels, hue histograms in strips (the
+colour layout alone), and the offline recipe's teacher and student on it, with bootstrap
+intervals. A tool for choosing the default preset's difficulty (how far queries stray from the
+database lane, the condition mix, aliasing, the number of training places).
 
     python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0}' [auto | none | WEIGHTS.pth] [--ablation]
         [--train '{"max_iters_per_epoch": 10}']
@@ -30,7 +30,7 @@ import torch
 from scicevpr.analysis import initial_student
 from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, pixel_baseline_result
+from scicevpr.evaluate import EvalConfig, chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
 from scicevpr.losses import LossConfig
 from scicevpr.train import TrainConfig, offline_train_config, train_student, train_teacher
 
@@ -53,6 +53,8 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False, 
     print(name, "chance", show(chance_recall(split.num_database, split.positives, (1, 5, 10))))
     pixels = pixel_baseline_result(split)
     print(name, "raw pixels", show(pixels.recalls), ci(pixels))
+    colours = colour_baseline_result(split)
+    print(name, "hue histograms", show(colours.recalls), ci(colours))
     tag = "random" if weights is None else Path(weights).stem if weights != "auto" else "shipped"
     runs = root / f"runs-{tag}"
     ec = EvalConfig(num_workers=0, progress=False, amp=False)

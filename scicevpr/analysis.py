@@ -10,7 +10,8 @@ plots (:mod:`scicevpr.viz`) and the notebooks' switch (:mod:`scicevpr.notebook`)
 - **Notebook 04, distillation**: :func:`training_batch`, :func:`initial_student`,
   :func:`descriptor_cosines`, :func:`agreement` (how closely the student follows the teacher).
 - **Notebook 03, the paper's Fig. 1**: :func:`flip_example` (a query whose best match changes with the batch).
-- **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`pick_queries`,
+- **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`colour_baseline_row`
+  (the colour-layout floor), :func:`pick_queries`,
   :func:`failure_breakdown` (where wrong matches lie), :func:`conditions_with_enough_queries`.
 
 Every function takes models, splits and tensors; the ones that need the notebooks' sizes take the
@@ -316,10 +317,22 @@ def pixel_baseline_row(split, thumb: int = 32, ns=(1, 5, 10, 100), intervals: bo
     (the bootstrap interval over queries, as ``EvalResult.table(intervals=True)``)."""
     from .evaluate import pixel_baseline_result
 
-    result = pixel_baseline_result(split, thumb=thumb, recall_values=ns)
+    return _baseline_row(pixel_baseline_result(split, thumb=thumb, recall_values=ns), thumb * thumb * 3, intervals)
+
+
+def colour_baseline_row(split, strips: int = 6, bins: int = 12, ns=(1, 5, 10, 100), intervals: bool = False) -> dict[str, Any]:
+    """Recall@N (percent) of hue histograms in ``strips`` vertical strips
+    (:func:`scicevpr.evaluate.colour_baseline_result`): how far colour layout alone, without any
+    learning, identifies a place. A table row like :func:`pixel_baseline_row`."""
+    from .evaluate import colour_baseline_result
+
+    return _baseline_row(colour_baseline_result(split, strips, bins, recall_values=ns), strips * bins, intervals)
+
+
+def _baseline_row(result, dim: int, intervals: bool) -> dict[str, Any]:
     row = result.table(intervals=intervals).iloc[0].to_dict()
     recalls = {k: v for k, v in row.items() if k.startswith("R@")}
-    return {"features": result.model_name, "model": result.model_name, "dim": thumb * thumb * 3, **recalls}
+    return {"features": result.model_name, "model": result.model_name, "dim": dim, **recalls}
 
 
 def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 3, seed: int = 0) -> dict[str, Any] | None:

@@ -180,6 +180,46 @@ def test_pixel_baseline_recall_is_in_percent_and_matches_recall_at_n(tiny_benchm
     assert recalls[10] > 1.0
 
 
+def test_colour_histograms_see_which_hues_lie_in_which_strip(tmp_path):
+    from PIL import Image
+
+    from scicevpr.evaluate import colour_histogram_descriptors
+
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[:, :32] = (255, 0, 0)  # red: hue 0 -> bin 0 of 12
+    image[:, 32:] = (0, 0, 255)  # blue: hue 2/3 -> bin 8
+    Image.fromarray(image).save(tmp_path / "split.png")
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(image[:, ::-1].copy()).save(tmp_path / "mirrored.png")
+    d = colour_histogram_descriptors([tmp_path / "split.png", tmp_path / "grey.png", tmp_path / "mirrored.png"],
+                                     strips=2, bins=12)
+    assert d.shape == (3, 24) and d.dtype == np.float32
+    expected = np.zeros(24, dtype=np.float32)
+    expected[0] = expected[12 + 8] = 1.0
+    np.testing.assert_allclose(d[0], expected, atol=1e-6)
+    np.testing.assert_array_equal(d[1], 0.0)  # no pixel saturated enough: an empty histogram
+    assert np.abs(d[2] - d[0]).sum() > 3.9  # the same colours in other strips: another place
+    assert colour_histogram_descriptors([tmp_path / "split.png"], strips=1, bins=12)[0] == pytest.approx(
+        np.sqrt(np.eye(12)[0] * 0.5 + np.eye(12)[8] * 0.5))  # one strip: half red, half blue
+    with pytest.raises(ValueError, match="strips"):
+        colour_histogram_descriptors([tmp_path / "split.png"], strips=0)
+
+
+def test_colour_baseline_scores_its_descriptors_like_a_model(tiny_benchmark):
+    from scicevpr.analysis import colour_baseline_row
+    from scicevpr.evaluate import colour_baseline_result, colour_histogram_descriptors, recall_at_n
+
+    split = tiny_benchmark.load_split("test")
+    result = colour_baseline_result(split, strips=3, bins=12, recall_values=(1, 5, 10))
+    db, q = (colour_histogram_descriptors(paths, 3, 12) for paths in (split.database_paths, split.query_paths))
+    d2 = ((q[:, None, :] - db[None, :, :]) ** 2).sum(-1)  # (N_q, N_db), by hand
+    ranking = np.argsort(d2, axis=1, kind="stable")[:, :10]
+    assert result.recalls == pytest.approx(recall_at_n(ranking, split.positives, (1, 5, 10))[0])
+    row = colour_baseline_row(split, strips=3, bins=12, ns=(1, 5), intervals=True)
+    assert row["dim"] == 36 and row["R@1"] == pytest.approx(result.recalls[1])
+    assert row["R@1 lo"] <= row["R@1"] <= row["R@1 hi"]
+
+
 def test_recall_by_condition_counts_hits_as_recall_at_n():
     from scicevpr.evaluate import recall_at_n, recall_by_condition
 
