@@ -580,6 +580,12 @@ class PretrainConfig:
         local_size: side of the local crops (56 -> 4 x 4 patches).
         local_crops: local crops per image.
         global_scale, local_scale: area ranges of the random resized crops.
+        colour_augment: DINO's colour augmentations (jitter of brightness, contrast, saturation and
+            hue with probability 0.8, grey 0.2, solarisation of one global crop 0.2; the supervised
+            crop: jitter 0.8). False keeps each view's colours: crops, flips and blur only. DINO
+            made its views differ in colour so that crops could not be matched by their colour
+            histograms; on the synthetic streets, whose facades are flat colours, those
+            histograms identify places (``evaluate.colour_baseline_result``).
     DINO / iBOT / KoLeo:
         head_hidden, head_bottleneck, prototypes: DINO head C -> hidden -> hidden -> bottleneck,
             then ``K = prototypes`` weight-normalised prototypes.
@@ -637,6 +643,7 @@ class PretrainConfig:
     local_crops: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
+    colour_augment: bool = True
     head_hidden: int = 2048
     head_bottleneck: int = 256
     prototypes: int = 8192

@@ -237,6 +237,19 @@ class CropSpec:
     solarize: float = 0.0
 
 
+def view_specs(config: PretrainConfig) -> tuple[tuple[CropSpec, CropSpec], CropSpec, CropSpec]:
+    """The views of a run: DINO's two global crops and its local crop, and the supervised crop.
+    ``config.colour_augment=False`` turns off colour jitter, grey and solarisation in all of them."""
+    c = 1.0 if config.colour_augment else 0.0
+    global_specs = (
+        CropSpec(config.image_size, config.global_scale, jitter=0.8 * c, gray=0.2 * c, blur=1.0),
+        CropSpec(config.image_size, config.global_scale, jitter=0.8 * c, gray=0.2 * c, blur=0.1, solarize=0.2 * c),
+    )
+    local_spec = CropSpec(config.local_size, config.local_scale, jitter=0.8 * c, gray=0.2 * c, blur=0.5)
+    supervised_spec = CropSpec(config.image_size, config.supervised_scale, flip=0.0, jitter=0.8 * c, gray=0.0)
+    return global_specs, local_spec, supervised_spec
+
+
 class MultiCropAugment:
     """Random views of a batch of uint8 images, computed in batches on their device.
 
@@ -702,12 +715,7 @@ class _Run:
                 self.student, device_ids=[device.index] if device.type == "cuda" else None)
         g = config.image_size // self.student.backbone.patch_size
         self.num_patches = g * g
-        self.global_specs = (
-            CropSpec(config.image_size, config.global_scale, blur=1.0),
-            CropSpec(config.image_size, config.global_scale, blur=0.1, solarize=0.2),
-        )
-        self.local_spec = CropSpec(config.local_size, config.local_scale, blur=0.5)
-        self.supervised_spec = CropSpec(config.image_size, config.supervised_scale, flip=0.0, gray=0.0)
+        self.global_specs, self.local_spec, self.supervised_spec = view_specs(config)
         self._epoch_cache: tuple[int, Any] | None = None
         self.check = None
         if config.val_root is not None and ddp.main:

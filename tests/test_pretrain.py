@@ -30,6 +30,7 @@ from scicevpr.pretrain import (
     random_masks,
     read_pretrain_checkpoint,
     schedule,
+    view_specs,
 )
 
 TINY = dict(num_blocks=1, image_size=56, local_size=28, local_crops=2, head_hidden=64, head_bottleneck=32,
@@ -123,6 +124,25 @@ def test_augmentations_and_masks_have_the_asked_shapes_and_are_reproducible():
     per_crop = m.sum(1)
     assert m.shape == (400, 16) and 0.4 < (per_crop > 0).float().mean() < 0.6
     assert per_crop[per_crop > 0].min() >= 4 and per_crop.max() <= 8
+
+
+@pytest.mark.parametrize("colour_augment", [True, False])
+def test_colour_augment_false_keeps_every_views_colours(colour_augment):
+    from scicevpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    x[:, 0], x[:, 1], x[:, 2] = 200, 60, 30  # one flat orange: crops, flips and blur leave it as it is
+    colour = torch.tensor([200, 60, 30]) / 255.0
+    globals_, local, supervised = view_specs(PretrainConfig(colour_augment=colour_augment, image_size=28, local_size=14))
+    g = torch.Generator().manual_seed(0)
+    for spec in (*globals_, local, supervised):
+        v = MultiCropAugment.apply(x, MultiCropAugment.params(g, 64, spec), spec)  # (64, 3, s, s) normalised
+        rgb = v * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        changed = (rgb - colour.view(1, 3, 1, 1)).abs().amax(dim=(1, 2, 3)) > 1e-3  # (64,) views whose colour moved
+        if colour_augment:
+            assert 0.5 < changed.float().mean() < 1.0  # jitter 0.8 (and grey), not every view
+        else:
+            assert not changed.any()
 
 
 # --------------------------------------------------------------------------------------------
