@@ -240,14 +240,15 @@ class CropSpec:
 def view_specs(config: PretrainConfig) -> tuple[tuple[CropSpec, CropSpec], CropSpec, CropSpec]:
     """The views of a run: DINO's two global crops and its local crop, and the supervised crop.
     ``config.colour_augment=False`` turns off colour jitter, grey and solarisation in all of them."""
-    c = 1.0 if config.colour_augment else 0.0
-    global_specs = (
-        CropSpec(config.image_size, config.global_scale, jitter=0.8 * c, gray=0.2 * c, blur=1.0),
-        CropSpec(config.image_size, config.global_scale, jitter=0.8 * c, gray=0.2 * c, blur=0.1, solarize=0.2 * c),
+    specs = (
+        CropSpec(config.image_size, config.global_scale, blur=1.0),
+        CropSpec(config.image_size, config.global_scale, blur=0.1, solarize=0.2),
+        CropSpec(config.local_size, config.local_scale, blur=0.5),
+        CropSpec(config.image_size, config.supervised_scale, flip=0.0, gray=0.0),
     )
-    local_spec = CropSpec(config.local_size, config.local_scale, jitter=0.8 * c, gray=0.2 * c, blur=0.5)
-    supervised_spec = CropSpec(config.image_size, config.supervised_scale, flip=0.0, jitter=0.8 * c, gray=0.0)
-    return global_specs, local_spec, supervised_spec
+    if not config.colour_augment:
+        specs = tuple(dataclasses.replace(s, jitter=0.0, gray=0.0, solarize=0.0) for s in specs)
+    return specs[:2], specs[2], specs[3]
 
 
 class MultiCropAugment:
