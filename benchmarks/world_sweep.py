@@ -31,8 +31,7 @@ from scicevpr.analysis import initial_student
 from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalConfig, chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
-from scicevpr.losses import LossConfig
-from scicevpr.train import TrainConfig, offline_train_config, train_student, train_teacher
+from scicevpr.train import TrainConfig, loss_variant_config, offline_train_config, train_student, train_teacher
 
 
 def _tuples(v):
@@ -65,13 +64,13 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False, 
     print(name, "student before training", show(r.recalls), ci(r))
     r = evaluate(teacher.model, split, ec)
     print(name, "teacher", show(r.recalls), ci(r))
-    student = train_student(offline_train_config(bench.gsv_root, bench.vg_root, runs / "student", stage="student",
-                                                 teacher=teacher.best_path, **common))
+    student_config = offline_train_config(bench.gsv_root, bench.vg_root, runs / "student", stage="student",
+                                          teacher=teacher.best_path, **common)
+    student = train_student(student_config)
     r = evaluate(student.model, split, ec)
     print(name, "student", show(r.recalls), ci(r), f"{time.time() - t:.0f} s in all")
-    if ablation:
-        ms_only = train_student(offline_train_config(bench.gsv_root, bench.vg_root, runs / "student-eta0", stage="student",
-                                                     teacher=teacher.best_path, loss=LossConfig(eta=0.0), **common))
+    if ablation:  # notebook 04's ablation: the student's steps, scored once at the end
+        ms_only = train_student(loss_variant_config(student_config, runs / "student-ms-only", eta=0.0))
         r = evaluate(ms_only.model, split, ec)
         print(name, "student L_MS only (eta = 0)", show(r.recalls), ci(r), f"{time.time() - t:.0f} s in all")
 

@@ -467,16 +467,12 @@ class NotebookSettings:
         return teacher_run, student_run
 
     def student_variant_config(self, name: str, teacher: str | os.PathLike, **loss: float):
-        """The stage-2 :class:`~scicevpr.train.TrainConfig` of :meth:`train_student_variant`: the
-        student's, with the loss weights in ``loss`` replaced, ``run_root()/student-<name>`` as
-        its run folder, and validation only after the last epoch (``val_every = epochs``), so
-        that the variant keeps its weights after exactly the student's number of steps, at a
-        fraction of the validation time."""
-        import dataclasses
+        """The stage-2 :class:`~scicevpr.train.TrainConfig` of :meth:`train_student_variant`:
+        :func:`scicevpr.train.loss_variant_config` of the student's, in ``run_root()/student-<name>``
+        (the same steps, other loss weights, validated once after the last epoch)."""
+        from .train import loss_variant_config
 
-        base = self.train_config("student", teacher=teacher)
-        return self._train_config("student", self.run_root() / f"student-{name}", teacher,
-                                  loss=dataclasses.replace(base.loss, **loss), val_every=base.epochs)
+        return loss_variant_config(self.train_config("student", teacher=teacher), self.run_root() / f"student-{name}", **loss)
 
     def train_student_variant(self, name: str, **loss: float):
         """A stage-2 student of the same teacher, trained for the same steps as :meth:`train`'s

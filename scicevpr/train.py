@@ -39,6 +39,7 @@ ready-to-evaluate model from a checkpoint alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -188,6 +189,19 @@ def offline_train_config(
     model_overrides = {**base["model_overrides"], **(overrides.pop("model_overrides", None) or {})}
     base.update(overrides, model_overrides=model_overrides)
     return TrainConfig(**base)
+
+
+def loss_variant_config(student: TrainConfig, run_dir: PathLike, **loss: float) -> TrainConfig:
+    """A stage-2 ablation of the run ``student``: the same student, teacher and steps with the
+    loss weights in ``loss`` replaced (e.g. ``eta=0``: ``L_MS`` only; ``gamma=0``: ``L_D`` only),
+    in ``run_dir``, and validated only after the last epoch (``val_every = epochs``), so that it
+    keeps its weights after exactly the student's number of steps, at a fraction of the
+    validation time. The notebooks' distillation ablation and ``benchmarks/world_sweep.py`` both
+    build theirs here."""
+    if student.teacher is None:
+        raise ValueError("loss_variant_config: `student` has no teacher; pass the stage-2 (student) TrainConfig")
+    return dataclasses.replace(student, run_dir=str(run_dir), loss=dataclasses.replace(student.loss, **loss),
+                               val_every=student.epochs or PAPER_EPOCHS["student"])
 
 
 # --------------------------------------------------------------------------------------------

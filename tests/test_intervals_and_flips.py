@@ -211,6 +211,19 @@ def test_notebook_ablation_and_cricavpr_runs_differ_from_the_student_only_where_
     assert crica.run_dir.endswith("cricavpr")
 
 
+def test_loss_variant_keeps_the_other_weights_and_validates_once_also_with_the_papers_epochs():
+    from scicevpr.losses import LossConfig
+    from scicevpr.train import PAPER_EPOCHS, TrainConfig, loss_variant_config
+
+    student = TrainConfig(teacher="t.pt", epochs=None, val_every=1, loss=LossConfig(gamma=0.5, eta=2.0), run_dir="runs/student")
+    variant = loss_variant_config(student, "runs/student-ms-only", eta=0.0)
+    assert (variant.loss.gamma, variant.loss.eta) == (0.5, 0.0)
+    assert variant.val_every == PAPER_EPOCHS["student"] and variant.epochs is None  # None: the paper's 1 epoch
+    assert variant.run_dir == "runs/student-ms-only" and student.run_dir == "runs/student"
+    with pytest.raises(ValueError, match="no teacher"):
+        loss_variant_config(TrainConfig(), "runs/x", eta=0.0)
+
+
 def test_interval_from_a_logged_value_and_sweep_intervals():
     from scicevpr.evaluate import recall_interval_from_value, recall_intervals
 
