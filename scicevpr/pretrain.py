@@ -448,7 +448,7 @@ class _Student(nn.Module):
             self.backbone.mask_token.requires_grad_(False)  # no masked patches without iBOT
             self.pooling = config.pooling
             g = config.image_size // self.backbone.patch_size
-            self.pool = MultiRegionGeM((g, g)) if config.pooling == "gem" else None
+            self.pool = MultiRegionGeM((g, g)) if config.pooling in ("gem", "regions") else None
 
     def tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1 + HW, C): the last block's tokens after the final norm."""
@@ -474,8 +474,9 @@ class _Student(nn.Module):
         else:
             B, N, C = t.shape
             g = self.pool.grid
-            d = self.pool(t[:, 1:].transpose(1, 2).reshape(B, C, *g))[:, 0]  # (B, HW, C) -> (B, C, H, W) -> region 0
-        return F.normalize(d.float(), dim=-1)  # (b, C)
+            regions = self.pool(t[:, 1:].transpose(1, 2).reshape(B, C, *g))  # (B, HW, C) -> (B, C, H, W) -> (B, 14, C)
+            d = regions[:, 0] if self.pooling == "gem" else regions.flatten(1)  # (B, C): whole map | (B, 14 C)
+        return F.normalize(d.float(), dim=-1)  # (b, C) or (b, 14 C)
 
 
 class _Teacher(nn.Module):

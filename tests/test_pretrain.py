@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import scicevpr
 from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, manifest_path
@@ -161,12 +162,31 @@ def test_dino_steps_lower_the_loss(dino_run):
     assert not result.backbone.is_random_init
 
 
-def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path):
+@pytest.mark.parametrize("pooling", ["gem", "regions"])
+def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path, pooling):
     config = tiny_config(tiny_benchmark, tmp_path / "sup", objective="supervised", batch_size=8, img_per_place=4,
-                         steps=16, lr=2e-3, pooling="gem")
+                         steps=16, lr=2e-3, pooling=pooling)
     h = pretrain(config).history
     early, late = _early_late(h, "loss_ms")
     assert late < early
+
+
+def test_regions_pooling_keeps_where_features_lie(tiny_benchmark, tmp_path):
+    from scicevpr.pretrain import _Student
+
+    torch.manual_seed(0)
+    config = tiny_config(tiny_benchmark, tmp_path / "r", objective="supervised", pooling="regions")
+    student = _Student(config).eval()
+    x = torch.rand(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        d = student(x)
+        C = student.backbone.embed_dim
+        assert d.shape == (2, 14 * C) and torch.allclose(d.norm(dim=1), torch.ones(2))
+        # the same regional features in another order (left and right 2 x 2 regions swapped) are another descriptor
+        regions = d.reshape(2, 14, C)
+        assert not torch.allclose(regions[:, 1:5], regions[:, [2, 1, 4, 3]])
+        student.pooling = "gem"
+        assert torch.allclose(student(x), F.normalize(regions[:, 0], dim=1), atol=1e-5)  # region 0: the whole map
 
 
 # --------------------------------------------------------------------------------------------
