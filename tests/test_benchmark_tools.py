@@ -72,3 +72,29 @@ def test_probe_features_are_each_blocks_class_token_and_2x2_region_means():
     expected = F.normalize(torch.stack([last[:, 0], top_left], 2), dim=1)  # (3, C, 2)
     got = features.view(3, 2, C, 5)[:, 1, :, :2]  # block 1: class token, first region
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cnn_learnability_network_crops_and_bad_calls(tmp_path, capsys):
+    tool = _tool("cnn_learnability")
+    torch.manual_seed(0)
+    net = tool.LayoutCNN().eval()
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d = net(x)
+        assert d.shape == (3, 512) and torch.allclose(d.norm(dim=1), torch.ones(3), atol=1e-5)
+        # a bright right half and a bright left half: the same pixels, another layout, another descriptor
+        right = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+        right[..., 32:] = 255
+        a, b = net.grid(right), net.grid(right.flip(-1))  # (1, 256, 2, 4)
+        cos = lambda u, v: F.cosine_similarity(u.flatten(1), v.flatten(1)).item()  # noqa: E731
+        assert cos(a, b) < 0.9 and cos(a.mean((2, 3)), b.mean((2, 3))) > 0.98  # a global mean would barely tell them apart
+    crops = tool.random_resized_crops(x, torch.Generator().manual_seed(0))
+    assert crops.shape == x.shape and crops.dtype == torch.uint8 and not torch.equal(crops, x)
+    with pytest.raises(SystemExit) as stop:
+        tool.parse_args(["--train-root", str(tmp_path)])
+    assert stop.value.code == 2 and "has no Dataframes/ folder" in capsys.readouterr().err
+    (tmp_path / "Dataframes").mkdir()
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--train-root", str(tmp_path), "--size", "60"])
+    assert "give a multiple of 8" in capsys.readouterr().err
+    assert tool.parse_args(["--train-root", str(tmp_path)]).steps == 1500
