@@ -2,7 +2,7 @@
 # Pretrain the compact offline backbone on one GPU, both objectives, in one go of about 9 minutes:
 # the synthetic 'pretrain' world (seed 1, training split only: no street of the benchmark's
 # val/test), then DINO + iBOT (self-supervised) and L_MS on places (supervised, starting from the
-# DINO export), each fitted to a time budget, each exported as one fp16 weight file with its
+# DINO export, its descriptor SciceVPR's 14 regional GeMs: SUP_POOLING), each fitted to a time budget, each exported as one fp16 weight file with its
 # manifest. Then (PROBE=1) every export is probed with benchmarks/backbone_probe.py: a linear
 # head trained on its frozen features of 4,000 other places (the 'pretrain' world with seed 0,
 # rendered on the idle CPUs while the GPU pretrains) and scored on the 'small' test split (500
@@ -28,6 +28,7 @@ PROBE_PRESET=${PROBE_PRESET:-pretrain}
 PROBE_STEPS=${PROBE_STEPS:-1600}
 SUP_INIT=${SUP_INIT:-dino}           # the supervised run fine-tunes the DINO export (none: from scratch, which collapsed at lr 5e-4)
 SUP_LR=${SUP_LR:-2e-4}
+SUP_POOLING=${SUP_POOLING:-regions}  # the supervised descriptor keeps where features lie (mean: one average over the grid)
 COLOUR_AUGMENT=${COLOUR_AUGMENT:-0}
 PY=${PY:-python3}
 WHEELS=${WHEELS:-1}
@@ -67,8 +68,9 @@ timeout $(python3 -c "print(int($dino_min * 60 + 60))") $S pretrain-backbone --o
 init=""
 [ "$SUP_INIT" = dino ] && init=$(ls "$WORK/w-dino"/*.pth 2>/dev/null | head -1)
 start=${init:+the DINO export}
-log "L_MS on places for $sup_min min, lr $SUP_LR, starting from ${start:-a random initialisation}"
+log "L_MS on places for $sup_min min, lr $SUP_LR, pooling $SUP_POOLING, starting from ${start:-a random initialisation}"
 timeout $(python3 -c "print(int($sup_min * 60 + 60))") $S pretrain-backbone --objective supervised --batch-size ${SUP_BATCH:-1024} --lr "$SUP_LR" \
+  --pooling "$SUP_POOLING" \
   ${init:+--init-weights "$init"} --max-minutes "$sup_min" --run-dir "$WORK/run-supervised" --export "$WORK/w-supervised" $common 2>&1 | tail -25 | tee -a "$OUT/run.log"
 
 for kind in dino supervised; do
