@@ -2,11 +2,12 @@
 # Pretrain the compact offline backbone on one GPU, both objectives, in one go of about 9 minutes:
 # the synthetic 'pretrain' world (seed 1, training split only: no street of the benchmark's
 # val/test), then DINO + iBOT (self-supervised) and L_MS on places (supervised, starting from the
-# DINO export, its descriptor SciceVPR's 14 regional GeMs: SUP_POOLING), each fitted to a time budget, each exported as one fp16 weight file with its
-# manifest. Then (PROBE=1) every export is probed with benchmarks/backbone_probe.py: a linear
-# head trained on its frozen features of 4,000 other places (the 'pretrain' world with seed 0,
-# rendered on the idle CPUs while the GPU pretrains) and scored on the 'small' test split (500
-# queries), the ceiling that says whether the notebooks' recipe can reach R@1 30 on it
+# DINO export, its descriptor SciceVPR's 14 regional GeMs: SUP_POOLING), each fitted to a time
+# budget, each exported as one fp16 weight file with its manifest. Then (PROBE=1) every export is
+# probed with benchmarks/backbone_probe.py: a linear head trained on its frozen features of 4,000
+# other places (the 'pretrain' world with seed 0, rendered on the idle CPUs while the GPU
+# pretrains) and scored on the 'small' test split (500 queries), the ceiling that says whether the
+# notebooks' recipe can reach R@1 30 on it
 # (probe-<kind>.csv; the shipped file gave 15.8, hue histograms without learning 18.6).
 # Both objectives run without colour augmentation (COLOUR_AUGMENT=0): on the synthetic streets
 # colour layout is what identifies a place, and the shipped file, pretrained with DINO's colour
