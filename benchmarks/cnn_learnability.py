@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -38,10 +39,12 @@ from PIL import Image
 from scicevpr.data.gsv import _read_city, _resolve_files, list_cities
 from scicevpr.data.synthetic import default_synthetic_dir
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import chance_recall, recall_intervals
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import EvalResult, chance_recall, recall_by_condition, score
 from scicevpr.losses import MultiSimilarityLoss
 
 RECALLS = (1, 5, 10)
+EVAL = EvalConfig(recall_values=RECALLS)
 
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -100,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--places-per-step", type=int, default=64, help="P of P x K (K = 4 images a place)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if not (Path(args.train_root) / "Dataframes").is_dir():
@@ -107,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "of `scicevpr synth --preset pretrain --seed 0 --splits train` + /gsv_cities")
     if args.size < 32 or args.size % 8:
         p.error(f"--size {args.size}: give a multiple of 8, at least 32")
-    if args.steps < 1 or args.eval_every < 1:
-        p.error("--steps and --eval-every must be positive")
+    if args.steps < 1 or args.eval_every < 1 or args.places_per_step < 2:
+        p.error("--steps and --eval-every must be positive, --places-per-step at least 2")
     return args
 
 
@@ -132,12 +136,11 @@ def main(args: argparse.Namespace) -> None:
     print("test chance: " + ", ".join(f"R@{n} {v:.1f}" for n, v in chance_recall(test.num_database, test.positives, RECALLS).items()))
 
     @torch.no_grad()
-    def correct_top(net: nn.Module, s: str) -> np.ndarray:  # (N_q, 10) bool
+    def result(net: nn.Module, s: str) -> EvalResult:
         net.eval()
         db, q = (torch.cat([net(t[i : i + 256]) for i in range(0, len(t), 256)]).numpy() for t in images[s])
         net.train()
-        order = np.argsort(-(q @ db.T), axis=1)[:, :10]
-        return np.stack([np.isin(order[i], splits[s].positives[i]) for i in range(len(q))])
+        return score(None, splits[s], db, q, EVAL, name="LayoutCNN")
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -147,20 +150,23 @@ def main(args: argparse.Namespace) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1, (k + 1) / 200) * 0.5 * (1 + math.cos(math.pi * k / args.steps)))
     loss_fn = MultiSimilarityLoss()
-    P, K = 64, 4
+    P, K = args.places_per_step, 4
+    if P > len(groups):
+        print(f"cnn_learnability.py: error: --places-per-step {P}: the training split has {len(groups)} places with 4 "
+              f"images or more; give at most {len(groups)}", file=sys.stderr)
+        raise SystemExit(2)
     t0 = time.time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            val, correct = correct_top(net, "val"), correct_top(net, "test")
-            cond = np.array(test.query_conditions)
-            by = ", ".join(f"{c} {100 * correct[cond == c, 0].mean():.1f}" for c in sorted(set(cond)))
-            print(f"step {step} ({time.time() - t0:.0f} s): val R@1 {100 * val[:, 0].mean():.0f}, test "
-                  + ", ".join(f"R@{n} {100 * correct[:, :n].any(1).mean():.1f}" for n in RECALLS) + f"; test R@1 by condition: {by}",
-                  flush=True)
+            val, res = result(net, "val"), result(net, "test")
+            by = res.per_condition.set_index("condition")["R@1"]
+            print(f"step {step} ({time.time() - t0:.0f} s): val R@1 {val.recalls[1]:.0f}, test "
+                  + ", ".join(f"R@{n} {v:.1f}" for n, v in res.recalls.items()) + "; test R@1 by condition: "
+                  + ", ".join(f"{c} {v:.1f}" for c, v in by.items() if c != "all"), flush=True)
             if step == args.steps:
-                iv = recall_intervals(correct, RECALLS)
+                iv = recall_by_condition(res.correct, test.query_conditions, RECALLS, intervals=True).iloc[-1]  # "all"
                 print("test at the last step, 95% intervals: " + ", ".join(
-                    f"R@{n} {100 * correct[:, :n].any(1).mean():.1f} [{lo:.1f}, {hi:.1f}]" for n, (lo, hi) in iv.items()))
+                    f"R@{n} {iv[f'R@{n}']:.1f} [{iv[f'R@{n} lo']:.1f}, {iv[f'R@{n} hi']:.1f}]" for n in RECALLS))
                 break
         chosen = rng.choice(len(groups), P, replace=False)
         idx = np.concatenate([rng.choice(groups[p], K, replace=False) for p in chosen])  # (P * K,)

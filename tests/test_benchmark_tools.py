@@ -98,3 +98,23 @@ def test_cnn_learnability_network_crops_and_bad_calls(tmp_path, capsys):
         tool.parse_args(["--train-root", str(tmp_path), "--size", "60"])
     assert "give a multiple of 8" in capsys.readouterr().err
     assert tool.parse_args(["--train-root", str(tmp_path)]).steps == 1500
+
+
+def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, capsys):
+    """Two steps on the ``tiny`` world: the recalls it prints are the library's (score,
+    recall_by_condition), and a batch larger than the training split is one message, status 2."""
+    tool = _tool("cnn_learnability")
+    root = ["--train-root", str(tiny_benchmark.gsv_root), "--test-root", str(tiny_benchmark.vg_root), "--size", "32",
+            "--threads", "1"]
+    with pytest.raises(SystemExit) as stop:
+        tool.main(tool.parse_args(root + ["--places-per-step", "999"]))
+    assert stop.value.code == 2 and "give at most" in capsys.readouterr().err
+    tool.main(tool.parse_args(root + ["--steps", "2", "--eval-every", "1", "--places-per-step", "4"]))
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("step ") and "val R@1" in line]
+    assert [line.split()[1] for line in steps] == ["0", "1", "2"]
+    last = [line for line in out.splitlines() if line.startswith("test at the last step")]
+    assert len(last) == 1
+    r1 = float(last[0].split("R@1 ")[1].split()[0])
+    assert 0.0 <= r1 <= 100.0 and f"R@1 {r1:.1f}" in steps[-1]  # the interval line and the step line agree
+    assert "by condition:" in steps[-1]
