@@ -39,13 +39,12 @@ ready-to-evaluate model from a checkpoint alone.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -200,7 +199,7 @@ def loss_variant_config(student: TrainConfig, run_dir: PathLike, **loss: float) 
     build theirs here."""
     if student.teacher is None:
         raise ValueError("loss_variant_config: `student` has no teacher; pass the stage-2 (student) TrainConfig")
-    return dataclasses.replace(student, run_dir=str(run_dir), loss=dataclasses.replace(student.loss, **loss),
+    return replace(student, run_dir=str(run_dir), loss=replace(student.loss, **loss),
                                val_every=student.epochs or PAPER_EPOCHS["student"])
 
 
