@@ -46,6 +46,7 @@ from scicevpr.evaluate import EvalConfig, chance_recall, score
 from scicevpr.losses import MultiSimilarityLoss
 from scicevpr.precision import model_device
 from scicevpr.pretrain import load_image_cache
+from scicevpr.train import resolve_device
 
 IMAGE_SIZE = 112
 RECALLS = (1, 5, 10)
@@ -86,8 +87,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
 
     weights = None if args.weights == "none" else args.weights
     backbone = DinoVisionTransformer(OFFLINE_BACKBONE, weights=weights).eval().to(device)

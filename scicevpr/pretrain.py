@@ -106,11 +106,11 @@ from .train import (
     PlaceBatchSampler,
     _Dist,
     _rng_state,
-    _resolve_device,
     _set_rng_state,
     _setup_distributed,
     gather_batch,
     refuse_config_changes,
+    resolve_device,
 )
 
 PathLike = str | os.PathLike
@@ -865,7 +865,7 @@ def read_pretrain_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Run (or resume) a pretraining run; see the module docstring. Multi-GPU: ``torchrun``."""
     t_start = time.perf_counter()
-    device = _resolve_device(config)
+    device = resolve_device(config.device)
     ddp = _setup_distributed(device)
     try:
         with lock_run_dir(_run_dir(config)) if ddp.main else contextlib.nullcontext():

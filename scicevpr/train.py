@@ -237,14 +237,16 @@ def _setup_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created)
 
 
-def _resolve_device(config: TrainConfig) -> torch.device:
-    name = config.device
+def resolve_device(requested: str) -> torch.device:
+    """``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> the device
+    to run on; under ``torchrun`` a bare ``"cuda"`` is this rank's GPU (``LOCAL_RANK``), made current."""
+    name = requested
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={config.device!r} but CUDA is not available; use device='cpu'.")
+            raise RuntimeError(f"device={requested!r} but CUDA is not available; use device='cpu'.")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -622,7 +624,7 @@ def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.dev
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
-    device = _resolve_device(config)
+    device = resolve_device(config.device)
     ddp = _setup_distributed(device)
     try:
         with lock_run_dir(_run_dir(config, stage)) if ddp.main else contextlib.nullcontext():

@@ -74,6 +74,18 @@ def test_probe_features_are_each_blocks_class_token_and_2x2_region_means():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+
+def test_probe_refuses_a_missing_gpu_with_one_message(tmp_path, monkeypatch, capsys):
+    from scicevpr.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    probe = _tool("backbone_probe")
+    monkeypatch.setattr(sys, "argv", ["backbone_probe.py", "--train-root", str(tmp_path), "--device", "cuda"])
+    with pytest.raises(SystemExit) as stop:
+        probe.main()
+    assert stop.value.code == 2 and "CUDA is not available; use device='cpu'" in capsys.readouterr().err
+
 def test_cnn_learnability_network_crops_and_bad_calls(tmp_path, capsys):
     tool = _tool("cnn_learnability")
     torch.manual_seed(0)
