@@ -320,7 +320,7 @@ def get_config(preset_or_config: "str | ModelConfig", **overrides: Any) -> Model
 
 STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")  # what stage 1 (train_teacher) can train
 OBJECTIVES = ("dino", "supervised")  # pretraining objectives
-POOLINGS = ("mean", "gem", "cls", "regions")  # pretraining's pooling for the supervised objective
+POOLINGS = ("mean", "gem", "cls", "regions", "grid")  # pretraining's pooling for the supervised objective
 
 
 @dataclass(frozen=True)
@@ -602,7 +602,10 @@ class PretrainConfig:
         img_per_place: K; a step holds ``batch_size / K`` places (P).
         pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), ``"cls"``, or
             ``"regions"``: the 14 regional GeMs of SciceVPR's aggregator (whole map, 2 x 2, 3 x 3),
-            concatenated, so that the descriptor keeps where each feature lies.
+            concatenated, so that the descriptor keeps where each feature lies; ``"grid"``: the patch
+            tokens averaged over a 2 x 4 grid (2 rows, 4 columns) and projected to 512 dimensions by a
+            linear layer trained with them and dropped at export (the head of
+            ``benchmarks/cnn_learnability.py``).
         supervised_scale: area range of the single random resized crop per image.
         loss: ``L_MS`` hyper-parameters (the paper's).
     Monitoring:

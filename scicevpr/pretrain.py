@@ -114,6 +114,7 @@ from .train import (
 )
 
 PathLike = str | os.PathLike
+GRID, GRID_DIM = (2, 4), 512  # pooling="grid": (rows, columns) of the token grid's cells, and the projection's width
 
 CHECKPOINT_FORMAT = "scicevpr-pretrain"
 CHECKPOINT_VERSION = 1
@@ -449,6 +450,8 @@ class _Student(nn.Module):
             self.pooling = config.pooling
             g = config.image_size // self.backbone.patch_size
             self.pool = MultiRegionGeM((g, g)) if config.pooling in ("gem", "regions") else None
+            if config.pooling == "grid":
+                self.grid_proj = nn.Linear(GRID[0] * GRID[1] * C, GRID_DIM)
 
     def tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1 + HW, C): the last block's tokens after the final norm."""
@@ -471,6 +474,11 @@ class _Student(nn.Module):
             d = t[:, 0]
         elif self.pooling == "mean":
             d = t[:, 1:].mean(dim=1)
+        elif self.pooling == "grid":
+            B, N, C = t.shape
+            g = math.isqrt(N - 1)
+            cells = F.adaptive_avg_pool2d(t[:, 1:].transpose(1, 2).reshape(B, C, g, g), GRID)  # (B, HW, C) -> (B, C, 2, 4)
+            d = self.grid_proj(cells.flatten(1))  # (B, 8 C) -> (B, 512)
         else:
             B, N, C = t.shape
             g = self.pool.grid

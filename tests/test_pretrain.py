@@ -162,7 +162,7 @@ def test_dino_steps_lower_the_loss(dino_run):
     assert not result.backbone.is_random_init
 
 
-@pytest.mark.parametrize("pooling", ["gem", "regions"])
+@pytest.mark.parametrize("pooling", ["gem", "regions", "grid"])
 def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path, pooling):
     config = tiny_config(tiny_benchmark, tmp_path / "sup", objective="supervised", batch_size=8, img_per_place=4,
                          steps=16, lr=2e-3, pooling=pooling)
@@ -187,6 +187,26 @@ def test_regions_pooling_keeps_where_features_lie(tiny_benchmark, tmp_path):
         assert not torch.allclose(regions[:, 1:5], regions[:, [2, 1, 4, 3]])
         student.pooling = "gem"
         assert torch.allclose(student(x), F.normalize(regions[:, 0], dim=1), atol=1e-5)  # region 0: the whole map
+
+
+def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_path):
+    from scicevpr.pretrain import _Student
+
+    torch.manual_seed(0)
+    config = tiny_config(tiny_benchmark, tmp_path / "g", objective="supervised", pooling="grid")
+    student = _Student(config).eval()
+    x = torch.rand(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        d = student(x)
+        t = student.tokens(x)[:, 1:]  # (2, HW, C), row-major
+        C, g = t.shape[-1], config.image_size // student.backbone.patch_size
+        grid = t.reshape(2, g, g, C)
+        h, w = g // 2, g // 4
+        cells = [grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w].mean((1, 2)) for r in range(2) for c in range(4)]
+        expected = F.normalize(student.grid_proj(torch.stack(cells, 2).flatten(1)), dim=1)  # (2, C, 8) -> (2, 8 C)
+    assert d.shape == (2, 512)
+    torch.testing.assert_close(d, expected, atol=1e-5, rtol=1e-4)
+    assert "grid_proj.weight" in student.state_dict() and not any("grid_proj" in k for k in student.backbone.state_dict())
 
 
 # --------------------------------------------------------------------------------------------
