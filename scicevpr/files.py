@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import pickle
 import re
@@ -230,11 +231,23 @@ def save_torch_file(obj: Any, path: PathLike) -> Path:
 def append_csv_row(path: PathLike, row: Mapping[str, Any], columns: tuple[str, ...]) -> None:
     """Append ``row`` to the CSV log at ``path`` in the order of ``columns`` (missing fields
     empty), writing the header first when the file is new. A killed run loses at most the row
-    it was writing; a resumed one appends after the rows it kept."""
+    it was writing; a resumed one appends after the rows it kept. A log written with other
+    columns (by an older version) is first rewritten, atomically, under ``columns``."""
     import csv
 
     path = Path(path)
     new = not path.is_file()
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is not None and tuple(header) != tuple(columns):
+            with open(path, newline="") as f:
+                kept = list(csv.DictReader(f))
+            out = io.StringIO()
+            w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows({k: r.get(k) or "" for k in columns} for r in kept)
+            atomic_write_text(path, out.getvalue())
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         if new:

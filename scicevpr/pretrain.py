@@ -57,7 +57,9 @@ Monitoring: with ``val_root`` set, every ``val_every`` steps (and at steps 0 and
 exported model's last-block features retrieve the places of a VG-layout split, the benchmark's
 ``val`` by default (the test split stays unseen): Recall@1/5 of the L2-normalised mean of the
 patch tokens (``R@1``, ``R@5``) and of the CLS token (``R@1_cls``). A collapsed DINO shows there
-at once, and the two objectives can be compared while they run.
+at once, and the two objectives can be compared while they run. The supervised objective also
+scores the descriptor it trains (``R@1_desc``, ``R@5_desc``: its ``pooling``, e.g. the regional
+GeMs, which a mean over the tokens cannot show).
 
 A run folder holds ``config.json``, ``log.csv`` (step, losses, lr, weight decay, momentum, teacher
 temperature, images/s, recalls) and ``last.pt`` (student, teacher, centers, optimizer, RNG states, step),
@@ -122,7 +124,7 @@ CHECKPOINT_VERSION = 1
 RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
                      "checkpoint_every", "log_every", "val_root", "val_dataset", "val_split", "val_every")
 LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "lr", "weight_decay", "momentum",
-               "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls")
+               "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls", "R@1_desc", "R@5_desc")
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,7 +559,8 @@ class RetrievalCheck:
     """A VG-layout split decoded once at the model's size, and Recall@N of a backbone on it.
 
     Descriptors: the last block's tokens after the final norm, either the mean of the patch
-    tokens or the CLS token, L2-normalised; exact L2 search and hits as every recall in scicevpr
+    tokens or the CLS token, L2-normalised, and, given ``descriptor`` (the supervised student),
+    the descriptor its objective trains; exact L2 search and hits as every recall in scicevpr
     (:func:`scicevpr.evaluate.search`, :func:`scicevpr.evaluate.recall_at_n`).
     """
 
@@ -569,29 +572,36 @@ class RetrievalCheck:
         self.images = load_image_cache(self.split.all_paths, image_size, num_workers, progress).to(device)  # (N, 3, S, S)
 
     @torch.no_grad()
-    def recalls(self, backbone: DinoVisionTransformer, amp: bool, batch_size: int = 256) -> dict[str, float]:
+    def recalls(self, backbone: DinoVisionTransformer, amp: bool, batch_size: int = 256,
+                descriptor: nn.Module | None = None) -> dict[str, float]:
         from .evaluate import recall_at_n, search
 
-        was_training = backbone.training
-        backbone.eval()
+        modes = [(m, m.training) for m in (backbone, descriptor) if m is not None]
+        for m, _ in modes:
+            m.eval()
         dev = self.images.device
         mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": []}
+        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": [], **({"desc": []} if descriptor is not None else {})}
         for i in range(0, len(self.images), batch_size):
             x = (self.images[i : i + batch_size].float() / 255.0 - mean) / std
             with autocast(dev, amp):
                 t = backbone.get_intermediate_layers(x, [len(backbone.blocks) - 1])[0]  # (b, 1 + HW, C)
             out["mean"].append(F.normalize(t[:, 1:].float().mean(dim=1), dim=-1))
             out["cls"].append(F.normalize(t[:, 0].float(), dim=-1))
-        backbone.train(was_training)
+            if descriptor is not None:
+                with autocast(dev, amp):
+                    out["desc"].append(descriptor(x).float())  # (b, D), L2-normalised
+        for m, training in modes:
+            m.train(training)
         n_db = self.split.num_database
         result = {}
         for kind, parts in out.items():
             d = torch.cat(parts).cpu().numpy()  # (N_db + N_q, C)
             _, pred = search(d[:n_db], d[n_db:], 5)
             r, _ = recall_at_n(pred, self.split.positives, (1, 5))
-            result.update({"R@1": r[1], "R@5": r[5]} if kind == "mean" else {"R@1_cls": r[1]})
+            suffix = {"mean": "", "cls": "_cls", "desc": "_desc"}[kind]
+            result.update({f"R@1{suffix}": r[1]} if kind == "cls" else {f"R@1{suffix}": r[1], f"R@5{suffix}": r[5]})
         return result
 
 
@@ -958,8 +968,9 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         if validate:
             acc["validated"] = at
         if validate and run.check is not None:
-            row.update(run.check.recalls(run.exported.backbone, amp))
-            bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in ("R@1", "R@5", "R@1_cls")))
+            row.update(run.check.recalls(run.exported.backbone, amp,
+                                         descriptor=run.student if config.objective == "supervised" else None))
+            bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in LOG_COLUMNS[LOG_COLUMNS.index("R@1"):] if k in row))
         if ddp.main and len(row) > 1:
             append_csv_row(log_path, row, LOG_COLUMNS)
         if ddp.enabled:

@@ -246,3 +246,16 @@ def test_training_and_pretraining_logs_are_written_by_one_function(tmp_path):
     assert log.read_text().splitlines()[0] == "a,b,c"
     df = pd.read_csv(log)
     assert df["a"].tolist() == [1, 3] and df["b"].tolist()[0] == 2 and df["c"].isna().all()
+
+
+def test_a_log_from_an_older_version_is_rewritten_under_the_new_columns(tmp_path):
+    import pandas as pd
+
+    from scicevpr.files import append_csv_row
+
+    log = tmp_path / "log.csv"
+    append_csv_row(log, {"a": 1, "b": 2}, ("a", "b"))
+    append_csv_row(log, {"a": 3, "c": 4}, ("a", "b", "c"))  # a resumed run of a newer version: one more column
+    df = pd.read_csv(log)
+    assert list(df.columns) == ["a", "b", "c"] and df["a"].tolist() == [1, 3]
+    assert df["b"].tolist()[0] == 2 and df["c"].tolist()[1] == 4 and pd.isna(df["c"].tolist()[0])

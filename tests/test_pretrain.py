@@ -413,6 +413,29 @@ def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
     checked = h[h["step"].isin([0, 2, 4])]
     assert checked[["R@1", "R@5", "R@1_cls"]].notna().all().all() and h.loc[h["step"] == 3, "R@1"].isna().all()
     assert ((0 <= checked["R@1"]) & (checked["R@1"] <= checked["R@5"]) & (checked["R@5"] <= 100)).all()
+    assert h["R@1_desc"].isna().all()  # DINO trains no retrieval descriptor of its own
+
+
+def test_supervised_runs_also_score_the_descriptor_they_train(tiny_benchmark, tmp_path):
+    from scicevpr.evaluate import recall_at_n, search
+    from scicevpr.pretrain import RetrievalCheck, _Student
+
+    config = tiny_config(tiny_benchmark, tmp_path / "run", objective="supervised", pooling="regions", steps=2,
+                         val_root=str(tiny_benchmark.vg_root), val_every=2)
+    h = pretrain(config).history
+    assert h.loc[h["step"].isin([0, 2]), ["R@1_desc", "R@5_desc", "R@1"]].notna().all().all()
+    torch.manual_seed(0)
+    student = _Student(config).train()
+    check = RetrievalCheck(config.val_root, "synthetic", "val", config.image_size, torch.device("cpu"))
+    got = check.recalls(student.backbone, amp=False, descriptor=student)
+    assert student.training and student.backbone.training  # modes restored
+    with torch.no_grad():
+        x = (check.images.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        d = student.eval()(x).numpy()  # (N_db + N_q, 14 C): the regional descriptor, not a mean of the tokens
+    n = check.split.num_database
+    r, _ = recall_at_n(search(d[:n], d[n:], 5)[1], check.split.positives, (1, 5))
+    assert (got["R@1_desc"], got["R@5_desc"]) == (r[1], r[5])
 
 
 def test_init_weights_start_from_an_export_and_the_chain_is_recorded(dino_run, tiny_benchmark, tmp_path):
