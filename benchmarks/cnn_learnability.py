@@ -14,7 +14,7 @@ and test splits every ``--eval-every`` steps; the last step's test recall, with 
 intervals, is the result (no step is chosen on the test split).
 
     python benchmarks/cnn_learnability.py --train-root data/synthetic/pretrain0/gsv_cities
-        [--test-root VG_ROOT] [--size 64] [--steps 1500] [--eval-every 250]
+        [--test-root VG_ROOT] [--size 64] [--steps 1500] [--eval-every 250] [--save net.pt]
 
 The training split must share no street with the test split (``scicevpr synth --preset pretrain
 --seed 0 --splits train``: 4,000 places, 20,082 images). Measured (2 CPU cores, AMD EPYC,
@@ -36,11 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from scicevpr.config import EvalConfig
 from scicevpr.data.gsv import _read_city, _resolve_files, list_cities
 from scicevpr.data.synthetic import default_synthetic_dir
 from scicevpr.data.vg import load_vg_split
-from scicevpr.config import EvalConfig
 from scicevpr.evaluate import EvalResult, chance_recall, recall_by_condition, score
+from scicevpr.files import save_torch_file
 from scicevpr.losses import MultiSimilarityLoss
 
 RECALLS = (1, 5, 10)
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--places-per-step", type=int, default=64, help="P of P x K (K = 4 images a place)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save", default=None, help="write the trained network's state dict here at the end (a .pt file)")
     args = p.parse_args(argv)
     if not (Path(args.train_root) / "Dataframes").is_dir():
         p.error(f"--train-root: {args.train_root!r} has no Dataframes/ folder; give a GSV-layout folder, e.g. the output "
@@ -167,6 +169,9 @@ def main(args: argparse.Namespace) -> None:
                 iv = recall_by_condition(res.correct, test.query_conditions, RECALLS, intervals=True).iloc[-1]  # "all"
                 print("test at the last step, 95% intervals: " + ", ".join(
                     f"R@{n} {iv[f'R@{n}']:.1f} [{iv[f'R@{n} lo']:.1f}, {iv[f'R@{n} hi']:.1f}]" for n in RECALLS))
+                if args.save:
+                    save_torch_file(net.state_dict(), args.save)
+                    print(f"network written to {args.save}")
                 break
         chosen = rng.choice(len(groups), P, replace=False)
         idx = np.concatenate([rng.choice(groups[p], K, replace=False) for p in chosen])  # (P * K,)

@@ -112,7 +112,7 @@ def test_cnn_learnability_network_crops_and_bad_calls(tmp_path, capsys):
     assert tool.parse_args(["--train-root", str(tmp_path)]).steps == 1500
 
 
-def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, capsys):
+def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, tmp_path, capsys):
     """Two steps on the ``tiny`` world: the recalls it prints are the library's (score,
     recall_by_condition), and a batch larger than the training split is one message, status 2."""
     tool = _tool("cnn_learnability")
@@ -121,8 +121,11 @@ def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, capsys):
     with pytest.raises(SystemExit) as stop:
         tool.main(tool.parse_args(root + ["--places-per-step", "999"]))
     assert stop.value.code == 2 and "give at most" in capsys.readouterr().err
-    tool.main(tool.parse_args(root + ["--steps", "2", "--eval-every", "1", "--places-per-step", "4"]))
+    tool.main(tool.parse_args(root + ["--steps", "2", "--eval-every", "1", "--places-per-step", "4",
+                                      "--save", str(tmp_path / "net.pt")]))
     out = capsys.readouterr().out
+    net = tool.LayoutCNN()
+    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict: the whole network
     steps = [line for line in out.splitlines() if line.startswith("step ") and "val R@1" in line]
     assert [line.split()[1] for line in steps] == ["0", "1", "2"]
     last = [line for line in out.splitlines() if line.startswith("test at the last step")]
