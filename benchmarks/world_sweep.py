@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from scicevpr.analysis import initial_student
+from scicevpr.backbone import file_sha256
 from scicevpr.data.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalConfig, chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
@@ -54,7 +55,8 @@ def main(name: str, changes: dict, weights: str | None, ablation: bool = False, 
     print(name, "raw pixels", show(pixels.recalls), ci(pixels))
     colours = colour_baseline_result(split)
     print(name, "hue histograms", show(colours.recalls), ci(colours))
-    tag = "random" if weights is None else Path(weights).stem if weights != "auto" else "shipped"
+    # runs are resumed when present: a weight file's runs are keyed by its content, not only its name
+    tag = "random" if weights is None else "shipped" if weights == "auto" else f"{Path(weights).stem}-{file_sha256(weights)[:12]}"
     runs = root / f"runs-{tag}"
     ec = EvalConfig(num_workers=0, progress=False, amp=False)
     common = dict(weights=weights, progress=False, resume=True, **(train or {}))

@@ -200,7 +200,7 @@ def loss_variant_config(student: TrainConfig, run_dir: PathLike, **loss: float) 
     if student.teacher is None:
         raise ValueError("loss_variant_config: `student` has no teacher; pass the stage-2 (student) TrainConfig")
     return replace(student, run_dir=str(run_dir), loss=replace(student.loss, **loss),
-                               val_every=student.epochs or PAPER_EPOCHS["student"])
+                   val_every=student.epochs or PAPER_EPOCHS["student"])
 
 
 # --------------------------------------------------------------------------------------------
