@@ -633,6 +633,8 @@ class PretrainConfig:
             bf16 is native), False: fp32.
         num_workers: DataLoader workers that decode the images (per rank).
         checkpoint_every, log_every: steps between checkpoints / log rows.
+        checkpoint_minutes: also write the checkpoint once this many minutes have passed since the
+            last one (a slow CPU run loses at most that much when killed); None: steps only.
         progress: tqdm bars.
     """
 
@@ -688,6 +690,7 @@ class PretrainConfig:
     amp: bool | None = None
     num_workers: int = 4
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = 10.0
     log_every: int = 10
     progress: bool = True
 
@@ -710,6 +713,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.num_workers < 0 or self.local_crops < 0:
             raise ValueError("num_workers and local_crops must be >= 0")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be > 0 or None, got {self.checkpoint_minutes!r}")
         p = 14  # checked again by BackboneConfig; named here for the message
         for name in ("image_size", "local_size"):
             if getattr(self, name) % p:

@@ -63,7 +63,8 @@ GeMs, which a mean over the tokens cannot show).
 
 A run folder holds ``config.json``, ``log.csv`` (step, losses, lr, weight decay, momentum, teacher
 temperature, images/s, recalls) and ``last.pt`` (student, teacher, centers, optimizer, RNG states, step),
-written atomically every ``checkpoint_every`` steps and when the run ends or its time budget
+written atomically every ``checkpoint_every`` steps or ``checkpoint_minutes``, whichever comes
+first, and when the run ends or its time budget
 ``max_minutes`` is spent (it stops at a step boundary). ``resume=True`` continues and gives the
 same weights as an uninterrupted run. :func:`export_backbone` writes the weight file and its
 manifest.
@@ -122,7 +123,7 @@ CHECKPOINT_FORMAT = "scicevpr-pretrain"
 CHECKPOINT_VERSION = 1
 # PretrainConfig fields that may differ when a run is resumed (they do not change its result).
 RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
-                     "checkpoint_every", "log_every", "val_root", "val_dataset", "val_split", "val_every")
+                     "checkpoint_every", "checkpoint_minutes", "log_every", "val_root", "val_dataset", "val_split", "val_every")
 LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "lr", "weight_decay", "momentum",
                "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls", "R@1_desc", "R@5_desc")
 
@@ -983,8 +984,11 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
             extra = {"images_seen": images_seen, "train_s": train_s + (now - t_loop),
                      "sessions": sessions + [{**session, "end_step": at, "wall_s": round(now - t_start, 2)}]}
             save_torch_file(run.state(at, steps, extra), last_path)
+        saved_at[0] = time.perf_counter()
         if ddp.enabled:
             dist.barrier()
+
+    saved_at = [time.perf_counter()]
 
     if step == 0 and monitored:
         log(0, validate=True)  # the random initialisation, for reference
@@ -1011,7 +1015,10 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         validate = monitored and (step % config.val_every == 0 or step == stop_at)
         if step % config.log_every == 0 or step == stop_at or validate:
             log(step, validate)
-        if step % config.checkpoint_every == 0 and step < stop_at:
+        due = step % config.checkpoint_every == 0
+        if not due and config.checkpoint_minutes is not None:  # rank 0's clock decides for every rank
+            due = bool(_broadcast(time.perf_counter() - saved_at[0] > 60 * config.checkpoint_minutes, ddp))
+        if due and step < stop_at:
             save(step)
     if acc["n"] or (monitored and acc["validated"] != step):  # e.g. when the time budget ran out
         log(step, validate=monitored and acc["validated"] != step)

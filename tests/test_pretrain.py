@@ -214,6 +214,20 @@ def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("minutes, saved", [(None, [3]), (1e-9, [1, 2, 3])])
+def test_checkpoints_are_also_written_by_the_clock(tiny_benchmark, tmp_path, monkeypatch, minutes, saved):
+    """A slow run is checkpointed every ``checkpoint_minutes`` even between ``checkpoint_every`` steps."""
+    import scicevpr.pretrain as pt
+
+    steps, write = [], pt.save_torch_file
+    monkeypatch.setattr(pt, "save_torch_file", lambda obj, path: (steps.append(obj["step"]), write(obj, path))[1])
+    config = tiny_config(tiny_benchmark, tmp_path / "run", steps=3, checkpoint_every=1000, checkpoint_minutes=minutes)
+    pretrain(config)
+    assert steps == saved
+    with pytest.raises(ValueError, match="checkpoint_minutes must be > 0"):
+        config.replace(checkpoint_minutes=0)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_benchmark, tmp_path):
     common = dict(steps=6, checkpoint_every=2)
     straight = pretrain(tiny_config(tiny_benchmark, tmp_path / "straight", **common))
