@@ -4,10 +4,11 @@
 A ceiling check for the offline world rather than a model of this project: if a network with
 no pretraining reaches a recall far above the baselines without learning (raw pixels, hue
 histograms), the places carry a signal that training can find, and a backbone that stays below it
-is under-trained rather than the world unlearnable. The network: four convolution stages (32 ->
-64 -> 128 -> 256 channels, batch norm, ReLU; 8 x 8 maps at 64 px), their output averaged over a
-2 x 4 grid (where each feature lies: above/below, four vertical strips) and projected to 512
-dimensions. Training: P = 64 places x K = 4 images a step, one random resized crop per image
+is under-trained rather than the world unlearnable. The network: :class:`scicevpr.pretrain.LayoutCNN`
+(four convolution stages, 32 -> 64 -> 128 -> 256 channels, batch norm, ReLU; 8 x 8 maps at 64 px,
+averaged over a 2 x 4 grid, where each feature lies: above/below, four vertical strips, and
+projected to 512 dimensions); ``--save`` keeps it as the teacher of ``scicevpr pretrain-backbone
+--objective distil --distil-teacher net.pt``. Training: P = 64 places x K = 4 images a step, one random resized crop per image
 (area 0.6-1, aspect 0.8-1.25), no flips and no colour augmentation, AdamW (lr 1e-3, weight decay
 1e-4, 200 warm-up steps, cosine), ``L_MS`` with the paper's hyper-parameters. Recall on the val
 and test splits every ``--eval-every`` steps; the last step's test recall, with bootstrap
@@ -43,33 +44,10 @@ from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalResult, chance_recall, recall_by_condition, score
 from scicevpr.files import save_torch_file
 from scicevpr.losses import MultiSimilarityLoss
+from scicevpr.pretrain import LayoutCNN
 
 RECALLS = (1, 5, 10)
 EVAL = EvalConfig(recall_values=RECALLS)
-
-
-def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class LayoutCNN(nn.Module):
-    """(B, 3, S, S) uint8 -> (B, 512) unit descriptors that keep where each feature lies."""
-
-    layout = (2, 4)  # rows x columns of the pooling grid
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-                                      _block(32, 64, 2), _block(64, 128, 2), _block(128, 256, 2))
-        self.proj = nn.Linear(256 * self.layout[0] * self.layout[1], 512)
-
-    def grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) uint8 -> (B, 256, 2, 4): the last stage's features averaged over the grid."""
-        return F.adaptive_avg_pool2d(self.features((x.float() / 255 - 0.45) / 0.25), self.layout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.grid(x).flatten(1)), dim=1)  # (B, 256, 2, 4) -> (B, 2048) -> (B, 512)
 
 
 def _load(args: tuple[Path, int]) -> np.ndarray:
@@ -106,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--places-per-step", type=int, default=64, help="P of P x K (K = 4 images a place)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--save", default=None, help="write the trained network's state dict here at the end (a .pt file)")
+    p.add_argument("--save", default=None, help="write the network's state dict here at every evaluation and at the end (a .pt file)")
     args = p.parse_args(argv)
     if not (Path(args.train_root) / "Dataframes").is_dir():
         p.error(f"--train-root: {args.train_root!r} has no Dataframes/ folder; give a GSV-layout folder, e.g. the output "
@@ -173,6 +151,8 @@ def main(args: argparse.Namespace) -> None:
                     save_torch_file(net.state_dict(), args.save)
                     print(f"network written to {args.save}")
                 break
+            if args.save and step:  # kept at every evaluation, so that a stopped run leaves its last network
+                save_torch_file(net.state_dict(), args.save)
         chosen = rng.choice(len(groups), P, replace=False)
         idx = np.concatenate([rng.choice(groups[p], K, replace=False) for p in chosen])  # (P * K,)
         loss = loss_fn(net(random_resized_crops(train[idx], g)), torch.from_numpy(np.repeat(np.arange(P), K)))

@@ -319,7 +319,7 @@ def get_config(preset_or_config: "str | ModelConfig", **overrides: Any) -> Model
 # --------------------------------------------------------------------------------------------
 
 STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")  # what stage 1 (train_teacher) can train
-OBJECTIVES = ("dino", "supervised")  # pretraining objectives
+OBJECTIVES = ("dino", "supervised", "distil")  # pretraining objectives
 POOLINGS = ("mean", "gem", "cls", "regions", "grid")  # pretraining's pooling for the supervised objective
 
 
@@ -563,8 +563,9 @@ class PretrainConfig:
     """One pretraining run. Defaults: the offline backbone (``OFFLINE_BACKBONE``) with DINO.
 
     Objective and data:
-        objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo) or ``"supervised"``
-            (``L_MS`` on place batches).
+        objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo), ``"supervised"``
+            (``L_MS`` on place batches) or ``"distil"`` (the ViT learns a trained convolutional
+            network's features, crop by crop: ``distil_teacher``).
         data: a synthetic benchmark folder (holding ``gsv_cities/``) or a GSV-Cities-layout folder
             (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
         cities: city names, or None for all.
@@ -606,8 +607,14 @@ class PretrainConfig:
             tokens averaged over a 2 x 4 grid (2 rows, 4 columns) and projected to 512 dimensions by a
             linear layer trained with them and dropped at export (the head of
             ``benchmarks/cnn_learnability.py``).
-        supervised_scale: area range of the single random resized crop per image.
+        supervised_scale: area range of the single random resized crop per image (also the
+            crop of ``objective="distil"``).
         loss: ``L_MS`` hyper-parameters (the paper's).
+    Distillation from a convolutional network:
+        distil_teacher: the state dict of a trained :class:`~scicevpr.pretrain.LayoutCNN`
+            (``benchmarks/cnn_learnability.py --save``), a ``.pt`` file; required by ``"distil"``.
+        distil_size: side (pixels) of the crop the teacher sees, a multiple of 8: the same crop
+            as the ViT's, resized (64: the teacher's 8 x 8 map lies on the ViT's 8 x 8 patches).
     Monitoring:
         val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
             the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
@@ -669,6 +676,8 @@ class PretrainConfig:
     pooling: str = "mean"
     supervised_scale: tuple[float, float] = (0.5, 1.0)
     loss: LossConfig = field(default_factory=LossConfig)
+    distil_teacher: str | None = None
+    distil_size: int = 64
     val_root: str | None = None
     val_dataset: str = "synthetic"
     val_split: str = "val"
@@ -750,6 +759,12 @@ class PretrainConfig:
                     f"batch_size={self.batch_size} must be a multiple of img_per_place (K) = {self.img_per_place} "
                     f"(a step holds P = batch_size / K places); use e.g. {self.batch_size // self.img_per_place * self.img_per_place or self.img_per_place}."
                 )
+        elif self.objective == "distil":
+            if self.distil_teacher is None:
+                raise ValueError("objective='distil' needs distil_teacher: the .pt file of a trained LayoutCNN "
+                                 "(python benchmarks/cnn_learnability.py --save cnn.pt writes one).")
+            if self.distil_size < 8 or self.distil_size % 8:
+                raise ValueError(f"distil_size={self.distil_size} must be a positive multiple of 8 (the teacher's stride).")
         elif self.batch_size < 2 and self.koleo_weight > 0:
             raise ValueError("KoLeo needs at least 2 images per step: raise batch_size or set koleo_weight=0.")
         self.backbone_config()  # validates arch / num_blocks / image_size together

@@ -9,7 +9,7 @@ loads through the ``weights=`` door like Meta's files.
 
 The backbone is :class:`~scicevpr.backbone.DinoVisionTransformer` itself, sized by
 :class:`~scicevpr.config.BackboneConfig` (default ``config.OFFLINE_BACKBONE``: ViT-S/14 widths,
-4 blocks, position table learned at 112 px). Two objectives, so that both can be measured:
+4 blocks, position table learned at 112 px). Three objectives, so that they can be measured:
 
 ``objective="dino"`` -- self-distillation in DINOv2's spirit (Caron et al. 2021, "DINO";
 Zhou et al. 2022, "iBOT"; Oquab et al. 2023, "DINOv2"):
@@ -44,6 +44,18 @@ The teacher is exported: DINO's teacher is the better model throughout training 
 folder (:class:`~scicevpr.data.gsv.GSVCitiesDataset` and :class:`~scicevpr.train.PlaceBatchSampler`),
 a descriptor being the L2-normalised mean (or GeM, or CLS) of the last block's tokens after the
 final norm. Same optimiser and schedules; no teacher; the trained backbone is exported.
+
+``objective="distil"`` -- the ViT learns the features of a small convolutional network trained
+with ``L_MS`` (:class:`LayoutCNN`, ``benchmarks/cnn_learnability.py --save``), as DeiT (Touvron et
+al. 2021) taught ViTs from a convnet's outputs when images are few. Both see the same random crop
+of a source image (no labels are used), the ViT at ``image_size`` and the frozen network at
+``distil_size``; with 112 and 64 px both grids are 8 x 8, cell for cell. Two linear heads, dropped
+at export, carry the ViT's tokens to the network's spaces:
+``L_dense = mean_{b, i} (1 - cos(W_p z_{b,i}, f_{b,i}))`` over the patch tokens ``z_{b,i}`` and
+the network's last feature map ``f`` (pooled to the ViT's grid, standardised per channel over the
+batch), and ``L_cls = mean_b (1 - cos(W_c z_{b,cls}, d_b))`` with its place descriptor ``d``
+(centred over the batch); ``L = L_dense + L_cls``. Every patch token gets a target, where ``L_MS`` gives one signal per
+image.
 
 Data path: every image is decoded once (DataLoader workers, tqdm bar) into an in-memory uint8
 tensor of ``cache_size`` pixels a side, kept on the training device (20,000 images at 160 px are
@@ -84,7 +96,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -124,7 +136,7 @@ CHECKPOINT_VERSION = 1
 # PretrainConfig fields that may differ when a run is resumed (they do not change its result).
 RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
                      "checkpoint_every", "checkpoint_minutes", "log_every", "val_root", "val_dataset", "val_split", "val_every")
-LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "lr", "weight_decay", "momentum",
+LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "loss_dense", "loss_cls", "lr", "weight_decay", "momentum",
                "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls", "R@1_desc", "R@5_desc")
 
 
@@ -430,11 +442,84 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
+class LayoutCNN(nn.Module):
+    """A small convolutional network whose descriptor keeps where each feature lies: the teacher
+    of ``objective="distil"`` (trained with ``L_MS`` by ``benchmarks/cnn_learnability.py``).
+
+    Four stages (32 -> 64 -> 128 -> 256 channels, 3 x 3 convolutions, batch norm, ReLU; stride 8
+    in all: an 8 x 8 map at 64 px), the map averaged over a 2 x 4 grid (above/below, four
+    vertical strips) and projected to 512 dimensions: (B, 3, S, S) -> (B, 512) unit descriptors.
+    Images are uint8, or floats in [0, 1].
+    """
+
+    layout = (2, 4)  # rows x columns of the pooling grid
+    channels, dim = 256, 512  # the last map's channels; the descriptor's dimension
+    stride = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                                      block(32, 64), block(64, 128), block(128, self.channels))
+        self.proj = nn.Linear(self.channels * self.layout[0] * self.layout[1], self.dim)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 256, S / 8, S / 8): the last stage's features ``f``."""
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        return self.features((x - 0.45) / 0.25)
+
+    def describe(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, 256, h, w) feature map -> (B, 512) unit descriptor ``d``."""
+        cells = F.adaptive_avg_pool2d(f, self.layout)  # (B, 256, 2, 4)
+        return F.normalize(self.proj(cells.flatten(1)), dim=1)  # (B, 2048) -> (B, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.describe(self.feature_map(x))
+
+    @classmethod
+    def load(cls, path: PathLike) -> "LayoutCNN":
+        """A trained network from its state dict file, frozen, in eval mode."""
+        net = cls()
+        state = load_torch_file(path, "LayoutCNN state dict", opt_in=None)
+        try:
+            net.load_state_dict(state)
+        except (RuntimeError, AttributeError, TypeError) as e:
+            raise ValueError(f"{str(path)!r} is not the state dict of a LayoutCNN (benchmarks/cnn_learnability.py "
+                             f"--save writes one): {str(e).splitlines()[0]}") from None
+        return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def distil_targets(f: torch.Tensor, d: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's outputs as targets (fp32): its map ``f`` (B, 256, h, w), average-pooled to the
+    ViT's ``grid`` x ``grid`` patches when h differs, standardised per channel over the batch and
+    the cells; its descriptors ``d`` (B, 512) centred over the batch. What every image shares (a
+    ReLU map's positive mean direction, scoring cosines of about 0.5 for any prediction) is no
+    target; what tells images and cells apart is. Under DDP each rank uses its own share's statistics."""
+    f = f.float() if f.shape[-1] == grid else F.adaptive_avg_pool2d(f.float(), (grid, grid))
+    f = (f - f.mean(dim=(0, 2, 3), keepdim=True)) / (f.std(dim=(0, 2, 3), keepdim=True) + 1e-6)
+    return f, d.float() - d.float().mean(dim=0, keepdim=True)
+
+
+def distil_losses(dense: torch.Tensor, cls: torch.Tensor, f: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_dense, L_cls)`` (fp32): ``dense`` (B, 256, g, g) = ``W_p z`` against the target map
+    ``f`` (B, 256, g, g), cell by cell; ``cls`` (B, 512) = ``W_c z_cls`` against the target
+    descriptor ``d`` (B, 512) (:func:`distil_targets`). Each is the mean of 1 - cosine."""
+    l_dense = (1 - F.cosine_similarity(dense.float(), f, dim=1)).mean()  # over b and the g x g cells
+    l_cls = (1 - F.cosine_similarity(cls.float(), d, dim=1)).mean()
+    return l_dense, l_cls
+
+
 class _Student(nn.Module):
     """What the optimiser trains, as one module so that one DDP forward covers a step.
 
     DINO: ``forward(globals, locals, masks) -> (global CLS logits, local CLS logits,
     masked-patch logits, global CLS features)``. Supervised: ``forward(images) -> descriptors``.
+    Distil: ``forward(images) -> (W_p z, W_c z_cls)``.
     """
 
     def __init__(self, config: PretrainConfig) -> None:
@@ -443,15 +528,20 @@ class _Student(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
             self.backbone = DinoVisionTransformer(config.backbone_config(), weights=config.init_weights)
+        self.grid = config.image_size // self.backbone.patch_size  # g: patches a side
         C = self.backbone.embed_dim
         last = len(self.backbone.blocks) - 1
         self.last = last
         if config.objective == "dino":
             self.head = DINOHead(C, config.prototypes, config.head_hidden, config.head_bottleneck)
+        elif config.objective == "distil":
+            self.backbone.mask_token.requires_grad_(False)
+            self.dense_proj = nn.Linear(C, LayoutCNN.channels)  # W_p: patch token -> the network's feature at that cell
+            self.cls_proj = nn.Linear(C, LayoutCNN.dim)  # W_c: CLS token -> the network's place descriptor
         else:
             self.backbone.mask_token.requires_grad_(False)  # no masked patches without iBOT
             self.pooling = config.pooling
-            g = config.image_size // self.backbone.patch_size
+            g = self.grid
             self.pool = MultiRegionGeM((g, g)) if config.pooling in ("gem", "regions") else None
             if config.pooling == "grid":
                 self.grid_proj = nn.Linear(GRID[0] * GRID[1] * C, GRID_DIM)
@@ -461,7 +551,10 @@ class _Student(nn.Module):
         return self.backbone.get_intermediate_layers(x, [self.last], masks=masks)[0]
 
     def forward(self, *args: torch.Tensor):
-        return self._dino(*args) if self.objective == "dino" else self._descriptors(*args)
+        if self.objective == "dino":
+            return self._dino(*args)
+        t = self.tokens(*args)
+        return self._distil(t) if self.objective == "distil" else self.describe(t)
 
     def _dino(self, globals_: torch.Tensor, locals_: torch.Tensor | None, masks: torch.Tensor, mask_index: torch.Tensor):
         t = self.tokens(globals_, masks)  # (2b, 1 + HW, C)
@@ -471,21 +564,31 @@ class _Student(nn.Module):
         l_logits = self.head(self.tokens(locals_)[:, 0]) if locals_ is not None else None  # (Lb, K)
         return g_logits, l_logits, patch_logits, g_cls
 
-    def _descriptors(self, images: torch.Tensor) -> torch.Tensor:
-        t = self.tokens(images)  # (b, 1 + HW, C)
+    def _distil(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, 1 + HW, C) tokens -> (b, 256, g, g) the patch tokens carried to the network's
+        feature map (``W_p z``), and (b, 512) the CLS token to its descriptor (``W_c z_cls``)."""
+        B, N, C = t.shape
+        dense = self.dense_proj(t[:, 1:]).transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, HW, 256) -> (B, 256, g, g)
+        return dense, self.cls_proj(t[:, 0])
+
+    def describe(self, t: torch.Tensor) -> torch.Tensor:
+        """(b, 1 + HW, C) last-block tokens -> (b, D) the unit descriptor the objective trains
+        (supervised: its ``pooling``; distil: ``W_c z_cls``, the CLS token in the network's space)."""
+        if self.objective == "distil":
+            return F.normalize(self.cls_proj(t[:, 0]).float(), dim=-1)
         if self.pooling == "cls":
             d = t[:, 0]
         elif self.pooling == "mean":
             d = t[:, 1:].mean(dim=1)
         elif self.pooling == "grid":
             B, N, C = t.shape
-            g = math.isqrt(N - 1)
+            g = self.grid
             cells = F.adaptive_avg_pool2d(t[:, 1:].transpose(1, 2).reshape(B, C, g, g), GRID)  # (B, HW, C) -> (B, C, 2, 4)
             d = self.grid_proj(cells.flatten(1))  # (B, 8 C) -> (B, 512)
         else:
             B, N, C = t.shape
-            g = self.pool.grid
-            regions = self.pool(t[:, 1:].transpose(1, 2).reshape(B, C, *g))  # (B, HW, C) -> (B, C, H, W) -> (B, 14, C)
+            g = self.grid
+            regions = self.pool(t[:, 1:].transpose(1, 2).reshape(B, C, g, g))  # (B, HW, C) -> (B, C, g, g) -> (B, 14, C)
             d = regions[:, 0] if self.pooling == "gem" else regions.flatten(1)  # (B, C): whole map | (B, 14 C)
         return F.normalize(d.float(), dim=-1)  # (b, C) or (b, 14 C)
 
@@ -560,8 +663,9 @@ class RetrievalCheck:
     """A VG-layout split decoded once at the model's size, and Recall@N of a backbone on it.
 
     Descriptors: the last block's tokens after the final norm, either the mean of the patch
-    tokens or the CLS token, L2-normalised, and, given ``descriptor`` (the supervised student),
-    the descriptor its objective trains; exact L2 search and hits as every recall in scicevpr
+    tokens or the CLS token, L2-normalised, and, given ``describe`` (tokens -> unit descriptors:
+    ``_Student.describe`` of the supervised and distil objectives), the descriptor the objective
+    trains, pooled from the same tokens; exact L2 search and hits as every recall in scicevpr
     (:func:`scicevpr.evaluate.search`, :func:`scicevpr.evaluate.recall_at_n`).
     """
 
@@ -574,27 +678,25 @@ class RetrievalCheck:
 
     @torch.no_grad()
     def recalls(self, backbone: DinoVisionTransformer, amp: bool, batch_size: int = 256,
-                descriptor: nn.Module | None = None) -> dict[str, float]:
+                describe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         from .evaluate import recall_at_n, search
 
-        modes = [(m, m.training) for m in (backbone, descriptor) if m is not None]
-        for m, _ in modes:
-            m.eval()
+        training = backbone.training
+        backbone.eval()
         dev = self.images.device
         mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": [], **({"desc": []} if descriptor is not None else {})}
+        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": [], **({"desc": []} if describe is not None else {})}
         for i in range(0, len(self.images), batch_size):
             x = (self.images[i : i + batch_size].float() / 255.0 - mean) / std
             with autocast(dev, amp):
                 t = backbone.get_intermediate_layers(x, [len(backbone.blocks) - 1])[0]  # (b, 1 + HW, C)
             out["mean"].append(F.normalize(t[:, 1:].float().mean(dim=1), dim=-1))
             out["cls"].append(F.normalize(t[:, 0].float(), dim=-1))
-            if descriptor is not None:
+            if describe is not None:
                 with autocast(dev, amp):
-                    out["desc"].append(descriptor(x).float())  # (b, D), L2-normalised
-        for m, training in modes:
-            m.train(training)
+                    out["desc"].append(describe(t).float())  # (b, D), L2-normalised
+        backbone.train(training)
         n_db = self.split.num_database
         result = {}
         for kind, parts in out.items():
@@ -708,13 +810,13 @@ class _Run:
                 f"of processes ({ddp.world_size})."
             )
         gsv_root, self.data_info = resolve_data_root(config.data)
-        K = 1 if config.objective == "dino" else config.img_per_place
+        K = config.img_per_place if config.objective == "supervised" else 1
         self.dataset = GSVCitiesDataset(gsv_root, cities=config.cities, img_per_place=K, image_size=config.image_size,
                                         seed=config.seed)
         paths = self.dataset.dataframe["path"].tolist()
         self.data_info.update(images=len(paths), places=len(self.dataset), gsv_root=str(gsv_root),
                               files_sha256=hashlib.sha256("\n".join(str(Path(p).relative_to(gsv_root)) for p in paths).encode()).hexdigest())
-        if config.objective == "dino":
+        if config.objective != "supervised":  # batches of images, not of places
             self.steps_per_epoch = len(paths) // config.batch_size
             if self.steps_per_epoch < 1:
                 raise ValueError(f"the data holds {len(paths)} images, fewer than one batch (batch_size={config.batch_size}); lower batch_size.")
@@ -725,6 +827,7 @@ class _Run:
         torch.manual_seed(config.seed)
         self.student = _Student(config).to(device)
         self.teacher = _Teacher(self.student).to(device) if config.objective == "dino" else None
+        self.cnn = LayoutCNN.load(config.distil_teacher).to(device) if config.objective == "distil" else None
         K_out = config.prototypes
         self.center = torch.zeros(1, K_out, device=device)
         self.patch_center = torch.zeros(1, K_out, device=device)
@@ -737,6 +840,7 @@ class _Run:
         g = config.image_size // self.student.backbone.patch_size
         self.num_patches = g * g
         self.global_specs, self.local_spec, self.supervised_spec = view_specs(config)
+        self.cnn_spec = dataclasses.replace(self.supervised_spec, size=config.distil_size)  # the same crop, at the network's size
         self._epoch_cache: tuple[int, Any] | None = None
         self.check = None
         if config.val_root is not None and ddp.main:
@@ -756,10 +860,11 @@ class _Run:
         return g
 
     def batch_indices(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Global batch of step ``step``: image (cache) indices, and place labels (supervised)."""
+        """Global batch of step ``step``: image (cache) indices, and place labels (supervised;
+        DINO and distil: None, every image of the cache once an epoch in a seeded order)."""
         epoch, j = divmod(step, self.steps_per_epoch)
         c = self.config
-        if c.objective == "dino":
+        if c.objective != "supervised":
             if self._epoch_cache is None or self._epoch_cache[0] != epoch:
                 self._epoch_cache = (epoch, np.random.default_rng([c.seed, epoch]).permutation(len(self.cache)))
             perm = self._epoch_cache[1]
@@ -813,6 +918,21 @@ class _Run:
             l_koleo = sum(koleo_loss(v) for v in g_cls.chunk(2)) / 2 if c.koleo_weight > 0 else torch.zeros((), device=dev)
             loss = l_dino + c.ibot_weight * l_ibot + c.koleo_weight * l_koleo
             parts = {"loss_dino": l_dino.detach(), "loss_ibot": l_ibot.detach(), "loss_koleo": l_koleo.detach()}
+        elif c.objective == "distil":
+            p = MultiCropAugment.params(gen, n, self.supervised_spec)
+            p = {k: v[mine] for k, v in p.items()}
+            images = MultiCropAugment.apply(x, p, self.supervised_spec)  # (b, 3, S, S), ImageNet-normalised
+            small = MultiCropAugment.apply(x, p, self.cnn_spec)  # (b, 3, s, s): the same crops, for the network
+            mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+            with torch.no_grad():
+                f = self.cnn.feature_map(small * std + mean)  # (b, 256, s / 8, s / 8), from pixels in [0, 1]
+                d = self.cnn.describe(f)  # (b, 512)
+            with autocast(dev, self.amp):
+                dense, cls = self.model(images)
+            l_dense, l_cls = distil_losses(dense, cls, *distil_targets(f, d, self.student.grid))
+            loss = l_dense + l_cls
+            parts = {"loss_dense": l_dense.detach(), "loss_cls": l_cls.detach()}
         else:
             p = MultiCropAugment.params(gen, n, self.supervised_spec)
             images = MultiCropAugment.apply(x, {k: v[mine] for k, v in p.items()}, self.supervised_spec)  # (b, 3, S, S)
@@ -961,7 +1081,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
                 means /= ddp.world_size
             row.update(zip(keys, means.tolist()))
             row.update({k: v for k, v in acc["last"].items() if not k.startswith("loss")})
-            if config.objective == "supervised":
+            if config.objective != "dino":
                 row.pop("momentum"), row.pop("teacher_temp")
             row.update(images_per_s=round(acc["n"] * config.batch_size / (now - acc["t"]), 2),
                        elapsed_s=round(train_s + now - t_loop, 2))
@@ -970,7 +1090,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
             acc["validated"] = at
         if validate and run.check is not None:
             row.update(run.check.recalls(run.exported.backbone, amp,
-                                         descriptor=run.student if config.objective == "supervised" else None))
+                                         describe=run.student.describe if config.objective != "dino" else None))
             bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in LOG_COLUMNS[LOG_COLUMNS.index("R@1"):] if k in row))
         if ddp.main and len(row) > 1:
             append_csv_row(log_path, row, LOG_COLUMNS)
@@ -1052,10 +1172,11 @@ def describe_backbone(config: BackboneConfig, objective: str, init_objective: st
     of the weights the run started from."""
     arch = f"ViT-{config.arch[3].upper()}/{config.patch_size}"
     if short:
-        names = {"dino": "self-supervised", "supervised": "trained with L_MS"}
+        names = {"dino": "self-supervised", "supervised": "trained with L_MS", "distil": "distilled from a small CNN"}
         how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]},"
         return f"{arch} {how} on synthetic streets (not Meta's DINOv2)"
-    names = {"dino": "self-supervised (DINO + iBOT)", "supervised": "trained with L_MS on places"}
+    names = {"dino": "self-supervised (DINO + iBOT)", "supervised": "trained with L_MS on places",
+             "distil": "distilled from a small CNN trained with L_MS on places"}
     how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]}"
     blocks = f"{config.depth} block{'s' if config.depth != 1 else ''}"
     return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
@@ -1069,7 +1190,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         out_path: the weight file, or a folder (then ``<folder>/<hub name>_pretrain.pth``, e.g.
             ``scicevpr_vits14_4blocks_112px_pretrain.pth``, the name ``weights="auto"`` looks for).
         which: ``"teacher"`` (DINO's default: the EMA teacher is the better model and the one
-            DINO releases) or ``"student"`` (the only model of the supervised objective).
+            DINO releases) or ``"student"`` (the only ViT of the supervised and distil objectives).
     Returns:
         The weight file. Beside it, ``<name>.json``: objective, data preset and seed, steps,
         images seen, wall time, machines, torch version, the backbone config and the file's

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from scicevpr.backbone import DinoVisionTransformer
 from scicevpr.config import BackboneConfig
+from scicevpr.pretrain import LayoutCNN
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -86,20 +87,9 @@ def test_probe_refuses_a_missing_gpu_with_one_message(tmp_path, monkeypatch, cap
         probe.main()
     assert stop.value.code == 2 and "CUDA is not available; use device='cpu'" in capsys.readouterr().err
 
-def test_cnn_learnability_network_crops_and_bad_calls(tmp_path, capsys):
+def test_cnn_learnability_crops_and_bad_calls(tmp_path, capsys):
     tool = _tool("cnn_learnability")
-    torch.manual_seed(0)
-    net = tool.LayoutCNN().eval()
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        d = net(x)
-        assert d.shape == (3, 512) and torch.allclose(d.norm(dim=1), torch.ones(3), atol=1e-5)
-        # a bright right half and a bright left half: the same pixels, another layout, another descriptor
-        right = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
-        right[..., 32:] = 255
-        a, b = net.grid(right), net.grid(right.flip(-1))  # (1, 256, 2, 4)
-        cos = lambda u, v: F.cosine_similarity(u.flatten(1), v.flatten(1)).item()  # noqa: E731
-        assert cos(a, b) < 0.9 and cos(a.mean((2, 3)), b.mean((2, 3))) > 0.98  # a global mean would barely tell them apart
     crops = tool.random_resized_crops(x, torch.Generator().manual_seed(0))
     assert crops.shape == x.shape and crops.dtype == torch.uint8 and not torch.equal(crops, x)
     with pytest.raises(SystemExit) as stop:
@@ -124,8 +114,7 @@ def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, tmp_path, caps
     tool.main(tool.parse_args(root + ["--steps", "2", "--eval-every", "1", "--places-per-step", "4",
                                       "--save", str(tmp_path / "net.pt")]))
     out = capsys.readouterr().out
-    net = tool.LayoutCNN()
-    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict: the whole network
+    LayoutCNN.load(tmp_path / "net.pt")  # strict: the whole network, the teacher pretrain-backbone --objective distil reads
     steps = [line for line in out.splitlines() if line.startswith("step ") and "val R@1" in line]
     assert [line.split()[1] for line in steps] == ["0", "1", "2"]
     last = [line for line in out.splitlines() if line.startswith("test at the last step")]

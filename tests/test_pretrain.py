@@ -22,6 +22,7 @@ from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_
 from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
 from scicevpr.data.synthetic import PRESETS, build_plan
+from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.pretrain import (
     MultiCropAugment,
     CropSpec,
@@ -60,7 +61,7 @@ def dino_run(tiny_benchmark, tmp_path_factory):
 
 
 def _early_late(history, column: str) -> tuple[float, float]:
-    values = history[column].to_numpy()
+    values = history[column].dropna().to_numpy()  # rows of a retrieval check alone hold no loss
     return float(values[:3].mean()), float(values[-3:].mean())
 
 
@@ -171,13 +172,17 @@ def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path, pooling):
     assert late < early
 
 
-def test_regions_pooling_keeps_where_features_lie(tiny_benchmark, tmp_path):
+def _student(bench, tmp_path, **overrides):
+    """A seeded tiny student, its config and a random input batch (2, 3, S, S)."""
     from scicevpr.pretrain import _Student
 
     torch.manual_seed(0)
-    config = tiny_config(tiny_benchmark, tmp_path / "r", objective="supervised", pooling="regions")
-    student = _Student(config).eval()
-    x = torch.rand(2, 3, config.image_size, config.image_size)
+    config = tiny_config(bench, tmp_path / "run", **overrides)
+    return _Student(config).eval(), config, torch.rand(2, 3, config.image_size, config.image_size)
+
+
+def test_regions_pooling_keeps_where_features_lie(tiny_benchmark, tmp_path):
+    student, config, x = _student(tiny_benchmark, tmp_path, objective="supervised", pooling="regions")
     with torch.no_grad():
         d = student(x)
         C = student.backbone.embed_dim
@@ -190,12 +195,7 @@ def test_regions_pooling_keeps_where_features_lie(tiny_benchmark, tmp_path):
 
 
 def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_path):
-    from scicevpr.pretrain import _Student
-
-    torch.manual_seed(0)
-    config = tiny_config(tiny_benchmark, tmp_path / "g", objective="supervised", pooling="grid")
-    student = _Student(config).eval()
-    x = torch.rand(2, 3, config.image_size, config.image_size)
+    student, config, x = _student(tiny_benchmark, tmp_path, objective="supervised", pooling="grid")
     with torch.no_grad():
         d = student(x)
         t = student.tokens(x)[:, 1:]  # (2, HW, C), row-major
@@ -207,6 +207,120 @@ def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_
     assert d.shape == (2, 512)
     torch.testing.assert_close(d, expected, atol=1e-5, rtol=1e-4)
     assert "grid_proj.weight" in student.state_dict() and not any("grid_proj" in k for k in student.backbone.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation from a convolutional network
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cnn_file(tmp_path_factory):
+    """A LayoutCNN state dict (seeded random weights: a teacher is a fixed function either way)."""
+    from scicevpr.files import save_torch_file
+    from scicevpr.pretrain import LayoutCNN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
+    save_torch_file(LayoutCNN().state_dict(), path)
+    return path
+
+
+def test_layout_cnn_keeps_where_features_lie():
+    from scicevpr.pretrain import LayoutCNN
+
+    torch.manual_seed(0)
+    net = LayoutCNN().eval()
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d = net(x)
+        assert d.shape == (3, 512) and torch.allclose(d.norm(dim=1), torch.ones(3), atol=1e-5)
+        assert net.feature_map(x).shape == (3, 256, 8, 8)  # stride 8
+        torch.testing.assert_close(net(x.float() / 255), d)  # uint8 or floats in [0, 1]
+        # a bright right half and a bright left half: the same pixels, another layout, another descriptor
+        right = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+        right[..., 32:] = 255
+        a, b = (F.adaptive_avg_pool2d(net.feature_map(v), net.layout) for v in (right, right.flip(-1)))  # (1, 256, 2, 4)
+    cos = lambda u, v: F.cosine_similarity(u.flatten(1), v.flatten(1)).item()  # noqa: E731
+    assert cos(a, b) < 0.9 and cos(a.mean((2, 3)), b.mean((2, 3))) > 0.98  # a global mean would barely tell them apart
+
+
+def test_distil_losses_are_one_minus_cosines_cell_by_cell():
+    from scicevpr.pretrain import distil_losses
+
+    torch.manual_seed(0)
+    f, d = torch.randn(3, 256, 4, 4), torch.randn(3, 512)
+    l_dense, l_cls = distil_losses(2.5 * f, 3 * d, f, d)  # the same directions at other scales
+    assert float(l_dense) == pytest.approx(0, abs=1e-6) and float(l_cls) == pytest.approx(0, abs=1e-6)
+    l_dense, l_cls = distil_losses(-f, -d, f, d)
+    assert float(l_dense) == pytest.approx(2) and float(l_cls) == pytest.approx(2)
+    moved = f.clone()
+    moved[0, :, 1, 2] = torch.roll(f[0, :, 1, 2], 1)  # one cell of one image points elsewhere
+    expected = (1 - F.cosine_similarity(moved[0, :, 1, 2], f[0, :, 1, 2], dim=0)) / (3 * 16)
+    assert float(distil_losses(moved, d, f, d)[0]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_distil_targets_keep_what_tells_images_and_cells_apart():
+    from scicevpr.pretrain import distil_targets
+
+    torch.manual_seed(0)
+    f, d = torch.rand(6, 256, 8, 8), torch.randn(6, 512)
+    tf, td = distil_targets(f, d, grid=8)
+    torch.testing.assert_close(tf.mean(dim=(0, 2, 3)), torch.zeros(256), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tf.std(dim=(0, 2, 3)), torch.ones(256), atol=1e-4, rtol=0)
+    torch.testing.assert_close(td.mean(dim=0), torch.zeros(512), atol=1e-5, rtol=0)
+    shifted = distil_targets(3 * f + torch.rand(1, 256, 1, 1), d + torch.randn(1, 512), grid=8)  # what all share moves
+    torch.testing.assert_close(shifted[0], tf, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shifted[1], td, atol=1e-4, rtol=1e-4)
+    coarse, _ = distil_targets(f, d, grid=4)  # a finer map is averaged onto the ViT's grid first
+    torch.testing.assert_close(coarse, distil_targets(F.avg_pool2d(f, 2), d, grid=4)[0])
+
+
+def test_distil_student_carries_patch_tokens_to_the_map_in_row_major_order(tiny_benchmark, tmp_path, cnn_file):
+    student, config, x = _student(tiny_benchmark, tmp_path, objective="distil", distil_teacher=str(cnn_file))
+    with torch.no_grad():
+        dense, cls = student(x)
+        t = student.tokens(x)  # (2, 1 + HW, C)
+    g = config.image_size // student.backbone.patch_size
+    assert dense.shape == (2, 256, g, g) and cls.shape == (2, 512)
+    torch.testing.assert_close(dense[1, :, 0, g - 1], student.dense_proj(t[1, g]))  # row 0, last column = token g
+    torch.testing.assert_close(student.describe(t), F.normalize(cls, dim=1))
+    assert {"dense_proj.weight", "cls_proj.weight"} <= set(student.state_dict())
+    assert not any(k.startswith(("dense_proj", "cls_proj")) for k in student.backbone.state_dict())
+
+
+def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(tiny_benchmark, tmp_path, cnn_file):
+    config = tiny_config(tiny_benchmark, tmp_path / "distil", objective="distil", distil_teacher=str(cnn_file),
+                         distil_size=32, steps=16, lr=2e-3, val_root=str(tiny_benchmark.vg_root), val_every=16)
+    result = pretrain(config)
+    h = result.history
+    for column in ("loss_dense", "loss_cls"):
+        early, late = _early_late(h, column)
+        assert late < early, column
+    assert h.loc[h["step"].isin([0, 16]), ["R@1_desc", "R@5_desc"]].notna().all().all()
+    assert h["loss_ms"].isna().all() and h["momentum"].isna().all()
+    out = export_backbone(result.run_dir, tmp_path / "distil.pth")
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["objective"] == "distil" and manifest["model"] == "student"
+    assert "distilled from a small CNN" in manifest["description"]
+    DinoVisionTransformer(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
+
+
+def test_distil_needs_a_trained_network(tiny_benchmark, tmp_path, capsys):
+    from scicevpr.pretrain import LayoutCNN
+
+    with pytest.raises(ValueError, match="distil_teacher"):
+        tiny_config(tiny_benchmark, tmp_path / "a", objective="distil")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tiny_config(tiny_benchmark, tmp_path / "b", objective="distil", distil_teacher="x.pt", distil_size=30)
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not the state dict of a LayoutCNN"):
+        LayoutCNN.load(other)
+    rc = main(["pretrain-backbone", "--objective", "distil", "--data", str(tiny_benchmark.root),
+               "--run-dir", str(tmp_path / "c"), "--quiet"])
+    assert rc == 2 and "distil_teacher" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,11 +555,10 @@ def test_supervised_runs_also_score_the_descriptor_they_train(tiny_benchmark, tm
     torch.manual_seed(0)
     student = _Student(config).train()
     check = RetrievalCheck(config.val_root, "synthetic", "val", config.image_size, torch.device("cpu"))
-    got = check.recalls(student.backbone, amp=False, descriptor=student)
-    assert student.training and student.backbone.training  # modes restored
+    got = check.recalls(student.backbone, amp=False, describe=student.describe)
+    assert student.backbone.training  # mode restored
     with torch.no_grad():
-        x = (check.images.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
-            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        x = normalize_uint8_batch(check.images, config.image_size)
         d = student.eval()(x).numpy()  # (N_db + N_q, 14 C): the regional descriptor, not a mean of the tokens
     n = check.split.num_database
     r, _ = recall_at_n(search(d[:n], d[n:], 5)[1], check.split.positives, (1, 5))
