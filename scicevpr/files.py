@@ -231,28 +231,35 @@ def save_torch_file(obj: Any, path: PathLike) -> Path:
 def append_csv_row(path: PathLike, row: Mapping[str, Any], columns: tuple[str, ...]) -> None:
     """Append ``row`` to the CSV log at ``path`` in the order of ``columns`` (missing fields
     empty), writing the header first when the file is new. A killed run loses at most the row
-    it was writing; a resumed one appends after the rows it kept. A log written with other
-    columns (by an older version) is first rewritten, atomically, under ``columns``."""
+    it was writing; a resumed one appends after the rows :func:`resume_csv_log` kept."""
     import csv
 
     path = Path(path)
     new = not path.is_file()
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header is not None and tuple(header) != tuple(columns):
-            with open(path, newline="") as f:
-                kept = list(csv.DictReader(f))
-            out = io.StringIO()
-            w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows({k: r.get(k) or "" for k in columns} for r in kept)
-            atomic_write_text(path, out.getvalue())
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow({k: row.get(k, "") for k in columns})
+
+
+def resume_csv_log(path: PathLike, column: str, upto: int, columns: tuple[str, ...]) -> None:
+    """Prepare the log of a resumed run, atomically: keep the rows whose ``column`` (the step or
+    iteration) is at most ``upto`` (the checkpoint's; later rows belong to the steps a killed run
+    will do again) under the header ``columns`` (a log written by an older version with other
+    columns is carried over, its missing fields empty). No file: nothing to do."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        kept = [r for r in csv.DictReader(f) if r.get(column) not in (None, "") and float(r[column]) <= upto]
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({k: r.get(k) or "" for k in columns} for r in kept)
+    atomic_write_text(path, out.getvalue())
 
 
 # --------------------------------------------------------------------------------------------

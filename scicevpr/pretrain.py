@@ -113,7 +113,7 @@ from .config import OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
-from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, save_torch_file
+from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, resume_csv_log, save_torch_file
 from .losses import MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
@@ -781,12 +781,6 @@ def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
     return (run_dir / "last.pt").is_file()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    if path.is_file():
-        df = pd.read_csv(path)
-        df[df["step"] <= step].to_csv(path, index=False)
-
-
 def _broadcast(value: Any, ddp: _Dist) -> Any:
     if not ddp.enabled:
         return value
@@ -1037,7 +1031,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         step, steps, images_seen = ckpt["step"], ckpt["steps"], ckpt["images_seen"]
         train_s, sessions = ckpt["train_s"], list(ckpt["sessions"])
         if ddp.main:
-            _truncate_log(log_path, step)
+            resume_csv_log(log_path, "step", step, LOG_COLUMNS)
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {"pretrain": config.to_dict(), "backbone": dataclasses.asdict(config.backbone_config()),
@@ -1112,14 +1106,20 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
 
     if step == 0 and monitored:
         log(0, validate=True)  # the random initialisation, for reference
-    step_ema = None
+    step_ema, start = None, step
     while step < stop_at:
-        if budget_s is not None:
-            elapsed = time.perf_counter() - t_start
-            need = step_ema if step_ema is not None else 0.0
-            if _broadcast(float(elapsed + 1.5 * need > budget_s), ddp):
-                stopped = "time budget"
-                break
+        # rank 0's clock decides for every rank, in one broadcast: is the budget spent, is a checkpoint due
+        now = time.perf_counter()
+        need = step_ema if step_ema is not None else 0.0
+        out_of_time = budget_s is not None and now - t_start + 1.5 * need > budget_s
+        clock_due = config.checkpoint_minutes is not None and now - saved_at[0] > 60 * config.checkpoint_minutes
+        if budget_s is not None or config.checkpoint_minutes is not None:
+            out_of_time, clock_due = _broadcast((out_of_time, clock_due), ddp)
+        if out_of_time:
+            stopped = "time budget"
+            break
+        if clock_due and step != start and step % config.checkpoint_every:  # not saved at this step yet
+            save(step)
         t0 = time.perf_counter()
         out = run.step(step, steps)
         step += 1
@@ -1135,10 +1135,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         validate = monitored and (step % config.val_every == 0 or step == stop_at)
         if step % config.log_every == 0 or step == stop_at or validate:
             log(step, validate)
-        due = step % config.checkpoint_every == 0
-        if not due and config.checkpoint_minutes is not None:  # rank 0's clock decides for every rank
-            due = bool(_broadcast(time.perf_counter() - saved_at[0] > 60 * config.checkpoint_minutes, ddp))
-        if due and step < stop_at:
+        if step % config.checkpoint_every == 0 and step < stop_at:
             save(step)
     if acc["n"] or (monitored and acc["validated"] != step):  # e.g. when the time budget ran out
         log(step, validate=monitored and acc["validated"] != step)

@@ -65,7 +65,7 @@ from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate
 from .factory import create_model
-from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir
+from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir, resume_csv_log
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, model_device, resolve_amp
@@ -534,15 +534,6 @@ def _write_config(run_dir: Path, config: TrainConfig, stage: str, model: VPRMode
     atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2))
 
 
-def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log rows written after the checkpoint being resumed (a run killed between the two)."""
-    if not path.is_file():
-        return
-    df = pd.read_csv(path)
-    df = df[df["iteration"] <= iteration]
-    df.to_csv(path, index=False)
-
-
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -681,7 +672,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         _set_rng_state(tr["rng"])
         start_epoch, iteration, best = tr["epoch"], tr["iteration"], tr["best"]
         if ddp.main:
-            _truncate_log(run_dir / "log.csv", iteration)
+            resume_csv_log(run_dir / "log.csv", "iteration", iteration, LOG_COLUMNS)
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = {"world_size": ddp.world_size, "iterations_per_epoch": ipe, "epochs": epochs,

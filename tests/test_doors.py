@@ -248,14 +248,20 @@ def test_training_and_pretraining_logs_are_written_by_one_function(tmp_path):
     assert df["a"].tolist() == [1, 3] and df["b"].tolist()[0] == 2 and df["c"].isna().all()
 
 
-def test_a_log_from_an_older_version_is_rewritten_under_the_new_columns(tmp_path):
+def test_a_resumed_log_keeps_the_checkpoints_rows_under_the_new_columns(tmp_path):
     import pandas as pd
 
-    from scicevpr.files import append_csv_row
+    from scicevpr import pretrain, train
+    from scicevpr.files import append_csv_row, resume_csv_log
 
+    assert not hasattr(train, "_truncate_log") and not hasattr(pretrain, "_truncate_log")
     log = tmp_path / "log.csv"
-    append_csv_row(log, {"a": 1, "b": 2}, ("a", "b"))
-    append_csv_row(log, {"a": 3, "c": 4}, ("a", "b", "c"))  # a resumed run of a newer version: one more column
+    for step in (1, 2, 3):  # a run of an older version, killed after logging step 3 but checkpointed at step 2
+        append_csv_row(log, {"step": step, "b": 10 * step}, ("step", "b"))
+    resume_csv_log(log, "step", 2, ("step", "b", "c"))  # resumed by a newer version: one more column
+    append_csv_row(log, {"step": 3, "c": 4}, ("step", "b", "c"))
     df = pd.read_csv(log)
-    assert list(df.columns) == ["a", "b", "c"] and df["a"].tolist() == [1, 3]
-    assert df["b"].tolist()[0] == 2 and df["c"].tolist()[1] == 4 and pd.isna(df["c"].tolist()[0])
+    assert list(df.columns) == ["step", "b", "c"] and df["step"].tolist() == [1, 2, 3]
+    assert df["b"].tolist()[:2] == [10, 20] and pd.isna(df["b"].tolist()[2]) and df["c"].tolist()[2] == 4
+    resume_csv_log(tmp_path / "none.csv", "step", 2, ("step",))  # no log yet: nothing written
+    assert not (tmp_path / "none.csv").exists()
