@@ -15,7 +15,7 @@ and test splits every ``--eval-every`` steps; the last step's test recall, with 
 intervals, is the result (no step is chosen on the test split).
 
     python benchmarks/cnn_learnability.py --train-root data/synthetic/pretrain0/gsv_cities
-        [--test-root VG_ROOT] [--size 64] [--steps 1500] [--eval-every 250] [--save net.pt]
+        [--test-root VG_ROOT] [--size 64] [--steps 1500] [--stop-at-step N] [--eval-every 250] [--save net.pt]
 
 The training split must share no street with the test split (``scicevpr synth --preset pretrain
 --seed 0 --splits train``: 4,000 places, 20,082 images). Measured (2 CPU cores, AMD EPYC,
@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-root", required=True, help="a GSV-layout folder (Dataframes/ + Images/)")
     p.add_argument("--test-root", default=None, help="VG root of the synthetic val/test splits (default: the small preset's)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1500, help="steps of the learning-rate schedule")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="end after this step (an evaluation and --save there), keeping the schedule of --steps")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--places-per-step", type=int, default=64, help="P of P x K (K = 4 images a place)")
     p.add_argument("--threads", type=int, default=2)
@@ -93,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--size {args.size}: give a multiple of 8, at least 32")
     if args.steps < 1 or args.eval_every < 1 or args.places_per_step < 2:
         p.error("--steps and --eval-every must be positive, --places-per-step at least 2")
+    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= args.steps:
+        p.error(f"--stop-at-step {args.stop_at_step}: give a step from 1 to --steps ({args.steps})")
     return args
 
 
@@ -136,14 +140,15 @@ def main(args: argparse.Namespace) -> None:
               f"images or more; give at most {len(groups)}", file=sys.stderr)
         raise SystemExit(2)
     t0 = time.time()
-    for step in range(args.steps + 1):
-        if step % args.eval_every == 0 or step == args.steps:
+    last = args.steps if args.stop_at_step is None else args.stop_at_step
+    for step in range(last + 1):
+        if step % args.eval_every == 0 or step == last:
             val, res = result(net, "val"), result(net, "test")
             by = res.per_condition.set_index("condition")["R@1"]
             print(f"step {step} ({time.time() - t0:.0f} s): val R@1 {val.recalls[1]:.0f}, test "
                   + ", ".join(f"R@{n} {v:.1f}" for n, v in res.recalls.items()) + "; test R@1 by condition: "
                   + ", ".join(f"{c} {v:.1f}" for c, v in by.items() if c != "all"), flush=True)
-            if step == args.steps:
+            if step == last:
                 iv = recall_by_condition(res.correct, test.query_conditions, RECALLS, intervals=True).iloc[-1]  # "all"
                 print("test at the last step, 95% intervals: " + ", ".join(
                     f"R@{n} {iv[f'R@{n}']:.1f} [{iv[f'R@{n} lo']:.1f}, {iv[f'R@{n} hi']:.1f}]" for n in RECALLS))

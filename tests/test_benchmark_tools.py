@@ -111,7 +111,10 @@ def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, tmp_path, caps
     with pytest.raises(SystemExit) as stop:
         tool.main(tool.parse_args(root + ["--places-per-step", "999"]))
     assert stop.value.code == 2 and "give at most" in capsys.readouterr().err
-    tool.main(tool.parse_args(root + ["--steps", "2", "--eval-every", "1", "--places-per-step", "4",
+    with pytest.raises(SystemExit):
+        tool.parse_args(root + ["--steps", "4", "--stop-at-step", "5"])
+    assert "give a step from 1 to --steps (4)" in capsys.readouterr().err
+    tool.main(tool.parse_args(root + ["--steps", "4", "--stop-at-step", "2", "--eval-every", "1", "--places-per-step", "4",
                                       "--save", str(tmp_path / "net.pt")]))
     out = capsys.readouterr().out
     LayoutCNN.load(tmp_path / "net.pt")  # strict: the whole network, the teacher pretrain-backbone --objective distil reads
