@@ -469,7 +469,7 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument("--export", metavar="PATH", default=None,
                    help="after the run, write the backbone here (a .pth file, or a folder for the default name); default: None")
     p.add_argument("--export-which", choices=("teacher", "student"), default=None,
-                   help="model exported: default None = the teacher for dino (the EMA teacher), the student for supervised")
+                   help="model exported: default None = the teacher for dino (the EMA teacher), else the student")
     p.add_argument("--export-only", action="store_true",
                    help="do not train: export the run in --run-dir as it is (needs --export); default: False")
     p.add_argument("--quiet", action="store_true", help="no progress bars; default: False")
@@ -646,7 +646,7 @@ COMMANDS: dict[str, str] = {
     "synth": "generate the offline synthetic benchmark",
     "train-teacher": "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS",
     "train-student": "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D",
-    "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, or L_MS on places)",
+    "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, L_MS on places, or a small CNN distilled)",
     "eval": "Recall@N of a model on a VG-layout dataset",
     "stability": "R@N under other query batch sizes and orders (paper Fig. 1-2)",
     "extract": "descriptors of a folder of images, saved as fp16 .npy",

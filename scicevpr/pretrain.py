@@ -54,8 +54,8 @@ at export, carry the ViT's tokens to the network's spaces:
 ``L_dense = mean_{b, i} (1 - cos(W_p z_{b,i}, f_{b,i}))`` over the patch tokens ``z_{b,i}`` and
 the network's last feature map ``f`` (pooled to the ViT's grid, standardised per channel over the
 batch), and ``L_cls = mean_b (1 - cos(W_c z_{b,cls}, d_b))`` with its place descriptor ``d``
-(centred over the batch); ``L = L_dense + L_cls``. Every patch token gets a target, where ``L_MS`` gives one signal per
-image.
+(centred over the batch); ``L = L_dense + L_cls``. Every patch token gets a target, where
+``L_MS`` gives one signal per image.
 
 Data path: every image is decoded once (DataLoader workers, tqdm bar) into an in-memory uint8
 tensor of ``cache_size`` pixels a side, kept on the training device (20,000 images at 160 px are
@@ -136,8 +136,9 @@ CHECKPOINT_VERSION = 1
 # PretrainConfig fields that may differ when a run is resumed (they do not change its result).
 RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
                      "checkpoint_every", "checkpoint_minutes", "log_every", "val_root", "val_dataset", "val_split", "val_every")
-LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "loss_dense", "loss_cls", "lr", "weight_decay", "momentum",
-               "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls", "R@1_desc", "R@5_desc")
+LOG_COLUMNS = ("step", "loss", "loss_dino", "loss_ibot", "loss_koleo", "loss_ms", "loss_dense", "loss_cls", "lr",
+               "weight_decay", "momentum", "teacher_temp", "images_per_s", "elapsed_s", "R@1", "R@5", "R@1_cls",
+               "R@1_desc", "R@5_desc")
 
 
 # --------------------------------------------------------------------------------------------
