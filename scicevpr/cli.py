@@ -644,6 +644,7 @@ def add_index_parser(sub) -> None:
 
 COMMANDS: dict[str, str] = {
     "synth": "generate the offline synthetic benchmark",
+    "combine-gsv": "one GSV-Cities folder from several (e.g. two pretrain seeds), their cities renamed apart",
     "train-teacher": "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS",
     "train-student": "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D",
     "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, L_MS on places, or a small CNN distilled)",
@@ -687,6 +688,25 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"  {k}: {v}")
     print(f"  GSV-Cities layout: {bench.gsv_root}")
     print(f"  VG layout:         {bench.vg_root} (dataset '{bench.dataset}', splits val, test)")
+    return 0
+
+
+def add_combine_parser(sub) -> None:
+    p = sub.add_parser("combine-gsv", help=COMMANDS["combine-gsv"],
+                       description="Link the cities of several GSV-Cities-layout folders into one (nothing is copied); "
+                       "the cities of the second folder are renamed <city>Two, of the third <city>Three, and so on.")
+    p.add_argument("out", help="the new folder (must not exist, or be empty)")
+    p.add_argument("folders", nargs="+", help="GSV-Cities-layout folders (Dataframes/ + Images/), e.g. <benchmark>/gsv_cities")
+    p.add_argument("--suffixes", nargs="+", default=None,
+                   help="one per folder, appended to its city names (default: '' Two Three ...)")
+    p.set_defaults(func=cmd_combine)
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .data.gsv import combine_gsv_folders, list_cities
+
+    out = combine_gsv_folders(args.out, args.folders, args.suffixes)
+    print(f"{len(list_cities(out))} cities in {out}")
     return 0
 
 
@@ -744,6 +764,7 @@ def add_demo_parser(sub) -> None:
 
 PARSERS: dict[str, Callable[[Any], None]] = {
     "synth": add_synth_parser,
+    "combine-gsv": add_combine_parser,
     "train-teacher": lambda sub: add_train_parser(sub, "teacher"),
     "train-student": lambda sub: add_train_parser(sub, "student"),
     "pretrain-backbone": add_pretrain_parser,

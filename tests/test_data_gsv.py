@@ -163,3 +163,32 @@ def test_an_empty_csv_is_named_and_a_byte_order_mark_is_read(gsv_root):
     csv.write_text("")
     with pytest.raises(ValueError, match=r"Boston.csv' is empty.*header line"):
         GSVCitiesDataset(gsv_root)
+
+
+def test_combined_folders_hold_every_city_renamed_apart(tiny_benchmark, tmp_path, capsys):
+    """Two copies of one world (as two pretrain seeds share city names) become one folder whose
+    second copy's cities are <city>Two: twice the places, the same images, nothing copied."""
+    from scicevpr.cli import main
+    from scicevpr.data.gsv import combine_gsv_folders, list_cities
+
+    src = tiny_benchmark.gsv_root
+    out = combine_gsv_folders(tmp_path / "both", [src, src])
+    cities = list_cities(src)
+    assert list_cities(out) == sorted(cities + [c + "Two" for c in cities])
+    one = GSVCitiesDataset(src, img_per_place=2, image_size=32, seed=0)
+    both = GSVCitiesDataset(out, img_per_place=2, image_size=32, seed=0)
+    assert len(both) == 2 * len(one) and len(both.dataframe) == 2 * len(one.dataframe)
+    city = cities[0]
+    frame = pd.read_csv(out / "Dataframes" / f"{city}Two.csv")
+    assert set(frame["city_id"]) == {f"{city}Two"}
+    original = pd.read_csv(src / "Dataframes" / f"{city}.csv")
+    assert frame.drop(columns="city_id").equals(original.drop(columns="city_id"))  # every other field as written
+    renamed = sorted((out / "Images" / f"{city}Two").iterdir())
+    assert all(p.is_symlink() and p.name.startswith(f"{city}Two_") for p in renamed)
+    assert renamed[0].read_bytes() == (src / "Images" / city / renamed[0].name.replace(f"{city}Two_", f"{city}_", 1)).read_bytes()
+    with pytest.raises(ValueError, match="give suffixes"):
+        combine_gsv_folders(tmp_path / "clash", [src, src], suffixes=["", ""])
+    before = sorted(p.name for p in (out / "Dataframes").iterdir())
+    assert main(["combine-gsv", str(out), str(src)]) == 2  # an existing folder: one message, nothing changed
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "Dataframes").iterdir()) == before

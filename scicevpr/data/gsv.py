@@ -281,3 +281,65 @@ class GSVCitiesDataset(Dataset):
             f"GSVCitiesDataset(root={str(self.root)!r}, cities={len(self.cities)}, places={len(self)}, "
             f"images={self.num_images}, img_per_place={self.img_per_place}, image_size={self.image_size})"
         )
+
+
+ORDINAL_SUFFIXES = ("", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten")
+
+
+def combine_gsv_folders(out: PathLike, folders: Sequence[PathLike], suffixes: Sequence[str] | None = None) -> Path:
+    """One GSV-Cities-layout folder holding the cities of several, e.g. the places of two
+    ``scicevpr synth --preset pretrain`` seeds, whose cities share names.
+
+    The cities of ``folders[i]`` are renamed ``<city><suffixes[i]>`` (default suffixes: ``""``,
+    ``"Two"``, ``"Three"``, ...): their dataframes are rewritten with the new ``city_id`` (every
+    other field as it was written) and their images are symbolic links under the new names
+    (``<city><suffix>_<place>_..._<panoid>.jpg``); a city kept under its own name is linked
+    whole. Nothing is copied and the sources are not changed.
+
+    Raises:
+        FileExistsError: ``out`` exists and is not empty.
+        FileNotFoundError: a folder has no ``Dataframes/``.
+        ValueError: two cities would have the same name (give other suffixes).
+    """
+    import csv
+
+    out = Path(out)
+    folders = [Path(f).resolve() for f in folders]
+    if suffixes is None and len(folders) > len(ORDINAL_SUFFIXES):
+        raise ValueError(f"more than {len(ORDINAL_SUFFIXES)} folders: give the suffixes.")
+    suffixes = list(ORDINAL_SUFFIXES[: len(folders)] if suffixes is None else suffixes)
+    if len(suffixes) != len(folders):
+        raise ValueError(f"{len(folders)} folders but {len(suffixes)} suffixes: give one suffix a folder.")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{str(out)!r} exists and is not empty; give a new folder (nothing was written).")
+    plan: dict[str, tuple[Path, str]] = {}  # new city name -> (source folder, old name)
+    for folder, suffix in zip(folders, suffixes):
+        if not (folder / "Dataframes").is_dir():
+            raise FileNotFoundError(f"{str(folder)!r} has no Dataframes/ folder; give GSV-Cities-layout folders "
+                                    "(e.g. <benchmark>/gsv_cities).")
+        for city in list_cities(folder):
+            new = city + suffix
+            if new in plan:
+                raise ValueError(f"city {new!r} is in {str(plan[new][0])!r} and {str(folder)!r}: give suffixes that "
+                                 "tell the folders apart (e.g. '' and 'Two').")
+            plan[new] = (folder, city)
+    (out / "Dataframes").mkdir(parents=True, exist_ok=True)
+    (out / "Images").mkdir(exist_ok=True)
+    for new, (folder, city) in plan.items():
+        if new == city:
+            (out / "Dataframes" / f"{city}.csv").symlink_to(folder / "Dataframes" / f"{city}.csv")
+            (out / "Images" / city).symlink_to(folder / "Images" / city, target_is_directory=True)
+            continue
+        with open(folder / "Dataframes" / f"{city}.csv", newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+        col = rows[0].index("city_id")
+        for row in rows[1:]:
+            row[col] = new if row[col] == city else row[col]
+        with open(out / "Dataframes" / f"{new}.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+        images = out / "Images" / new
+        images.mkdir()
+        for src in sorted((folder / "Images" / city).iterdir()):
+            name = new + src.name[len(city):] if src.name.startswith(f"{city}_") else src.name
+            (images / name).symlink_to(src)
+    return out
