@@ -1174,10 +1174,19 @@ def describe_backbone(config: BackboneConfig, objective: str, init_objective: st
         how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]},"
         return f"{arch} {how} on synthetic streets (not Meta's DINOv2)"
     names = {"dino": "self-supervised (DINO + iBOT)", "supervised": "trained with L_MS on places",
-             "distil": "distilled from a small CNN trained with L_MS on places"}
+             "distil": "distilled from a small CNN trained with L_MS"}
     how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]}"
     blocks = f"{config.depth} block{'s' if config.depth != 1 else ''}"
     return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
+
+
+def _teacher_record(cfg: PretrainConfig) -> dict[str, Any] | None:
+    """The convolutional teacher of a distil run, for the manifest: its file's name and sha256
+    (None when the file is no longer where the run read it)."""
+    if cfg.objective != "distil":
+        return None
+    path = Path(cfg.distil_teacher)
+    return {"file": path.name, "sha256": file_sha256(path) if path.is_file() else None}
 
 
 def export_backbone(source: PathLike, out_path: PathLike, which: str | None = None) -> Path:
@@ -1233,6 +1242,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "parameters": int(sum(v.numel() for v in state.values())),
         "objective": cfg.objective,
         "init": init,
+        "distil_teacher": _teacher_record(cfg),
         "model": which,
         "data": ckpt["data"],
         "steps": ckpt["step"],

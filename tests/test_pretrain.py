@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import scicevpr
-from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, manifest_path
+from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, file_sha256, manifest_path
 from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
 from scicevpr.data.synthetic import PRESETS, build_plan
@@ -303,6 +303,7 @@ def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(ti
     manifest = json.loads(manifest_path(out).read_text())
     assert manifest["objective"] == "distil" and manifest["model"] == "student"
     assert "distilled from a small CNN" in manifest["description"]
+    assert manifest["distil_teacher"] == {"file": cnn_file.name, "sha256": file_sha256(cnn_file)}
     DinoVisionTransformer(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
 
 
