@@ -4,15 +4,16 @@
 A ceiling check for the offline world rather than a model of this project: if a network with
 no pretraining reaches a recall far above the baselines without learning (raw pixels, hue
 histograms), the places carry a signal that training can find, and a backbone that stays below it
-is under-trained rather than the world unlearnable. The network: :class:`scicevpr.pretrain.LayoutCNN`
-(four convolution stages, 32 -> 64 -> 128 -> 256 channels, batch norm, ReLU; 8 x 8 maps at 64 px,
-averaged over a 2 x 4 grid, where each feature lies: above/below, four vertical strips, and
-projected to 512 dimensions); ``--save`` keeps it as the teacher of ``scicevpr pretrain-backbone
---objective distil --distil-teacher net.pt``. Training: P = 64 places x K = 4 images a step, one random resized crop per image
-(area 0.6-1, aspect 0.8-1.25), no flips and no colour augmentation, AdamW (lr 1e-3, weight decay
-1e-4, 200 warm-up steps, cosine), ``L_MS`` with the paper's hyper-parameters. Recall on the val
-and test splits every ``--eval-every`` steps; the last step's test recall, with bootstrap
-intervals, is the result (no step is chosen on the test split).
+is under-trained rather than the world unlearnable. The network:
+:class:`scicevpr.pretrain.LayoutCNN` (four convolution stages, 32 -> 64 -> 128 -> 256 channels,
+batch norm, ReLU; 8 x 8 maps at 64 px, averaged over a 2 x 4 grid, where each feature lies:
+above/below, four vertical strips, and projected to 512 dimensions); ``--save`` keeps it as the
+teacher of ``scicevpr pretrain-backbone --objective distil --distil-teacher net.pt``. Training:
+P = 64 places x K = 4 images a step, one random resized crop per image (area 0.6-1, aspect
+0.8-1.25), no flips and no colour augmentation, AdamW (lr 1e-3, weight decay 1e-4, 200 warm-up
+steps, cosine), ``L_MS`` with the paper's hyper-parameters. Recall on the val and test splits
+every ``--eval-every`` steps; the last step's test recall, with bootstrap intervals, is the
+result (no step is chosen on the test split).
 
     python benchmarks/cnn_learnability.py --train-root data/synthetic/pretrain0/gsv_cities
         [--test-root VG_ROOT] [--size 64] [--steps 1500] [--stop-at-step N] [--eval-every 250] [--save net.pt]
