@@ -467,7 +467,8 @@ def add_pretrain_parser(sub) -> None:
     add_dataclass_options(p, PretrainConfig, skip=("loss", "progress"), title="defaults: the offline backbone, DINO")
     add_dataclass_options(p, LossConfig, skip=("gamma", "eta"), title="L_MS of objective=supervised; defaults: the paper's values")
     p.add_argument("--export", metavar="PATH", default=None,
-                   help="after the run, write the backbone here (a .pth file, or a folder for the default name); default: None")
+                   help="after the run, write the backbone here (a .pth file, or a folder for the default name; "
+                        "--objective cnn: the network's .pt file); default: None")
     p.add_argument("--export-which", choices=("teacher", "student"), default=None,
                    help="model exported: default None = the teacher for dino (the EMA teacher), else the student")
     p.add_argument("--export-only", action="store_true",
@@ -647,7 +648,7 @@ COMMANDS: dict[str, str] = {
     "combine-gsv": "one GSV-Cities folder from several (e.g. two pretrain seeds), their cities renamed apart",
     "train-teacher": "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS",
     "train-student": "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D",
-    "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, L_MS on places, or a small CNN distilled)",
+    "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, L_MS on places, or distilled from a small CNN, which --objective cnn trains)",
     "eval": "Recall@N of a model on a VG-layout dataset",
     "stability": "R@N under other query batch sizes and orders (paper Fig. 1-2)",
     "extract": "descriptors of a folder of images, saved as fp16 .npy",

@@ -319,7 +319,8 @@ def get_config(preset_or_config: "str | ModelConfig", **overrides: Any) -> Model
 # --------------------------------------------------------------------------------------------
 
 STAGE1_MODELS = ("SuperCricaVPR", "CricaVPR", "SciceVPR")  # what stage 1 (train_teacher) can train
-OBJECTIVES = ("dino", "supervised", "distil")  # pretraining objectives
+OBJECTIVES = ("dino", "supervised", "distil", "cnn")  # pretraining objectives
+PLACE_OBJECTIVES = ("supervised", "cnn")  # those trained with L_MS on P x K place batches
 POOLINGS = ("mean", "gem", "cls", "regions", "grid")  # pretraining's pooling for the supervised objective
 
 
@@ -564,8 +565,10 @@ class PretrainConfig:
 
     Objective and data:
         objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo), ``"supervised"``
-            (``L_MS`` on place batches) or ``"distil"`` (the ViT learns a trained convolutional
-            network's features, crop by crop: ``distil_teacher``).
+            (``L_MS`` on place batches), ``"distil"`` (the ViT learns a trained convolutional
+            network's features, crop by crop: ``distil_teacher``) or ``"cnn"`` (no ViT: that
+            network, :class:`~scicevpr.pretrain.LayoutCNN`, trained with ``L_MS`` on place
+            batches at ``distil_size`` pixels; its export is the teacher of ``"distil"``).
         data: a synthetic benchmark folder (holding ``gsv_cities/``) or a GSV-Cities-layout folder
             (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
         cities: city names, or None for all.
@@ -599,22 +602,23 @@ class PretrainConfig:
         mask_ratio: range of the share of patches masked in a masked crop.
         mask_probability: share of the student's global crops that are masked.
         koleo_weight: weight of the KoLeo regulariser (0 turns it off).
-    Supervised:
+    Supervised (and ``"cnn"``):
         img_per_place: K; a step holds ``batch_size / K`` places (P).
         pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), ``"cls"``, or
             ``"regions"``: the 14 regional GeMs of SciceVPR's aggregator (whole map, 2 x 2, 3 x 3),
             concatenated, so that the descriptor keeps where each feature lies; ``"grid"``: the patch
             tokens averaged over a 2 x 4 grid (2 rows, 4 columns) and projected to 512 dimensions by a
             linear layer trained with them and dropped at export (the head of
-            ``benchmarks/cnn_learnability.py``).
+            :class:`~scicevpr.pretrain.LayoutCNN`).
         supervised_scale: area range of the single random resized crop per image (also the
-            crop of ``objective="distil"``).
+            crop of ``objective="distil"`` and ``"cnn"``).
         loss: ``L_MS`` hyper-parameters (the paper's).
     Distillation from a convolutional network:
         distil_teacher: the state dict of a trained :class:`~scicevpr.pretrain.LayoutCNN`
-            (``benchmarks/cnn_learnability.py --save``), a ``.pt`` file; required by ``"distil"``.
-        distil_size: side (pixels) of the crop the teacher sees, a multiple of 8: the same crop
-            as the ViT's, resized (64: the teacher's 8 x 8 map lies on the ViT's 8 x 8 patches).
+            (``objective="cnn"``'s export), a ``.pt`` file; required by ``"distil"``.
+        distil_size: side (pixels) of the network's input, a multiple of 8: for ``"distil"`` the
+            same crop as the ViT's, resized (64: the teacher's 8 x 8 map lies on the ViT's 8 x 8
+            patches); for ``"cnn"`` the side at which it is trained.
     Monitoring:
         val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
             the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
@@ -751,7 +755,7 @@ class PretrainConfig:
             raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
         if self.stop_at_step is not None and self.stop_at_step < 0:
             raise ValueError(f"stop_at_step must be >= 0 (or None), got {self.stop_at_step}")
-        if self.objective == "supervised":
+        if self.objective in PLACE_OBJECTIVES:
             if self.img_per_place < 2:
                 raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
             if self.batch_size % self.img_per_place:
@@ -759,13 +763,15 @@ class PretrainConfig:
                     f"batch_size={self.batch_size} must be a multiple of img_per_place (K) = {self.img_per_place} "
                     f"(a step holds P = batch_size / K places); use e.g. {self.batch_size // self.img_per_place * self.img_per_place or self.img_per_place}."
                 )
-        elif self.objective == "distil":
-            if self.distil_teacher is None:
-                raise ValueError("objective='distil' needs distil_teacher: the .pt file of a trained LayoutCNN "
-                                 "(python benchmarks/cnn_learnability.py --save cnn.pt writes one).")
-            if self.distil_size < 8 or self.distil_size % 8:
-                raise ValueError(f"distil_size={self.distil_size} must be a positive multiple of 8 (the teacher's stride).")
-        elif self.batch_size < 2 and self.koleo_weight > 0:
+        if self.objective in ("distil", "cnn") and (self.distil_size < 8 or self.distil_size % 8):
+            raise ValueError(f"distil_size={self.distil_size} must be a positive multiple of 8 (the network's stride).")
+        if self.objective == "distil" and self.distil_teacher is None:
+            raise ValueError("objective='distil' needs distil_teacher: the .pt file of a trained LayoutCNN "
+                             "(scicevpr pretrain-backbone --objective cnn ... --export cnn.pt writes one).")
+        if self.objective == "cnn" and self.init_weights is not None:
+            raise ValueError("init_weights is a ViT backbone file; objective='cnn' trains a LayoutCNN from scratch: "
+                             "leave init_weights unset.")
+        if self.objective == "dino" and self.batch_size < 2 and self.koleo_weight > 0:
             raise ValueError("KoLeo needs at least 2 images per step: raise batch_size or set koleo_weight=0.")
         self.backbone_config()  # validates arch / num_blocks / image_size together
 

@@ -9,7 +9,7 @@ loads through the ``weights=`` door like Meta's files.
 
 The backbone is :class:`~scicevpr.backbone.DinoVisionTransformer` itself, sized by
 :class:`~scicevpr.config.BackboneConfig` (default ``config.OFFLINE_BACKBONE``: ViT-S/14 widths,
-4 blocks, position table learned at 112 px). Three objectives, so that they can be measured:
+4 blocks, position table learned at 112 px). Four objectives, so that they can be measured:
 
 ``objective="dino"`` -- self-distillation in DINOv2's spirit (Caron et al. 2021, "DINO";
 Zhou et al. 2022, "iBOT"; Oquab et al. 2023, "DINOv2"):
@@ -46,8 +46,8 @@ a descriptor being the L2-normalised mean (or GeM, or CLS) of the last block's t
 final norm. Same optimiser and schedules; no teacher; the trained backbone is exported.
 
 ``objective="distil"`` -- the ViT learns the features of a small convolutional network trained
-with ``L_MS`` (:class:`LayoutCNN`, ``benchmarks/cnn_learnability.py --save``), as DeiT (Touvron et
-al. 2021) taught ViTs from a convnet's outputs when images are few. Both see the same random crop
+with ``L_MS`` (:class:`LayoutCNN`, ``objective="cnn"``), as DeiT (Touvron et al. 2021) taught ViTs
+from a convnet's outputs when images are few. Both see the same random crop
 of a source image (no labels are used), the ViT at ``image_size`` and the frozen network at
 ``distil_size``; with 112 and 64 px both grids are 8 x 8, cell for cell. Two linear heads, dropped
 at export, carry the ViT's tokens to the network's spaces:
@@ -56,6 +56,12 @@ the network's last feature map ``f`` (pooled to the ViT's grid, standardised per
 batch), and ``L_cls = mean_b (1 - cos(W_c z_{b,cls}, d_b))`` with its place descriptor ``d``
 (centred over the batch); ``L = L_dense + L_cls``. Every patch token gets a target, where
 ``L_MS`` gives one signal per image.
+
+``objective="cnn"`` -- no ViT: the teacher of ``"distil"`` itself, :class:`LayoutCNN` trained from
+scratch with ``L_MS`` on P x K place batches as the supervised objective is (one random resized
+crop per image at ``distil_size`` pixels, from pixels in [0, 1]; batch norm statistics per rank
+under DDP). On the synthetic streets this network learns places that the ViT's own ``L_MS``
+fine-tunes do not (``scicevpr/weights/README.md``). Its export is the network's state dict.
 
 Data path: every image is decoded once (DataLoader workers, tqdm bar) into an in-memory uint8
 tensor of ``cache_size`` pixels a side, kept on the training device (20,000 images at 160 px are
@@ -69,9 +75,9 @@ Monitoring: with ``val_root`` set, every ``val_every`` steps (and at steps 0 and
 exported model's last-block features retrieve the places of a VG-layout split, the benchmark's
 ``val`` by default (the test split stays unseen): Recall@1/5 of the L2-normalised mean of the
 patch tokens (``R@1``, ``R@5``) and of the CLS token (``R@1_cls``). A collapsed DINO shows there
-at once, and the two objectives can be compared while they run. The supervised objective also
-scores the descriptor it trains (``R@1_desc``, ``R@5_desc``: its ``pooling``, e.g. the regional
-GeMs, which a mean over the tokens cannot show).
+at once, and the objectives can be compared while they run. The supervised and distil objectives
+also score the descriptor they train (``R@1_desc``, ``R@5_desc``: e.g. the regional GeMs, which a
+mean over the tokens cannot show); ``"cnn"`` scores only its network's descriptor.
 
 A run folder holds ``config.json``, ``log.csv`` (step, losses, lr, weight decay, momentum, teacher
 temperature, images/s, recalls) and ``last.pt`` (student, teacher, centers, optimizer, RNG states, step),
@@ -109,10 +115,10 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from .backbone import MANIFEST_FORMAT, DinoVisionTransformer, RandomWeightsWarning, check_manifest, file_sha256, manifest_path
-from .config import OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa: F401  (PretrainConfig is defined with the other configs)
+from .config import OBJECTIVES, PLACE_OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa: F401  (PretrainConfig is defined with the other configs)
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_uint8_tensor
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8_batch, resize_uint8, to_uint8_tensor
 from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, resume_csv_log, save_torch_file
 from .losses import MultiSimilarityLoss
 from .pooling import MultiRegionGeM
@@ -307,8 +313,9 @@ class MultiCropAugment:
         }
 
     @staticmethod
-    def apply(x: torch.Tensor, p: dict[str, torch.Tensor], spec: CropSpec) -> torch.Tensor:
-        """(B, 3, S, S) uint8 images and B views' parameters -> (B, 3, size, size) float32."""
+    def apply(x: torch.Tensor, p: dict[str, torch.Tensor], spec: CropSpec, normalise: bool = True) -> torch.Tensor:
+        """(B, 3, S, S) uint8 images and B views' parameters -> (B, 3, size, size) float32,
+        ImageNet-normalised (``normalise=False``: pixels in [0, 1], for :class:`LayoutCNN`)."""
         B, _, H, W = x.shape
         dev = x.device
         max_sigma = float(p["blur_sigma"].max()) if B else 0.0  # decided on the CPU: no device sync
@@ -337,6 +344,8 @@ class MultiCropAugment:
         if max_sigma > 0:
             x = _gaussian_blur(x, p["blur_sigma"].float(), max_sigma)
         x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1.0 - x, x)
+        if not normalise:
+            return x
         mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -445,7 +454,7 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 class LayoutCNN(nn.Module):
     """A small convolutional network whose descriptor keeps where each feature lies: the teacher
-    of ``objective="distil"`` (trained with ``L_MS`` by ``benchmarks/cnn_learnability.py``).
+    of ``objective="distil"``, trained with ``L_MS`` by ``objective="cnn"``.
 
     Four stages (32 -> 64 -> 128 -> 256 channels, 3 x 3 convolutions, batch norm, ReLU; stride 8
     in all: an 8 x 8 map at 64 px), the map averaged over a 2 x 4 grid (above/below, four
@@ -455,7 +464,6 @@ class LayoutCNN(nn.Module):
 
     layout = (2, 4)  # rows x columns of the pooling grid
     channels, dim = 256, 512  # the last map's channels; the descriptor's dimension
-    stride = 8
 
     def __init__(self) -> None:
         super().__init__()
@@ -489,8 +497,8 @@ class LayoutCNN(nn.Module):
         try:
             net.load_state_dict(state)
         except (RuntimeError, AttributeError, TypeError) as e:
-            raise ValueError(f"{str(path)!r} is not the state dict of a LayoutCNN (benchmarks/cnn_learnability.py "
-                             f"--save writes one): {str(e).splitlines()[0]}") from None
+            raise ValueError(f"{str(path)!r} is not the state dict of a LayoutCNN (scicevpr pretrain-backbone "
+                             f"--objective cnn ... --export cnn.pt writes one): {str(e).splitlines()[0]}") from None
         return net.eval().requires_grad_(False)
 
 
@@ -661,13 +669,14 @@ def dino_losses(
 
 
 class RetrievalCheck:
-    """A VG-layout split decoded once at the model's size, and Recall@N of a backbone on it.
+    """A VG-layout split decoded once at the model's size, and Recall@N of a model on it.
 
-    Descriptors: the last block's tokens after the final norm, either the mean of the patch
-    tokens or the CLS token, L2-normalised, and, given ``describe`` (tokens -> unit descriptors:
-    ``_Student.describe`` of the supervised and distil objectives), the descriptor the objective
-    trains, pooled from the same tokens; exact L2 search and hits as every recall in scicevpr
-    (:func:`scicevpr.evaluate.search`, :func:`scicevpr.evaluate.recall_at_n`).
+    :meth:`recalls` scores any ``embed`` (uint8 images -> named unit descriptors), with exact L2
+    search and hits as every recall in scicevpr (:func:`scicevpr.evaluate.search`,
+    :func:`scicevpr.evaluate.recall_at_n`). :func:`vit_descriptors` gives a ViT's: the mean of the
+    last block's patch tokens after the final norm, its CLS token and, given the objective's
+    ``describe`` (``_Student.describe``), the descriptor the objective trains, pooled from the same
+    tokens; ``objective="cnn"`` scores :class:`LayoutCNN`'s descriptor.
     """
 
     def __init__(self, root: PathLike, dataset: str, split: str, image_size: int, device: torch.device,
@@ -678,35 +687,41 @@ class RetrievalCheck:
         self.images = load_image_cache(self.split.all_paths, image_size, num_workers, progress).to(device)  # (N, 3, S, S)
 
     @torch.no_grad()
-    def recalls(self, backbone: DinoVisionTransformer, amp: bool, batch_size: int = 256,
-                describe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    def recalls(self, embed: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch_size: int = 256) -> dict[str, float]:
+        """``embed``: (b, 3, S, S) uint8 -> ``{"mean" | "cls" | "desc": (b, D) unit descriptors}``.
+        Returns ``R@1`` and ``R@5`` of "mean", ``R@1_cls``, ``R@1_desc`` and ``R@5_desc``."""
         from .evaluate import recall_at_n, search
 
-        training = backbone.training
-        backbone.eval()
-        dev = self.images.device
-        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-        out: dict[str, list[torch.Tensor]] = {"mean": [], "cls": [], **({"desc": []} if describe is not None else {})}
+        out: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(self.images), batch_size):
-            x = (self.images[i : i + batch_size].float() / 255.0 - mean) / std
-            with autocast(dev, amp):
-                t = backbone.get_intermediate_layers(x, [len(backbone.blocks) - 1])[0]  # (b, 1 + HW, C)
-            out["mean"].append(F.normalize(t[:, 1:].float().mean(dim=1), dim=-1))
-            out["cls"].append(F.normalize(t[:, 0].float(), dim=-1))
-            if describe is not None:
-                with autocast(dev, amp):
-                    out["desc"].append(describe(t).float())  # (b, D), L2-normalised
-        backbone.train(training)
+            for kind, d in embed(self.images[i : i + batch_size]).items():
+                out.setdefault(kind, []).append(d.float())
         n_db = self.split.num_database
         result = {}
         for kind, parts in out.items():
-            d = torch.cat(parts).cpu().numpy()  # (N_db + N_q, C)
+            d = torch.cat(parts).cpu().numpy()  # (N_db + N_q, D)
             _, pred = search(d[:n_db], d[n_db:], 5)
             r, _ = recall_at_n(pred, self.split.positives, (1, 5))
             suffix = {"mean": "", "cls": "_cls", "desc": "_desc"}[kind]
             result.update({f"R@1{suffix}": r[1]} if kind == "cls" else {f"R@1{suffix}": r[1], f"R@5{suffix}": r[5]})
         return result
+
+
+def vit_descriptors(backbone: DinoVisionTransformer, amp: bool,
+                    describe: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The ``embed`` of :meth:`RetrievalCheck.recalls` for a ViT (call it in eval mode)."""
+
+    def embed(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(x.device, amp):
+            t = backbone.get_intermediate_layers(normalize_uint8_batch(x, x.shape[-1]), [len(backbone.blocks) - 1])[0]  # (b, 1 + HW, C)
+        out = {"mean": F.normalize(t[:, 1:].float().mean(dim=1), dim=-1), "cls": F.normalize(t[:, 0].float(), dim=-1)}
+        if describe is not None:
+            with autocast(x.device, amp):
+                out["desc"] = describe(t)  # (b, D), L2-normalised
+        return out
+
+    return embed
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,14 +735,15 @@ class PretrainResult:
 
     Attributes:
         backbone: the backbone that :func:`export_backbone` writes (DINO: the teacher;
-            supervised: the trained backbone), in eval mode, on the CPU.
+            supervised, distil: the trained backbone; cnn: the trained :class:`LayoutCNN`), in
+            eval mode, on the CPU.
         history: ``log.csv`` as a DataFrame.
         run_dir, last_path: the run folder and its checkpoint.
         step, steps: steps done and the schedule's length.
         stopped: why this call ended: ``"done"``, ``"time budget"`` or ``"stop_at_step"``.
     """
 
-    backbone: DinoVisionTransformer
+    backbone: nn.Module
     history: pd.DataFrame
     run_dir: Path
     last_path: Path
@@ -791,7 +807,7 @@ def _broadcast(value: Any, ddp: _Dist) -> Any:
 
 
 class _Run:
-    """State and one optimisation step of a pretraining run (both objectives)."""
+    """State and one optimisation step of a pretraining run (every objective)."""
 
     def __init__(self, config: PretrainConfig, device: torch.device, ddp: _Dist, amp: bool) -> None:
         self.config, self.device, self.ddp, self.amp = config, device, ddp, amp
@@ -799,19 +815,21 @@ class _Run:
             raise ValueError(
                 f"batch_size={config.batch_size} must be divisible by the number of processes ({ddp.world_size})."
             )
-        if config.objective == "supervised" and config.places_per_batch % ddp.world_size:
+        if config.objective in PLACE_OBJECTIVES and config.places_per_batch % ddp.world_size:
             raise ValueError(
                 f"P = batch_size / img_per_place = {config.places_per_batch} places must be divisible by the number "
                 f"of processes ({ddp.world_size})."
             )
         gsv_root, self.data_info = resolve_data_root(config.data)
-        K = config.img_per_place if config.objective == "supervised" else 1
+        K = config.img_per_place if config.objective in PLACE_OBJECTIVES else 1
         self.dataset = GSVCitiesDataset(gsv_root, cities=config.cities, img_per_place=K, image_size=config.image_size,
                                         seed=config.seed)
         paths = self.dataset.dataframe["path"].tolist()
         self.data_info.update(images=len(paths), places=len(self.dataset), gsv_root=str(gsv_root),
                               files_sha256=hashlib.sha256("\n".join(str(Path(p).relative_to(gsv_root)) for p in paths).encode()).hexdigest())
-        if config.objective != "supervised":  # batches of images, not of places
+        if config.objective == "distil":  # the teacher read, named in every checkpoint and the export's manifest
+            self.data_info["distil_teacher"] = _teacher_record(config.distil_teacher)
+        if config.objective not in PLACE_OBJECTIVES:  # batches of images, not of places
             self.steps_per_epoch = len(paths) // config.batch_size
             if self.steps_per_epoch < 1:
                 raise ValueError(f"the data holds {len(paths)} images, fewer than one batch (batch_size={config.batch_size}); lower batch_size.")
@@ -820,32 +838,45 @@ class _Run:
             self.steps_per_epoch = len(self.sampler)
         self.cache = load_image_cache(paths, config.cache_size, config.num_workers, config.progress and ddp.main).to(device)
         torch.manual_seed(config.seed)
-        self.student = _Student(config).to(device)
+        self.student = (LayoutCNN() if config.objective == "cnn" else _Student(config)).to(device)
         self.teacher = _Teacher(self.student).to(device) if config.objective == "dino" else None
         self.cnn = LayoutCNN.load(config.distil_teacher).to(device) if config.objective == "distil" else None
         K_out = config.prototypes
         self.center = torch.zeros(1, K_out, device=device)
         self.patch_center = torch.zeros(1, K_out, device=device)
-        self.ms = MultiSimilarityLoss(config.loss) if config.objective == "supervised" else None
+        self.ms = MultiSimilarityLoss(config.loss) if config.objective in PLACE_OBJECTIVES else None
         self.optimizer = torch.optim.AdamW(_param_groups(self.student), lr=config.lr, weight_decay=config.weight_decay)
         self.model = self.student
         if ddp.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None)
-        g = config.image_size // self.student.backbone.patch_size
-        self.num_patches = g * g
         self.global_specs, self.local_spec, self.supervised_spec = view_specs(config)
-        self.cnn_spec = dataclasses.replace(self.supervised_spec, size=config.distil_size)  # the same crop, at the network's size
+        if config.objective in ("distil", "cnn"):  # the supervised crop at the network's size
+            self.cnn_spec = dataclasses.replace(self.supervised_spec, size=config.distil_size)
         self._epoch_cache: tuple[int, Any] | None = None
         self.check = None
         if config.val_root is not None and ddp.main:
-            self.check = RetrievalCheck(config.val_root, config.val_dataset, config.val_split, config.image_size,
+            size = config.distil_size if config.objective == "cnn" else config.image_size
+            self.check = RetrievalCheck(config.val_root, config.val_dataset, config.val_split, size,
                                         device, config.num_workers, config.progress)
 
     @property
     def exported(self) -> nn.Module:
         """The model :func:`export_backbone` writes by default: DINO's teacher, else the student."""
         return self.teacher if self.teacher is not None else self.student
+
+    def validate(self) -> dict[str, float]:
+        """Recall@1/5 of the exported model on the monitoring split (rank 0; see :class:`RetrievalCheck`)."""
+        model = self.exported
+        training = model.training
+        model.eval()
+        try:
+            if self.config.objective == "cnn":
+                return self.check.recalls(lambda x: {"desc": model(x)})  # uint8 in, unit descriptors out
+            describe = self.student.describe if self.config.objective != "dino" else None
+            return self.check.recalls(vit_descriptors(model.backbone, self.amp, describe))
+        finally:
+            model.train(training)
 
     # ---- data of a step ------------------------------------------------------------------------
 
@@ -855,11 +886,11 @@ class _Run:
         return g
 
     def batch_indices(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Global batch of step ``step``: image (cache) indices, and place labels (supervised;
-        DINO and distil: None, every image of the cache once an epoch in a seeded order)."""
+        """Global batch of step ``step``: image (cache) indices, and place labels (supervised and
+        cnn; DINO and distil: None, every image of the cache once an epoch in a seeded order)."""
         epoch, j = divmod(step, self.steps_per_epoch)
         c = self.config
-        if c.objective != "supervised":
+        if c.objective not in PLACE_OBJECTIVES:
             if self._epoch_cache is None or self._epoch_cache[0] != epoch:
                 self._epoch_cache = (epoch, np.random.default_rng([c.seed, epoch]).permutation(len(self.cache)))
             perm = self._epoch_cache[1]
@@ -897,13 +928,14 @@ class _Run:
         if c.objective == "dino":
             views = [MultiCropAugment.params(gen, n, spec) for spec in self.global_specs]
             local_params = [MultiCropAugment.params(gen, n, self.local_spec) for _ in range(c.local_crops)]
-            masks = random_masks(gen, 2 * n, self.num_patches, c.mask_probability if c.ibot_weight > 0 else 0.0,
+            num_patches = self.student.grid ** 2  # HW
+            masks = random_masks(gen, 2 * n, num_patches, c.mask_probability if c.ibot_weight > 0 else 0.0,
                                  c.mask_ratio).reshape(2, n, -1)  # (2, n, HW): view-major like the crops
             take = lambda p: {k: v[mine] for k, v in p.items()}  # noqa: E731
             globals_ = torch.cat([MultiCropAugment.apply(x, take(p), s) for p, s in zip(views, self.global_specs)])  # (2b, 3, S, S)
             locals_ = (torch.cat([MultiCropAugment.apply(x, take(p), self.local_spec) for p in local_params])
                        if c.local_crops else None)  # (L*b, 3, s, s)
-            m_cpu = masks[:, mine].reshape(-1, self.num_patches)  # (2b, HW)
+            m_cpu = masks[:, mine].reshape(-1, num_patches)  # (2b, HW)
             m, mask_index = m_cpu.to(dev), m_cpu.flatten().nonzero().squeeze(1).to(dev)  # (2b, HW), (M,)
             with autocast(dev, self.amp):
                 t_global, t_patch = self.teacher(globals_, mask_index)
@@ -917,20 +949,19 @@ class _Run:
             p = MultiCropAugment.params(gen, n, self.supervised_spec)
             p = {k: v[mine] for k, v in p.items()}
             images = MultiCropAugment.apply(x, p, self.supervised_spec)  # (b, 3, S, S), ImageNet-normalised
-            small = MultiCropAugment.apply(x, p, self.cnn_spec)  # (b, 3, s, s): the same crops, for the network
-            mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+            small = MultiCropAugment.apply(x, p, self.cnn_spec, normalise=False)  # (b, 3, s, s) in [0, 1]: the same crops
             with torch.no_grad():
-                f = self.cnn.feature_map(small * std + mean)  # (b, 256, s / 8, s / 8), from pixels in [0, 1]
+                f = self.cnn.feature_map(small)  # (b, 256, s / 8, s / 8)
                 d = self.cnn.describe(f)  # (b, 512)
             with autocast(dev, self.amp):
                 dense, cls = self.model(images)
             l_dense, l_cls = distil_losses(dense, cls, *distil_targets(f, d, self.student.grid))
             loss = l_dense + l_cls
             parts = {"loss_dense": l_dense.detach(), "loss_cls": l_cls.detach()}
-        else:
-            p = MultiCropAugment.params(gen, n, self.supervised_spec)
-            images = MultiCropAugment.apply(x, {k: v[mine] for k, v in p.items()}, self.supervised_spec)  # (b, 3, S, S)
+        else:  # L_MS on place batches: the ViT (supervised) or the network (cnn, from pixels in [0, 1])
+            spec = self.cnn_spec if c.objective == "cnn" else self.supervised_spec
+            p = MultiCropAugment.params(gen, n, spec)
+            images = MultiCropAugment.apply(x, {k: v[mine] for k, v in p.items()}, spec, normalise=c.objective != "cnn")  # (b, 3, S, S)
             y = torch.as_tensor(labels, device=dev)  # global labels
             with autocast(dev, self.amp):
                 d = self.model(images)  # (b, C)
@@ -963,7 +994,7 @@ class _Run:
         cpu = lambda sd: {k: v.detach().to("cpu").clone() for k, v in sd.items()}  # noqa: E731
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config.to_dict(),
-            "backbone_config": dataclasses.asdict(self.student.backbone.config),
+            "backbone_config": dataclasses.asdict(self.student.backbone.config) if self.config.objective != "cnn" else None,
             "step": step, "steps": steps, "student": cpu(self.student.state_dict()),
             "teacher": cpu(self.teacher.state_dict()) if self.teacher is not None else None,
             "center": self.center.cpu(), "patch_center": self.patch_center.cpu(),
@@ -1028,6 +1059,11 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
                 f"cannot resume {str(run_dir)!r}: its data held {ckpt['data'].get('images')} images listed differently "
                 f"from the {run.data_info['images']} found now in {run.data_info['gsv_root']!r}. Resume on the same data."
             )
+        if ckpt["data"].get("distil_teacher") != run.data_info.get("distil_teacher"):
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r}: its teacher was {ckpt['data'].get('distil_teacher')}, "
+                f"{config.distil_teacher!r} is now {run.data_info.get('distil_teacher')}. Resume with the same teacher file."
+            )
         run.load(ckpt)
         step, steps, images_seen = ckpt["step"], ckpt["steps"], ckpt["images_seen"]
         train_s, sessions = ckpt["train_s"], list(ckpt["sessions"])
@@ -1084,8 +1120,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
         if validate:
             acc["validated"] = at
         if validate and run.check is not None:
-            row.update(run.check.recalls(run.exported.backbone, amp,
-                                         describe=run.student.describe if config.objective != "dino" else None))
+            row.update(run.validate())
             bar.write(f"step {at}: " + ", ".join(f"{k} {row[k]:.1f}" for k in LOG_COLUMNS[LOG_COLUMNS.index("R@1"):] if k in row))
         if ddp.main and len(row) > 1:
             append_csv_row(log_path, row, LOG_COLUMNS)
@@ -1145,8 +1180,12 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
     if ddp.main:
         print(f"pretrain {config.objective}: step {step}/{steps} ({stopped}); run folder {run_dir}")
     history = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
-    backbone = run.exported.backbone.to("cpu").eval()
-    backbone.is_random_init = False
+    model = run.exported.to("cpu").eval()
+    if config.objective == "cnn":
+        backbone = model
+    else:
+        backbone = model.backbone
+        backbone.is_random_init = False
     return PretrainResult(backbone=backbone, history=history, run_dir=run_dir, last_path=last_path, step=step,
                           steps=steps, stopped=stopped)
 
@@ -1180,13 +1219,74 @@ def describe_backbone(config: BackboneConfig, objective: str, init_objective: st
     return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
 
 
-def _teacher_record(cfg: PretrainConfig) -> dict[str, Any] | None:
-    """The convolutional teacher of a distil run, for the manifest: its file's name and sha256
-    (None when the file is no longer where the run read it)."""
-    if cfg.objective != "distil":
-        return None
-    path = Path(cfg.distil_teacher)
-    return {"file": path.name, "sha256": file_sha256(path) if path.is_file() else None}
+def _teacher_record(path: PathLike) -> dict[str, Any]:
+    """The convolutional teacher of a distil run as the run read it (kept in the checkpoint's data
+    record and copied to the export's manifest): its file's name and sha256, and, where the file
+    was exported by ``objective="cnn"``, how it was trained (from its manifest)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"distil_teacher {str(path)!r} does not exist; train one with `scicevpr pretrain-backbone "
+                                "--objective cnn ... --export cnn.pt`.")
+    record: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
+    m = manifest_path(path)
+    if m.is_file():
+        try:
+            found = json.loads(m.read_text())
+        except ValueError:
+            found = {}
+        if found.get("sha256") == record["sha256"]:  # the manifest describes this very file
+            record["trained"] = {k: found.get(k) for k in ("description", "data", "steps", "images_seen", "train_s", "machines")}
+    return record
+
+
+def _run_record(ckpt: dict[str, Any], cfg: PretrainConfig) -> dict[str, Any]:
+    """What every export's manifest says about the run that made it."""
+    sessions = ckpt["sessions"]
+    return {
+        "objective": cfg.objective,
+        "data": {k: v for k, v in ckpt["data"].items() if k != "distil_teacher"},
+        "steps": ckpt["step"],
+        "schedule_steps": ckpt["steps"],
+        "batch_size": cfg.batch_size,
+        "images_seen": ckpt["images_seen"],
+        "train_s": round(ckpt["train_s"], 1),
+        "wall_s": round(sum(s["wall_s"] for s in sessions), 1),
+        "machines": [s["machine"] for s in sessions],
+        "sessions": [{k: s[k] for k in ("start_step", "end_step", "wall_s")} for s in sessions],
+        "torch": str(torch.__version__),
+        "config": ckpt["config"],
+    }
+
+
+def _export_path(out_path: PathLike, default_name: str) -> Path:
+    """``out_path``, or ``<out_path>/<default_name>`` when it is a folder (or a new name without a suffix)."""
+    out = Path(out_path)
+    if out.is_dir() or (not out.suffix and not out.exists()):
+        out = out / default_name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _export_cnn(ckpt: dict[str, Any], cfg: PretrainConfig, out_path: PathLike) -> Path:
+    """A ``"cnn"`` run's network: its fp32 state dict (what :meth:`LayoutCNN.load` and
+    ``distil_teacher`` read) and a manifest beside it."""
+    state = ckpt["student"]
+    LayoutCNN().load_state_dict(state, strict=True)
+    out = _export_path(out_path, f"layout_cnn_{cfg.distil_size}px.pt")
+    save_torch_file(state, out)
+    manifest = {
+        "format": "scicevpr-layout-cnn",
+        "description": f"LayoutCNN at {cfg.distil_size} px trained with L_MS on synthetic streets",
+        "file": out.name,
+        "sha256": file_sha256(out),
+        "bytes": out.stat().st_size,
+        "dtype": "float32",
+        "parameters": int(sum(v.numel() for v in state.values() if v.is_floating_point())),
+        "image_size": cfg.distil_size,
+        **_run_record(ckpt, cfg),
+    }
+    atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
+    return out
 
 
 def export_backbone(source: PathLike, out_path: PathLike, which: str | None = None) -> Path:
@@ -1202,9 +1302,15 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         The weight file. Beside it, ``<name>.json``: objective, data preset and seed, steps,
         images seen, wall time, machines, torch version, the backbone config and the file's
         SHA-256, which loading checks (:func:`scicevpr.backbone.check_manifest`).
+        A ``"cnn"`` run has no ViT: its :class:`LayoutCNN` is written instead (fp32 state dict,
+        default name ``layout_cnn_<size>px.pt``, the ``distil_teacher`` of a distil run).
     """
     ckpt = read_pretrain_checkpoint(source)
     cfg = PretrainConfig.from_dict(ckpt["config"])
+    if cfg.objective == "cnn":
+        if which not in (None, "student"):
+            raise ValueError(f"which={which!r}: a cnn run has one network and no teacher; leave which unset.")
+        return _export_cnn(ckpt, cfg, out_path)
     which = which or ("teacher" if ckpt["teacher"] is not None else "student")
     if which not in ("teacher", "student"):
         raise ValueError(f"which={which!r}: expected 'teacher' or 'student'.")
@@ -1217,12 +1323,8 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         DinoVisionTransformer(bb_config, weights=None).load_state_dict(state, strict=True)  # official names, all of them
-    out = Path(out_path)
-    if out.is_dir() or (not out.suffix and not out.exists()):
-        out = out / f"{bb_config.hub_name}_pretrain.pth"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _export_path(out_path, f"{bb_config.hub_name}_pretrain.pth")
     save_torch_file(state, out)
-    sessions = ckpt["sessions"]
     init = None
     if cfg.init_weights is not None:  # the run started from another export: record which
         init_manifest = check_manifest(cfg.init_weights, bb_config) or {}  # verified: the recorded sha256 is the file's
@@ -1230,6 +1332,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
                 "objective": init_manifest.get("objective"), "description": init_manifest.get("description"),
                 "steps": init_manifest.get("steps"), "wall_s": init_manifest.get("wall_s"),
                 "machines": init_manifest.get("machines")}
+    record = _run_record(ckpt, cfg)
     manifest = {
         "format": MANIFEST_FORMAT,
         "description": describe_backbone(bb_config, cfg.objective, init and init["objective"]),
@@ -1240,21 +1343,11 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "dtype": "float16",
         "backbone": ckpt["backbone_config"],
         "parameters": int(sum(v.numel() for v in state.values())),
-        "objective": cfg.objective,
+        "objective": record.pop("objective"),
         "init": init,
-        "distil_teacher": _teacher_record(cfg),
+        "distil_teacher": ckpt["data"].get("distil_teacher"),  # hashed when the run read it
         "model": which,
-        "data": ckpt["data"],
-        "steps": ckpt["step"],
-        "schedule_steps": ckpt["steps"],
-        "batch_size": cfg.batch_size,
-        "images_seen": ckpt["images_seen"],
-        "train_s": round(ckpt["train_s"], 1),
-        "wall_s": round(sum(s["wall_s"] for s in sessions), 1),
-        "machines": [s["machine"] for s in sessions],
-        "sessions": [{k: s[k] for k in ("start_step", "end_step", "wall_s")} for s in sessions],
-        "torch": str(torch.__version__),
-        "config": ckpt["config"],
+        **record,
     }
     atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
     check_manifest(out, bb_config)

@@ -23,6 +23,7 @@ from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
 from scicevpr.data.synthetic import PRESETS, build_plan
 from scicevpr.data.transforms import normalize_uint8_batch
+from scicevpr.files import holds_files, save_torch_file
 from scicevpr.pretrain import (
     MultiCropAugment,
     CropSpec,
@@ -217,7 +218,6 @@ def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_
 @pytest.fixture(scope="module")
 def cnn_file(tmp_path_factory):
     """A LayoutCNN state dict (seeded random weights: a teacher is a fixed function either way)."""
-    from scicevpr.files import save_torch_file
     from scicevpr.pretrain import LayoutCNN
 
     torch.manual_seed(0)
@@ -322,6 +322,97 @@ def test_distil_needs_a_trained_network(tiny_benchmark, tmp_path, capsys):
                "--run-dir", str(tmp_path / "c"), "--quiet"])
     assert rc == 2 and "distil_teacher" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# objective="cnn": the teacher of the distillation, trained by the same tool
+# --------------------------------------------------------------------------------------------
+
+
+def _cnn_config(bench, run_dir, **overrides) -> PretrainConfig:
+    """The shipped teacher's recipe (``scicevpr/weights/README.md``) at 32 px, P = 4 places a step."""
+    recipe = dict(objective="cnn", distil_size=32, batch_size=16, img_per_place=4, lr=1e-3, min_lr=0.0, weight_decay=1e-4,
+                  weight_decay_end=1e-4, clip_grad=0.0, supervised_scale=(0.6, 1.0), colour_augment=False, steps=16)
+    return tiny_config(bench, run_dir, **{**recipe, **overrides})
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tiny_benchmark, tmp_path_factory):
+    """A LayoutCNN trained with L_MS for 16 steps at 32 px, monitored on the val split."""
+    config = _cnn_config(tiny_benchmark, tmp_path_factory.mktemp("runs") / "cnn", val_root=str(tiny_benchmark.vg_root),
+                         val_every=16)
+    return config, pretrain(config)
+
+
+def test_cnn_objective_lowers_L_MS_and_monitors_the_networks_descriptor(cnn_run):
+    from scicevpr.pretrain import LayoutCNN
+
+    config, result = cnn_run
+    h = result.history
+    early, late = _early_late(h, "loss_ms")
+    assert late < early
+    assert h.loc[h["step"].isin([0, 16]), ["R@1_desc", "R@5_desc"]].notna().all().all()
+    assert h["R@1"].isna().all() and h["loss_dense"].isna().all()  # no ViT tokens, no distillation
+    assert isinstance(result.backbone, LayoutCNN) and not result.backbone.training
+    ckpt = read_pretrain_checkpoint(result.last_path)
+    assert ckpt["backbone_config"] is None and ckpt["teacher"] is None
+    with torch.no_grad():  # the network trained is not its initialisation
+        torch.manual_seed(config.seed)
+        assert not torch.equal(LayoutCNN().state_dict()["proj.weight"], ckpt["student"]["proj.weight"])
+
+
+def test_cnn_resume_gives_the_same_network_as_an_uninterrupted_run(tiny_benchmark, tmp_path):
+    straight = pretrain(_cnn_config(tiny_benchmark, tmp_path / "straight", steps=4))
+    pretrain(_cnn_config(tiny_benchmark, tmp_path / "resumed", steps=4, stop_at_step=2))
+    resumed = pretrain(_cnn_config(tiny_benchmark, tmp_path / "resumed", steps=4, resume=True))
+    a, b = read_pretrain_checkpoint(straight.last_path), read_pretrain_checkpoint(resumed.last_path)
+    assert a["step"] == b["step"] == 4 and len(b["sessions"]) == 2
+    for k in a["student"]:  # batch norm's running statistics included
+        assert torch.equal(a["student"][k], b["student"][k]), k
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert straight.history[["step", "loss", "lr"]].equals(resumed.history[["step", "loss", "lr"]])
+
+
+def test_cnn_export_is_the_distil_teacher_and_the_vit_manifest_records_it_as_read(cnn_run, tiny_benchmark, tmp_path):
+    from scicevpr.pretrain import LayoutCNN
+
+    config, result = cnn_run
+    out = export_backbone(result.run_dir, tmp_path)
+    assert out.name == "layout_cnn_32px.pt"
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["sha256"] == file_sha256(out) and manifest["objective"] == "cnn" and manifest["steps"] == 16
+    assert manifest["image_size"] == 32 and manifest["data"]["images"] > 0
+    net, ckpt = LayoutCNN.load(out), read_pretrain_checkpoint(result.last_path)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ckpt["student"][k]), k
+    with pytest.raises(ValueError, match="no teacher"):
+        export_backbone(result.run_dir, tmp_path / "x.pt", which="teacher")
+
+    distil = tiny_config(tiny_benchmark, tmp_path / "distil", objective="distil", distil_teacher=str(out), distil_size=32,
+                         steps=2)
+    pretrain(distil)
+    read = {"file": out.name, "sha256": manifest["sha256"]}
+    torch.manual_seed(1)
+    save_torch_file(LayoutCNN().state_dict(), out)  # the teacher file replaced after the run read it
+    vit = json.loads(manifest_path(export_backbone(distil.run_dir, tmp_path / "vit.pth")).read_text())
+    assert {k: vit["distil_teacher"][k] for k in read} == read  # the file the run read, not the one there now
+    assert vit["distil_teacher"]["trained"]["steps"] == 16 and "L_MS" in vit["distil_teacher"]["trained"]["description"]
+    with pytest.raises(ValueError, match="same teacher file"):
+        pretrain(distil.replace(resume=True))
+
+
+def test_cnn_bad_configuration_is_one_message(tiny_benchmark, tmp_path, capsys):
+    with pytest.raises(ValueError, match="multiple of img_per_place"):
+        _cnn_config(tiny_benchmark, tmp_path / "a", batch_size=10)
+    with pytest.raises(ValueError, match="trains a LayoutCNN from scratch"):
+        _cnn_config(tiny_benchmark, tmp_path / "b", init_weights="x.pth")
+    rc = main(["pretrain-backbone", "--objective", "cnn", "--distil-size", "30", "--data", str(tiny_benchmark.root),
+               "--run-dir", str(tmp_path / "c"), "--quiet"])
+    assert rc == 2 and "multiple of 8" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    rc = main(["pretrain-backbone", "--objective", "distil", "--distil-teacher", str(tmp_path / "none.pt"),
+               "--data", str(tiny_benchmark.root), "--run-dir", str(tmp_path / "d"), "--quiet"])
+    assert rc == 2 and "--objective cnn" in capsys.readouterr().err and not holds_files(tmp_path / "d")
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,20 +638,19 @@ def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
 
 def test_supervised_runs_also_score_the_descriptor_they_train(tiny_benchmark, tmp_path):
     from scicevpr.evaluate import recall_at_n, search
-    from scicevpr.pretrain import RetrievalCheck, _Student
+    from scicevpr.pretrain import RetrievalCheck, _Student, vit_descriptors
 
     config = tiny_config(tiny_benchmark, tmp_path / "run", objective="supervised", pooling="regions", steps=2,
                          val_root=str(tiny_benchmark.vg_root), val_every=2)
     h = pretrain(config).history
     assert h.loc[h["step"].isin([0, 2]), ["R@1_desc", "R@5_desc", "R@1"]].notna().all().all()
     torch.manual_seed(0)
-    student = _Student(config).train()
+    student = _Student(config).eval()
     check = RetrievalCheck(config.val_root, "synthetic", "val", config.image_size, torch.device("cpu"))
-    got = check.recalls(student.backbone, amp=False, describe=student.describe)
-    assert student.backbone.training  # mode restored
+    got = check.recalls(vit_descriptors(student.backbone, amp=False, describe=student.describe))
     with torch.no_grad():
         x = normalize_uint8_batch(check.images, config.image_size)
-        d = student.eval()(x).numpy()  # (N_db + N_q, 14 C): the regional descriptor, not a mean of the tokens
+        d = student(x).numpy()  # (N_db + N_q, 14 C): the regional descriptor, not a mean of the tokens
     n = check.split.num_database
     r, _ = recall_at_n(search(d[:n], d[n:], 5)[1], check.split.positives, (1, 5))
     assert (got["R@1_desc"], got["R@5_desc"]) == (r[1], r[5])
