@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from scicevpr.backbone import DinoVisionTransformer
 from scicevpr.config import BackboneConfig
-from scicevpr.pretrain import LayoutCNN
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -87,41 +86,29 @@ def test_probe_refuses_a_missing_gpu_with_one_message(tmp_path, monkeypatch, cap
         probe.main()
     assert stop.value.code == 2 and "CUDA is not available; use device='cpu'" in capsys.readouterr().err
 
-def test_cnn_learnability_crops_and_bad_calls(tmp_path, capsys):
-    tool = _tool("cnn_learnability")
-    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    crops = tool.random_resized_crops(x, torch.Generator().manual_seed(0))
-    assert crops.shape == x.shape and crops.dtype == torch.uint8 and not torch.equal(crops, x)
-    with pytest.raises(SystemExit) as stop:
-        tool.parse_args(["--train-root", str(tmp_path)])
-    assert stop.value.code == 2 and "has no Dataframes/ folder" in capsys.readouterr().err
-    (tmp_path / "Dataframes").mkdir()
-    with pytest.raises(SystemExit):
-        tool.parse_args(["--train-root", str(tmp_path), "--size", "60"])
-    assert "give a multiple of 8" in capsys.readouterr().err
-    assert tool.parse_args(["--train-root", str(tmp_path)]).steps == 1500
+def test_cnn_learnability_scores_a_network_pretrain_backbone_trained(tiny_benchmark, tmp_path, capsys):
+    """A bad call is one message, status 2; a network trained by ``pretrain-backbone --objective cnn``
+    is scored at its manifest's size, and the recalls printed are the ones computed."""
+    from scicevpr.config import PretrainConfig
+    from scicevpr.pretrain import export_backbone, pretrain
 
-
-def test_cnn_learnability_runs_end_to_end_on_tiny(tiny_benchmark, tmp_path, capsys):
-    """Two steps on the ``tiny`` world: the recalls it prints are the library's (score,
-    recall_by_condition), and a batch larger than the training split is one message, status 2."""
     tool = _tool("cnn_learnability")
-    root = ["--train-root", str(tiny_benchmark.gsv_root), "--test-root", str(tiny_benchmark.vg_root), "--size", "32",
-            "--threads", "1"]
     with pytest.raises(SystemExit) as stop:
-        tool.main(tool.parse_args(root + ["--places-per-step", "999"]))
-    assert stop.value.code == 2 and "give at most" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        tool.parse_args(root + ["--steps", "4", "--stop-at-step", "5"])
-    assert "give a step from 1 to --steps (4)" in capsys.readouterr().err
-    tool.main(tool.parse_args(root + ["--steps", "4", "--stop-at-step", "2", "--eval-every", "1", "--places-per-step", "4",
-                                      "--save", str(tmp_path / "net.pt")]))
+        tool.parse_args([str(tmp_path / "none.pt")])
+    assert stop.value.code == 2 and "--objective cnn" in capsys.readouterr().err
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as stop:
+        tool.parse_args([str(tmp_path / "other.pt")])
+    assert stop.value.code == 2 and "not the state dict of a LayoutCNN" in capsys.readouterr().err
+
+    config = PretrainConfig(objective="cnn", data=str(tiny_benchmark.root), run_dir=str(tmp_path / "run"), distil_size=32,
+                            batch_size=16, steps=2, cache_size=64, num_workers=0, device="cpu", progress=False)
+    net = export_backbone(pretrain(config).run_dir, tmp_path / "cnn.pt")
+    args = tool.parse_args([str(net), "--test-root", str(tiny_benchmark.vg_root), "--threads", "1"])
+    assert args.size == 32  # from the manifest beside the file
+    results = tool.main(args)
     out = capsys.readouterr().out
-    LayoutCNN.load(tmp_path / "net.pt")  # strict: the whole network, the teacher pretrain-backbone --objective distil reads
-    steps = [line for line in out.splitlines() if line.startswith("step ") and "val R@1" in line]
-    assert [line.split()[1] for line in steps] == ["0", "1", "2"]
-    last = [line for line in out.splitlines() if line.startswith("test at the last step")]
-    assert len(last) == 1
-    r1 = float(last[0].split("R@1 ")[1].split()[0])
-    assert 0.0 <= r1 <= 100.0 and f"R@1 {r1:.1f}" in steps[-1]  # the interval line and the step line agree
-    assert "by condition:" in steps[-1]
+    r1 = results["test"].recalls[1]
+    assert 0.0 <= r1 <= 100.0
+    assert f"test, 95% intervals: R@1 {r1:.1f} [" in out and f"R@1 {results['val'].recalls[1]:.1f}" in out
+    assert "test R@1 by condition: " in out and "chance R@1" in out
