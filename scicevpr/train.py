@@ -761,5 +761,8 @@ def train_student(config: TrainConfig) -> RunResult:
 
 
 def is_main_process() -> bool:
-    """True outside DDP and on rank 0."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True outside DDP and on rank 0, also after a run has closed its process group (a
+    ``torchrun`` launch names each process's rank in ``RANK``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

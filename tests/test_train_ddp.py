@@ -83,3 +83,22 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path):
     db = torch.cat([(wb[k] - init[k]).flatten() for k in wa])
     assert da.norm() > 0
     assert (da - db).norm() <= 1e-2 * da.norm()
+
+
+@pytest.mark.slow
+def test_a_torchrun_pretraining_of_the_cnn_trains_on_both_ranks_and_exports_once(tmp_path):
+    """``torchrun ... pretrain-backbone --objective cnn``: P places split over 2 ranks, one run
+    folder, one log, and one export written by rank 0 alone (the ranks outlive the process group)."""
+    tiny = generate(tmp_path / "tiny", "tiny", progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "scicevpr.cli", "pretrain-backbone", "--objective", "cnn",
+           "--data", str(tiny.root), "--distil-size", "32", "--batch-size", "16", "--cache-size", "64", "--num-workers", "0",
+           "--steps", "2", "--device", "cpu", "--log-every", "1", "--run-dir", str(tmp_path / "run"),
+           "--export", str(tmp_path / "cnn.pt"), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("written ") == 1 and proc.stdout.count("run folder") == 1, proc.stdout
+    manifest = json.loads((tmp_path / "cnn.json").read_text())
+    assert manifest["steps"] == 2 and manifest["machines"][0]["world_size"] == 2
+    assert list(pd.read_csv(tmp_path / "run" / "log.csv")["step"]) == [1, 2]
