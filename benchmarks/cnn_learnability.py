@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict[str, EvalResult]:
     torch.set_num_threads(args.threads)
     test_root = args.test_root or default_synthetic_dir("small") / "vg"
-    results = {}
+    results, splits = {}, {}
     for s in ("val", "test"):
-        split = load_vg_split(test_root, "synthetic", s)
+        splits[s] = split = load_vg_split(test_root, "synthetic", s)
         images = load_image_cache(split.all_paths, args.size, num_workers=0, progress=False)  # (N, 3, S, S) uint8
         with torch.no_grad():
             d = torch.cat([args.net(images[i : i + 256]) for i in range(0, len(images), 256)]).numpy()  # (N, 512)
@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> dict[str, EvalResult]:
         line = ", ".join(f"R@{n} {v:.1f}" for n, v in res.recalls.items())
         chance = ", ".join(f"R@{n} {v:.1f}" for n, v in chance_recall(split.num_database, split.positives, RECALLS).items())
         print(f"{s} ({split.num_queries} queries, {split.num_database} database images): {line} (chance {chance})")
-    test, res = load_vg_split(test_root, "synthetic", "test"), results["test"]
+    test, res = splits["test"], results["test"]
     table = recall_by_condition(res.correct, test.query_conditions, RECALLS, intervals=True)
     iv = table.iloc[-1]  # "all"
     print("test, 95% intervals: " + ", ".join(
