@@ -77,8 +77,13 @@ def _sha256_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | None = None) -> dict | None:
+def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | None = None,
+                   manifest_format: str = MANIFEST_FORMAT) -> dict | None:
     """Verify a weight file against the manifest beside it, if there is one (else None).
+
+    ``manifest_format``: the manifest's ``format`` entry this kind of file has (a backbone's,
+    or ``scicevpr.pretrain.CNN_MANIFEST_FORMAT`` for the distillation's CNN teacher); a JSON
+    file of another format beside it is no manifest of it.
 
     The manifest is read on every call; the file's hash is computed once per version of the file
     (:func:`file_sha256`).
@@ -93,7 +98,7 @@ def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | Non
         manifest = json.loads(mpath.read_text())
     except ValueError as e:
         raise ValueError(f"the weights manifest {str(mpath)!r} is not valid JSON ({e}); restore it or delete it.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != manifest_format:
         return None  # some other JSON file that happens to share the name
     digest = file_sha256(weights_path)
     if digest != manifest.get("sha256"):

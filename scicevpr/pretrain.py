@@ -139,6 +139,7 @@ GRID, GRID_DIM = (2, 4), 512  # pooling="grid": (rows, columns) of the token gri
 
 CHECKPOINT_FORMAT = "scicevpr-pretrain"
 CHECKPOINT_VERSION = 1
+CNN_MANIFEST_FORMAT = "scicevpr-layout-cnn"  # the "format" entry of an exported LayoutCNN's manifest
 # PretrainConfig fields that may differ when a run is resumed (they do not change its result).
 RESUMABLE_CHANGES = ("resume", "max_minutes", "stop_at_step", "num_workers", "progress", "device",
                      "checkpoint_every", "checkpoint_minutes", "log_every", "val_root", "val_dataset", "val_split", "val_every")
@@ -491,7 +492,9 @@ class LayoutCNN(nn.Module):
 
     @classmethod
     def load(cls, path: PathLike) -> "LayoutCNN":
-        """A trained network from its state dict file, frozen, in eval mode."""
+        """A trained network from its state dict file, frozen, in eval mode. A file with a manifest
+        beside it (an export of ``objective="cnn"``) must be the file the manifest describes."""
+        check_manifest(path, manifest_format=CNN_MANIFEST_FORMAT)
         net = cls()
         state = load_torch_file(path, "LayoutCNN state dict", opt_in=None)
         try:
@@ -1227,15 +1230,10 @@ def _teacher_record(path: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"distil_teacher {str(path)!r} does not exist; train one with `scicevpr pretrain-backbone "
                                 "--objective cnn ... --export cnn.pt`.")
+    manifest = check_manifest(path, manifest_format=CNN_MANIFEST_FORMAT)  # refuses a file its manifest does not describe
     record: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
-    m = manifest_path(path)
-    if m.is_file():
-        try:
-            found = json.loads(m.read_text())
-        except ValueError:
-            found = {}
-        if found.get("sha256") == record["sha256"]:  # the manifest describes this very file
-            record["trained"] = {k: found.get(k) for k in ("description", "data", "steps", "images_seen", "train_s", "machines")}
+    if manifest is not None:
+        record["trained"] = {k: manifest.get(k) for k in ("description", "data", "steps", "images_seen", "train_s", "machines")}
     return record
 
 
@@ -1275,7 +1273,7 @@ def _export_cnn(ckpt: dict[str, Any], cfg: PretrainConfig, out_path: PathLike) -
     out = _export_path(out_path, f"layout_cnn_{cfg.distil_size}px.pt")
     save_torch_file(state, out)
     manifest = {
-        "format": "scicevpr-layout-cnn",
+        "format": CNN_MANIFEST_FORMAT,
         "description": f"LayoutCNN at {cfg.distil_size} px trained with L_MS on synthetic streets",
         "file": out.name,
         "sha256": file_sha256(out),

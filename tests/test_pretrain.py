@@ -398,6 +398,11 @@ def test_cnn_export_is_the_distil_teacher_and_the_vit_manifest_records_it_as_rea
     vit = json.loads(manifest_path(export_backbone(distil.run_dir, tmp_path / "vit.pth")).read_text())
     assert {k: vit["distil_teacher"][k] for k in read} == read  # the file the run read, not the one there now
     assert vit["distil_teacher"]["trained"]["steps"] == 16 and "L_MS" in vit["distil_teacher"]["trained"]["description"]
+    with pytest.raises(ValueError, match="does not match its manifest"):  # the file its manifest does not describe
+        LayoutCNN.load(out)
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        pretrain(distil.replace(resume=True))
+    manifest_path(out).unlink()  # a teacher without a manifest: only the hash the run recorded tells
     with pytest.raises(ValueError, match="same teacher file"):
         pretrain(distil.replace(resume=True))
 
