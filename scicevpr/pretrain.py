@@ -118,7 +118,7 @@ from .backbone import MANIFEST_FORMAT, DinoVisionTransformer, RandomWeightsWarni
 from .config import OBJECTIVES, PLACE_OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa: F401  (PretrainConfig is defined with the other configs)
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8_batch, resize_uint8, to_uint8_tensor
+from .data.transforms import normalize_uint8_batch, normalize_unit, resize_uint8, to_uint8_tensor
 from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, resume_csv_log, save_torch_file
 from .losses import MultiSimilarityLoss
 from .pooling import MultiRegionGeM
@@ -345,11 +345,7 @@ class MultiCropAugment:
         if max_sigma > 0:
             x = _gaussian_blur(x, p["blur_sigma"].float(), max_sigma)
         x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1.0 - x, x)
-        if not normalise:
-            return x
-        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return normalize_unit(x) if normalise else x
 
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.

@@ -57,11 +57,16 @@ def resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
     return _resize_uint8(x, _check_size(image_size))
 
 
+def normalize_unit(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) float in [0, 1] -> the same shape in ImageNet-normalised units (``T.Normalize``)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def _normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) uint8 -> float32 in ImageNet-normalised units."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x_uint8.device).view(1, 3, 1, 1)
-    return (x_uint8.to(torch.float32) / 255.0 - mean) / std
+    return normalize_unit(x_uint8.to(torch.float32) / 255.0)
 
 
 def normalize_uint8_batch(x_uint8: torch.Tensor | Sequence[torch.Tensor], image_size: int) -> torch.Tensor:
@@ -120,10 +125,7 @@ class OfficialEvalTransform:
         self.image_size = _check_size(image_size)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        x = to_uint8_tensor(image).to(torch.float32).div(255.0)  # ToTensor: (3, H, W) in [0, 1]
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-        x = (x - mean) / std  # Normalize
+        x = normalize_unit(to_uint8_tensor(image).to(torch.float32).div(255.0))  # ToTensor, Normalize: (3, H, W)
         if tuple(x.shape[-2:]) == (self.image_size, self.image_size):
             return x
         return TF.resize(x, [self.image_size, self.image_size], interpolation=_BILINEAR, antialias=False)  # (3, S, S)
