@@ -1326,7 +1326,6 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
                 "objective": init_manifest.get("objective"), "description": init_manifest.get("description"),
                 "steps": init_manifest.get("steps"), "wall_s": init_manifest.get("wall_s"),
                 "machines": init_manifest.get("machines")}
-    record = _run_record(ckpt, cfg)
     manifest = {
         "format": MANIFEST_FORMAT,
         "description": describe_backbone(bb_config, cfg.objective, init and init["objective"]),
@@ -1337,11 +1336,11 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
         "dtype": "float16",
         "backbone": ckpt["backbone_config"],
         "parameters": int(sum(v.numel() for v in state.values())),
-        "objective": record.pop("objective"),
+        "objective": cfg.objective,  # in this place; the run's record repeats it
         "init": init,
         "distil_teacher": ckpt["data"].get("distil_teacher"),  # hashed when the run read it
         "model": which,
-        **record,
+        **_run_record(ckpt, cfg),
     }
     atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
     check_manifest(out, bb_config)
