@@ -464,7 +464,9 @@ def add_pretrain_parser(sub) -> None:
         "--seed 1 --splits train --out <folder>. Several GPUs: torchrun --nproc_per_node N -m scicevpr.cli "
         "pretrain-backbone ...",
     )
-    add_dataclass_options(p, PretrainConfig, skip=("loss", "progress"), title="defaults: the offline backbone, DINO")
+    add_dataclass_options(p, PretrainConfig, skip=("loss", "progress"),
+                          title="defaults: the offline backbone, DINO; --objective cnn and distil start from their "
+                                "recipes instead, scicevpr.config.OBJECTIVE_RECIPES")
     add_dataclass_options(p, LossConfig, skip=("gamma", "eta"), title="L_MS of objective=supervised; defaults: the paper's values")
     p.add_argument("--export", metavar="PATH", default=None,
                    help="after the run, write the backbone here (a .pth file, or a folder for the default name; "
@@ -493,7 +495,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise ValueError("--export-only needs --run-dir: the run folder to export")
         source = overrides["run_dir"]
     else:
-        config = PretrainConfig(loss=LossConfig(**dataclass_overrides(args, LossConfig)), progress=not args.quiet, **overrides)
+        config = PretrainConfig.recipe(overrides.pop("objective", "dino"), loss=LossConfig(**dataclass_overrides(args, LossConfig)),
+                                       progress=not args.quiet, **overrides)
         result = pretrain(config)
         if not is_main_process():  # under torchrun only rank 0 reports and exports
             return 0

@@ -420,6 +420,27 @@ def test_cnn_bad_configuration_is_one_message(tiny_benchmark, tmp_path, capsys):
     assert rc == 2 and "--objective cnn" in capsys.readouterr().err and not holds_files(tmp_path / "d")
 
 
+def test_cnn_and_distil_start_from_their_recipes_not_dinos_defaults(tiny_benchmark, tmp_path):
+    from scicevpr.config import OBJECTIVE_RECIPES
+
+    assert PretrainConfig.recipe() == PretrainConfig() and PretrainConfig.recipe("supervised") == PretrainConfig(objective="supervised")
+    cnn = PretrainConfig.recipe("cnn", lr=2e-3)
+    assert cnn.lr == 2e-3 and (cnn.weight_decay, cnn.weight_decay_end, cnn.clip_grad) == (1e-4, 1e-4, 0.0)
+    assert cnn.supervised_scale == (0.6, 1.0) and not cnn.colour_augment and cnn.batch_size == 256
+    distil = PretrainConfig.recipe("distil", distil_teacher="cnn.pt")
+    assert {k: getattr(distil, k) for k in OBJECTIVE_RECIPES["distil"]} == {**OBJECTIVE_RECIPES["distil"], "supervised_scale": (0.6, 1.0)}
+    with pytest.raises(ValueError, match="objective='mae'"):
+        PretrainConfig.recipe("mae")
+    # the command line: the recipe under the flags given
+    run = tmp_path / "run"
+    assert main(["pretrain-backbone", "--objective", "cnn", "--data", str(tiny_benchmark.root), "--distil-size", "32",
+                 "--batch-size", "16", "--steps", "1", "--cache-size", "64", "--num-workers", "0", "--device", "cpu",
+                 "--run-dir", str(run), "--quiet"]) == 0
+    ran = PretrainConfig.from_dict(read_pretrain_checkpoint(run)["config"])
+    assert (ran.distil_size, ran.batch_size, ran.steps) == (32, 16, 1)  # given
+    assert (ran.lr, ran.weight_decay_end, ran.clip_grad, ran.colour_augment) == (1e-3, 1e-4, 0.0, False)  # the recipe's
+
+
 # --------------------------------------------------------------------------------------------
 # Resume, time budget
 # --------------------------------------------------------------------------------------------
