@@ -153,8 +153,8 @@ class CricaVPR(VPRModel):
     ``cross_image``), so training, evaluation and the batch-stability sweep take it as they
     take Super-CricaVPR. It is built by ``VPRModel.__init__`` and overrides only what differs:
     the per-image modules (:meth:`build_features`: adapters instead of the fusion), ``train``,
-    the backbone's output (tokens with CLS instead of a fused map), ``regional_features`` and
-    the checkpoint names.
+    the backbone's output (tokens with CLS instead of a fused map, and no fusion after it:
+    ``after_backbone``), ``regional_features`` and the checkpoint names.
 
     Args:
         preset_or_config: ``"CricaVPR"`` (ViT-B/14, 10752-d), ``"CricaVPR-S"`` (ViT-S/14,
@@ -221,9 +221,10 @@ class CricaVPR(VPRModel):
         (:meth:`~scicevpr.models.VPRModel.backbone_features`)."""
         return self.backbone.get_intermediate_layers(x, self.config.layers)[0]
 
-    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, 1 + H*W, C): per image (adapter BatchNorms in eval mode)."""
-        return self.backbone_features(x)
+    def after_backbone(self, b: torch.Tensor) -> torch.Tensor:
+        """Nothing between the backbone and the regional pooling (the adapters run inside the
+        backbone): ``extract_features(x)`` is the backbone's (B, 1 + H*W, C) tokens."""
+        return b
 
     def regional_features(self, f: torch.Tensor) -> torch.Tensor:
         """(B, 1 + H*W, C) normed tokens -> (B, 14, C): the CLS token as it is, then the GeM of

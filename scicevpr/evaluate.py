@@ -9,12 +9,20 @@ nearest database images lies within 25 m. ``Recall@N`` is the percentage of corr
 For the batch-stability experiment (paper Fig. 1-2) the per-image part of a model (backbone,
 fusion, pooling) is computed once and only the encoder, the single step where images of a batch
 can see each other, is re-run for each query batch size and order.
+
+:data:`BACKBONE_CACHE` (off unless enabled; the offline notebooks enable it) keeps the
+backbone's outputs of evaluation batches, so that the same batch through the same weights is
+computed once: a frozen backbone's validation images every epoch, or a teacher and a student
+(one backbone) evaluated on one split, cost one backbone pass. A hit returns the output of the
+identical computation, so descriptors and recalls are bit for bit those without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -62,16 +70,118 @@ def gpu_decode_enabled(config: EvalConfig, device: torch.device) -> bool:
     return on and device.type == "cuda"
 
 
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, any device), for hashing."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class BackboneCache:
+    """Backbone outputs of evaluation batches, kept for reuse within the session.
+
+    An entry is keyed by everything the output depends on: the backbone's weights (a hash of
+    every parameter and buffer, adapters included, with names, dtypes and shapes), the code that
+    computes the output (the model class's ``backbone_output`` and its ``layers``), the input
+    batch (a hash of its bytes, so also its order and size), the autocast state and torch's
+    thread count. A hit is therefore the output of the identical computation. Only inference
+    uses it (no autograd graph is kept); the oldest entries are dropped beyond ``max_bytes``.
+
+    It pays where the same images pass the same weights again: the validation split after every
+    epoch of a frozen backbone, several heads on one backbone (a teacher and its student, the
+    ablations) evaluated on one split, and training runs on one frozen backbone that draw the
+    same batches (a student's epochs are its teacher's first ones: the same seed gives the same
+    places and augmentations). It costs memory (an entry is the (B, M*C, H, W) output: about
+    0.4 MB an image for SciceVPR-S at 112 px, 3 MB for SciceVPR-B at 224 px) and a hash of the
+    weights per pass; it is off until :meth:`enable` is called.
+    """
+
+    def __init__(self) -> None:
+        self.max_bytes = 0
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.num_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def enable(self, max_bytes: int) -> None:
+        """Keep up to ``max_bytes`` of backbone outputs (0 turns the cache off and empties it)."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes}: expected >= 0 (0 turns the cache off)")
+        self.max_bytes = int(max_bytes)
+        self._evict()
+
+    def clear(self) -> None:
+        """Drop every entry and reset the counts."""
+        self.entries.clear()
+        self.num_bytes = self.hits = self.misses = 0
+
+    @staticmethod
+    def weights_key(model: torch.nn.Module) -> str:
+        """A digest of what the backbone output of ``model`` (a :class:`~scicevpr.models.VPRModel`)
+        depends on besides its input."""
+        h = hashlib.blake2b(digest_size=16)
+        training = any(m.training for m in model.backbone.modules())  # e.g. CricaVPR's adapter BatchNorms
+        h.update(f"{type(model).backbone_output.__qualname__} {tuple(model.config.layers)} {training}".encode())
+        for name, t in (*model.backbone.named_parameters(), *model.backbone.named_buffers()):
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(_tensor_bytes(t))
+        return h.hexdigest()
+
+    def backbone_features(self, model: torch.nn.Module, x: torch.Tensor, weights_key: str) -> torch.Tensor:
+        """``model.backbone_features(x)``, from the cache when this exact computation was done
+        before. ``weights_key``: :meth:`weights_key` of ``model``, hashed once for a pass during
+        which the backbone does not change. An output that autograd needs (a backbone training,
+        as CricaVPR's adapters do) is never cached."""
+        if not self.enabled or (torch.is_grad_enabled() and any(p.requires_grad for p in model.backbone.parameters())):
+            return model.backbone_features(x)
+        h = hashlib.blake2b(_tensor_bytes(x), digest_size=16)
+        amp = torch.is_autocast_enabled(x.device.type)
+        key = (weights_key, h.hexdigest(), str(x.dtype), tuple(x.shape), str(x.device), amp,
+               str(torch.get_autocast_dtype(x.device.type)) if amp else None, torch.get_num_threads())
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        out = model.backbone_features(x)
+        self.entries[key] = out
+        self.num_bytes += out.element_size() * out.nelement()
+        self._evict()
+        return out
+
+    def _evict(self) -> None:
+        while self.entries and self.num_bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.num_bytes -= old.element_size() * old.nelement()
+
+
+BACKBONE_CACHE = BackboneCache()
+
+
+def feature_extractor(model: torch.nn.Module):
+    """``x -> model.extract_features(x)`` with the backbone's part through :data:`BACKBONE_CACHE`
+    when it is enabled. The weights are hashed here, once: use the function for one pass (an
+    evaluation, a training run on a frozen backbone) during which the backbone does not change."""
+    if not BACKBONE_CACHE.enabled or not hasattr(model, "after_backbone"):
+        return model.extract_features
+    weights_key = BACKBONE_CACHE.weights_key(model)
+    return lambda x: model.after_backbone(BACKBONE_CACHE.backbone_features(model, x, weights_key))
+
+
 def per_image_function(model: torch.nn.Module, config: EvalConfig, device: torch.device):
     """``x -> regional features (B, R, C)``: the batch-independent part of the model, compiled
     with ``torch.compile`` on the fast CUDA path (the last, smaller batch is padded so one
-    graph serves every batch; padding is harmless because nothing here mixes images)."""
+    graph serves every batch; padding is harmless because nothing here mixes images). Elsewhere
+    the backbone's outputs go through :data:`BACKBONE_CACHE` when it is enabled."""
+    if not (fast_enabled(config, device) and device.type == "cuda"):
+        extract = feature_extractor(model)
+        return lambda x: model.regional_features(extract(x))
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return model.regional_features(model.extract_features(x))
 
-    if not (fast_enabled(config, device) and device.type == "cuda"):
-        return run
     compiled = torch.compile(run, dynamic=False)
     full = config.batch_size
 
@@ -686,7 +796,10 @@ class StabilityFeatures:
 
     def encode(self, model: torch.nn.Module, batch_size: int, order: np.ndarray) -> np.ndarray:
         """(N_q, D) query descriptors encoded in consecutive batches of ``batch_size`` taken in
-        ``order`` (:func:`encode_in_batches`)."""
+        ``order`` (:func:`encode_in_batches`). A batch of one holds only its query, whatever the
+        order: batch size 1 is ``alone`` itself, the same computation, not encoded again."""
+        if batch_size == 1:
+            return self.alone
         return encode_in_batches(model, self.queries, batch_size, order, amp=self.amp, group_size=self.group_size)
 
     @staticmethod
@@ -803,7 +916,7 @@ def batch_stability(
     rows = []
     for bs in query_batch_sizes:
         for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
-            q = alone if bs == 1 and o == 0 else f.encode(model, bs, order)
+            q = f.encode(model, bs, order)
             res = score(None, split, f.database, q, config)
             _, cos = f.remember(bs, order, q, res.predictions[:, 0])
             row = {"model": name, "batch_size": bs, "order": o,

@@ -231,7 +231,13 @@ class VPRModel(nn.Module):
 
     def extract_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C_mix, H, W): backbone and 1x1 channel fusion + ReLU."""
-        return self.fusion.channel_fusion(self.backbone_features(x))
+        return self.after_backbone(self.backbone_features(x))
+
+    def after_backbone(self, b: torch.Tensor) -> torch.Tensor:
+        """:meth:`backbone_output` -> :meth:`extract_features`'s output: the per-image modules
+        between the backbone and the regional pooling, here the 1x1 channel fusion + ReLU,
+        (B, M*C, H, W) -> (B, C_mix, H, W)."""
+        return self.fusion.channel_fusion(b)
 
     def regional_features(self, f: torch.Tensor) -> torch.Tensor:
         """(B, C_mix, H, W) channel-fused features -> (B, 14, C_mix) regional GeM vectors.

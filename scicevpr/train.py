@@ -63,7 +63,7 @@ from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, evaluate, feature_extractor
 from .factory import create_model
 from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir, resume_csv_log
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
@@ -372,10 +372,11 @@ class MetricLearningStep(nn.Module):
         self.model = model
         self.ms = MultiSimilarityLoss(loss)
         self.groups = groups  # the encoder attends within this many chunks of the global batch
+        self.extract_features = model.extract_features  # fit() may route a frozen backbone through BACKBONE_CACHE
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar loss."""
-        f = self.model.extract_features(images)  # (b, C_mix, H, W)
+        f = self.extract_features(images)  # (b, C_mix, H, W)
         r = gather_batch(self.model.regional_features(f))  # (B, 14, C): per image, gathered over ranks
         loss = self.ms(self.model.encode(r, self.groups), gather_batch(labels))  # the encoder sees the global batch
         return loss, {"loss_ms": loss.detach()}
@@ -402,6 +403,7 @@ class DistillationStep(nn.Module):
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
         self.objective = DistillationObjective(loss)
+        self.extract_features = student.extract_features  # fit() may route it through BACKBONE_CACHE
 
     def train(self, mode: bool = True) -> "DistillationStep":
         super().train(mode)
@@ -411,7 +413,7 @@ class DistillationStep(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar ``L_T``."""
         with torch.no_grad():
-            f = self.student.extract_features(images)  # (b, C_mix, H, W), shared frozen backbone + conv
+            f = self.extract_features(images)  # (b, C_mix, H, W), shared frozen backbone + conv
             t = self.teacher.encode(gather_batch(self.teacher.regional_features(f)), self.target_groups)  # (B, D)
         s = self.student.encode(gather_batch(self.student.regional_features(f)))  # (B, D)
         l_t, l_ms, l_d = self.objective(s, t, gather_batch(labels))
@@ -680,6 +682,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         _write_config(run_dir, config, stage, model, extra)
 
     step = st.step
+    frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
     if ddp.enabled:
         step = nn.parallel.DistributedDataParallel(st.step, device_ids=[device.index] if device.type == "cuda" else None)
     meta_base = {"stage": stage, "world_size": ddp.world_size}
@@ -688,6 +691,11 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         step.train()
+        if frozen_backbone:
+            # Where BACKBONE_CACHE is enabled, a batch that a run on these weights already drew (the
+            # same seed: a student's epochs are its teacher's first) is not recomputed. Hashed
+            # after train(), in the mode the epoch runs in.
+            st.step.extract_features = feature_extractor(model)
         sums: dict[str, float] = {}
         lr_used = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()

@@ -45,3 +45,17 @@ def quiet_random_weights():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         yield
+
+
+@pytest.fixture
+def cache():
+    """``scicevpr.evaluate.BACKBONE_CACHE`` enabled (256 MiB) and empty for one test, then off
+    and empty again, as it is by default."""
+    from scicevpr.evaluate import BACKBONE_CACHE
+
+    BACKBONE_CACHE.enable(0)
+    BACKBONE_CACHE.clear()
+    BACKBONE_CACHE.enable(2**28)
+    yield BACKBONE_CACHE
+    BACKBONE_CACHE.enable(0)
+    BACKBONE_CACHE.clear()

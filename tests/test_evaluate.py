@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from scicevpr.evaluate import (
     recall_at_n,
     recall_by_condition,
     search,
+    stability_features,
     stability_summary,
 )
 
@@ -137,6 +140,79 @@ def test_batch_stability_student_flat_teacher_not(toy_split, student, teacher):
     assert summary.loc["SciceVPR", "spread"] == 0.0
     assert summary.loc["SciceVPR", "max_abs_change"] <= 1e-6
     assert summary.loc["Super-CricaVPR", "max_abs_change"] > 1e-3
+
+
+def test_batch_size_one_is_the_same_in_every_order(toy_split, teacher):
+    """The sweep reuses the batch-size-1 descriptors for every order: encoding each query alone
+    in another order must give them bit for bit, even for the batch-mixing teacher."""
+    regional = compute_regional_features(teacher, toy_split.query_paths, CFG)
+    alone = encode_in_batches(teacher, regional, 1)
+    order = np.random.default_rng(1).permutation(len(alone))
+    np.testing.assert_array_equal(encode_in_batches(teacher, regional, 1, order), alone)
+    features = stability_features(teacher, toy_split, CFG, database_batch_size=4)
+    np.testing.assert_array_equal(features.alone, alone)
+    assert features.encode(teacher, 1, order) is features.alone
+    assert np.abs(features.encode(teacher, 2, order) - alone).max() > 1e-3  # batches of 2 do mix
+
+
+def test_backbone_cache_reuses_a_shared_backbone_and_changes_no_bit(toy_split, teacher, cache):
+    paths = toy_split.database_paths  # 12 images: 3 batches of 4
+    twin = copy.deepcopy(teacher)  # another object with the same weights
+    student = scicevpr.SciceVPR.from_teacher(twin, seed=3).eval()
+    cache.enable(0)
+    refs = [compute_descriptors(m, paths, CFG, batch_size=4) for m in (teacher, student)]
+    assert cache.misses == cache.hits == 0 and not cache.entries, "off: nothing kept"
+
+    cache.enable(2**28)
+    first = compute_descriptors(teacher, paths, CFG, batch_size=4)
+    assert (cache.misses, cache.hits) == (3, 0)
+    again = compute_descriptors(student, paths, CFG, batch_size=4)  # another head, the same backbone weights
+    assert (cache.misses, cache.hits) == (3, 3)
+    np.testing.assert_array_equal(first, refs[0])
+    np.testing.assert_array_equal(again, refs[1])
+    compute_descriptors(teacher, paths, CFG, batch_size=6)  # other batches are other inputs
+    assert cache.misses == 5
+
+    with torch.no_grad():
+        w = twin.backbone.patch_embed.proj.weight  # the weights change: no entry may answer
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(5)))
+    changed = compute_descriptors(student, paths, CFG, batch_size=4)
+    assert cache.misses == 8
+    cache.enable(0)
+    np.testing.assert_array_equal(changed, compute_descriptors(student, paths, CFG, batch_size=4))
+    assert np.abs(changed - refs[1]).max() > 1e-4
+
+
+def test_backbone_cache_keys_and_limits(toy_split, teacher, cache):
+    crica = scicevpr.CricaVPR("CricaVPR-S", weights=None, image_size=56).eval()
+    key = cache.weights_key(crica)
+    crica.adapters()[0].train()  # an adapter BatchNorm on batch statistics computes another output
+    assert cache.weights_key(crica) != key
+    crica.eval()
+    with torch.no_grad():
+        crica.adapters()[0].D_fc1.weight.mul_(2.0)  # the adapters live in the backbone: part of the key
+    assert cache.weights_key(crica) != key
+    assert cache.weights_key(scicevpr.SciceVPR.from_teacher(teacher)) == cache.weights_key(teacher)
+
+    x = torch.randn(2, 3, 56, 56)
+    assert any(p.requires_grad for p in crica.backbone.parameters())  # its adapters train
+    assert cache.backbone_features(crica, x, cache.weights_key(crica)).grad_fn is not None
+    assert not cache.entries, "an output autograd needs is not kept"
+    k = cache.weights_key(teacher)
+    with torch.no_grad():
+        out = cache.backbone_features(teacher, x, k)
+    assert cache.backbone_features(teacher, x, k) is out and cache.hits == 1  # frozen: no graph either way
+    with torch.no_grad():
+        torch.testing.assert_close(out, teacher.backbone_features(x), atol=0, rtol=0)
+        one = out.element_size() * out.nelement()
+        cache.enable(2 * one)
+        for i in range(4):
+            cache.backbone_features(teacher, x + i + 1, k)
+    assert len(cache.entries) == 2 and cache.num_bytes == 2 * one  # the oldest dropped
+    with pytest.raises(ValueError, match="max_bytes"):
+        cache.enable(-1)
+    cache.enable(0)
+    assert not cache.entries and cache.num_bytes == 0
 
 
 def pd_concat(tables):
