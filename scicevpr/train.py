@@ -12,6 +12,11 @@
   eval mode on the same batch. Backbone + conv are the same function for both models, so
   ``f = extract_features(x)`` is computed once per batch and fed to both heads.
 
+With :data:`scicevpr.evaluate.BACKBONE_CACHE` enabled (the offline notebooks), a frozen
+backbone's output for a batch already computed on the same weights is reused: the validation
+split after every epoch, and a student's epochs, which draw its teacher's first batches (the
+same seed gives the same places and augmentations). The weights trained are the same, bit for bit.
+
 Both stages: Adam, lr 1e-4, StepLR halving every 3 epochs stepped per iteration
 (``step_size = 3 * iterations_per_epoch``); a run folder with ``config.json``, ``log.csv``,
 ``last.pt`` and ``best.pt`` (see :mod:`scicevpr.checkpoint`); ``resume=True`` continues from
