@@ -52,6 +52,11 @@ def manifest_path(weights_path: str | os.PathLike) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, any device; row-major), for hashing."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file, hex. Read once per process and version of the file (its
     resolved path, inode, size and modification time): building several models on one 15 MB
@@ -367,9 +372,8 @@ class DinoVisionTransformer(nn.Module):
             return self._fingerprint[1]
         h = hashlib.sha256()
         for k, p in frozen:
-            t = p.detach().to("cpu").contiguous()
             h.update(k.encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(tensor_bytes(p))
         self._fingerprint = (stamp, h.hexdigest())
         return self._fingerprint[1]
 

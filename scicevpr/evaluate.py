@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .backbone import tensor_bytes
 from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
 from .data.transforms import eval_transform
@@ -68,11 +69,6 @@ def amp_enabled(config: EvalConfig, device: torch.device) -> bool:
 def gpu_decode_enabled(config: EvalConfig, device: torch.device) -> bool:
     on = fast_enabled(config, device) if config.gpu_decode is None else config.gpu_decode
     return on and device.type == "cuda"
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor (any dtype, any device), for hashing."""
-    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class BackboneCache:
@@ -126,7 +122,7 @@ class BackboneCache:
         h.update(f"{type(model).backbone_output.__qualname__} {tuple(model.config.layers)} {training}".encode())
         for name, t in (*model.backbone.named_parameters(), *model.backbone.named_buffers()):
             h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-            h.update(_tensor_bytes(t))
+            h.update(tensor_bytes(t))
         return h.hexdigest()
 
     def backbone_features(self, model: torch.nn.Module, x: torch.Tensor, weights_key: str) -> torch.Tensor:
@@ -136,7 +132,7 @@ class BackboneCache:
         as CricaVPR's adapters do) is never cached."""
         if not self.enabled or (torch.is_grad_enabled() and any(p.requires_grad for p in model.backbone.parameters())):
             return model.backbone_features(x)
-        h = hashlib.blake2b(_tensor_bytes(x), digest_size=16)
+        h = hashlib.blake2b(tensor_bytes(x), digest_size=16)
         amp = torch.is_autocast_enabled(x.device.type)
         key = (weights_key, h.hexdigest(), str(x.dtype), tuple(x.shape), str(x.device), amp,
                str(torch.get_autocast_dtype(x.device.type)) if amp else None, torch.get_num_threads())
