@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-from scicevpr.backbone import check_manifest
 from scicevpr.config import EvalConfig
 from scicevpr.data.synthetic import default_synthetic_dir
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalResult, chance_recall, recall_by_condition, score
-from scicevpr.pretrain import CNN_MANIFEST_FORMAT, LayoutCNN, load_image_cache
+from scicevpr.pretrain import LayoutCNN, load_image_cache
 
 RECALLS = (1, 5, 10)
 EVAL = EvalConfig(recall_values=RECALLS)
@@ -52,11 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "... --export runs/cnn.pt`")
     try:
         args.net = LayoutCNN.load(args.network)  # verified against its manifest, when it has one
-        manifest = check_manifest(args.network, manifest_format=CNN_MANIFEST_FORMAT) or {}
     except ValueError as e:
         p.error(str(e))
     if args.size is None:
-        args.size = manifest.get("image_size", 64)
+        args.size = (args.net.manifest or {}).get("image_size", 64)
     if args.size < 32 or args.size % 8:
         p.error(f"--size {args.size}: give a multiple of 8, at least 32")
     return args

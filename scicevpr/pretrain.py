@@ -489,9 +489,11 @@ class LayoutCNN(nn.Module):
     @classmethod
     def load(cls, path: PathLike) -> "LayoutCNN":
         """A trained network from its state dict file, frozen, in eval mode. A file with a manifest
-        beside it (an export of ``objective="cnn"``) must be the file the manifest describes."""
-        check_manifest(path, manifest_format=CNN_MANIFEST_FORMAT)
+        beside it (an export of ``objective="cnn"``) must be the file the manifest describes; the
+        verified manifest is kept as ``net.manifest`` (None without one)."""
+        manifest = check_manifest(path, manifest_format=CNN_MANIFEST_FORMAT)
         net = cls()
+        net.manifest = manifest
         state = load_torch_file(path, "LayoutCNN state dict", opt_in=None)
         try:
             net.load_state_dict(state)
@@ -826,8 +828,9 @@ class _Run:
         paths = self.dataset.dataframe["path"].tolist()
         self.data_info.update(images=len(paths), places=len(self.dataset), gsv_root=str(gsv_root),
                               files_sha256=hashlib.sha256("\n".join(str(Path(p).relative_to(gsv_root)) for p in paths).encode()).hexdigest())
+        self.cnn = None
         if config.objective == "distil":  # the teacher read, named in every checkpoint and the export's manifest
-            self.data_info["distil_teacher"] = _teacher_record(config.distil_teacher)
+            self.cnn, self.data_info["distil_teacher"] = _load_teacher(config.distil_teacher)
         if config.objective not in PLACE_OBJECTIVES:  # batches of images, not of places
             self.steps_per_epoch = len(paths) // config.batch_size
             if self.steps_per_epoch < 1:
@@ -839,7 +842,7 @@ class _Run:
         torch.manual_seed(config.seed)
         self.student = (LayoutCNN() if config.objective == "cnn" else _Student(config)).to(device)
         self.teacher = _Teacher(self.student).to(device) if config.objective == "dino" else None
-        self.cnn = LayoutCNN.load(config.distil_teacher).to(device) if config.objective == "distil" else None
+        self.cnn = self.cnn.to(device) if self.cnn is not None else None
         K_out = config.prototypes
         self.center = torch.zeros(1, K_out, device=device)
         self.patch_center = torch.zeros(1, K_out, device=device)
@@ -1218,19 +1221,20 @@ def describe_backbone(config: BackboneConfig, objective: str, init_objective: st
     return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
 
 
-def _teacher_record(path: PathLike) -> dict[str, Any]:
-    """The convolutional teacher of a distil run as the run read it (kept in the checkpoint's data
+def _load_teacher(path: PathLike) -> tuple[LayoutCNN, dict[str, Any]]:
+    """The convolutional teacher of a distil run (:meth:`LayoutCNN.load`, which refuses a file its
+    manifest does not describe) and its record as the run read it (kept in the checkpoint's data
     record and copied to the export's manifest): its file's name and sha256, and, where the file
     was exported by ``objective="cnn"``, how it was trained (from its manifest)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"distil_teacher {str(path)!r} does not exist; train one with `scicevpr pretrain-backbone "
                                 "--objective cnn ... --export cnn.pt`.")
-    manifest = check_manifest(path, manifest_format=CNN_MANIFEST_FORMAT)  # refuses a file its manifest does not describe
+    net = LayoutCNN.load(path)
     record: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
-    if manifest is not None:
-        record["trained"] = {k: manifest.get(k) for k in ("description", "data", "steps", "images_seen", "train_s", "machines")}
-    return record
+    if net.manifest is not None:
+        record["trained"] = {k: net.manifest.get(k) for k in ("description", "data", "steps", "images_seen", "train_s", "machines")}
+    return net, record
 
 
 def _run_record(ckpt: dict[str, Any], cfg: PretrainConfig) -> dict[str, Any]:
