@@ -3,12 +3,17 @@
 Two ranks with P / 2 places each must train the model that one process trains with the same
 global batch of P places. The per-image features are all-gathered with gradient and every
 rank runs the encoder and L_MS on the global batch, with identical dropout masks (same seed),
-so the only differences are floating-point summation orders:
+so the only differences are floating-point summation orders. Both runs are in fp32
+(``amp=False``): with the precision policy's default, a CPU with native bf16 (AMX, AVX512-BF16)
+trains under bf16 autocast, whose 8-bit mantissas round differently when the batch is split
+(measured with AVX-512 kernels: 2e-3 relative in the first training step's gradients, 1.2e-2 in
+the weights after 2 Adam steps): that is bf16's precision, not a property of DDP.
 
 - the first step's gradients agree to 1e-4 of each tensor's largest entry (measured: ~2e-6);
-- after 2 Adam steps the weights' updates agree to 1% in relative norm (measured: ~3e-4).
-  Adam divides by the gradient's running magnitude, so entries whose gradient is ~0 can move
-  by a different fraction of the lr; the gradient check is the strict one.
+- after 2 Adam steps the weights' updates agree to 1e-3 in relative norm (measured: 6e-5 with
+  AVX2 kernels, 9e-5 with AVX-512 ones). Adam divides by the gradient's running magnitude, so
+  entries whose gradient is ~0 (e.g. attention's key biases) move by rounding noise / eps x lr;
+  the gradient check is the strict one.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path):
             preset="SciceVPR-S", weights=None, places_per_batch=4, img_per_place=4, num_workers=0,
             model_overrides={"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128},
             gsv_root=str(tiny.gsv_root), val_dataset=None, device="cpu", progress=False,
-            epochs=1, max_iters_per_epoch=2, lr=1e-3, run_dir=str(out / "run"),
+            epochs=1, max_iters_per_epoch=2, lr=1e-3, run_dir=str(out / "run"), amp=False,
         )
         (out / "config.json").write_text(json.dumps(config.to_dict()))
         _run(launcher + [str(SCRIPT), str(out / "config.json"), str(out)], cwd=tmp_path)
@@ -82,7 +87,7 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path):
     da = torch.cat([(wa[k] - init[k]).flatten() for k in wa])
     db = torch.cat([(wb[k] - init[k]).flatten() for k in wa])
     assert da.norm() > 0
-    assert (da - db).norm() <= 1e-2 * da.norm()
+    assert (da - db).norm() <= 1e-3 * da.norm()
 
 
 @pytest.mark.slow
