@@ -40,6 +40,15 @@ BACKBONE_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_seed(seed: int) -> int:
+    """A run's seed: a non-negative int (NumPy draws the data order from ``[seed, epoch]``, and
+    refuses negative entries; a negative seed would fail at the first batch, after the run folder
+    was written)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return seed
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """DINOv2 ViT, official architecture (Oquab et al. 2023): patch 14, trained at 518 px.
@@ -433,7 +442,10 @@ class TrainConfig:
         lr: Adam learning rate (1e-4).
         lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``
             epochs, stepped per iteration (step size ``lr_step_epochs * iterations_per_epoch``).
-        epochs: None means the paper's: 10 for stage 1, 1 for stage 2.
+        epochs: None means the paper's: 10 for stage 1, 1 for stage 2. A resumed run may be given
+            more (extended); it then trains as an uninterrupted run of that many epochs would, but
+            with ``val_every`` > 1 the validation after its former last epoch stays in the log
+            and may be the best, where the longer run would not have validated that epoch.
         max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch.
         loss: ``L_MS`` and ``L_T`` hyper-parameters (gamma = eta = 1).
     Validation:
@@ -519,6 +531,7 @@ class TrainConfig:
                              "Leave amp unset, or use protocol='default'.")
         if self.model not in STAGE1_MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
+        check_seed(self.seed)
         for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -613,7 +626,8 @@ class PretrainConfig:
         ibot_weight: weight of the masked-patch loss (0 turns it off).
         mask_ratio: range of the share of patches masked in a masked crop.
         mask_probability: share of the student's global crops that are masked.
-        koleo_weight: weight of the KoLeo regulariser (0 turns it off).
+        koleo_weight: weight of the mean of the two global views' KoLeo terms (0 turns it off;
+            DINOv2 weights their sum, so its 0.1 is 0.05 here).
     Supervised (and ``"cnn"``):
         img_per_place: K; a step holds ``batch_size / K`` places (P).
         pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), ``"cls"``, or
@@ -727,6 +741,7 @@ class PretrainConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}.")
+        check_seed(self.seed)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}.")
         if self.arch not in BACKBONE_ARCHS:

@@ -267,6 +267,31 @@ def resume_csv_log(path: PathLike, column: str, upto: int, columns: tuple[str, .
 # --------------------------------------------------------------------------------------------
 
 
+def read_run_config(run_dir: PathLike, key: str, what: str) -> dict[str, Any]:
+    """``run_dir/config.json`` as a run of ``what`` (e.g. ``"pretraining"``) wrote it, holding its
+    configuration under ``key``; a folder holding another kind of ``config.json`` is an error that
+    says so, not a ``KeyError``."""
+    import json
+
+    path = Path(run_dir) / "config.json"
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not a {what} run's configuration (not JSON: {e}). Choose another "
+                         f"run_dir (--run-dir), or delete the folder.") from None
+    if not isinstance(info, dict) or not isinstance(info.get(key), dict):
+        raise ValueError(f"{str(path)!r} is not a {what} run's configuration (it has no {key!r} entry): the folder "
+                         f"holds something else. Choose another run_dir (--run-dir), or delete the folder.")
+    return info
+
+
+def start_csv_log(path: PathLike) -> None:
+    """A run that starts from its first step: a log left by an earlier start that was killed
+    before its first checkpoint (``resume=True`` with no ``last.pt``) is removed, since its
+    steps are done again."""
+    Path(path).unlink(missing_ok=True)
+
+
 def unwritable_folder(folder: Path, error: OSError, what: str = "run folder", option: str = "run_dir (--run-dir)") -> OSError:
     """The error for a folder that cannot be created or written to."""
     return OSError(

@@ -31,10 +31,20 @@ Zhou et al. 2022, "iBOT"; Oquab et al. 2023, "DINOv2"):
   unmasked crop (same head, its own center). Masks are drawn patch by patch rather than in
   DINOv2's blocks: on an 8 x 8 grid a block is one to three patches anyway;
 - DINOv2's KoLeo regulariser on the student's global CLS features (``koleo_weight``):
-  ``-1/n sum_i log min_{j != i} ||x_i - x_j||`` spreads them over the sphere;
+  ``-1/n sum_i log min_{j != i} ||x_i - x_j||`` spreads them over the sphere, within each global
+  view (two crops of one image are not each other's neighbours). ``koleo_weight`` multiplies the
+  *mean* of the two views' terms, where DINOv2 sums them: 0.1 here is DINOv2's 0.05 (kept so that
+  the settings recorded by earlier runs, the shipped backbone's first step among them, keep
+  their meaning);
 - AdamW; the learning rate warms up linearly over ``warmup_fraction`` of the steps and then
   follows a cosine to ``min_lr``; the weight decay a cosine from ``weight_decay`` to
   ``weight_decay_end`` (biases and norms none); gradients clipped to ``clip_grad``.
+
+Left out of DINOv2's recipe (a 4-block ViT trained for minutes, not a ViT-g for days): LayerScale
+starts at 1.0 (``BackboneConfig.layerscale_init``, the value Meta's released hub models are built
+with; DINOv2 trains from 1e-5), and there is no stochastic depth (drop-path), no layer-wise
+learning-rate decay or patch-embedding lr multiplier, and the head's last layer is not frozen
+during the first epoch.
 
 The teacher is exported: DINO's teacher is the better model throughout training (Caron et al.
 2021, Sec. 5.2) and it is the one the DINO and DINOv2 releases hold.
@@ -119,7 +129,17 @@ from .config import OBJECTIVES, PLACE_OBJECTIVES, POOLINGS, BackboneConfig, Pret
 from .data.decode import load_rgb
 from .data.gsv import GSVCitiesDataset
 from .data.transforms import normalize_uint8_batch, normalize_unit, resize_uint8, to_uint8_tensor
-from .files import append_csv_row, atomic_write_text, holds_files, load_torch_file, lock_run_dir, resume_csv_log, save_torch_file
+from .files import (
+    append_csv_row,
+    atomic_write_text,
+    holds_files,
+    load_torch_file,
+    lock_run_dir,
+    read_run_config,
+    resume_csv_log,
+    save_torch_file,
+    start_csv_log,
+)
 from .losses import MultiSimilarityLoss
 from .pooling import MultiRegionGeM
 from .precision import autocast, describe, resolve_amp
@@ -434,7 +454,9 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KoLeo (Sablayrolles et al. 2019; DINOv2): (n, C) features -> ``-mean_i log min_j ||x_i - x_j||``
     on the L2-normalised features (fp32)."""
     x = F.normalize(x.float(), dim=-1, eps=eps)
-    d = torch.cdist(x, x)  # (n, n)
+    # the differences themselves: cdist's matrix-product form (used above 25 rows) loses the small
+    # distances between nearly equal features, exactly where KoLeo has to push them apart
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (n, n)
     d = d + torch.eye(len(x), device=x.device, dtype=x.dtype) * 1e4  # no self-match
     return -torch.log(d.min(dim=1).values + eps).mean()
 
@@ -632,6 +654,7 @@ def dino_losses(
     s_global: torch.Tensor, s_local: torch.Tensor | None, s_patch: torch.Tensor,
     t_global: torch.Tensor, t_patch: torch.Tensor, masks: torch.Tensor,
     center: torch.Tensor, patch_center: torch.Tensor, student_temp: float, teacher_temp: float,
+    masked_crops: int | None = None, world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO's cross-view loss and iBOT's masked-patch loss (fp32).
 
@@ -639,6 +662,11 @@ def dino_losses(
     stacked view-major; s_patch, t_patch (M, K): logits at the M masked patches, ``masks`` (2b, HW)
     saying which. Returns (L_DINO, L_iBOT); L_iBOT averages over each masked crop's patches, then
     over masked crops (0 when none is masked).
+
+    Under DDP each of the ``world_size`` ranks holds its share of the crops, and DDP averages
+    the ranks' gradients; ``masked_crops``, the number of masked crops in the global batch, makes
+    that average the one-process L_iBOT (a rank's sum over its crops / ``masked_crops`` x
+    ``world_size``) however the masked crops fall on the ranks. None: this call's own count.
     """
     n_global = 2
     b = t_global.shape[0] // n_global
@@ -660,7 +688,9 @@ def dino_losses(
     ce = -(tp * F.log_softmax(s_patch.float() / student_temp, dim=-1)).sum(dim=-1)  # (M,)
     per_crop = masks.sum(dim=1)  # (2b,)
     weight = (1.0 / per_crop.clamp(min=1).float()).repeat_interleave(per_crop, output_size=ce.shape[0])  # (M,): 1 / masked patches of its crop
-    l_ibot = (ce * weight).sum() / (per_crop > 0).sum().clamp(min=1)
+    if masked_crops is None:
+        masked_crops, world_size = int((per_crop > 0).sum()), 1
+    l_ibot = (ce * weight).sum() * (world_size / max(masked_crops, 1))
     return l_dino, l_ibot
 
 
@@ -791,9 +821,8 @@ def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
                 f"(--resume) to continue it, or choose another run_dir (or delete the folder)."
             )
         return False
-    saved = run_dir / "config.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text())["pretrain"]
+    if (run_dir / "config.json").is_file():
+        old = read_run_config(run_dir, "pretrain", "pretraining")["pretrain"]
         # steps=None keeps the recorded schedule
         refuse_config_changes(run_dir, old, config.to_dict(), RESUMABLE_CHANGES, keep_when_none=("steps",))
     return (run_dir / "last.pt").is_file()
@@ -836,6 +865,11 @@ class _Run:
             if self.steps_per_epoch < 1:
                 raise ValueError(f"the data holds {len(paths)} images, fewer than one batch (batch_size={config.batch_size}); lower batch_size.")
         else:
+            if len(self.dataset) < config.places_per_batch:  # said here in this command's terms
+                raise ValueError(
+                    f"the data holds {len(self.dataset)} places (with >= K = {config.img_per_place} images), fewer than "
+                    f"one batch of P = batch_size / img_per_place = {config.places_per_batch} places; lower batch_size."
+                )
             self.sampler = PlaceBatchSampler(len(self.dataset), config.places_per_batch, config.seed)
             self.steps_per_epoch = len(self.sampler)
         self.cache = load_image_cache(paths, config.cache_size, config.num_workers, config.progress and ddp.main).to(device)
@@ -943,7 +977,9 @@ class _Run:
                 t_global, t_patch = self.teacher(globals_, mask_index)
                 s_global, s_local, s_patch, g_cls = self.model(globals_, locals_, m, mask_index)
             l_dino, l_ibot = dino_losses(s_global, s_local, s_patch, t_global, t_patch, m, self.center,
-                                         self.patch_center, c.student_temp, sched["teacher_temp"])
+                                         self.patch_center, c.student_temp, sched["teacher_temp"],
+                                         masked_crops=int((masks.sum(dim=-1) > 0).sum()),  # over the global batch
+                                         world_size=self.ddp.world_size)
             l_koleo = sum(koleo_loss(v) for v in g_cls.chunk(2)) / 2 if c.koleo_weight > 0 else torch.zeros((), device=dev)
             loss = l_dino + c.ibot_weight * l_ibot + c.koleo_weight * l_koleo
             parts = {"loss_dino": l_dino.detach(), "loss_ibot": l_ibot.detach(), "loss_koleo": l_koleo.detach()}
@@ -1073,6 +1109,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start:
             resume_csv_log(log_path, "step", step, LOG_COLUMNS)
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        start_csv_log(log_path)
         info = {"pretrain": config.to_dict(), "backbone": dataclasses.asdict(config.backbone_config()),
                 "data": run.data_info, "machine": machine, "amp": amp}
         atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2))

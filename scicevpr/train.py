@@ -62,6 +62,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from .backbone import file_sha256
 from .checkpoint import config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
 from .config import OFFLINE_BACKBONE, OFFLINE_MODEL_OVERRIDES, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
@@ -70,7 +71,7 @@ from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .evaluate import EvalConfig, evaluate, feature_extractor
 from .factory import create_model
-from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir, resume_csv_log
+from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir, read_run_config, resume_csv_log, start_csv_log
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, model_device, resolve_amp
@@ -86,7 +87,8 @@ PathLike = str | os.PathLike
 STAGES = ("teacher", "student")
 PAPER_EPOCHS = {"teacher": 10, "student": 1}
 RECALL_VALUES = (1, 5, 10, 100)
-# TrainConfig fields that may differ when a run is resumed (they do not change the result).
+# TrainConfig fields that may differ when a run is resumed: they do not change the result, except
+# epochs, raised to extend a run (TrainConfig's docstring: which validations the log then holds).
 RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "trust_checkpoint")
 
 
@@ -477,6 +479,27 @@ def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> Sup
     return teacher.requires_grad_(False).eval()
 
 
+def _teacher_record(config: TrainConfig) -> dict[str, str]:
+    """What a student run records of its teacher (``config.json``): the file and its SHA-256."""
+    path = teacher_path(config)
+    return {"teacher_file": str(path), "teacher_sha256": file_sha256(path)}
+
+
+def _check_same_teacher(run_dir: Path, config: TrainConfig) -> None:
+    """A student run resumes only on the teacher it started with: its frozen 1x1 conv (in
+    ``last.pt``) is a copy of that teacher's, and the teacher reads the features it makes. The
+    same path can hold another file by then (e.g. stage 1 was extended, rewriting its
+    checkpoints). A run recorded before the teacher's SHA-256 was kept is not checked."""
+    then = read_run_config(run_dir, "train", "training").get("teacher_sha256")
+    now = _teacher_record(config)
+    if then is not None and then != now["teacher_sha256"]:
+        raise ValueError(
+            f"cannot resume {str(run_dir)!r}: its teacher {now['teacher_file']!r} has changed since the run started "
+            f"(sha256 {then[:12]}... then, {now['teacher_sha256'][:12]}... now). The student's frozen conv is a copy of "
+            f"the first teacher's: start a new run_dir on the new teacher, or put the first teacher's file back."
+        )
+
+
 def _build_student_stage(config: TrainConfig, device: torch.device) -> _Stage:
     teacher = load_teacher(config, device)
     student = SciceVPR.from_teacher(teacher, seed=config.seed)
@@ -507,9 +530,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
                 f"(or delete the folder)."
             )
         return False
-    saved = run_dir / "config.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text())
+    if (run_dir / "config.json").is_file():
+        old = read_run_config(run_dir, "train", "training")
         if old.get("stage") != stage:
             raise ValueError(f"run folder {str(run_dir)!r} holds a {old.get('stage')} run, not a {stage} run.")
         then = {**_FIELD_DEFAULTS, **old["train"]}  # a field added since the run started: its default
@@ -667,6 +689,8 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         ckpt = read_checkpoint(last_path, config.trust_checkpoint)
         if ckpt["model_class"] != type(model).__name__:
             raise ValueError(f"{str(last_path)!r} holds a {ckpt['model_class']}, this run trains a {type(model).__name__}.")
+        if stage == "student":
+            _check_same_teacher(run_dir, config)
         tr = ckpt["training"]
         if tr["iterations_per_epoch"] != ipe:
             raise ValueError(
@@ -682,8 +706,10 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
             resume_csv_log(run_dir / "log.csv", "iteration", iteration, LOG_COLUMNS)
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        start_csv_log(run_dir / "log.csv")
         extra = {"world_size": ddp.world_size, "iterations_per_epoch": ipe, "epochs": epochs,
-                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device), **data_report}
+                 "random_backbone": model.is_random_init, "amp": amp, "device": str(device), **data_report,
+                 **(_teacher_record(config) if stage == "student" else {})}
         _write_config(run_dir, config, stage, model, extra)
 
     step = st.step

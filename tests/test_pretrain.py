@@ -28,7 +28,9 @@ from scicevpr.pretrain import (
     MultiCropAugment,
     CropSpec,
     PretrainConfig,
+    dino_losses,
     export_backbone,
+    koleo_loss,
     pretrain,
     random_masks,
     read_pretrain_checkpoint,
@@ -84,6 +86,7 @@ def _early_late(history, column: str) -> tuple[float, float]:
     (dict(num_blocks=13), "num_blocks=13"),
     (dict(momentum=0.999, momentum_end=0.99), "momentum"),
     (dict(max_minutes=0), "max_minutes"),
+    (dict(seed=-1), "seed must be an int >= 0"),
 ])
 def test_config_errors_say_what_to_do(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -127,6 +130,42 @@ def test_augmentations_and_masks_have_the_asked_shapes_and_are_reproducible():
     per_crop = m.sum(1)
     assert m.shape == (400, 16) and 0.4 < (per_crop > 0).float().mean() < 0.6
     assert per_crop[per_crop > 0].min() >= 4 and per_crop.max() <= 8
+
+
+def test_ibot_loss_averaged_over_ranks_is_the_one_process_loss():
+    """DDP averages the ranks' losses: with the global count of masked crops, the mean over 2
+    ranks is the one-process L_iBOT, also when the ranks hold different numbers of masked crops."""
+    g = torch.Generator().manual_seed(0)
+    n, hw, k = 4, 16, 32  # images, patches per crop, prototypes
+    masks = torch.zeros(2, n, hw, dtype=torch.bool)  # (view, image, patch); rank 0 takes images 0-1
+    masks[0, 0, :5] = masks[1, 1, 3:12] = masks[0, 2, 7:9] = True  # rank 0: 2 masked crops, rank 1: 1
+    s_patches, t_patches = torch.randn(2, n, hw, k, generator=g), torch.randn(2, n, hw, k, generator=g)
+    s_cls, t_cls = torch.randn(2, n, k, generator=g), torch.randn(2, n, k, generator=g)
+    centers = torch.zeros(k), torch.zeros(k)
+
+    def loss(images: slice, **ddp) -> torch.Tensor:
+        m = masks[:, images].reshape(-1, hw)  # (2b, HW), view-major as in a step
+        rows = lambda x: x[:, images].reshape(-1, *x.shape[2:])  # noqa: E731
+        return dino_losses(rows(s_cls), None, rows(s_patches)[m], rows(t_cls), rows(t_patches)[m], m, *centers,
+                           0.1, 0.04, **ddp)[1]
+
+    one = loss(slice(0, n))
+    ranks = [loss(slice(r * 2, r * 2 + 2), masked_crops=3, world_size=2) for r in (0, 1)]
+    assert torch.allclose((ranks[0] + ranks[1]) / 2, one, rtol=1e-6)
+    own = [loss(slice(r * 2, r * 2 + 2)) for r in (0, 1)]  # each rank averaging over its own crops
+    assert not torch.allclose((own[0] + own[1]) / 2, one, rtol=1e-3)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-2, 1e-3])
+def test_koleo_is_exact_for_nearly_equal_features(spread):
+    """KoLeo against a float64 computation from the differences, for 64 features around one
+    direction: the smaller the spread, the more a matrix-product distance would lose."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 384, generator=g) + spread * torch.randn(64, 384, generator=g)  # (64, 384)
+    z = F.normalize(x.double(), dim=-1)
+    d = (z[:, None] - z[None]).norm(dim=-1) + torch.eye(64, dtype=torch.float64) * 1e4  # (64, 64)
+    expected = -torch.log(d.min(dim=1).values + 1e-8).mean()
+    assert koleo_loss(x).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("colour_augment", [True, False])
@@ -502,6 +541,27 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_the_same_config(tin
         pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2))
     with pytest.raises(ValueError, match="lr"):
         pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2, lr=1e-2, resume=True))
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_fresh_log(tiny_benchmark, tmp_path):
+    config = tiny_config(tiny_benchmark, tmp_path / "run", steps=3, objective="supervised", batch_size=8)
+    pretrain(config)
+    (tmp_path / "run" / "last.pt").unlink()  # killed after its log rows, before any checkpoint
+    result = pretrain(config.replace(resume=True))
+    assert list(result.history["step"]) == [1, 2, 3]
+
+
+def test_too_few_places_for_a_batch_names_this_commands_options(tiny_benchmark, tmp_path):
+    with pytest.raises(ValueError, match=r"fewer than one batch of P = batch_size / img_per_place = 1000 places; lower batch_size"):
+        pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=1, objective="supervised", batch_size=4000))
+
+
+@pytest.mark.parametrize("text", ['{"stage": "teacher", "train": {}}', "{"])
+def test_resume_into_a_folder_of_something_else_is_one_clear_error(tiny_benchmark, tmp_path, text):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="is not a pretraining run's configuration.*another run_dir"):
+        pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=2, resume=True))
 
 
 def test_time_budget_stops_at_a_step_boundary_with_a_checkpoint(tiny_benchmark, tmp_path):

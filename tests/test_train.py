@@ -7,7 +7,9 @@ heads (C_mix = 64), so that a training iteration takes a fraction of a second on
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -338,6 +340,57 @@ def test_a_run_folder_in_use_is_refused_before_anything_is_written(tiny, tmp_pat
         with pytest.raises(RunDirInUseError, match=r"run folder '.*run' is in use by another training"):
             train_teacher(quick_config(tiny, run))
         assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_fresh_log(tiny, tmp_path, monkeypatch):
+    """The log row of epoch 1 is written before last.pt: a run killed between the two is
+    resumed from scratch, and its log must not keep the row of the epoch done again."""
+    import scicevpr.train as train_module
+
+    config = quick_config(tiny, tmp_path / "run", val_dataset=None)
+    real_save = train_module.save_checkpoint
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt("killed")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(config)
+    assert len(pd.read_csv(tmp_path / "run" / "log.csv")) == 1 and not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    result = train_teacher(config.replace(resume=True))
+    assert list(result.history["epoch"]) == [1]
+
+
+@pytest.mark.parametrize("text", ['{"pretrain": {}}', "not json"])
+def test_resume_into_a_folder_of_something_else_is_one_clear_error(tiny, tmp_path, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="is not a training run's configuration.*another run_dir"):
+        train_teacher(quick_config(tiny, run, resume=True))
+
+
+def test_a_negative_seed_is_refused_before_a_run_starts(tiny, tmp_path):
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+        quick_config(tiny, tmp_path / "run", seed=-1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_student_resumes_only_on_the_teacher_it_started_with(tiny, teacher_run, tmp_path):
+    _, t_result = teacher_run
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(t_result.best_path, teacher)
+    config = quick_config(tiny, tmp_path / "student", teacher=str(teacher), val_dataset=None)
+    train_student(config)
+    shutil.copy(t_result.last_path, teacher)  # stage 1 went on: another file at the same path
+    assert (t_result.best_path.read_bytes() != teacher.read_bytes())
+    with pytest.raises(ValueError, match="teacher .* has changed since the run started"):
+        train_student(config.replace(epochs=2, resume=True))
+    shutil.copy(t_result.best_path, teacher)  # the first teacher back: the run goes on
+    assert list(train_student(config.replace(epochs=2, resume=True)).history["epoch"]) == [1, 2]
 
 
 def test_resume_accepts_a_run_recorded_before_a_field_was_added(tiny, tmp_path):
