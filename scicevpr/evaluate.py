@@ -75,7 +75,9 @@ class BackboneCache:
     """Backbone outputs of evaluation batches, kept for reuse within the session.
 
     An entry is keyed by everything the output depends on: the backbone's weights (a hash of
-    every parameter and buffer, adapters included, with names, dtypes and shapes), the code that
+    every parameter and buffer, adapters included, with names, dtypes and shapes), the settings
+    its modules hold besides tensors (training mode, norms' eps, CricaVPR's ``adapter_scale``,
+    the backbone's configuration with its ``interpolate_offset``), the code that
     computes the output (the model class's ``backbone_output`` and its ``layers``), the input
     batch (a hash of its bytes, so also its order and size), the autocast state and torch's
     thread count. A hit is therefore the output of the identical computation. Only inference
@@ -118,8 +120,13 @@ class BackboneCache:
         """A digest of what the backbone output of ``model`` (a :class:`~scicevpr.models.VPRModel`)
         depends on besides its input."""
         h = hashlib.blake2b(digest_size=16)
-        training = any(m.training for m in model.backbone.modules())  # e.g. CricaVPR's adapter BatchNorms
-        h.update(f"{type(model).backbone_output.__qualname__} {tuple(model.config.layers)} {training}".encode())
+        h.update(f"{type(model).backbone_output.__qualname__} {tuple(model.config.layers)}".encode())
+        for name, m in model.backbone.named_modules():
+            # plain settings (training mode, e.g. of CricaVPR's adapter BatchNorms; eps; adapter_scale;
+            # the BackboneConfig): two backbones with equal weights can differ by them
+            settings = sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and (
+                isinstance(v, (bool, int, float, str, tuple)) or dataclasses.is_dataclass(v)))
+            h.update(f"{name} {type(m).__qualname__} {settings}".encode())
         for name, t in (*model.backbone.named_parameters(), *model.backbone.named_buffers()):
             h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
             h.update(tensor_bytes(t))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -193,6 +194,13 @@ def test_backbone_cache_keys_and_limits(toy_split, teacher, cache):
         crica.adapters()[0].D_fc1.weight.mul_(2.0)  # the adapters live in the backbone: part of the key
     assert cache.weights_key(crica) != key
     assert cache.weights_key(scicevpr.SciceVPR.from_teacher(teacher)) == cache.weights_key(teacher)
+    key = cache.weights_key(crica)
+    for block in crica.backbone.blocks:
+        block.adapter_scale = 0.5  # equal weights, another output (a setting, not a tensor)
+    assert cache.weights_key(crica) != key
+    other = copy.deepcopy(teacher)
+    other.backbone.config = dataclasses.replace(other.backbone.config, interpolate_offset=0.0)
+    assert cache.weights_key(other) != cache.weights_key(teacher)
 
     x = torch.randn(2, 3, 56, 56)
     assert any(p.requires_grad for p in crica.backbone.parameters())  # its adapters train
