@@ -1,5 +1,8 @@
 """VG-benchmark layout: file names, folders, positives, metadata, and the errors on bad input."""
 
+import glob
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from scicevpr.data.decode import CorruptImageError
 from scicevpr.data.vg import (
     ImageFileDataset,
     format_vg_name,
+    list_images,
     load_vg_split,
     parse_utm,
     radius_positives,
@@ -93,6 +97,27 @@ def test_metadata_conditions(vg_root):
     (s.folder / "metadata.csv").write_text("file,role\nx,database\n")
     with pytest.raises(ValueError, match="metadata.csv.*condition"):
         load_vg_split(vg_root, "mini", "test")
+
+
+def test_symlinked_folders_are_followed_as_glob_does(vg_root, make_jpeg, tmp_path):
+    """A split assembled from symlinked folders: the authors' glob("**/*.jpg", recursive=True)
+    follows them (Path.rglob does not on Python 3.11); a link back to an ancestor is not
+    entered again (glob repeats its files until the OS refuses, 40 levels deep)."""
+    db = vg_root / "mini" / "images" / "test" / "database"
+    shutil.move(db / "b", tmp_path / "elsewhere")
+    (db / "b").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    make_jpeg(tmp_path / "elsewhere" / "deeper" / "@500200.00@4000000.00@@@@@d5@.jpg", seed=5)
+    make_jpeg(db / ".cache" / "@1@2@.jpg")
+    make_jpeg(db / "a" / "._@1@2@.jpg")
+    (tmp_path / "elsewhere" / "notes.txt").write_text("x")
+    want = sorted(glob.glob("**/*.jpg", root_dir=db, recursive=True))
+    paths = list_images(db)
+    assert [p.relative_to(db).as_posix() for p in paths] == want and len(want) == 6
+    assert "b/deeper/@500200.00@4000000.00@@@@@d5@.jpg" in want and all(p.is_file() for p in paths)
+    assert load_vg_split(vg_root, "mini", "test").num_database == 6
+    (db / "a" / "up").symlink_to(db, target_is_directory=True)  # a loop
+    (tmp_path / "elsewhere" / "self").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert [p.relative_to(db).as_posix() for p in list_images(db)] == want
 
 
 @pytest.mark.parametrize(

@@ -176,9 +176,35 @@ def _require_dir(folder: Path, what: str, fix: str) -> None:
         raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist{where}. {fix}")
 
 
-def _hidden(path: Path, folder: Path) -> bool:
-    """True when a component of ``path`` below ``folder`` starts with a dot (as ``glob`` skips)."""
-    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+def files_below(folder: PathLike) -> list[Path]:
+    """Every file below ``folder`` (any depth, unsorted) as the authors' ``glob("**",
+    recursive=True)`` finds it: symlinked folders are followed (``Path.rglob`` does not on
+    Python 3.11, and a split assembled from symlinked folders would lose their images), dot-files
+    and dot-folders are skipped, and the paths go through ``folder`` as given (not resolved).
+
+    A folder that links back to one of its own ancestors (a symlink loop) is not entered again:
+    ``glob`` would list its files once more per level until the OS refuses (ELOOP, 40 levels).
+    """
+    folder = Path(folder)
+    files: list[Path] = []
+    stack = [(folder, frozenset({os.path.realpath(folder)}))]  # (folder, real paths of it and its ancestors)
+    while stack:
+        here, ancestors = stack.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:  # unreadable, or vanished, as glob skips it
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = here / entry.name
+            if entry.is_dir():  # follows symlinks
+                real = os.path.realpath(path)
+                if real not in ancestors:
+                    stack.append((path, ancestors | {real}))
+            elif entry.is_file():
+                files.append(path)
+    return files
 
 
 def list_images(folder: PathLike, suffixes: Sequence[str] = (".jpg",), ignore_case: bool = False) -> list[Path]:
@@ -187,20 +213,19 @@ def list_images(folder: PathLike, suffixes: Sequence[str] = (".jpg",), ignore_ca
     deterministic order (sorted relative POSIX paths).
 
     Dot-files and dot-folders are skipped, as the authors' ``glob("**/*.jpg")`` skips them: a
-    split copied from macOS holds ``._@...@.jpg`` resource forks that are not images.
+    split copied from macOS holds ``._@...@.jpg`` resource forks that are not images. Symlinked
+    folders are followed, as ``glob`` follows them (:func:`files_below`).
     """
     folder = Path(folder)
     wanted = {x.lower() for x in suffixes} if ignore_case else set(suffixes)
-    paths = [p for p in folder.rglob("*")
-             if (p.suffix.lower() if ignore_case else p.suffix) in wanted and p.is_file() and not _hidden(p, folder)]
+    paths = [p for p in files_below(folder) if (p.suffix.lower() if ignore_case else p.suffix) in wanted]
     return sorted(paths, key=lambda p: p.relative_to(folder).as_posix())
-
 
 
 def _check_nonempty(paths: list[Path], folder: Path, role: str) -> None:
     if paths:
         return
-    others = sorted({p.suffix for p in folder.rglob("*") if p.is_file()})
+    others = sorted({p.suffix for p in files_below(folder)})
     hint = f" It holds files with extensions {others}; convert them to .jpg." if others else ""
     raise ValueError(
         f"the {role} set is empty: no .jpg images under {str(folder)!r}.{hint} Expected files named "
