@@ -9,8 +9,10 @@ An index folder holds::
     files.txt         the N database files, relative to the database folder, in row order
     skipped.txt       unreadable files left out (only with skip_unreadable)
 
-The model's identity (class, configuration, SHA-256 of every weight) is recorded, and a query
-with another model is refused: its descriptors would live in another space.
+The model's identity (class, configuration, SHA-256 of every weight) and the evaluation settings
+that shape its descriptors (protocol; encoder group size of a cross-image model) are recorded,
+and a query with another model or other settings is refused: its descriptors would live in
+another space.
 
 Index kinds (:class:`IndexConfig`): ``flat`` (default) is exact L2 search, the same ranking
 as :func:`scicevpr.evaluate.search`; ``ivf`` (``IndexIVFFlat``: k-means cells, ``nprobe`` of them
@@ -37,7 +39,7 @@ from .search import SKIPPED_FILE, SearchResult, describe_folder, make_result, mo
 PathLike = str | os.PathLike
 
 FORMAT = "scicevpr-index"
-VERSION = 1
+VERSION = 2  # 2: descriptor settings recorded, weights hashed from the whole state dict
 MANIFEST_FILE = "index.json"
 INDEX_FILE = "index.faiss"
 DESCRIPTORS_FILE = "descriptors.npy"
@@ -144,24 +146,39 @@ def approximate_recall(database: np.ndarray, queries: np.ndarray, config: IndexC
 # --------------------------------------------------------------------------------------------
 
 
-def model_identity(model) -> dict[str, Any]:
-    """The model class, its configuration and a SHA-256 of all its weights (frozen backbone
-    and trained heads): two models with the same identity give the same descriptors."""
-    import torch
+def descriptor_settings(model, eval_config=None) -> dict[str, Any]:
+    """The evaluation settings that change the descriptor space beside the weights:
+    ``protocol`` (the official protocol resizes differently) and, for a cross-image model only,
+    ``encoder_group_size`` (the images its encoder attends to). ``eval_config`` None: the
+    defaults; ``model`` None: one taken as cross-image."""
+    from .evaluate import EvalConfig
 
-    from .checkpoint import config_to_dict, trainable_state_dict
+    cfg = EvalConfig() if eval_config is None else eval_config
+    return {"protocol": cfg.protocol,
+            "encoder_group_size": cfg.encoder_group_size if getattr(model, "cross_image", True) else None}
 
-    h = hashlib.sha256(model.backbone.fingerprint.encode())
-    for name, t in sorted(trainable_state_dict(model).items()):
-        t = t.contiguous()
+
+def model_identity(model, eval_config=None) -> dict[str, Any]:
+    """The model class, its configuration, a SHA-256 of all its weights (every parameter and
+    buffer of the state dict, whatever its ``requires_grad``; BatchNorm step counters aside) and
+    the :func:`descriptor_settings` of ``eval_config``: two models with the same identity give the
+    same descriptors."""
+    from .backbone import tensor_bytes
+    from .checkpoint import config_to_dict
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.endswith("num_batches_tracked"):  # a BatchNorm step counter: no effect on descriptors
+            continue
         h.update(name.encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(tensor_bytes(t))
     return {"model_class": type(model).__name__, "config": config_to_dict(model.config),
-            "weights_sha256": h.hexdigest(), "label": model_label(model)}
+            "weights_sha256": h.hexdigest(), "label": model_label(model),
+            "settings": descriptor_settings(model, eval_config)}
 
 
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two identities, in words (empty when they are the same model)."""
+    """What differs between two identities, in words (empty when they give the same descriptors)."""
     out = []
     if recorded["model_class"] != current["model_class"]:
         out.append(f"model class {recorded['model_class']} -> {current['model_class']}")
@@ -173,7 +190,20 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
             out.append(f"{key} {fa.get(key)!r} -> {fb.get(key)!r}")
     if not out and recorded["weights_sha256"] != current["weights_sha256"]:
         out.append(f"weights (sha256 {recorded['weights_sha256'][:12]}... -> {current['weights_sha256'][:12]}...)")
+    # An identity without settings (an index of format 1, written before they were recorded) is
+    # taken as built with the defaults, what `index build` used unless told otherwise.
+    defaults = descriptor_settings(None)
+    sa, sb = recorded.get("settings", defaults), current.get("settings", defaults)
+    for key in defaults:
+        if sa.get(key) != sb.get(key):
+            out.append(f"{key} {sa.get(key)!r} -> {sb.get(key)!r}")
     return out
+
+
+def settings_options(settings: dict[str, Any]) -> str:
+    """The command-line options that give these :func:`descriptor_settings`."""
+    group = settings.get("encoder_group_size")
+    return f"--protocol {settings.get('protocol', 'default')}" + (f" --encoder-group-size {group}" if group else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,16 +230,26 @@ class SavedIndex:
     def database_paths(self) -> list[Path]:
         return [self.database_root / f for f in self.files]
 
-    def check_model(self, model) -> None:
-        """Raise a ValueError when ``model`` is not the one the index was built with."""
-        diff = identity_differences(self.manifest["model"], model_identity(model))
+    def check_model(self, model, config=None) -> None:
+        """Raise a ValueError when ``model`` under ``config`` (:class:`scicevpr.evaluate.EvalConfig`)
+        does not give the descriptors the index was built with (another model, other weights,
+        another protocol or encoder group size)."""
+        rec = self.manifest["model"]
+        diff = identity_differences(rec, model_identity(model, config))
         if diff:
-            rec = self.manifest["model"]
+            settings = rec.get("settings", descriptor_settings(None))  # format 1: the defaults
             source = f", made with {self.manifest['model_source']}" if self.manifest.get("model_source") else ""
+            old = ""
+            if self.manifest.get("version", 0) < 2:
+                old = (f" This index was written by an older scicevpr (index format {self.manifest.get('version', 0)}), which "
+                       "hashed the weights another way, so even the model that built it shows other weights here, and which "
+                       "did not record the settings (taken as the defaults): rebuild it (scicevpr index build --overwrite).")
             raise ValueError(
-                f"index {str(self.folder)!r} was built with another model ({rec['label']}{source}); this one differs in: "
-                f"{'; '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}. Its descriptors would not be comparable: query "
-                "with the model that built the index, or rebuild the index with this model (scicevpr index build)."
+                f"index {str(self.folder)!r} was built with another model or other descriptor settings ({rec['label']}{source}; "
+                f"{settings_options(settings)}); this query differs in: {'; '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}. "
+                "Its descriptors would not be comparable: query with the model and settings that built the index "
+                f"({settings_options(settings)}; in Python the EvalConfig fields of these names), or rebuild the index with "
+                f"these (scicevpr index build).{old}"
             )
 
     def query(self, model, queries: PathLike, k: int = 5, config=None, skip_unreadable: bool = False,
@@ -222,7 +262,7 @@ class SavedIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if check_model:
-            self.check_model(model)
+            self.check_model(model, config)
         q_paths, q, skipped = describe_folder(model, queries, "query", config, skip_unreadable)
         if q.shape[1] != self.descriptors.shape[1]:
             raise ValueError(f"query descriptors are {q.shape[1]}-d but the index holds {self.descriptors.shape[1]}-d ones")
@@ -268,7 +308,7 @@ def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = 
         "format": FORMAT, "version": VERSION, "scicevpr": __version__,
         "database_root": str(database), "count": len(files), "dim": int(desc.shape[1]),
         "index": asdict(config), "skipped": len(skipped),
-        "model": model_identity(model), "model_source": model_source,
+        "model": model_identity(model, eval_config), "model_source": model_source,
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     return SavedIndex(out, manifest, database, files, desc, index)

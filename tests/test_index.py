@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import scicevpr.evaluate as evaluate_module
 from scicevpr.checkpoint import build_model, load_model, save_checkpoint
 from scicevpr.cli import build_parser, main
 from scicevpr.evaluate import EvalConfig, compute_descriptors
-from scicevpr.index import IndexConfig, approximate_recall, build_index, load_index
+from scicevpr.index import IndexConfig, approximate_recall, build_index, identity_differences, load_index, model_identity
 from scicevpr.search import list_images
 
 CFG = EvalConfig(num_workers=0, progress=False)
@@ -81,6 +82,57 @@ def test_a_mismatched_model_is_refused(folders, checkpoint, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["index", "query", "--checkpoint", str(checkpoint), "--index", str(tmp_path / "nomap"), "--queries", str(q), *RUN]) == 2
     assert "index build" in capsys.readouterr().err
+
+
+def test_an_index_built_under_another_protocol_is_refused(folders, checkpoint, tmp_path, capsys):
+    """The official protocol resizes differently (another descriptor space): the protocol is
+    recorded at build time and a query under another one is refused, naming both."""
+    db, q = folders
+    model = ["--checkpoint", str(checkpoint)]
+    assert main(["index", "build", *model, "--database", str(db), "--out", str(tmp_path / "map"), "--protocol", "official", *RUN]) == 0
+    assert json.loads((tmp_path / "map" / "index.json").read_text())["model"]["settings"]["protocol"] == "official"
+    capsys.readouterr()
+    query = ["index", "query", *model, "--index", str(tmp_path / "map"), "--queries", str(q), "--sheet-queries", "0", *RUN]
+    assert main([*query, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "protocol 'official' -> 'default'" in err and "query with the model and settings" in err and "--protocol official" in err
+    assert main([*query, "--out", str(tmp_path / "b"), "--protocol", "official"]) == 0
+    assert (tmp_path / "b" / "matches.csv").is_file()
+
+
+def test_an_index_without_recorded_settings_counts_as_built_with_the_defaults(folders, checkpoint, tmp_path):
+    db, q = folders
+    model = load_model(checkpoint)
+    build_index(model, db, tmp_path / "map", eval_config=CFG)
+    manifest = json.loads((tmp_path / "map" / "index.json").read_text())
+    del manifest["model"]["settings"]
+    (tmp_path / "map" / "index.json").write_text(json.dumps(manifest))
+    saved = load_index(tmp_path / "map")
+    saved.check_model(model, CFG)
+    with pytest.raises(ValueError, match="protocol 'default' -> 'official'"):
+        saved.check_model(model, EvalConfig(protocol="official"))
+
+
+def test_the_encoder_group_size_counts_for_a_cross_image_model_only(quiet_random_weights):
+    grouped = EvalConfig(encoder_group_size=8)
+    crica = build_model("CricaVPR", "CricaVPR-S", weights=None, seed=0, image_size=56)
+    assert identity_differences(model_identity(crica, grouped), model_identity(crica)) == ["encoder_group_size 8 -> None"]
+    student = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, **SMALL)
+    assert identity_differences(model_identity(student, grouped), model_identity(student)) == []
+
+
+@pytest.mark.parametrize("name,preset", [("CricaVPR", "CricaVPR-S"), ("SciceVPR", "SciceVPR-S")])
+def test_model_identity_ignores_requires_grad_but_not_a_weight(name, preset, quiet_random_weights):
+    """Freezing a model for inference (requires_grad_(False)) keeps its identity: the index it
+    built accepts it; changing one weight does not."""
+    model = build_model(name, preset, weights=None, seed=0, image_size=56)
+    before = model_identity(model)
+    model.requires_grad_(False)
+    after = model_identity(model)
+    assert after["weights_sha256"] == before["weights_sha256"] and identity_differences(before, after) == []
+    with torch.no_grad():
+        model.backbone.blocks[0].attn.qkv.weight[0, 0] += 1e-3
+    assert identity_differences(before, model_identity(model))[0].startswith("weights (sha256")
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
