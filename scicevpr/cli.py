@@ -284,11 +284,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.save_descriptors:
         for p in result.save_descriptors(args.save_descriptors):
             print(f"written {p}")
-    if args.plot:
-        db, q = result.database_descriptors, result.query_descriptors
-        if pca is not None:
-            db, q = pca.transform(db), pca.transform(q)
-        _write_recall_plot(args.plot, split, {result.model_name: (db, q)})
+    if args.plot:  # the result's descriptors are already projected by the PCA (evaluate)
+        _write_recall_plot(args.plot, split, {result.model_name: (result.database_descriptors, result.query_descriptors)})
     return 0
 
 

@@ -305,6 +305,18 @@ def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
+def test_eval_with_pca_writes_the_recall_plot(tiny_benchmark, tmp_path, capsys):
+    """--pca-dim with --plot: the curve is drawn from the projected descriptors of the
+    evaluation (projected once)."""
+    split = tiny_benchmark.load_split("test")
+    argv = ["eval", *SMALL, "--vg-root", str(tiny_benchmark.vg_root), "--dataset", "synthetic", "--pca-dim", "4",
+            "--pca-images", str(split.folder / "database"), "--plot", str(tmp_path / "curve.png"),
+            "--out", str(tmp_path / "r.csv"), "--num-workers", "0", "--quiet"]
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0 and (tmp_path / "curve.png").is_file() and "curve.png" in out
+    assert pd.read_csv(tmp_path / "r.csv").loc[0, "dim"] == 4
+
+
 def test_the_cpu_only_install_is_documented_and_wired():
     readme = (ROOT / "README.md").read_text()
     assert "about 6 GB" in readme
