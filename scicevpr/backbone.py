@@ -252,9 +252,10 @@ class DinoVisionTransformer(nn.Module):
     Args:
         config: which ViT and its patch / position-embedding settings.
         weights: a state-dict path, ``"auto"`` or ``None`` (random init; see module docstring).
-        seed: draw the random initialisation after ``torch.manual_seed(seed)`` (torch's global
-            RNG, which every ``nn.Module`` initialisation draws from), so that a checkpoint can
-            rebuild it from the seed alone; None draws from the RNG as it stands.
+        seed: draw the random initialisation after seeding torch's global CPU generator with
+            ``seed`` (the RNG every ``nn.Module`` initialisation draws from; the GPUs' generators
+            are left alone), so that a checkpoint can rebuild it from the seed alone; None draws
+            from the RNG as it stands.
 
     Attributes:
         is_random_init: True when no pretrained weights were loaded. Every figure or table
@@ -271,7 +272,7 @@ class DinoVisionTransformer(nn.Module):
     def __init__(self, config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None) -> None:
         super().__init__()
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator the initialisation draws from (GPUs' untouched)
         self.config = config
         C = config.embed_dim
         self.patch_size = config.patch_size

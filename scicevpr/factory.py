@@ -61,7 +61,8 @@ def create_model(
             Meta's download; a compact backbone from the package's ``weights/``) or None (a random
             initialisation). Found before anything is built, so a wrong path fails at once.
         seed: every random part (the backbone when ``weights=None``, then the trainable heads)
-            is drawn from ``torch.manual_seed(seed)`` in a forked RNG: the caller's RNG is untouched.
+            is drawn from torch's CPU generator seeded with ``seed``, in a forked RNG: the caller's RNG
+            (the GPUs' included) is untouched.
         **overrides: ModelConfig fields, e.g. ``image_size=112`` or ``backbone_num_blocks=4``.
     """
     cls = model_class(name)

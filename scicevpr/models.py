@@ -126,8 +126,8 @@ class VPRModel(nn.Module):
         backbone: an existing frozen backbone to share instead of building one (used when a
             student is built from its teacher).
         seed: draw every random initialisation (the backbone's when ``weights=None``, then the
-            trainable parts) from ``torch.manual_seed(seed)``, in a forked RNG (the caller's
-            RNG is untouched); None draws from torch's RNG as it stands.
+            trainable parts) from torch's CPU generator seeded with ``seed``, in a forked RNG (the
+            caller's RNG, the GPUs' included, is untouched); None draws from torch's RNG as it stands.
         **overrides: ModelConfig fields to replace, e.g. ``image_size=112``.
     """
 
@@ -160,7 +160,7 @@ class VPRModel(nn.Module):
                     raise ValueError(f"the shared backbone is not a {cfg.backbone.arch} as the config asks")
                 self.backbone = backbone
                 if seed is not None:
-                    torch.manual_seed(seed)
+                    torch.default_generator.manual_seed(seed)  # the CPU generator the heads draw from (GPUs' untouched)
             self.build_features(cfg)
             self.encoder = self.encoder_cls(
                 cfg.mix_dim, cfg.encoder_heads, cfg.encoder_ffn, cfg.encoder_dropout, self.encoder_depth(cfg)

@@ -67,6 +67,22 @@ def test_sampling_reproducible_per_seed_epoch_and_workers(gsv_root):
     assert not torch.equal(c[1][0], a[1][0])  # other augmentations
 
 
+def test_loading_images_and_building_models_reseed_no_gpu_generator(gsv_root, monkeypatch):
+    """An image's augmentations (and a seeded model's initialisation) draw from the CPU
+    generator, seeded per image; reseeding every GPU's generator as well (torch.manual_seed)
+    would set the training's dropout masks from the last image loaded in the main process, so
+    that a GPU run would depend on the number of DataLoader workers."""
+    from scicevpr.factory import create_model
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    ds = GSVCitiesDataset(gsv_root, img_per_place=4, image_size=24, seed=1)
+    cpu_state = torch.get_rng_state()
+    ds[1]
+    create_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, backbone_num_blocks=1, layers=(0,), image_size=56)
+    assert calls == [] and torch.equal(torch.get_rng_state(), cpu_state)
+
+
 def test_subset_of_cities_and_explicit_transform(gsv_root):
     from scicevpr.data.transforms import eval_transform
 

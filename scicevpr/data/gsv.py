@@ -268,10 +268,12 @@ class GSVCitiesDataset(Dataset):
         images = []
         for k, row in enumerate(self.sample_rows(index)):
             image = load_rgb(self._paths[row])
-            # Augmentations draw from torch's global RNG: seed it per image, restore it after.
+            # Augmentations draw from torch's global CPU RNG: seed it per image, restore it after
+            # (the CPU generator alone: torch.manual_seed would also reseed every GPU's, e.g. the
+            # training's dropout masks when images load in the main process).
             aug_seed = zlib.crc32(np.array(self._sample_seed(index) + [k], dtype=np.int64).tobytes())
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(aug_seed)
+                torch.default_generator.manual_seed(aug_seed)
                 images.append(self.transform(image))  # (3, S, S)
         place_id = int(self.place_ids[index])
         return torch.stack(images), torch.full((self.img_per_place,), place_id, dtype=torch.long)  # (K, 3, S, S), (K,)
