@@ -92,6 +92,24 @@ def test_not_an_image_and_missing_file(tmp_path):
         decode_jpeg_batch([junk], 16, device="cpu")
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         decode_jpeg_batch([tmp_path / "missing.jpg"], 16, device="cpu")
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(CorruptImageError, match=r"cannot read image file .*folder.jpg' \(Is a directory\): make it a readable file"):
+        load_rgb(tmp_path / "folder.jpg")
+
+
+def test_a_png_named_jpg_decodes_in_the_batched_path_as_in_the_pil_path(jpegs, tmp_path):
+    """PIL (the worker path, and skip_corrupt's check) reads a PNG whatever its name; the
+    batched JPEG path (nvJPEG on a GPU) must too, not call it corrupt."""
+    from PIL import Image
+
+    from scicevpr.data.decode import is_decodable
+
+    png = tmp_path / "really_a_png.jpg"
+    Image.open(jpegs[2]).save(png, format="PNG")
+    assert png.read_bytes()[:4] == b"\x89PNG" and is_decodable(png)
+    batched = decode_jpeg_batch([jpegs[0], png], 32, device="cpu")
+    torch.testing.assert_close(batched[1:], _pil_batch([png], 32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(batched[:1], decode_jpeg_batch([jpegs[0]], 32, device="cpu"), atol=0, rtol=0)
 
 
 def test_an_image_above_the_decompression_bomb_limit_is_named(tmp_path, make_jpeg, monkeypatch):

@@ -15,6 +15,7 @@ GPU may differ by a few grey levels (IDCT and chroma upsampling rounding).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -25,9 +26,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .transforms import normalize_uint8_batch
+from .transforms import normalize_uint8_batch, to_uint8_tensor
 
 PathLike = str | os.PathLike
+JPEG_SOI = [0xFF, 0xD8]  # the first two bytes of every JPEG file (start of image)
 
 
 class CorruptImageError(ValueError):
@@ -50,15 +52,21 @@ def too_large_message(path: PathLike, reason: object) -> str:
     )
 
 
-def load_rgb(path: PathLike) -> Image.Image:
+def load_rgb(path: PathLike, data: bytes | None = None) -> Image.Image:
     """Open and fully decode an image as RGB; raise ``CorruptImageError`` naming the file if it fails
-    (corrupt, truncated, or above PIL's decompression-bomb limit)."""
+    (corrupt, truncated, or above PIL's decompression-bomb limit). ``data``: the file's bytes,
+    already read (decoded from memory; ``path`` then only names it)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.load()  # force the full decode here, so truncation is caught now
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image file {str(path)!r} does not exist (was the dataset moved?)") from e
+    except (IsADirectoryError, PermissionError) as e:  # not the image's content: say so
+        raise CorruptImageError(
+            f"cannot read image file {str(path)!r} ({e.strerror}): make it a readable file, or remove it; to go on "
+            "without it pass skip_corrupt=True (command line: --skip-corrupt)."
+        ) from None
     except Image.DecompressionBombError as e:
         raise CorruptImageError(too_large_message(path, e)) from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
@@ -126,6 +134,10 @@ def _decode_jpeg(data, device: torch.device):
 
 
 def _decode_one(data: torch.Tensor, device: torch.device, path: PathLike | None) -> torch.Tensor:
+    """(N,) bytes -> (3, H, W) uint8 on ``device``. Content that is not JPEG (e.g. a PNG named
+    ``.jpg``, which PIL, ``skip_corrupt``'s check and the CPU path all read) is decoded by PIL."""
+    if data[:2].tolist() != JPEG_SOI:
+        return to_uint8_tensor(load_rgb(path if path is not None else "<bytes>", data.numpy().tobytes())).to(device)
     try:
         return _decode_jpeg(data, device)
     except RuntimeError as e:
