@@ -19,7 +19,8 @@ The frozen backbone is the bulk of a model (ViT-B: 86 M parameters, 344 MB) and 
 in training, so it is stored by reference when possible. ``backbone["source"]`` is
 
 - ``"file"``: the DINOv2 weight file (``path``; on load ``weights="auto"`` is tried if that path
-  is gone, so a checkpoint moves between machines that each have the weights);
+  is gone or holds other weights than the recorded fingerprint's, so a checkpoint moves between
+  machines that each have the weights);
 - ``"random"``: a random initialisation rebuilt exactly from ``seed`` (the backbone is the
   first thing a model draws from torch's RNG after ``torch.manual_seed(seed)``);
 - ``"stored"``: the parameters are in ``backbone_state`` (e.g. a backbone that came from an
@@ -235,6 +236,17 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expec
                     f"and weights='auto' found none: {e}"
                 ) from None
         model = create_model(name, cfg, weights=weights)
+        if record.get("fingerprint") and model.backbone.fingerprint != record["fingerprint"]:
+            # another file at the recorded path (e.g. a relative path read from another folder):
+            # the file weights='auto' finds ($SCICEVPR_WEIGHTS, ...) may be the training's
+            try:
+                auto = resolve_weights("auto", cfg.backbone)
+            except FileNotFoundError:
+                auto = None
+            if auto is not None and auto.resolve() != weights.resolve():
+                other = create_model(name, cfg, weights=auto)
+                if other.backbone.fingerprint == record["fingerprint"]:
+                    model = other
     elif src == "stored":
         if "backbone_state" not in ckpt:
             raise ValueError(f"{where} says its backbone is stored but holds no backbone_state; the file is damaged.")
@@ -250,7 +262,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expec
             f"{where}: the rebuilt DINOv2 backbone (source {src!r}) differs from the one it was trained "
             f"with (fingerprint mismatch). "
             + (
-                "The weight file is not the one used in training; point SCICEVPR_WEIGHTS at the right one."
+                f"The weight file {record['path']!r} (and the one weights='auto' finds, if any) is not the one used in "
+                "training; point SCICEVPR_WEIGHTS at the folder of the right one, or put it at the recorded path."
                 if src == "file"
                 else "The random initialisation changed (another torch or scicevpr version); re-save the "
                 "checkpoint with store_backbone=True where it was made."

@@ -261,6 +261,28 @@ def test_checkpoint_with_a_stored_backbone_and_a_fingerprint_check(tmp_path):
         load_model(tmp_path / "tampered.pt")
 
 
+def test_a_checkpoint_on_a_weight_file_replaced_at_its_path_finds_the_right_one_or_says_where(tmp_path, monkeypatch):
+    """The recorded weight file exists but holds other weights (replaced, or a relative path read
+    from another folder): the file weights='auto' finds ($SCICEVPR_WEIGHTS) is used when it is
+    the training's; else the error names the recorded file and the way out."""
+    cfg = scicevpr.get_config("SciceVPR-S", backbone_num_blocks=1, layers=(0,), **SMALL_HEADS)
+    fname = f"{cfg.backbone.hub_name}_pretrain.pth"
+    (tmp_path / "used").mkdir()
+    (tmp_path / "right").mkdir()
+    used, right = tmp_path / "used" / fname, tmp_path / "right" / fname
+    torch.save(build_model("SciceVPR", cfg, weights=None, seed=1).backbone.state_dict(), used)
+    shutil.copy(used, right)
+    model = build_model("SciceVPR", cfg, weights=used, seed=0)
+    save_checkpoint(tmp_path / "model.pt", model)
+    torch.save(build_model("SciceVPR", cfg, weights=None, seed=2).backbone.state_dict(), used)  # replaced
+    monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"weight file .*used.* is not the one used in training; point SCICEVPR_WEIGHTS"):
+        load_model(tmp_path / "model.pt")
+    monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path / "right"))
+    again = load_model(tmp_path / "model.pt")
+    assert again.backbone.fingerprint == model.backbone.fingerprint
+
+
 def test_native_checkpoints_hold_only_tensors_and_plain_types(teacher_run):
     """So that they load with weights_only=True and nothing allowed beyond torch's defaults."""
     _, result = teacher_run
