@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -110,6 +111,52 @@ def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated ints >= 1, e.g. ``1,2,4``."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,4; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 1,2,4; got {text!r}")
+    return values
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def check_output(option: str, path: str | None, suffixes: Sequence[str] = (), folder: bool = False) -> None:
+    """Check an output path before the work that fills it: its suffix (a file), that it is not an
+    existing folder (a file) or file (a folder), and that no file stands where a parent folder
+    must be created."""
+    if path is None:
+        return
+    out = Path(path)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path!r}: expected a {' or '.join(suffixes)} file name, e.g. {out.with_suffix(suffixes[0]).name!r}.")
+    if out.exists() and out.is_dir() != folder:
+        raise ValueError(f"{option} {path!r} is an existing {'file' if folder else 'folder'}; "
+                         f"pass a {'folder' if folder else 'file'} path.")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{option} {path!r}: {str(parent)!r} is a file, not a folder.")
+            break
+
+
 def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["image_size=112", "mix_dim=256"]`` -> ModelConfig overrides with parsed types;
     ``backbone_<field>=`` sets a BackboneConfig field (e.g. ``backbone_num_blocks=4``)."""
@@ -158,6 +205,12 @@ def build_model(args: argparse.Namespace):
     from .factory import create_model
 
     if args.checkpoint:
+        given = [f"--{k}" for k, v in (("official", args.official), ("set", args.set)) if v]
+        given += [f"--{k}" for k, default in (("model", "SciceVPR"), ("preset", "SciceVPR-B"), ("weights", "auto"))
+                  if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"--checkpoint records its model (class, configuration, weights): {', '.join(given)} would be "
+                             "ignored; leave them out, or build an untrained model without --checkpoint.")
         return load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     overrides = parse_model_overrides(args.set)
     if args.official:  # the authors' file carries the whole DINOv2
@@ -174,7 +227,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vg-root", required=True, help="folder holding <dataset>/images/<split>/{database,queries}")
     g.add_argument("--dataset", required=True, help="e.g. pitts30k, msls, tokyo247, nordland, synthetic")
     g.add_argument("--split", default="test")
-    g.add_argument("--radius", type=float, default=25.0, help="positive radius in metres")
+    g.add_argument("--radius", type=positive_float, default=25.0, help="positive radius in metres")
     g.add_argument("--queries", default="queries", help="queries folder name (SF-XL test: queries_v1)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="test-decode every image first and leave out (and count) the ones that fail; default: a corrupt "
@@ -259,8 +312,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_descriptors(args)
     from .evaluate import evaluate, fit_pca_on_images, official_pca_images
     from .protocol import eval_batch_size
+    from .search import model_label
 
     cfg = eval_config(args)
+    check_eval_outputs(args)
     split = load_split(args, None, "default")  # paths first: the model takes seconds to build
     pca_paths = None
     if cfg.pca_dim:
@@ -285,8 +340,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for p in result.save_descriptors(args.save_descriptors):
             print(f"written {p}")
     if args.plot:  # the result's descriptors are already projected by the PCA (evaluate)
-        _write_recall_plot(args.plot, split, {result.model_name: (result.database_descriptors, result.query_descriptors)})
+        _write_recall_plot(args.plot, split, {result.model_name: (result.database_descriptors, result.query_descriptors)},
+                           model_label(model))
     return 0
+
+
+def check_eval_outputs(args: argparse.Namespace) -> None:
+    """``eval``'s output paths, before anything is computed or written."""
+    check_output("--out", args.out, (".csv",))
+    check_output("--plot", args.plot, (".png",))
+    check_output("--save-descriptors", args.save_descriptors, folder=True)
 
 
 def cmd_eval_descriptors(args: argparse.Namespace) -> int:
@@ -296,12 +359,15 @@ def cmd_eval_descriptors(args: argparse.Namespace) -> int:
     from .evaluate import load_descriptor_folder, score
 
     cfg = eval_config(args)
+    check_eval_outputs(args)
     split = load_split(args, None, cfg.protocol)
     if cfg.pca_dim:
         raise ValueError("--pca-dim needs a model; with --descriptors, save descriptors that are already projected")
     names = args.names or list(args.descriptors)
     if len(names) != len(args.descriptors):
         raise ValueError(f"--names gives {len(names)} names for {len(args.descriptors)} --descriptors folders")
+    if len(set(names)) != len(names):
+        raise ValueError(f"the names of the --descriptors folders repeat ({', '.join(names)}): give each its own with --names")
     print(f"{split}")
     pairs, tables = {}, []
     for name, folder in zip(names, args.descriptors):
@@ -314,8 +380,9 @@ def cmd_eval_descriptors(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_recall_plot(path: str, split, descriptors: dict) -> None:
-    """Recall@N for N = 1..100, one line per model, beside the eval table."""
+def _write_recall_plot(path: str, split, descriptors: dict, model: str | None = None) -> None:
+    """Recall@N for N = 1..100, one line per model, beside the eval table; ``model``: which
+    model made them (:func:`scicevpr.search.model_label`), stamped on the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +395,7 @@ def _write_recall_plot(path: str, split, descriptors: dict) -> None:
     chance = chance_recall(split.num_database, split.positives, range(1, 101))
     fig = plot_recall_curves(curves, chance=list(chance.values()),
                              title=f"Recall@N on {split.dataset}/{split.split} ({split.num_queries} queries, {split.radius:.0f} m)",
-                             label=f"{split.dataset}/{split.split}")
+                             label=f"{split.dataset}/{split.split}" + (f"; {model}" if model else ""))
     print(f"written {save_png(fig, path)}")
     plt.close(fig)
 
@@ -346,6 +413,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import report, search_folders, write_search_outputs
 
     require_folders(database=args.database, queries=args.queries)
+    check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     result = search_folders(model, args.database, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
     print(report(result, write_search_outputs(result, args.out, args.top_k, args.sheet_queries)))
@@ -370,7 +438,8 @@ def cmd_index_query(args: argparse.Namespace) -> int:
     from .search import report, write_search_outputs
 
     saved = load_index(args.index, args.database_root)
-    require_folders(queries=args.queries)
+    require_folders(queries=args.queries, database_root=args.database_root)
+    check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     print(describe(saved))
     result = saved.query(model, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
@@ -382,6 +451,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from .evaluate import batch_stability, stability_summary
 
     cfg = eval_config(args)
+    check_output("--out", args.out, (".csv",))
     model, split = model_for_split(args, cfg, load_split(args))  # paths first: the model takes seconds to build
     table = batch_stability(model, split, args.batch_sizes, args.orders, args.seed, cfg.batch_size, cfg)
     _write_table(table, args.out)
@@ -392,10 +462,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .evaluate import compute_descriptors, save_descriptors
 
+    check_output("--out", args.out, (".npy",))  # the row order goes beside it, as .txt
     paths, cfg = image_files(args.images, "--images", args.skip_corrupt), eval_config(args)
-    out = Path(args.out)
-    if out.parent.exists() and not out.parent.is_dir():
-        raise NotADirectoryError(f"--out {args.out!r}: {str(out.parent)!r} is a file, not a folder.")
     model = build_model(args)
     desc = compute_descriptors(model, paths, cfg)
     save_descriptors(args.out, desc)
@@ -593,9 +661,9 @@ def _search_options(p, what: str) -> None:
 def _search_outputs(p) -> None:
     p.add_argument("--queries", required=True, help="folder of query photos (.jpg/.jpeg/.png, searched recursively)")
     p.add_argument("--out", default="search_results", help="folder for matches.csv and contact_sheet.png (default: search_results)")
-    p.add_argument("--top-k", type=int, default=5, help="matches per query in matches.csv (default: 5)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="matches per query in matches.csv (default: 5)")
     p.add_argument("--sheet-queries", type=int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
-    p.add_argument("--radius", type=float, default=25.0, help="positives radius (m) when names carry UTM fields")
+    p.add_argument("--radius", type=positive_float, default=25.0, help="positives radius (m) when names carry UTM fields")
 
 
 def add_search_parser(sub) -> None:
@@ -680,15 +748,19 @@ def add_synth_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .data.synthetic import generate
+    from .data.synthetic import SPLITS, generate
 
     bench = generate(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet, force=args.force,
                      workers=args.workers, splits=args.splits)
     print(f"synthetic benchmark ({bench.preset}, seed {bench.seed}) in {bench.root}")
     for k, v in bench.counts.items():
         print(f"  {k}: {v}")
-    print(f"  GSV-Cities layout: {bench.gsv_root}")
-    print(f"  VG layout:         {bench.vg_root} (dataset '{bench.dataset}', splits val, test)")
+    written = set(args.splits or SPLITS)
+    if "train" in written:
+        print(f"  GSV-Cities layout: {bench.gsv_root}")
+    vg = [s for s in ("val", "test") if s in written]
+    if vg:
+        print(f"  VG layout:         {bench.vg_root} (dataset '{bench.dataset}', splits {', '.join(vg)})")
     return 0
 
 
@@ -733,8 +805,8 @@ def add_stability_parser(sub) -> None:
                        description="Database in file order, batches of 16; queries re-encoded with each batch size and order.")
     add_model_options(p)
     add_eval_options(p)
-    p.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 2, 4, 8, 16, 32))
-    p.add_argument("--orders", type=int, default=3, help="file order + (orders - 1) random orders")
+    p.add_argument("--batch-sizes", type=positive_ints, default=(1, 2, 4, 8, 16, 32), help="query batch sizes, e.g. 1,2,4")
+    p.add_argument("--orders", type=positive_int, default=3, help="file order + (orders - 1) random orders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the tidy table to this CSV")
     p.set_defaults(func=cmd_stability)
@@ -749,7 +821,7 @@ def add_extract_parser(sub) -> None:
     p.add_argument("--images", required=True, help="folder searched recursively for .jpg")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="test-decode every image first and leave out (and count) the ones that fail")
-    p.add_argument("--out", required=True, help="output .npy path")
+    p.add_argument("--out", required=True, help="output .npy path (the file list, in row order, goes beside it as .txt)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_extract)
 
@@ -817,8 +889,10 @@ def error_message(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # before or after the command
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser(_command_in(argv)).parse_args(argv)
-    if args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+    if debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
         return int(args.func(args) or 0)
     prefix = f"scicevpr {args.command}"
     with warnings.catch_warnings():

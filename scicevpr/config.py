@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -403,6 +404,16 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_protocol(self.protocol, "EvalConfig.protocol")
         check_group_size(self.encoder_group_size, "EvalConfig.encoder_group_size")
+        if isinstance(self.recall_values, int):
+            object.__setattr__(self, "recall_values", (self.recall_values,))
+        if not self.recall_values or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in self.recall_values):
+            raise ValueError(f"recall_values must be integers N >= 1 (Recall@N), e.g. 1,5,10,100; got {self.recall_values!r}")
+        for name in ("batch_size", "query_batch_size", "pca_dim"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1" + (" (or None)" if name != "batch_size" else "") + f", got {v!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
         if self.protocol == "official":
             on = [n for n in ("fast", "amp", "gpu_decode") if getattr(self, n)]
             if on:

@@ -300,6 +300,45 @@ def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_pa
     assert code == 2 and re.search(match, err), err
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--radius", "nan"], "argument --radius: expected a finite number > 0"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--recall-values", "0"], "recall_values must be integers N >= 1"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--pca-dim", "-4", "--pca-images", "{tmp}/empty"],
+     "pca_dim must be an integer >= 1"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--plot", "{tmp}/curve.jpg"], "--plot .*expected a .png file name"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--save-descriptors", "{tmp}/afile"], "is an existing file"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--out", "{tmp}/afile/r.csv"], "'.*afile' is a file, not a folder"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--descriptors", "{tmp}/a", "{tmp}/b", "--names", "M", "M"],
+     "names of the --descriptors folders repeat"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--checkpoint", "{tmp}/ck.pt", "--set", "image_size=112"],
+     "--checkpoint records its model .*: --set would be ignored"),
+    (["stability", "--vg-root", "{vg}", "--dataset", "synthetic", "--batch-sizes", "0,2"], "argument --batch-sizes: expected"),
+    (["stability", "--vg-root", "{vg}", "--dataset", "synthetic", "--orders", "0"], "argument --orders: expected an integer >= 1"),
+    (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.txt"], "--out .*expected a .npy file name"),
+    (["search", "--database", "{tmp}/empty", "--queries", "{tmp}/empty", "--top-k", "0"], "argument --top-k"),
+])
+def test_bad_values_and_output_paths_are_refused_before_any_work(argv, match, vg_copy, tmp_path, capsys, no_model):
+    """One message naming the option, exit status 2, before a model is built or a file written
+    (argparse's own errors for values it parses)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    try:
+        code = main([a.format(tmp=tmp_path, vg=vg_copy) for a in argv] + ["--quiet"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err) and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "vg"]  # nothing written
+
+
+def test_debug_works_after_the_command_too(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("epoch\n1\n")
+    with pytest.raises(FileExistsError):
+        main(["train-teacher", "--run-dir", str(run), "--device", "cpu", "--quiet", "--debug"])
+
+
 # --------------------------------------------------------------------------------------------
 # Installing
 # --------------------------------------------------------------------------------------------
