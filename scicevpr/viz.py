@@ -361,6 +361,7 @@ def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Seque
             ax.text(b.get_x() + b.get_width() / 2, y + 0.02 * top, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     if chance is not None:
         ax.axhline(chance, color="0.4", ls="--", lw=1.0, label=f"random ranking ({chance:.1f})")
+        top = max(top, float(chance))  # the line stays inside the axes
     ax.set_xticks(range(len(features)), features, rotation=45, ha="right")
     ax.set_xlabel("features pooled into the descriptor (GeM of backbone block outputs)")
     ax.set_ylabel(f"Recall@{metric[2:]} (%)")
@@ -712,6 +713,7 @@ def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: 
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(metrics) * max(1, len(table)) / 2 + 3), 4.0))
     width = 0.8 / max(1, len(table))
     colours = plt.get_cmap("tab10")
+    intervals = False
     for i, (_, row) in enumerate(table.iterrows()):
         vals = [float(row[m]) for m in metrics]
         x = np.arange(len(metrics)) + i * width
@@ -722,7 +724,7 @@ def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: 
             hi = np.array([float(row[f"{m} hi"]) for m in metrics])
             ax.errorbar(x, vals, yerr=[np.maximum(np.array(vals) - lo, 0), np.maximum(hi - np.array(vals), 0)],
                         fmt="none", ecolor="black", elinewidth=1, capsize=2)
-            tops = hi.tolist()
+            tops, intervals = hi.tolist(), True
         _zero_marks(ax, bars, vals)
         for b, v, t in zip(bars, vals, tops):
             ax.text(b.get_x() + b.get_width() / 2, t + 1.0, f"{v:.1f}", ha="center", fontsize=7)
@@ -733,7 +735,8 @@ def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: 
                 ax.plot([j - width / 2, j + width * (len(table) - 0.5)], [chance[n]] * 2, color="dimgray", ls="--", lw=1.3,
                         label="chance (random ranking)" if j == 0 else None)
     ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, [f"Recall@{m[2:]}" for m in metrics])
-    ax.set_xlabel("metric (a query is correct at N if a true positive is among its N nearest; bars: 95% interval)")
+    ax.set_xlabel("metric (a query is correct at N if a true positive is among its N nearest"
+                  + ("; bars: 95% interval)" if intervals else ")"))
     ax.set_ylabel("queries correct (%)")
     ax.set_ylim(0, 112)
     ax.set_title(title or "Recall@N")
@@ -780,6 +783,7 @@ def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | S
                     ax.text(b.get_x() + b.get_width() / 2, 1.0, "0", ha="center", fontsize=7)
         if chance and int(m[2:]) in chance:
             ax.axhline(chance[int(m[2:])], color="dimgray", ls="--", lw=1.2, label="chance (random ranking)")
+            top = max(top, float(chance[int(m[2:])]))  # the line stays inside the axes
         ax.set_xticks(np.arange(len(conditions)) + width * (len(names) - 1) / 2,
                       [f"{c}\n({counts[c]} q.)" for c in conditions])
         ax.set_xlabel("query condition (number of queries)")

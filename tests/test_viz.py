@@ -193,6 +193,20 @@ def test_figures_are_complete_and_stamped(name, fig):
     assert LABEL in texts(fig), name
 
 
+def test_recall_plots_keep_the_chance_line_in_view_and_claim_intervals_only_when_drawn():
+    """A chance level above every bar (a random backbone) stays inside the axes, and the x label
+    mentions 95% intervals only where error bars were drawn."""
+    fig = viz.plot_layer_recall(pd.DataFrame({"features": ["block 0", "fused"], "R@1": [3.0, 5.0]}), chance=12.0, label=LABEL)
+    assert fig.axes[0].get_ylim()[1] > 12.0
+    fig = viz.plot_recall_by_condition({"m": per_condition(-19.0)}, metric="R@1", chance={1: 60.0}, label=LABEL)
+    assert fig.axes[0].get_ylim()[1] > 60.0
+    plain = pd.DataFrame([{"model": "m", "R@1": 1.0, "R@5": 2.0}])
+    assert "95% interval" not in viz.plot_recalls(plain, label=LABEL).axes[0].get_xlabel()
+    with_ci = plain.assign(**{"R@1 lo": 0.5, "R@1 hi": 1.5, "R@5 lo": 1.0, "R@5 hi": 3.0})
+    assert "bars: 95% interval" in viz.plot_recalls(with_ci, label=LABEL).axes[0].get_xlabel()
+    plt.close("all")
+
+
 def test_plot_stability_draws_one_line_per_model_and_order():
     fig = viz.plot_stability(stability_table(), label=LABEL)
     ax = fig.axes[0]
