@@ -101,9 +101,19 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequ
             continue
         group.add_argument(
             flag, dest=dest, default=argparse.SUPPRESS,
-            metavar=getattr(ann, "__name__", "VALUE").upper(), type=lambda s, a=ann: _parse_value(s, a),
+            metavar=getattr(ann, "__name__", "VALUE").upper(), type=_value_parser(ann),
             help=f"default: {default!r}",
         )
+
+
+def _value_parser(annotation: Any) -> Callable[[str], Any]:
+    """An argparse type for a field annotated ``annotation``, named after it (argparse's "invalid
+    int value: 'x'" names the type)."""
+    def parse(text: str) -> Any:
+        return _parse_value(text, annotation)
+
+    parse.__name__ = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    return parse
 
 
 def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -116,6 +126,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -662,7 +680,7 @@ def _search_outputs(p) -> None:
     p.add_argument("--queries", required=True, help="folder of query photos (.jpg/.jpeg/.png, searched recursively)")
     p.add_argument("--out", default="search_results", help="folder for matches.csv and contact_sheet.png (default: search_results)")
     p.add_argument("--top-k", type=positive_int, default=5, help="matches per query in matches.csv (default: 5)")
-    p.add_argument("--sheet-queries", type=int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
+    p.add_argument("--sheet-queries", type=non_negative_int, default=8, help="queries drawn in contact_sheet.png; 0: none (default: 8)")
     p.add_argument("--radius", type=positive_float, default=25.0, help="positives radius (m) when names carry UTM fields")
 
 

@@ -254,7 +254,10 @@ def resume_csv_log(path: PathLike, column: str, upto: int, columns: tuple[str, .
     if not path.is_file():
         return
     with open(path, newline="") as f:
-        kept = [r for r in csv.DictReader(f) if r.get(column) not in (None, "") and float(r[column]) <= upto]
+        # a row cut short (the process killed while appending it) has missing fields: dropped,
+        # since its cut-off step number could pass for an earlier one
+        kept = [r for r in csv.DictReader(f)
+                if None not in r.values() and r.get(column) not in (None, "") and float(r[column]) <= upto]
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
     w.writeheader()

@@ -845,6 +845,12 @@ class _Run:
             raise ValueError(
                 f"batch_size={config.batch_size} must be divisible by the number of processes ({ddp.world_size})."
             )
+        if config.objective == "dino" and config.koleo_weight > 0 and config.batch_size // ddp.world_size < 2:
+            raise ValueError(
+                f"KoLeo compares the images of each process: batch_size={config.batch_size} over {ddp.world_size} "
+                f"processes leaves {config.batch_size // ddp.world_size}; raise batch_size to at least "
+                f"{2 * ddp.world_size}, or set koleo_weight=0."
+            )
         if config.objective in PLACE_OBJECTIVES and config.places_per_batch % ddp.world_size:
             raise ValueError(
                 f"P = batch_size / img_per_place = {config.places_per_batch} places must be divisible by the number "

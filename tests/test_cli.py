@@ -316,6 +316,8 @@ def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_pa
     (["stability", "--vg-root", "{vg}", "--dataset", "synthetic", "--orders", "0"], "argument --orders: expected an integer >= 1"),
     (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.txt"], "--out .*expected a .npy file name"),
     (["search", "--database", "{tmp}/empty", "--queries", "{tmp}/empty", "--top-k", "0"], "argument --top-k"),
+    (["search", "--database", "{tmp}/empty", "--queries", "{tmp}/empty", "--sheet-queries", "-1"], "argument --sheet-queries"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--batch-size", "abc"], "argument --batch-size: invalid int value"),
 ])
 def test_bad_values_and_output_paths_are_refused_before_any_work(argv, match, vg_copy, tmp_path, capsys, no_model):
     """One message naming the option, exit status 2, before a model is built or a file written

@@ -265,3 +265,8 @@ def test_a_resumed_log_keeps_the_checkpoints_rows_under_the_new_columns(tmp_path
     assert df["b"].tolist()[:2] == [10, 20] and pd.isna(df["b"].tolist()[2]) and df["c"].tolist()[2] == 4
     resume_csv_log(tmp_path / "none.csv", "step", 2, ("step",))  # no log yet: nothing written
     assert not (tmp_path / "none.csv").exists()
+    # a row cut short while it was appended ("3" of "30", its other fields lost) is not kept as step 3
+    cut = tmp_path / "cut.csv"
+    cut.write_text("step,b\n10,100\n20,200\n3")
+    resume_csv_log(cut, "step", 20, ("step", "b"))
+    assert pd.read_csv(cut)["step"].tolist() == [10, 20]

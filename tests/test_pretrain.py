@@ -556,6 +556,15 @@ def test_too_few_places_for_a_batch_names_this_commands_options(tiny_benchmark, 
         pretrain(tiny_config(tiny_benchmark, tmp_path / "run", steps=1, objective="supervised", batch_size=4000))
 
 
+def test_koleo_needs_two_images_on_every_process(tiny_benchmark, tmp_path):
+    from scicevpr.pretrain import _Run
+    from scicevpr.train import _Dist
+
+    config = tiny_config(tiny_benchmark, tmp_path / "run", steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="KoLeo compares the images of each process.*at least 4"):
+        _Run(config, torch.device("cpu"), _Dist(rank=0, world_size=2), amp=False)
+
+
 @pytest.mark.parametrize("text", ['{"stage": "teacher", "train": {}}', "{"])
 def test_resume_into_a_folder_of_something_else_is_one_clear_error(tiny_benchmark, tmp_path, text):
     (tmp_path / "run").mkdir()
