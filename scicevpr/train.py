@@ -485,12 +485,12 @@ def _teacher_record(config: TrainConfig) -> dict[str, str]:
     return {"teacher_file": str(path), "teacher_sha256": file_sha256(path)}
 
 
-def _check_same_teacher(run_dir: Path, config: TrainConfig) -> None:
-    """A student run resumes only on the teacher it started with: its frozen 1x1 conv (in
-    ``last.pt``) is a copy of that teacher's, and the teacher reads the features it makes. The
-    same path can hold another file by then (e.g. stage 1 was extended, rewriting its
-    checkpoints). A run recorded before the teacher's SHA-256 was kept is not checked."""
-    then = read_run_config(run_dir, "train", "training").get("teacher_sha256")
+def _check_same_teacher(run_dir: Path, then: str | None, config: TrainConfig) -> None:
+    """A student run resumes only on the teacher it started with (``then``: the SHA-256 its
+    ``config.json`` recorded): its frozen 1x1 conv (in ``last.pt``) is a copy of that teacher's,
+    and the teacher reads the features it makes. The same path can hold another file by then
+    (e.g. stage 1 was extended, rewriting its checkpoints). A run recorded before the teacher's
+    SHA-256 was kept (``then`` None) is not checked."""
     now = _teacher_record(config)
     if then is not None and then != now["teacher_sha256"]:
         raise ValueError(
@@ -530,13 +530,16 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
                 f"(or delete the folder)."
             )
         return False
+    resuming = (run_dir / "last.pt").is_file()
     if (run_dir / "config.json").is_file():
         old = read_run_config(run_dir, "train", "training")
         if old.get("stage") != stage:
             raise ValueError(f"run folder {str(run_dir)!r} holds a {old.get('stage')} run, not a {stage} run.")
         then = {**_FIELD_DEFAULTS, **old["train"]}  # a field added since the run started: its default
         refuse_config_changes(run_dir, then, config.to_dict(), RESUMABLE_CHANGES)
-    return (run_dir / "last.pt").is_file()
+        if resuming and stage == "student":
+            _check_same_teacher(run_dir, old.get("teacher_sha256"), config)
+    return resuming
 
 
 def refuse_config_changes(run_dir: Path, then: dict[str, Any], now: dict[str, Any], resumable: tuple[str, ...],
@@ -689,8 +692,6 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         ckpt = read_checkpoint(last_path, config.trust_checkpoint)
         if ckpt["model_class"] != type(model).__name__:
             raise ValueError(f"{str(last_path)!r} holds a {ckpt['model_class']}, this run trains a {type(model).__name__}.")
-        if stage == "student":
-            _check_same_teacher(run_dir, config)
         tr = ckpt["training"]
         if tr["iterations_per_epoch"] != ipe:
             raise ValueError(
