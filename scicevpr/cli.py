@@ -199,15 +199,17 @@ def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 MODEL_KINDS = ("SciceVPR", "SuperCricaVPR", "CricaVPR")
+# The defaults of the options that describe an untrained or official model (--checkpoint ignores them).
+MODEL_OPTION_DEFAULTS = {"model": "SciceVPR", "preset": "SciceVPR-B", "weights": "auto"}
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a native checkpoint, an official one, or an untrained preset)")
     g.add_argument("--checkpoint", help="a scicevpr checkpoint (runs/<name>/best.pt)")
     g.add_argument("--official", help="the authors' checkpoint (needs --model and --preset)")
-    g.add_argument("--model", default="SciceVPR", choices=MODEL_KINDS, help="model class for --official or untrained")
-    g.add_argument("--preset", default="SciceVPR-B", help="SciceVPR-B | SciceVPR-L | SciceVPR-S (| CricaVPR presets)")
-    g.add_argument("--weights", default="auto", help="DINOv2 weights: a path, 'auto' or 'none' (random init)")
+    g.add_argument("--model", default=MODEL_OPTION_DEFAULTS["model"], choices=MODEL_KINDS, help="model class for --official or untrained")
+    g.add_argument("--preset", default=MODEL_OPTION_DEFAULTS["preset"], help="SciceVPR-B | SciceVPR-L | SciceVPR-S (| CricaVPR presets)")
+    g.add_argument("--weights", default=MODEL_OPTION_DEFAULTS["weights"], help="DINOv2 weights: a path, 'auto' or 'none' (random init)")
     g.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. image_size=112")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="also load a --checkpoint / --official file that holds pickled Python objects, which runs code "
@@ -224,8 +226,7 @@ def build_model(args: argparse.Namespace):
 
     if args.checkpoint:
         given = [f"--{k}" for k, v in (("official", args.official), ("set", args.set)) if v]
-        given += [f"--{k}" for k, default in (("model", "SciceVPR"), ("preset", "SciceVPR-B"), ("weights", "auto"))
-                  if getattr(args, k) != default]
+        given += [f"--{k}" for k, default in MODEL_OPTION_DEFAULTS.items() if getattr(args, k) != default]
         if given:
             raise ValueError(f"--checkpoint records its model (class, configuration, weights): {', '.join(given)} would be "
                              "ignored; leave them out, or build an untrained model without --checkpoint.")
