@@ -369,8 +369,10 @@ class NotebookSettings:
         """Training image files (GSV-Cities layout, sorted), e.g. to fit the PCA; at most
         ``limit`` (default ``pca_max_images``), evenly spaced when there are more."""
         self.benchmark()
+        from .data.vg import list_images
+
         folder = self.gsv_root / "Images"
-        paths = sorted(folder.rglob("*.jpg"), key=lambda p: p.relative_to(folder).as_posix())
+        paths = list_images(folder)  # sorted, as the evaluation splits are listed
         if not paths:
             raise FileNotFoundError(f"no training images under {str(folder)!r}")
         limit = self.pca_max_images if limit is None else limit
