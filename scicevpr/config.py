@@ -45,7 +45,7 @@ def check_seed(seed: int) -> int:
     """A run's seed: a non-negative int (NumPy draws the data order from ``[seed, epoch]``, and
     refuses negative entries; a negative seed would fail at the first batch, after the run folder
     was written)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return seed
 
