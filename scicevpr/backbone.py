@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,16 @@ def manifest_path(weights_path: str | os.PathLike) -> Path:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (any dtype, any device; row-major), for hashing."""
     return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def hash_tensors(h: Any, named: Iterable[tuple[str, torch.Tensor]], with_layout: bool = False) -> Any:
+    """Feed named tensors to the hash ``h`` in the order given: each name (``with_layout``: its
+    dtype and shape too), then its bytes. The backbone's fingerprint, an index's model identity
+    and the backbone cache's key all hash weights this way; returns ``h``."""
+    for name, t in named:
+        h.update((f"{name} {t.dtype} {tuple(t.shape)}" if with_layout else name).encode())
+        h.update(tensor_bytes(t))
+    return h
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -371,11 +381,7 @@ class DinoVisionTransformer(nn.Module):
         stamp = tuple((k, p.data_ptr(), p._version) for k, p in frozen)
         if self._fingerprint is not None and self._fingerprint[0] == stamp:
             return self._fingerprint[1]
-        h = hashlib.sha256()
-        for k, p in frozen:
-            h.update(k.encode())
-            h.update(tensor_bytes(p))
-        self._fingerprint = (stamp, h.hexdigest())
+        self._fingerprint = (stamp, hash_tensors(hashlib.sha256(), frozen).hexdigest())
         return self._fingerprint[1]
 
     # ---- forward ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .backbone import tensor_bytes
+from .backbone import hash_tensors, tensor_bytes
 from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
 from .data.transforms import eval_transform
@@ -127,9 +127,7 @@ class BackboneCache:
             settings = sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and (
                 isinstance(v, (bool, int, float, str, tuple)) or dataclasses.is_dataclass(v)))
             h.update(f"{name} {type(m).__qualname__} {settings}".encode())
-        for name, t in (*model.backbone.named_parameters(), *model.backbone.named_buffers()):
-            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-            h.update(tensor_bytes(t))
+        hash_tensors(h, (*model.backbone.named_parameters(), *model.backbone.named_buffers()), with_layout=True)
         return h.hexdigest()
 
     def backbone_features(self, model: torch.nn.Module, x: torch.Tensor, weights_key: str) -> torch.Tensor:

@@ -163,15 +163,12 @@ def model_identity(model, eval_config=None) -> dict[str, Any]:
     buffer of the state dict, whatever its ``requires_grad``; BatchNorm step counters aside) and
     the :func:`descriptor_settings` of ``eval_config``: two models with the same identity give the
     same descriptors."""
-    from .backbone import tensor_bytes
+    from .backbone import hash_tensors
     from .checkpoint import config_to_dict
 
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if name.endswith("num_batches_tracked"):  # a BatchNorm step counter: no effect on descriptors
-            continue
-        h.update(name.encode())
-        h.update(tensor_bytes(t))
+    weights = sorted(((n, t) for n, t in model.state_dict().items()
+                      if not n.endswith("num_batches_tracked")), key=lambda nt: nt[0])  # BatchNorm step counters: no effect on descriptors
+    h = hash_tensors(hashlib.sha256(), weights)
     return {"model_class": type(model).__name__, "config": config_to_dict(model.config),
             "weights_sha256": h.hexdigest(), "label": model_label(model),
             "settings": descriptor_settings(model, eval_config)}
