@@ -651,11 +651,18 @@ class PretrainConfig:
             crop of ``objective="distil"`` and ``"cnn"``).
         loss: ``L_MS`` hyper-parameters (the paper's).
     Distillation from a convolutional network:
-        distil_teacher: the state dict of a trained :class:`~scicevpr.pretrain.LayoutCNN`
-            (``objective="cnn"``'s export), a ``.pt`` file; required by ``"distil"``.
+        distil_teacher: the teacher of ``"distil"``: the state dict of a trained
+            :class:`~scicevpr.pretrain.LayoutCNN` (``objective="cnn"``'s export, a ``.pt`` file), or
+            a backbone weight file with its manifest (a ``.pth`` exported by this command, of the
+            same architecture), whose last block's patch tokens after the final norm are the map
+            to learn (:class:`~scicevpr.pretrain.ViTMapTeacher`); required by ``"distil"``.
         distil_size: side (pixels) of the network's input, a multiple of 8: for ``"distil"`` the
             same crop as the ViT's, resized (64: the teacher's 8 x 8 map lies on the ViT's 8 x 8
-            patches); for ``"cnn"`` the side at which it is trained.
+            patches; a ViT teacher takes ``image_size``); for ``"cnn"`` the side at which it is trained.
+        distil_class_token: ``"distil"``: the CLS token also learns the network's place descriptor
+            (``W_c z_cls`` against ``d``). False: no token has a place objective of its own; only
+            the patch tokens learn the teacher's map, and the CLS token keeps what self-supervision
+            and the shared blocks give it (a ViT teacher has no place descriptor: False).
     Monitoring:
         val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``, e.g.
             the synthetic benchmark's ``vg`` folder, ``"synthetic"``, ``"val"``; None: no monitoring.
@@ -719,6 +726,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     distil_teacher: str | None = None
     distil_size: int = 64
+    distil_class_token: bool = True
     val_root: str | None = None
     val_dataset: str = "synthetic"
     val_split: str = "val"

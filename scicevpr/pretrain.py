@@ -525,24 +525,51 @@ class LayoutCNN(nn.Module):
         return net.eval().requires_grad_(False)
 
 
+class ViTMapTeacher(nn.Module):
+    """A trained backbone as the teacher of ``objective="distil"``: its last block's patch tokens
+    after the final norm are the map ``f`` the student's patch tokens learn, cell for cell. It has
+    no place descriptor, so the student's CLS token gets no objective (``distil_class_token=False``).
+
+    ``feature_map``: (B, 3, S, S) uint8 or floats in [0, 1] -> (B, C, S / p, S / p).
+    """
+
+    def __init__(self, backbone: DinoVisionTransformer) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.channels = backbone.embed_dim  # C
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        B, _, S, _ = x.shape
+        g = S // self.backbone.patch_size
+        t = self.backbone.get_intermediate_layers(normalize_unit(x), [len(self.backbone.blocks) - 1])[0]  # (B, 1 + HW, C)
+        return t[:, 1:].transpose(1, 2).reshape(B, self.channels, g, g)  # (B, HW, C) -> (B, C, g, g)
+
+    def describe(self, f: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a ViT teacher has no place descriptor: distil with distil_class_token=False.")
+
+
 @torch.no_grad()
-def distil_targets(f: torch.Tensor, d: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def distil_targets(f: torch.Tensor, d: torch.Tensor | None, grid: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The network's outputs as targets (fp32): its map ``f`` (B, 256, h, w), average-pooled to the
     ViT's ``grid`` x ``grid`` patches when h differs, standardised per channel over the batch and
     the cells; its descriptors ``d`` (B, 512) centred over the batch. What every image shares (a
     ReLU map's positive mean direction, scoring cosines of about 0.5 for any prediction) is no
-    target; what tells images and cells apart is. Under DDP each rank uses its own share's statistics."""
+    target; what tells images and cells apart is. Under DDP each rank uses its own share's statistics.
+    ``d`` None (no CLS objective): None."""
     f = f.float() if f.shape[-1] == grid else F.adaptive_avg_pool2d(f.float(), (grid, grid))
     f = (f - f.mean(dim=(0, 2, 3), keepdim=True)) / (f.std(dim=(0, 2, 3), keepdim=True) + 1e-6)
-    return f, d.float() - d.float().mean(dim=0, keepdim=True)
+    return f, None if d is None else d.float() - d.float().mean(dim=0, keepdim=True)
 
 
-def distil_losses(dense: torch.Tensor, cls: torch.Tensor, f: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L_dense, L_cls)`` (fp32): ``dense`` (B, 256, g, g) = ``W_p z`` against the target map
-    ``f`` (B, 256, g, g), cell by cell; ``cls`` (B, 512) = ``W_c z_cls`` against the target
-    descriptor ``d`` (B, 512) (:func:`distil_targets`). Each is the mean of 1 - cosine."""
+def distil_losses(dense: torch.Tensor, cls: torch.Tensor | None, f: torch.Tensor, d: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(L_dense, L_cls)`` (fp32): ``dense`` (B, C_t, g, g) = ``W_p z`` against the target map
+    ``f`` (B, C_t, g, g), cell by cell; ``cls`` (B, 512) = ``W_c z_cls`` against the target
+    descriptor ``d`` (B, 512) (:func:`distil_targets`). Each is the mean of 1 - cosine; ``L_cls``
+    is None without a CLS objective (``cls`` None)."""
     l_dense = (1 - F.cosine_similarity(dense.float(), f, dim=1)).mean()  # over b and the g x g cells
-    l_cls = (1 - F.cosine_similarity(cls.float(), d, dim=1)).mean()
+    l_cls = None if cls is None else (1 - F.cosine_similarity(cls.float(), d, dim=1)).mean()
     return l_dense, l_cls
 
 
@@ -551,10 +578,11 @@ class _Student(nn.Module):
 
     DINO: ``forward(globals, locals, masks) -> (global CLS logits, local CLS logits,
     masked-patch logits, global CLS features)``. Supervised: ``forward(images) -> descriptors``.
-    Distil: ``forward(images) -> (W_p z, W_c z_cls)``.
+    Distil: ``forward(images) -> (W_p z, W_c z_cls)`` (``W_c z_cls`` None without a CLS objective);
+    ``target_channels``: C_t, the channels of the teacher's map.
     """
 
-    def __init__(self, config: PretrainConfig) -> None:
+    def __init__(self, config: PretrainConfig, target_channels: int = LayoutCNN.channels) -> None:
         super().__init__()
         self.objective = config.objective
         with warnings.catch_warnings():
@@ -568,8 +596,8 @@ class _Student(nn.Module):
             self.head = DINOHead(C, config.prototypes, config.head_hidden, config.head_bottleneck)
         elif config.objective == "distil":
             self.backbone.mask_token.requires_grad_(False)
-            self.dense_proj = nn.Linear(C, LayoutCNN.channels)  # W_p: patch token -> the network's feature at that cell
-            self.cls_proj = nn.Linear(C, LayoutCNN.dim)  # W_c: CLS token -> the network's place descriptor
+            self.dense_proj = nn.Linear(C, target_channels)  # W_p: patch token -> the teacher's feature at that cell
+            self.cls_proj = nn.Linear(C, LayoutCNN.dim) if config.distil_class_token else None  # W_c: CLS token -> the network's place descriptor
         else:
             self.backbone.mask_token.requires_grad_(False)  # no masked patches without iBOT
             self.pooling = config.pooling
@@ -597,16 +625,19 @@ class _Student(nn.Module):
         return g_logits, l_logits, patch_logits, g_cls
 
     def _distil(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, 1 + HW, C) tokens -> (b, 256, g, g) the patch tokens carried to the network's
-        feature map (``W_p z``), and (b, 512) the CLS token to its descriptor (``W_c z_cls``)."""
+        """(b, 1 + HW, C) tokens -> (b, C_t, g, g) the patch tokens carried to the teacher's
+        feature map (``W_p z``), and (b, 512) the CLS token to its descriptor (``W_c z_cls``; None
+        without a CLS objective)."""
         B, N, C = t.shape
-        dense = self.dense_proj(t[:, 1:]).transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, HW, 256) -> (B, 256, g, g)
-        return dense, self.cls_proj(t[:, 0])
+        dense = self.dense_proj(t[:, 1:]).transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, HW, C_t) -> (B, C_t, g, g)
+        return dense, None if self.cls_proj is None else self.cls_proj(t[:, 0])
 
     def describe(self, t: torch.Tensor) -> torch.Tensor:
         """(b, 1 + HW, C) last-block tokens -> (b, D) the unit descriptor the objective trains
         (supervised: its ``pooling``; distil: ``W_c z_cls``, the CLS token in the network's space)."""
         if self.objective == "distil":
+            if self.cls_proj is None:
+                raise ValueError("a distil run without a CLS objective trains no descriptor of its own.")
             return F.normalize(self.cls_proj(t[:, 0]).float(), dim=-1)
         if self.pooling == "cls":
             d = t[:, 0]
@@ -865,7 +896,7 @@ class _Run:
                               files_sha256=hashlib.sha256("\n".join(str(Path(p).relative_to(gsv_root)) for p in paths).encode()).hexdigest())
         self.cnn = None
         if config.objective == "distil":  # the teacher read, named in every checkpoint and the export's manifest
-            self.cnn, self.data_info["distil_teacher"] = _load_teacher(config.distil_teacher)
+            self.cnn, self.data_info["distil_teacher"] = _load_teacher(config.distil_teacher, config)
         if config.objective not in PLACE_OBJECTIVES:  # batches of images, not of places
             self.steps_per_epoch = len(paths) // config.batch_size
             if self.steps_per_epoch < 1:
@@ -880,7 +911,8 @@ class _Run:
             self.steps_per_epoch = len(self.sampler)
         self.cache = load_image_cache(paths, config.cache_size, config.num_workers, config.progress and ddp.main).to(device)
         torch.manual_seed(config.seed)
-        self.student = (LayoutCNN() if config.objective == "cnn" else _Student(config)).to(device)
+        self.student = (LayoutCNN() if config.objective == "cnn" else
+                        _Student(config, self.cnn.channels) if self.cnn is not None else _Student(config)).to(device)
         self.teacher = _Teacher(self.student).to(device) if config.objective == "dino" else None
         self.cnn = self.cnn.to(device) if self.cnn is not None else None
         K_out = config.prototypes
@@ -915,7 +947,8 @@ class _Run:
         try:
             if self.config.objective == "cnn":
                 return self.check.recalls(lambda x: {"desc": model(x)})  # uint8 in, unit descriptors out
-            describe = self.student.describe if self.config.objective != "dino" else None
+            trains_descriptor = self.config.objective != "dino" and getattr(self.student, "cls_proj", True) is not None
+            describe = self.student.describe if trains_descriptor else None
             return self.check.recalls(vit_descriptors(model.backbone, self.amp, describe))
         finally:
             model.train(training)
@@ -995,13 +1028,13 @@ class _Run:
             images = MultiCropAugment.apply(x, p, self.supervised_spec)  # (b, 3, S, S), ImageNet-normalised
             small = MultiCropAugment.apply(x, p, self.cnn_spec, normalise=False)  # (b, 3, s, s) in [0, 1]: the same crops
             with torch.no_grad():
-                f = self.cnn.feature_map(small)  # (b, 256, s / 8, s / 8)
-                d = self.cnn.describe(f)  # (b, 512)
+                f = self.cnn.feature_map(small)  # (b, C_t, h, w): CNN (b, 256, s / 8, s / 8); ViT (b, C, g, g)
+                d = self.cnn.describe(f) if c.distil_class_token else None  # (b, 512)
             with autocast(dev, self.amp):
                 dense, cls = self.model(images)
             l_dense, l_cls = distil_losses(dense, cls, *distil_targets(f, d, self.student.grid))
-            loss = l_dense + l_cls
-            parts = {"loss_dense": l_dense.detach(), "loss_cls": l_cls.detach()}
+            loss = l_dense if l_cls is None else l_dense + l_cls
+            parts = {"loss_dense": l_dense.detach()} if l_cls is None else {"loss_dense": l_dense.detach(), "loss_cls": l_cls.detach()}
         else:  # L_MS on place batches: the ViT (supervised) or the network (cnn, from pixels in [0, 1])
             spec = self.cnn_spec if c.objective == "cnn" else self.supervised_spec
             p = MultiCropAugment.params(gen, n, spec)
@@ -1246,35 +1279,55 @@ def _sync(device: torch.device) -> None:
 
 
 def describe_backbone(config: BackboneConfig, objective: str, init_objective: str | None = None,
-                      short: bool = False) -> str:
+                      short: bool = False, class_token: bool = True) -> str:
     """The line every figure and table made with a pretrained backbone carries, e.g.
     "ViT-S/14, 4 blocks at 112 px, self-supervised (DINO + iBOT) on synthetic streets (not Meta's
     DINOv2 weights)"; ``short=True``: the form that fits under a figure, e.g. "ViT-S/14
     self-supervised on synthetic streets (not Meta's DINOv2)". ``init_objective``: the objective
-    of the weights the run started from."""
+    of the weights the run started from; ``class_token=False``: a distil run whose CLS token had no
+    objective (only the patch tokens learned the teacher's map)."""
     arch = f"ViT-{config.arch[3].upper()}/{config.patch_size}"
+    if objective == "distil" and not class_token:
+        objective = "distil_patches"
     if short:
-        names = {"dino": "self-supervised", "supervised": "trained with L_MS", "distil": "distilled from a small CNN"}
+        names = {"dino": "self-supervised", "supervised": "trained with L_MS", "distil": "distilled from a small CNN",
+                 "distil_patches": "patch tokens distilled (no CLS objective)"}
         how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]},"
         return f"{arch} {how} on synthetic streets (not Meta's DINOv2)"
     names = {"dino": "self-supervised (DINO + iBOT)", "supervised": "trained with L_MS on places",
-             "distil": "distilled from a small CNN trained with L_MS"}
+             "distil": "distilled from a small CNN trained with L_MS",
+             "distil_patches": "its patch tokens alone distilled from a teacher's feature map (no objective on the CLS token)"}
     how = names[objective] if init_objective is None else f"{names[init_objective]}, then {names[objective]}"
     blocks = f"{config.depth} block{'s' if config.depth != 1 else ''}"
     return f"{arch}, {blocks} at {config.pretrain_img_size} px, {how} on synthetic streets (not Meta's DINOv2 weights)"
 
 
-def _load_teacher(path: PathLike) -> tuple[LayoutCNN, dict[str, Any]]:
-    """The convolutional teacher of a distil run (:meth:`LayoutCNN.load`, which refuses a file its
-    manifest does not describe) and its record as the run read it (kept in the checkpoint's data
-    record and copied to the export's manifest): its file's name and sha256, and, where the file
-    was exported by ``objective="cnn"``, how it was trained (from its manifest)."""
+def _load_teacher(path: PathLike, config: PretrainConfig) -> tuple[LayoutCNN | ViTMapTeacher, dict[str, Any]]:
+    """The teacher of a distil run and its record as the run read it (kept in the checkpoint's data
+    record and copied to the export's manifest): its file's name and sha256, and how it was trained
+    (from its manifest). A backbone weight file with its manifest (:data:`MANIFEST_FORMAT`, the
+    architecture of ``config``) gives a :class:`ViTMapTeacher`; any other file is read as a
+    :class:`LayoutCNN` (:meth:`LayoutCNN.load`, which refuses a file its manifest does not describe)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"distil_teacher {str(path)!r} does not exist; train one with `scicevpr pretrain-backbone "
-                                "--objective cnn ... --export cnn.pt`.")
-    net = LayoutCNN.load(path)
+                                "--objective cnn ... --export cnn.pt`, or give an exported backbone (.pth with its manifest).")
     record: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
+    vit_manifest = check_manifest(path, config.backbone_config())  # None unless a backbone manifest lies beside it
+    if vit_manifest is not None:
+        if config.distil_class_token:
+            raise ValueError(f"distil_teacher {str(path)!r} is a ViT backbone: it has no place descriptor for the CLS token "
+                             "to learn; distil with distil_class_token=False (--no-distil-class-token).")
+        if config.distil_size != config.image_size:
+            raise ValueError(f"a ViT teacher sees the student's crop: set distil_size={config.image_size} (the image_size), "
+                             f"not {config.distil_size}.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            net = ViTMapTeacher(DinoVisionTransformer(config.backbone_config(), weights=str(path)))
+        record["kind"] = "vit"
+        record["trained"] = {k: vit_manifest.get(k) for k in ("description", "label", "objective", "init", "distil_teacher", "steps", "train_s", "machines")}
+        return net, record
+    net = LayoutCNN.load(path)
     if net.manifest is not None:
         record["trained"] = {k: net.manifest.get(k) for k in ("description", "data", "steps", "images_seen", "train_s", "machines")}
     return net, record
@@ -1375,8 +1428,9 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
                 "machines": init_manifest.get("machines")}
     manifest = {
         "format": MANIFEST_FORMAT,
-        "description": describe_backbone(bb_config, cfg.objective, init and init["objective"]),
-        "label": describe_backbone(bb_config, cfg.objective, init and init["objective"], short=True),
+        "description": describe_backbone(bb_config, cfg.objective, init and init["objective"], class_token=cfg.distil_class_token),
+        "label": describe_backbone(bb_config, cfg.objective, init and init["objective"], short=True,
+                                   class_token=cfg.distil_class_token),
         "file": out.name,
         "sha256": file_sha256(out),
         "bytes": out.stat().st_size,

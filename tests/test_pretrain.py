@@ -22,7 +22,7 @@ from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_
 from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
 from scicevpr.data.synthetic import PRESETS, build_plan
-from scicevpr.data.transforms import normalize_uint8_batch
+from scicevpr.data.transforms import normalize_uint8_batch, normalize_unit
 from scicevpr.files import holds_files, save_torch_file
 from scicevpr.pretrain import (
     MultiCropAugment,
@@ -344,6 +344,47 @@ def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(ti
     assert "distilled from a small CNN" in manifest["description"]
     assert manifest["distil_teacher"] == {"file": cnn_file.name, "sha256": file_sha256(cnn_file)}
     DinoVisionTransformer(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
+
+
+def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchmark, tmp_path):
+    """A backbone file as the teacher: the student's patch tokens learn its patch tokens, cell for
+    cell; no token has a place objective (no W_c, no L_cls), and the export says so."""
+    from scicevpr.pretrain import ViTMapTeacher, _load_teacher
+
+    teacher_file = export_backbone(dino_run[1].run_dir, tmp_path / "teacher.pth")
+    size = TINY["image_size"]
+    with pytest.raises(ValueError, match="no place descriptor"):  # a ViT has no descriptor for the CLS token
+        _load_teacher(teacher_file, tiny_config(tiny_benchmark, tmp_path / "a", objective="distil",
+                                                distil_teacher=str(teacher_file), distil_size=size))
+    with pytest.raises(ValueError, match=f"distil_size={size}"):  # it sees the student's crop
+        _load_teacher(teacher_file, tiny_config(tiny_benchmark, tmp_path / "b", objective="distil", distil_size=8,
+                                                distil_teacher=str(teacher_file), distil_class_token=False))
+    config = tiny_config(tiny_benchmark, tmp_path / "distil", objective="distil", distil_teacher=str(teacher_file),
+                         distil_size=size, distil_class_token=False, steps=16, lr=2e-3,
+                         val_root=str(tiny_benchmark.vg_root), val_every=16)
+    net, record = _load_teacher(teacher_file, config)
+    assert isinstance(net, ViTMapTeacher) and record["kind"] == "vit" and record["sha256"] == file_sha256(teacher_file)
+    x = torch.rand(2, 3, size, size)
+    g = size // net.backbone.patch_size
+    t = net.backbone.get_intermediate_layers(normalize_unit(x), [len(net.backbone.blocks) - 1])[0]  # (2, 1 + g*g, C)
+    f = net.feature_map(x)
+    assert f.shape == (2, net.channels, g, g)
+    torch.testing.assert_close(f[1, :, 0, g - 1], t[1, g])  # row 0, last column = patch token g (token 0 is CLS)
+    torch.testing.assert_close(net.feature_map((x * 255).round().to(torch.uint8)),
+                               net.feature_map((x * 255).round() / 255))  # uint8 in as [0, 1] floats
+    result = pretrain(config)
+    h = result.history
+    early, late = _early_late(h, "loss_dense")
+    assert late < early
+    assert "loss_cls" not in h or h["loss_cls"].isna().all()
+    assert h.loc[h["step"].isin([0, 16]), ["R@1", "R@1_cls"]].notna().all().all()  # the patch mean and CLS monitored
+    state = read_pretrain_checkpoint(result.last_path)["student"]
+    assert "dense_proj.weight" in state and state["dense_proj.weight"].shape[0] == net.channels
+    assert not any(k.startswith("cls_proj") for k in state)
+    manifest = json.loads(manifest_path(export_backbone(result.run_dir, tmp_path / "vit.pth")).read_text())
+    assert "no objective on the CLS token" in manifest["description"] and "no CLS objective" in manifest["label"]
+    assert manifest["distil_teacher"]["kind"] == "vit" and manifest["distil_teacher"]["file"] == "teacher.pth"
+    assert manifest["config"]["distil_class_token"] is False
 
 
 def test_distil_needs_a_trained_network(tiny_benchmark, tmp_path, capsys):
