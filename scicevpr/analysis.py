@@ -2,13 +2,15 @@
 plots (:mod:`scicevpr.viz`) and the notebooks' switch (:mod:`scicevpr.notebook`).
 
 - **Notebook 01, multi-layer DINOv2 features** (paper Sec. III-A): :func:`layer_features`,
-  :func:`linear_cka` / :func:`layer_similarity` (how alike the blocks are), :func:`layer_descriptors`
+  :func:`linear_cka` / :func:`layer_similarity` (how alike the blocks are), :func:`probe_descriptor`,
+  :func:`layer_descriptors`
   / :func:`layer_recall_table` (Recall@N of single and fused blocks), :func:`demo_pairs`.
 - **Notebook 02, the fusion module** (paper Fig. 5): :func:`influence_maps` (channel fusion vs
   token mixing), :func:`gem_analysis` (GeM's p between mean and max), :func:`parameter_counts`,
   :func:`preset_table`.
 - **Notebook 04, distillation**: :func:`training_batch`, :func:`initial_student`,
-  :func:`descriptor_cosines`, :func:`agreement` (how closely the student follows the teacher).
+  :func:`descriptor_cosines`, :func:`agreement` (how closely the student follows the teacher),
+  :func:`agreement_difference` (which of two students follows it more closely, with a paired interval).
 - **Notebook 03, the paper's Fig. 1**: :func:`flip_example` (a query whose best match changes with the batch).
 - **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`colour_baseline_row`
   (the colour-layout floor), :func:`pick_queries`,
@@ -95,12 +97,26 @@ def _gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     return pool(x)[:, 0]  # region 0: the whole map
 
 
+def probe_descriptor(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """The per-block probe's descriptor of (B, C, H, W) block outputs -> (B, 2C), L2-normalised.
+
+    GeM needs non-negative inputs, and a block's output (after the final LayerNorm) is signed:
+    clamping it at ``eps`` would drop its negative half, which the model never does. The model
+    pools ``F = ReLU(W_1x1 * X)`` (notebook 02); the probe applies the same form with a fixed,
+    untrained ``W_1x1 = [I; -I]`` (2C x C): ``ReLU(X)`` and ``ReLU(-X)`` together hold ``X``
+    exactly (``X = ReLU(X) - ReLU(-X)``), so both halves reach GeM and nothing is learned.
+    """
+    signed = torch.cat([x, -x], dim=1).relu()  # (B, C, H, W) -> (B, 2C, H, W), [ReLU(X); ReLU(-X)]
+    return torch.nn.functional.normalize(_gem(signed.float(), p), dim=-1)
+
+
 @torch.no_grad()
 def layer_descriptors(model, paths, layers, settings: "NotebookSettings", fusions=None) -> dict[str, np.ndarray]:
     """Simple global descriptors from single DINOv2 blocks and from fused blocks.
 
-    Each block's patch features are GeM-pooled (p = 3) over the whole image and
-    L2-normalised; ``"blocks a-b fused"`` concatenates the descriptors of a group of blocks
+    Each block's patch features go through :func:`probe_descriptor` (ReLU of the fixed 1x1
+    fusion ``[I; -I]``, then GeM with p = 3 over the whole image, L2-normalised: 2C dimensions
+    per block); ``"blocks a-b fused"`` concatenates the descriptors of a group of blocks
     before normalising (``fusions``: groups of block indices, default the model's
     ``config.layers``). No trained weight is involved, so this measures what the frozen
     backbone's blocks carry. Returns name -> (N, D) float32.
@@ -117,7 +133,7 @@ def layer_descriptors(model, paths, layers, settings: "NotebookSettings", fusion
         with autocast(device, settings.amp):
             feats = layer_features(backbone, x, layers)
         for l, f in feats.items():
-            out[l].append(torch.nn.functional.normalize(_gem(f.float()), dim=-1))
+            out[l].append(probe_descriptor(f))
     desc = {f"block {l}": torch.cat(v).numpy() for l, v in out.items()}
     for fused in dict.fromkeys(fusions):
         cat = torch.cat([torch.cat(out[l]) for l in fused], dim=1)
@@ -225,6 +241,36 @@ def agreement(student, teacher) -> dict[str, float]:
     return {"mean cosine": round(float(cos.mean()), 3), "L_D": round(l_d, 3), "same top-1 (%)": round(same, 1)}
 
 
+def agreement_difference(a, b, teacher, level: float = 0.95, num_samples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """How much more closely student ``a`` follows ``teacher`` than student ``b`` does, on both
+    measures of :func:`agreement` that are per query: the cosine of a query's descriptor to the
+    teacher's, and whether its nearest database image is the teacher's (percent). All three are
+    evaluation results on the same split.
+
+    One row per measure: ``a``, ``b``, ``difference`` (a - b), its paired percentile-bootstrap
+    interval ``lo`` / ``hi`` (the queries resampled with replacement, the same resample for a
+    and b; seeded) and ``verdict``: "higher" / "lower" when the interval excludes 0, else
+    "not distinguishable"."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    per_query = {
+        "mean cosine to the teacher": (descriptor_cosines(a.query_descriptors, teacher.query_descriptors),
+                                       descriptor_cosines(b.query_descriptors, teacher.query_descriptors)),
+        "same top-1 as the teacher (%)": (100.0 * (a.predictions[:, 0] == teacher.predictions[:, 0]),
+                                          100.0 * (b.predictions[:, 0] == teacher.predictions[:, 0])),
+    }
+    n_q = len(teacher.predictions)
+    sample = np.random.default_rng(seed).integers(0, n_q, size=(num_samples, n_q))  # (S, N_q) query indices
+    rows = []
+    for measure, (x, y) in per_query.items():
+        d = np.asarray(x, np.float64) - np.asarray(y, np.float64)  # (N_q,) paired differences
+        lo, hi = np.quantile(d[sample].mean(1), [(1 - level) / 2, (1 + level) / 2])
+        verdict = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
+        rows.append({"measure": measure, "a": float(np.mean(x)), "b": float(np.mean(y)), "difference": float(d.mean()),
+                     "lo": float(lo), "hi": float(hi), "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
 def pick_queries(result, n: int = 4, success: bool = True, conditions=None) -> list[int]:
     """``n`` queries whose first retrieval is correct (``success``) or wrong, spread over the
     query conditions when the split has them; deterministic."""
@@ -264,10 +310,14 @@ def demo_pairs(split, n_pairs: int = 2, conditions=("night", "fog", "snow", "rai
     return paths, captions
 
 
-def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), **overrides) -> pd.DataFrame:
-    """Sizes of each preset at its image size: channels, grid, descriptor dimension and
-    parameter counts of every part (models built on the ``meta`` device: nothing is
-    allocated or loaded). Parameter counts are in millions."""
+def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), per_preset=None, **overrides) -> pd.DataFrame:
+    """Sizes of each preset at its image size: backbone blocks, channels, grid, descriptor
+    dimension and parameter counts of every part (models built on the ``meta`` device: nothing
+    is allocated or loaded). Parameter counts are in millions.
+
+    ``overrides``: ModelConfig fields replaced in every preset; ``per_preset``: preset -> fields
+    replaced in that preset only, e.g. ``{settings.preset: settings.model_overrides}`` so that the
+    row of the preset a notebook runs is the model it builds (offline: 4 backbone blocks, 112 px)."""
 
     from .factory import create_model
 
@@ -276,16 +326,19 @@ def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), **overrides
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.device("meta"):
-                teacher = create_model("SuperCricaVPR", name, weights=None, **overrides)
-                student = create_model("SciceVPR", name, weights=None, **overrides)
+                kw = {**overrides, **dict((per_preset or {}).get(name, {}))}
+                teacher = create_model("SuperCricaVPR", name, weights=None, **kw)
+                student = create_model("SciceVPR", name, weights=None, **kw)
         cfg = teacher.config
 
         def millions(module) -> float:
             return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
 
         rows.append({
-            "preset": name, "DINOv2": cfg.backbone.arch, "blocks fused": f"{cfg.layers[0]}-{cfg.layers[-1]}",
-            "M*C": cfg.in_channels, "C_mix": cfg.mix_dim, "grid": f"{cfg.grid_size}x{cfg.grid_size}",
+            "preset": name, "DINOv2": cfg.backbone.arch, "blocks": cfg.backbone.depth,
+            "blocks fused": fusion_name(cfg.layers).removeprefix("blocks ").removesuffix(" fused"),
+            "image (px)": cfg.image_size, "M*C": cfg.in_channels, "C_mix": cfg.mix_dim,
+            "grid": f"{cfg.grid_size}x{cfg.grid_size}",
             "descriptor": cfg.descriptor_dim, "backbone (M)": millions(teacher.backbone),
             "1x1 conv (M)": millions(teacher.fusion.conv), "token mixers (M)": millions(teacher.fusion.token_mixers),
             "teacher encoder (M)": millions(teacher.encoder), "student encoder (M)": millions(student.encoder),

@@ -903,6 +903,8 @@ def batch_stability(
     ``num_orders - 1`` random orders (1, 2, ...). Returns a tidy table: one row per
     (batch_size, order) with R@N and, against encoding the queries one at a time (batch size 1):
     ``top1_changed`` (queries whose nearest database image is another one, the paper's Fig. 1),
+    ``correct_changed`` (queries whose top-1 turns from right to wrong or from wrong to right: the
+    flips that move Recall@1; ``correct_gained`` / ``correct_lost`` split them),
     ``min_cosine`` / ``mean_cosine`` (cosine of each query descriptor to its batch-size-1 one) and
     ``max_abs_change`` (the largest change of any descriptor component); ``typical_component``
     is the median |component| of the batch-size-1 descriptors, the scale to read changes on.
@@ -912,7 +914,8 @@ def batch_stability(
     name = name or f"{type(model).__name__}"
     f = features if features is not None else stability_features(model, split, config, database_batch_size)
     alone = f.alone
-    top1_alone = score(None, split, f.database, alone, config).predictions[:, 0]
+    res_alone = score(None, split, f.database, alone, config)
+    top1_alone, right_alone = res_alone.predictions[:, 0], res_alone.correct[:, 0]
     typical = float(np.median(np.abs(alone)))
     rows = []
     for bs in query_batch_sizes:
@@ -923,6 +926,9 @@ def batch_stability(
             row = {"model": name, "batch_size": bs, "order": o,
                    "max_abs_change": float(np.abs(q - alone).max()),
                    "top1_changed": top1_changes(res.predictions[:, 0], top1_alone),
+                   "correct_changed": int((res.correct[:, 0] != right_alone).sum()),
+                   "correct_gained": int((res.correct[:, 0] & ~right_alone).sum()),
+                   "correct_lost": int((~res.correct[:, 0] & right_alone).sum()),
                    "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
                    "typical_component": typical}
             bounds = recall_intervals(res.correct, tuple(res.recalls)) if intervals else {}
@@ -935,9 +941,16 @@ def batch_stability(
 
 
 def stability_summary(table: pd.DataFrame, metric: str = "R@1") -> pd.DataFrame:
-    """Per model: min, max and spread (max - min) of ``metric`` over all batch settings."""
-    g = table.groupby("model", sort=False)[metric]
+    """Per model: min, max and spread (max - min) of ``metric`` over all batch settings, the
+    largest descriptor change, and (where :func:`batch_stability` counted them) the most queries
+    whose top-1 changed (``top1_changed``) and whose top-1 *correctness* changed
+    (``correct_changed``) in one setting against batch size 1."""
+    by_model = table.groupby("model", sort=False)
+    g = by_model[metric]
     out = pd.DataFrame({"min": g.min(), "max": g.max()})
     out["spread"] = (out["max"] - out["min"]).round(2)
-    out["max_abs_change"] = table.groupby("model", sort=False)["max_abs_change"].max()
+    out["max_abs_change"] = by_model["max_abs_change"].max()
+    for column in ("top1_changed", "correct_changed"):
+        if column in table:
+            out[column] = by_model[column].max()
     return out.reset_index()

@@ -7,6 +7,8 @@ Conventions (checked by ``tests/test_viz.py``):
 - every figure that depends on a model or on data carries a label saying which weights and
   which data produced it (:func:`stamp`; ``label=`` of each plotting function), e.g.
   "random DINOv2 backbone (offline), synthetic data";
+- no legend covers a bar or a value label (:func:`legend_overlaps`): legends of bar charts sit
+  outside the axes;
 - :func:`save_figure` writes ``figures/NN_<name>.png`` at the repository root with fixed DPI
   and no timestamp or version metadata, so that the same data give the same file.
 
@@ -60,7 +62,8 @@ def set_style() -> None:
 
 def stamp(fig: plt.Figure, label: str | None) -> plt.Figure:
     """Write ``label`` (which weights and which data made the figure) in the figure's bottom
-    right corner, once. A figure built on a randomly initialised backbone must carry it."""
+    right corner, once, wrapped to the figure's width. A figure built on a randomly initialised
+    backbone must carry it."""
     if not label:
         return fig
     old = getattr(fig, _LABEL_ATTR, None)
@@ -68,7 +71,8 @@ def stamp(fig: plt.Figure, label: str | None) -> plt.Figure:
         if old[0] == label:
             return fig
         old[1].remove()
-    text = fig.text(0.995, 0.003, label, ha="right", va="bottom", fontsize=8, color="0.3", style="italic")
+    # wrap=True: a label wider than the figure breaks into lines instead of widening the saved canvas
+    text = fig.text(0.995, 0.003, label, ha="right", va="bottom", fontsize=8, color="0.3", style="italic", wrap=True)
     setattr(fig, _LABEL_ATTR, (label, text))
     return fig
 
@@ -97,6 +101,32 @@ def missing_labels(fig: plt.Figure) -> list[str]:
                 problems.append(f"{name}: no x label")
             if not ax.get_ylabel():
                 problems.append(f"{name}: no y label")
+    return problems
+
+
+def legend_overlaps(fig: plt.Figure) -> list[str]:
+    """Descriptions of what a legend of ``fig`` covers: a bar (a patch of a bar chart) or a text
+    (a value label) of any panel, compared by their window extents on the figure's renderer
+    (Agg). Empty when every legend is clear of them."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [(f"legend of {ax.get_title() or f'panel {i}'!r}", ax.get_legend()) for i, ax in enumerate(fig.axes)]
+    legends += [(f"figure legend {i}", leg) for i, leg in enumerate(fig.legends)]
+    problems = []
+    for where, leg in legends:
+        if leg is None or not leg.get_visible():
+            continue
+        box = leg.get_window_extent(renderer)
+        for i, ax in enumerate(fig.axes):
+            bars = [p for c in ax.containers for p in getattr(c, "patches", ()) if p is not None]
+            for kind, artists in (("bar", bars), ("text", ax.texts)):
+                for a in artists:
+                    if not a.get_visible() or (kind == "text" and not a.get_text()):
+                        continue
+                    ext = a.get_window_extent(renderer)
+                    if np.all(np.isfinite(ext.get_points())) and ext.width * ext.height > 0 and box.overlaps(ext):
+                        name = a.get_text() if kind == "text" else a.get_label()
+                        problems.append(f"{where} covers a {kind} of panel {i} ({name!r})")
     return problems
 
 
@@ -326,13 +356,16 @@ def plot_layer_similarity(matrix: np.ndarray | Mapping[str, np.ndarray], layers:
 
 
 def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Sequence[str] = (),
-                      label: str | None = None, title: str | None = None, chance: float | None = None) -> plt.Figure:
+                      label: str | None = None, title: str | None = None, chance: float | None = None,
+                      baselines: Mapping[str, float] | None = None) -> plt.Figure:
     """Bars of Recall@N for descriptors built from single blocks and from fused blocks.
 
     ``table``: columns ``features`` (bar name) and ``metric`` (percent); with a ``backbone``
     column, one bar per backbone in each group (e.g. random and pretrained side by side);
     with ``<metric> lo`` / ``<metric> hi`` columns, their interval as an error bar.
-    ``chance``: the Recall@N of a random ranking, drawn dashed.
+    ``chance``: the Recall@N of a random ranking, drawn dashed. ``baselines``: name -> the
+    Recall@N of a descriptor without a backbone (e.g. raw pixels), each drawn dotted. The legend
+    sits outside the axes, clear of the bars and their values.
     """
     groups = list(dict.fromkeys(table["backbone"])) if "backbone" in table else [None]
     features = list(dict.fromkeys(table["features"]))
@@ -362,14 +395,16 @@ def plot_layer_recall(table: pd.DataFrame, metric: str = "R@1", highlight: Seque
     if chance is not None:
         ax.axhline(chance, color="0.4", ls="--", lw=1.0, label=f"random ranking ({chance:.1f})")
         top = max(top, float(chance))  # the line stays inside the axes
+    for k, (name, value) in enumerate((baselines or {}).items()):
+        ax.axhline(value, color=("#762a83", "#1b7837", "0.2")[k % 3], ls=":", lw=1.5, label=f"{name} ({value:.1f})")
+        top = max(top, float(value))
     ax.set_xticks(range(len(features)), features, rotation=45, ha="right")
     ax.set_xlabel("features pooled into the descriptor (GeM of backbone block outputs)")
     ax.set_ylabel(f"Recall@{metric[2:]} (%)")
-    legend = len(groups) > 1 or chance is not None
-    ax.set_ylim(0, top * (1.6 if legend else 1.25))  # headroom for the legend above the bars
+    ax.set_ylim(0, top * 1.15)  # headroom for the values above the bars
     ax.set_title(title or f"Recall@{metric[2:]} of single blocks and of fused blocks")
-    if legend:
-        ax.legend(fontsize=8, loc="upper left", ncols=len(groups) + (chance is not None))
+    if len(groups) > 1 or chance is not None or baselines:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
 
@@ -708,6 +743,7 @@ def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: 
     ``metrics``: default every ``R@N`` column. Where ``table`` has ``R@N lo`` / ``R@N hi``
     (``EvalResult.table(intervals=True)``), error bars draw the 95% interval over queries.
     ``chance``: N -> chance Recall@N (``EvalResult.chance()``), a dashed line over each group.
+    The legend sits outside the axes, clear of the bars and their values.
     """
     metrics = list(metrics) if metrics is not None else recall_columns(table)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(metrics) * max(1, len(table)) / 2 + 3), 4.0))
@@ -740,7 +776,7 @@ def plot_recalls(table: pd.DataFrame, metrics: Sequence[str] | None = None, by: 
     ax.set_ylabel("queries correct (%)")
     ax.set_ylim(0, 112)
     ax.set_title(title or "Recall@N")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # clear of every bar
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return stamp(fig, label)
 
@@ -755,6 +791,7 @@ def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | S
     (``EvalResult.per_condition``); ``metric``: one column name or several. ``R@N lo`` /
     ``R@N hi`` columns (``recall_by_condition(..., intervals=True)``) become error bars; a zero
     bar is drawn as a dark line with a "0". ``chance``: N -> chance Recall@N, a dashed line.
+    One legend, beside the first panel, outside the axes.
     """
     metrics = [metric] if isinstance(metric, str) else list(metric)
     names = list(tables)
@@ -764,7 +801,7 @@ def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | S
                              squeeze=False)
     width = 0.8 / len(names)
     colours = plt.get_cmap("tab10")
-    for ax, m in zip(axes[:, 0], metrics):
+    for row, (ax, m) in enumerate(zip(axes[:, 0], metrics)):
         top = 0.0
         for i, name in enumerate(names):
             t = tables[name].set_index("condition").reindex(conditions)
@@ -790,7 +827,8 @@ def plot_recall_by_condition(tables: Mapping[str, pd.DataFrame], metric: str | S
         ax.set_ylabel(f"Recall@{m[2:]} (%)")
         ax.set_ylim(0, min(105.0, top * 1.25 + 5))
         ax.set_title(f"Recall@{m[2:]} by query condition")
-        ax.legend(fontsize=8, loc="upper right")
+        if row == 0:  # one legend for every panel (the same colours), outside the axes, clear of the bars
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.03, 1, 1))

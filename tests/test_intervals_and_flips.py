@@ -93,6 +93,29 @@ def test_batch_dependent_toy_flips_top1_and_independent_one_does_not():
     assert flat["min_cosine"].min() == pytest.approx(1.0)
 
 
+def test_batch_stability_counts_queries_whose_correctness_changes():
+    """Fig. 1 counts top-1 changes; the ones that move Recall@1 are those whose top-1 turns from
+    right to wrong or back. Counted against encoding each query alone, checked by hand."""
+    from scicevpr.evaluate import stability_summary
+
+    model, features, split = toy_world(mix=1.5)
+    table = batch_stability(model, split, query_batch_sizes=(1, 2, 8), num_orders=2, config=CFG, features=features)
+    truth = np.arange(split.num_queries)  # query i's only positive is database image i
+    right_alone = features.top1(features.alone) == truth
+    for _, row in table.iterrows():
+        order = batch_orders(split.num_queries, 2, 0)[row["order"]]
+        right = features.top1(features.encode(model, row["batch_size"], order)) == truth
+        assert row["correct_changed"] == int((right != right_alone).sum())
+        assert row["correct_gained"] == int((right & ~right_alone).sum())
+        assert row["correct_lost"] == int((~right & right_alone).sum())
+        assert row["correct_changed"] <= row["top1_changed"]
+        assert row["R@1"] == pytest.approx(100.0 * right.mean())
+    assert table["correct_changed"].max() > 0
+    summary = stability_summary(table).set_index("model")
+    assert summary["correct_changed"].iloc[0] == table["correct_changed"].max()
+    assert summary["top1_changed"].iloc[0] == table["top1_changed"].max()
+
+
 def test_encode_with_companions_is_the_batch_encoding():
     model, features, _ = toy_world(mix=1.5)
     together = encode_in_batches(model, features.queries[torch.tensor([2, 5, 7])], 3)

@@ -566,3 +566,88 @@ def test_notebook_structure(path):
         if c["cell_type"] == "code":
             for out in c.get("outputs", []):
                 assert out.get("output_type") != "error", f"{path.name} holds an error output"
+
+
+# ---------------------------------------------------------------------------------------------
+# legends and canvas
+# ---------------------------------------------------------------------------------------------
+
+
+def recall_rows() -> pd.DataFrame:
+    """Six rows as notebook 05 draws them: a tall bar (with its interval) next to the legend's corner."""
+    rows = []
+    for name, r1, r5, r10 in (("Super-CricaVPR (teacher)", 57.6, 83.8, 91.0), ("SciceVPR", 53.4, 79.2, 87.0),
+                              ("CricaVPR-S (baseline)", 72.8, 92.4, 95.2), ("SciceVPR + PCA 256", 47.8, 78.0, 85.2),
+                              ("raw pixels 32x32 (baseline)", 7.4, 17.8, 25.0),
+                              ("hue histograms, 6 strips (baseline)", 18.6, 36.0, 44.8)):
+        row = {"model": name}
+        for n, v in ((1, r1), (5, r5), (10, r10)):
+            row.update({f"R@{n}": v, f"R@{n} lo": v - 4.2, f"R@{n} hi": min(100.0, v + 4.2)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def condition_rows(offset: float) -> pd.DataFrame:
+    conditions = ["autumn", "day", "dusk", "fog", "night", "rain", "snow", "all"]
+    r1 = np.array([68, 67, 46, 50, 38, 63, 56, 57], float) + offset
+    r10 = np.minimum(np.array([90, 96, 88, 85, 78, 98, 93, 91], float) + offset / 3, 100.0)
+    t = pd.DataFrame({"condition": conditions, "queries": [50, 150, 60, 60, 60, 60, 60, 500], "R@1": r1, "R@10": r10})
+    for m in ("R@1", "R@10"):
+        t[f"{m} lo"], t[f"{m} hi"] = t[m] - 10, np.minimum(t[m] + 10, 100.0)
+    return t
+
+
+def layer_rows() -> pd.DataFrame:
+    rows = []
+    for backbone, vals in (("random initialisation", [2.6, 2.8, 2.2, 2.8, 3.0]),
+                           ("pretrained (this project)", [8.2, 12.6, 23.6, 33.0, 20.0])):
+        for f, v in zip(["block 0", "block 1", "block 2", "block 3", "blocks 0-3 fused"], vals):
+            rows.append({"features": f, "backbone": backbone, "R@1": v, "R@1 lo": v - 2, "R@1 hi": v + 4})
+    return pd.DataFrame(rows)
+
+
+def test_legend_overlaps_sees_a_legend_on_a_bar():
+    fig, ax = plt.subplots()
+    ax.bar([0, 1], [10.0, 1.0], label="tall")
+    ax.text(1, 1.5, "1.0")
+    ax.legend(loc="upper left")
+    assert any("covers a bar" in p for p in viz.legend_overlaps(fig))
+    ax.get_legend().remove()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    assert viz.legend_overlaps(fig) == []
+
+
+@pytest.mark.parametrize("name", ["recalls", "by_condition", "layer_recall"])
+def test_no_legend_covers_a_bar_or_a_value_label(name):
+    """The figures of notebooks 05 and 01 with their real shapes: 05_recalls.png hid the
+    teacher's and CricaVPR-S's R@1 labels under its legend, 05_recall_by_condition.png the
+    "all" bars."""
+    if name == "recalls":
+        fig = viz.plot_recalls(recall_rows(), metrics=["R@1", "R@5", "R@10"], label=LABEL,
+                               chance={1: 1.6, 5: 7.6, 10: 14.8})
+    elif name == "by_condition":
+        fig = viz.plot_recall_by_condition({"Super-CricaVPR (teacher)": condition_rows(0),
+                                            "SciceVPR": condition_rows(-4), "CricaVPR-S (baseline)": condition_rows(15)},
+                                           ["R@1", "R@10"], label=LABEL, chance={1: 1.6, 10: 14.8})
+    else:
+        fig = viz.plot_layer_recall(layer_rows(), "R@1", highlight=["blocks 0-3 fused"], label=LABEL, chance=1.6,
+                                    baselines={"raw pixels 32x32": 7.4})
+    assert viz.legend_overlaps(fig) == []
+
+
+def test_layer_recall_draws_the_pixel_baseline_and_uses_its_canvas(tmp_path):
+    """01_layer_recall.png promised a raw-pixel line and drew none, and its two-backbone stamp,
+    wider than the figure, left most of the saved canvas empty."""
+    long_label = f"random initialisation: {LABEL} | pretrained (this project): ViT-S/14 self-supervised, then " \
+                 f"distilled from a small CNN, on synthetic streets (not Meta's DINOv2), synthetic data"
+    fig = viz.plot_layer_recall(layer_rows(), "R@1", label=long_label, chance=1.6, baselines={"raw pixels 32x32": 7.4})
+    ax = fig.axes[0]
+    pixel = [l for l in ax.get_lines() if "raw pixels 32x32" in l.get_label()]
+    assert len(pixel) == 1 and np.allclose(pixel[0].get_ydata(), 7.4)
+    width = fig.get_size_inches()[0]
+    path = viz.save_png(fig, tmp_path / "01_layer_recall.png")
+    with Image.open(path) as im:
+        saved = im.size[0] / viz.DPI
+    assert saved < width * 1.15, f"the saved figure is {saved:.1f} in wide for a {width:.1f} in canvas"
+    axes_box = ax.get_window_extent()
+    assert axes_box.width > 0.55 * fig.bbox.width  # the bars fill the canvas, not a corner of it
