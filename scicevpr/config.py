@@ -241,6 +241,11 @@ class CricaVPRConfig(ModelConfig):
     Attributes:
         adapter_scale: weight of the adapter on the feed-forward branch (0.2).
         adapter_bn_eps: BatchNorm eps in the adapter's conv branches (1e-3).
+        class_token: keep the CLS token as the 14th region (the official model); False: the 13
+            GeM regions alone, ``descriptor_dim = 13 * C`` (a control: what the CLS region adds).
+        adapters: insert the trainable adapters into the backbone's blocks (the official model);
+            False: the backbone stays frozen and unchanged, as SciceVPR's (a control: what
+            training inside the backbone adds).
 
     Adapter widths follow ``C`` (:attr:`adapter_channels`): official ViT-B (C = 768) is
     768 -> 384 -> 768 with branches 192; 24 -> 96 (3x3); 24 -> 96 (5x5), i.e. ``C/2``
@@ -253,6 +258,8 @@ class CricaVPRConfig(ModelConfig):
     num_token_mixers: int = 0
     adapter_scale: float = 0.2
     adapter_bn_eps: float = 1e-3
+    class_token: bool = True
+    adapters: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -276,6 +283,10 @@ class CricaVPRConfig(ModelConfig):
         """(hidden, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5) = C * (1/2, 1/4, 1/32, 1/8, 1/32, 1/8)."""
         C = self.backbone.embed_dim
         return C // 2, C // 4, C // 32, C // 8, C // 32, C // 8
+
+    @property
+    def num_regions(self) -> int:  # CLS + 2*2 + 3*3, or 13 without the CLS token
+        return 14 if self.class_token else 13
 
 
 PRESETS: dict[str, ModelConfig] = {
