@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from .config import ClaimsConfig
 from .stats import VERDICTS, SeedDifferences, seed_differences, verdict
 
 PathLike = str | os.PathLike
@@ -66,55 +67,6 @@ CROSS_IMAGE = ("teacher", "teacher-m1", "cricavpr", "cricavpr-nocls", "cricavpr-
 STABILITY = (*CROSS_IMAGE, "student")  # models whose batch dependence is measured
 MIN_RANKING_QUERIES = 300  # validation queries needed to rank epochs; with fewer, the last epoch is the honest choice
 RESULT_VERSION = 1  # of the stored per-model evaluation (eval.json / eval.npz)
-
-
-@dataclass(frozen=True)
-class ClaimsConfig:
-    """What ``scicevpr claims`` trains and measures.
-
-    Attributes:
-        preset: the synthetic benchmark (``scicevpr synth --preset``), generated when missing.
-        seeds: training seeds (>= 3 for a verdict over seeds; fewer run, and the table says so).
-        out: folder of ``claims.md``, ``claims.csv`` and ``claims_runs.csv``.
-        runs: folder of the trained models, ``<runs>/<preset>/seed-<s>/<model>/``.
-        data: the benchmark's folder; None: ``$SCICEVPR_DATA/synthetic/<preset>``.
-        weights: the backbone (``"auto"``: the shipped offline backbone; None: random).
-        stage1_epochs, stage2_epochs: None: the offline recipe's (10 and 6).
-        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: the whole split.
-        batch_sizes, num_orders: the query batchings of the stability sweep.
-        num_samples: bootstrap resamples.
-        threads: torch CPU threads (2, as the offline notebooks).
-        num_workers: DataLoader workers in training.
-        cache_bytes: the backbone cache (:data:`scicevpr.evaluate.BACKBONE_CACHE`); 0 turns it off.
-        progress: tqdm bars.
-    """
-
-    preset: str = "small"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    out: str = "figures"
-    runs: str = "runs/claims"
-    data: str | None = None
-    weights: str | None = "auto"
-    stage1_epochs: int | None = None
-    stage2_epochs: int | None = None
-    max_iters_per_epoch: int | None = None
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    num_orders: int = 3
-    num_samples: int = 2000
-    threads: int = 2
-    num_workers: int = 2
-    cache_bytes: int = 2 * 2**30
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
-        for name in ("stage1_epochs", "stage2_epochs", "max_iters_per_epoch"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1 (or None for the recipe's), got {v!r}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.num_orders < 1:
-            raise ValueError(f"batch_sizes must be >= 1 and num_orders >= 1, got {self.batch_sizes!r}, {self.num_orders!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,23 +238,32 @@ def _store_result(run_dir: Path, facts: dict, arrays: dict) -> None:
     atomic_write_text(run_dir / "claims_eval.json", json.dumps(facts, indent=1, default=float))
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children (DataLoader
+    workers): a measure of the work that the machine's other load does not stretch."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir: Path,
               log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Train (or resume) model ``name`` of ``seed`` and score it; both are kept in its run folder
     and reused when the checkpoint is the same."""
     from .backbone import file_sha256
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     tc, run = _train(name, config, bench, seed, seed_dir)
-    train_wall = time.perf_counter() - t0
+    train_wall, train_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     sha = file_sha256(run.last_path)
     stored = _stored_result(run.run_dir, sha)
     if stored is not None:
         log(f"seed {seed} {name}: done before (R@1 {stored[0]['R@1']:.1f})")
         return stored
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu_seconds()
     facts, arrays = evaluate_model(run.model, split, config, stability=name in STABILITY)
-    eval_s = time.perf_counter() - t1
+    eval_s, eval_cpu = time.perf_counter() - t1, _cpu_seconds() - c1
     hist = run.history
     epochs = int(hist["epoch"].max()) if len(hist) else 0
     steps = int(hist["iteration"].max()) if len(hist) else 0
@@ -311,11 +272,12 @@ def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir
         "model_class": type(run.model).__name__, "stage": 2 if name in STAGE2 else 1,
         "epochs": epochs, "steps": steps, "images": steps * tc.places_per_batch * tc.img_per_place,
         "train_s": float(hist["train_s"].sum()) if "train_s" in hist else float("nan"),
-        "train_wall_s": train_wall, "eval_s": eval_s, "checkpoint": "last epoch",
+        "train_wall_s": train_wall, "eval_s": eval_s, "train_cpu_s": train_cpu, "eval_cpu_s": eval_cpu,
+        "checkpoint": "last epoch",
     })
     _store_result(run.run_dir, facts, arrays)
     log(f"seed {seed} {name}: R@1 {facts['R@1']:.1f} [{facts['R@1 lo']:.1f}, {facts['R@1 hi']:.1f}], "
-        f"{steps} steps, trained in {train_wall:.0f} s, scored in {eval_s:.0f} s")
+        f"{steps} steps, trained in {train_wall:.0f} s ({train_cpu:.0f} CPU s), scored in {eval_s:.0f} s ({eval_cpu:.0f} CPU s)")
     return facts, arrays
 
 
@@ -396,7 +358,7 @@ def runs_table(runs: dict[int, dict[str, tuple[dict, dict]]]) -> pd.DataFrame:
     """``claims_runs.csv``: one row per (seed, model) with its facts."""
     keys = ["seed", "model", "model_class", "stage", "epochs", "steps", "images", "checkpoint", "num_queries",
             "R@1", "R@1 lo", "R@1 hi", "R@5", "R@10", "worst R@1", "worst batch_size", "worst order", "R@1 spread",
-            "settings", "top1_varies", "correct_varies", "max_abs_change", "train_s", "train_wall_s", "eval_s"]
+            "settings", "top1_varies", "correct_varies", "max_abs_change", "train_s", "train_wall_s", "eval_s", "train_cpu_s", "eval_cpu_s"]
     rows = [{k: runs[s][m][0].get(k) for k in keys} for s in sorted(runs) for m in MODELS if m in runs[s]]
     return pd.DataFrame(rows, columns=keys)
 
@@ -454,15 +416,17 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
     summary = runs_df.groupby("model", sort=False).agg(
         R1=("R@1", "mean"), R1_min=("R@1", "min"), R1_max=("R@1", "max"), worst=("worst R@1", "mean"),
         top1=("top1_varies", "mean"), steps=("steps", "first"), images=("images", "first"),
-        epochs=("epochs", "first"), train=("train_wall_s", "mean"), score=("eval_s", "mean"))
+        epochs=("epochs", "first"), train=("train_wall_s", "mean"), score=("eval_s", "mean"),
+        train_cpu=("train_cpu_s", "mean"), score_cpu=("eval_cpu_s", "mean"))
     lines += ["", "Per model (mean over seeds; R@1 at the default batching, queries and database in batches of 16):", "",
-              "| model | R@1 mean [min, max] | worst batching's R@1 | queries whose top-1 changes | epochs | steps | images | train s | score s |",
+              "| model | R@1 mean [min, max] | worst batching's R@1 | queries whose top-1 changes | epochs | steps | images | train s (CPU s) | score s (CPU s) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary.iterrows():
         worst = "-" if pd.isna(r["worst"]) else f"{r['worst']:.1f}"
         top1 = "-" if pd.isna(r["top1"]) else f"{r['top1']:.1f}"
         lines.append(f"| {m} | {r['R1']:.1f} [{r['R1_min']:.1f}, {r['R1_max']:.1f}] | {worst} | {top1} | "
-                     f"{int(r['epochs'])} | {int(r['steps'])} | {int(r['images'])} | {r['train']:.0f} | {r['score']:.0f} |")
+                     f"{int(r['epochs'])} | {int(r['steps'])} | {int(r['images'])} | {r['train']:.0f} ({r['train_cpu']:.0f}) | "
+                     f"{r['score']:.0f} ({r['score_cpu']:.0f}) |")
     lo, hi = recall_interval_from_value(50.0, max(num_val_queries, 1))
     lines += [
         "",

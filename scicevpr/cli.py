@@ -857,7 +857,7 @@ def _option_text(value: Any, sep: str = ",") -> str:
 
 def add_claims_parser(sub) -> None:
     """``claims``: :func:`scicevpr.claims.run_claims` (its module docstring lists the models)."""
-    from .claims import ClaimsConfig
+    from .config import ClaimsConfig
 
     p = sub.add_parser(
         "claims", help=COMMANDS["claims"],
