@@ -70,3 +70,48 @@ def test_claims_command_end_to_end_and_resumes(tiny_benchmark, tmp_path, capsys)
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("last.pt")} == stamps
     again = pd.read_csv(out / "claims.csv", keep_default_na=False)
     pd.testing.assert_frame_equal(again, claims)
+
+
+def fake_runs(num_seeds: int = 3, n: int = 400) -> dict:
+    """runs[seed][model] = (facts, arrays) as :func:`scicevpr.claims.run_model` returns them, made up:
+    the student finds 60% of the queries, CricaVPR-S 40% (30% at its worst batching), the others as
+    the student; the teacher's correctness changes with the batching for 5% of the queries."""
+    rng = np.random.default_rng(0)
+    runs = {}
+    for s in range(num_seeds):
+        u = rng.random(n)
+        student, crica = u < 0.6, u < 0.4
+        varies = np.zeros(n, bool)
+        varies[: n // 20] = True
+        runs[s] = {}
+        for m in MODELS:
+            correct = crica if m.startswith("cricavpr") else student
+            arrays = {"correct": correct}
+            facts = {"R@1": 100 * correct.mean(), "top1_varies": 0, "max_abs_change": 0.0}
+            if m in ("teacher", "teacher-m1", "cricavpr", "cricavpr-nocls", "cricavpr-frozen", "student"):
+                v = varies if m != "student" else np.zeros(n, bool)
+                arrays.update(worst=u < 0.3 if m.startswith("cricavpr") else correct, correct_varies=v, top1_varies=v)
+                facts.update(top1_varies=int(v.sum()), max_abs_change=0.0 if m == "student" else 0.1)
+            runs[s][m] = (facts, arrays)
+    return runs
+
+
+def test_claim_rows_verdicts_from_known_differences():
+    from scicevpr.claims import claim_rows
+
+    table = claim_rows(fake_runs(), ClaimsConfig(num_samples=500)).set_index("id")
+    assert table.loc["5a", "verdict"] == "agrees" and table.loc["5a", "mean"] == pytest.approx(20.0, abs=3)
+    assert table.loc["5b", "mean"] > table.loc["5a", "mean"]  # against CricaVPR-S's worst batching
+    assert table.loc["2a", "verdict"] == "agrees" and table.loc["2a", "mean"] == pytest.approx(5.0)
+    assert table.loc["3", "verdict"] == "agrees" and table.loc["3", "reason"] == ""
+    for i in ("1", "4a", "4b"):  # identical models: no difference, no direction
+        assert table.loc[i, "verdict"] == "inconclusive" and (table.loc[i, "lo"], table.loc[i, "hi"]) == (0.0, 0.0)
+        assert "holds 0" in table.loc[i, "reason"]
+    assert table.loc["c1", "verdict"] == "control" and table.loc["c1", "mcnemar_p"] == "1;1;1"
+    reversed_runs = fake_runs()
+    for s in reversed_runs:  # the student now finds nothing, and one of its top-1s changes with the batching
+        facts, arrays = reversed_runs[s]["student"]
+        reversed_runs[s]["student"] = ({**facts, "top1_varies": 3}, {**arrays, "correct": np.zeros_like(arrays["correct"])})
+    rev = claim_rows(reversed_runs, ClaimsConfig(num_samples=500)).set_index("id")
+    assert rev.loc["5a", "verdict"] == "contradicts" and "CLS region adds" in rev.loc["5a", "reason"]
+    assert rev.loc["3", "verdict"] == "contradicts"  # a top-1 that changes breaks the equality claim
