@@ -9,6 +9,7 @@
     scicevpr extract        --checkpoint ... --images folder/ --out descriptors.npy
     scicevpr search         --checkpoint ... --database photos/ --queries new/ --out results/
     scicevpr index build    --checkpoint ... --database photos/ --out map/   # then: index query --index map/ ...
+    scicevpr claims         --preset small --seeds 0 1 2         # the paper's claims table, trained and measured
     scicevpr demo                                                # run every notebook headlessly
 
 Multi-GPU training: ``torchrun --nproc_per_node 4 -m scicevpr.cli train-teacher ...``.
@@ -741,6 +742,7 @@ COMMANDS: dict[str, str] = {
     "extract": "descriptors of a folder of images, saved as fp16 .npy",
     "search": "nearest database photos of each query photo (folders without labels)",
     "index": "a saved map: index build (database once), index query (new photos later)",
+    "claims": "the paper's claims tested offline: controls at equal budget, paired statistics over seeds, a verdict table",
     "demo": "execute every notebook headlessly and print the final results",
 }
 """Every command and its one-line help (``scicevpr --help``)."""
@@ -846,6 +848,50 @@ def add_extract_parser(sub) -> None:
 
 
 
+def _option_text(value: Any, sep: str = ",") -> str:
+    """A value as its option is written on the command line (a tuple joined by ``sep``)."""
+    if isinstance(value, tuple):
+        return sep.join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def add_claims_parser(sub) -> None:
+    """``claims``: :func:`scicevpr.claims.run_claims` (its module docstring lists the models)."""
+    from .config import ClaimsConfig
+
+    p = sub.add_parser(
+        "claims", help=COMMANDS["claims"],
+        description="For every seed, train with the offline recipe the teacher (M = 4), the student (L_T), the "
+        "student with L_MS only, teacher and student with M = 1, and CricaVPR-S with and without its CLS region and "
+        "with a frozen backbone (the stage-1 models at equal steps and images, every model kept at its last epoch); "
+        "score them on the test split, under every query batching for the cross-image models; write "
+        "<out>/claims.md, claims.csv and claims_runs.csv. Each model is kept in <runs>/<preset>/seed-<s>/<name>/: "
+        "a stopped run resumes without training a finished model again (delete the folder to train anew).",
+    )
+    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=None, metavar="SEED",
+                   help="training seeds (default: 0 1 2)")
+    add_dataclass_options(p, ClaimsConfig, skip=("seeds", "progress"), title="defaults: the offline recipe")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_claims)
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from .claims import ClaimsConfig, run_claims
+
+    overrides = dataclass_overrides(args, ClaimsConfig)
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(args.seeds)
+    config = ClaimsConfig(progress=not args.quiet, **overrides)
+    check_output("--out", config.out, folder=True)
+    defaults = ClaimsConfig()
+    changed = [f"--{k.replace('_', '-')} {_option_text(v, ' ' if k == 'seeds' else ',')}" for k, v in dataclasses.asdict(config).items()
+               if k != "progress" and v != getattr(defaults, k)]
+    md, csv, runs = run_claims(config, command=" ".join(["scicevpr claims", *changed]))
+    print(md.read_text())
+    print(f"tables: {md}, {csv}; per seed and model: {runs}")
+    return 0
+
+
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help=COMMANDS["demo"])
     p.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
@@ -865,6 +911,7 @@ PARSERS: dict[str, Callable[[Any], None]] = {
     "extract": add_extract_parser,
     "search": add_search_parser,
     "index": add_index_parser,
+    "claims": add_claims_parser,
     "demo": add_demo_parser,
 }
 

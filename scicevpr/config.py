@@ -241,6 +241,11 @@ class CricaVPRConfig(ModelConfig):
     Attributes:
         adapter_scale: weight of the adapter on the feed-forward branch (0.2).
         adapter_bn_eps: BatchNorm eps in the adapter's conv branches (1e-3).
+        class_token: keep the CLS token as the 14th region (the official model); False: the 13
+            GeM regions alone, ``descriptor_dim = 13 * C`` (a control: what the CLS region adds).
+        adapters: insert the trainable adapters into the backbone's blocks (the official model);
+            False: the backbone stays frozen and unchanged, as SciceVPR's (a control: what
+            training inside the backbone adds).
 
     Adapter widths follow ``C`` (:attr:`adapter_channels`): official ViT-B (C = 768) is
     768 -> 384 -> 768 with branches 192; 24 -> 96 (3x3); 24 -> 96 (5x5), i.e. ``C/2``
@@ -253,6 +258,8 @@ class CricaVPRConfig(ModelConfig):
     num_token_mixers: int = 0
     adapter_scale: float = 0.2
     adapter_bn_eps: float = 1e-3
+    class_token: bool = True
+    adapters: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -276,6 +283,10 @@ class CricaVPRConfig(ModelConfig):
         """(hidden, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5) = C * (1/2, 1/4, 1/32, 1/8, 1/32, 1/8)."""
         C = self.backbone.embed_dim
         return C // 2, C // 4, C // 32, C // 8, C // 32, C // 8
+
+    @property
+    def num_regions(self) -> int:  # CLS + 2*2 + 3*3, or 13 without the CLS token
+        return 14 if self.class_token else 13
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -848,3 +859,52 @@ class PretrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ClaimsConfig:
+    """What ``scicevpr claims`` trains and measures (:mod:`scicevpr.claims`).
+
+    Attributes:
+        preset: the synthetic benchmark (``scicevpr synth --preset``), generated when missing.
+        seeds: training seeds (>= 3 for a verdict over seeds; fewer run, and the table says so).
+        out: folder of ``claims.md``, ``claims.csv`` and ``claims_runs.csv``.
+        runs: folder of the trained models, ``<runs>/<preset>/seed-<s>/<model>/``.
+        data: the benchmark's folder; None: ``$SCICEVPR_DATA/synthetic/<preset>``.
+        weights: the backbone (``"auto"``: the shipped offline backbone; None: random).
+        stage1_epochs, stage2_epochs: None: the offline recipe's (10 and 6).
+        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: the whole split.
+        batch_sizes, num_orders: the query batchings of the stability sweep.
+        num_samples: bootstrap resamples.
+        threads: torch CPU threads (2, as the offline notebooks).
+        num_workers: DataLoader workers in training.
+        cache_bytes: the backbone cache (:data:`scicevpr.evaluate.BACKBONE_CACHE`); 0 turns it off.
+        progress: tqdm bars.
+    """
+
+    preset: str = "small"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    out: str = "figures"
+    runs: str = "runs/claims"
+    data: str | None = None
+    weights: str | None = "auto"
+    stage1_epochs: int | None = None
+    stage2_epochs: int | None = None
+    max_iters_per_epoch: int | None = None
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    num_orders: int = 3
+    num_samples: int = 2000
+    threads: int = 2
+    num_workers: int = 2
+    cache_bytes: int = 2 * 2**30
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
+        for name in ("stage1_epochs", "stage2_epochs", "max_iters_per_epoch"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for the recipe's), got {v!r}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.num_orders < 1:
+            raise ValueError(f"batch_sizes must be >= 1 and num_orders >= 1, got {self.batch_sizes!r}, {self.num_orders!r}")

@@ -187,11 +187,13 @@ class CricaVPR(VPRModel):
         super().__init__(preset_or_config, weights, seed=seed, **overrides)
 
     def build_features(self, cfg: CricaVPRConfig) -> None:
-        """A trainable adapter in every block of the frozen DINOv2, and the 13-region GeM of the
+        """A trainable adapter in every block of the frozen DINOv2 (none with ``cfg.adapters=False``:
+        the backbone then stays frozen, as SciceVPR's), and the 13-region GeM of the
         L2-normalised patch tokens (regions not normalised after)."""
-        for block in self.backbone.blocks:
-            block.adapter = MultiConvAdapter(cfg.backbone.embed_dim, *cfg.adapter_channels, bn_eps=cfg.adapter_bn_eps)
-            block.adapter_scale = cfg.adapter_scale
+        if cfg.adapters:
+            for block in self.backbone.blocks:
+                block.adapter = MultiConvAdapter(cfg.backbone.embed_dim, *cfg.adapter_channels, bn_eps=cfg.adapter_bn_eps)
+                block.adapter_scale = cfg.adapter_scale
         grid = (cfg.grid_size, cfg.grid_size)  # (H, W)
         self.pool = MultiRegionGeM(
             grid, cfg.gem_p, cfg.gem_eps, whole_map=False, normalize_input=True, normalize_output=False
@@ -202,8 +204,9 @@ class CricaVPR(VPRModel):
         return cfg.teacher_layers
 
     def adapters(self) -> list[MultiConvAdapter]:
-        """The adapters, one per backbone block (they live in ``backbone.blocks[i].adapter``)."""
-        return [block.adapter for block in self.backbone.blocks]
+        """The adapters, one per backbone block (they live in ``backbone.blocks[i].adapter``);
+        none when the config turns them off (``adapters=False``)."""
+        return [block.adapter for block in self.backbone.blocks if block.adapter is not None]
 
     def train(self, mode: bool = True) -> "CricaVPR":
         """As ``nn.Module.train``, but frozen DINOv2 stays in eval mode; the adapters (and their
@@ -228,7 +231,8 @@ class CricaVPR(VPRModel):
 
     def regional_features(self, f: torch.Tensor) -> torch.Tensor:
         """(B, 1 + H*W, C) normed tokens -> (B, 14, C): the CLS token as it is, then the GeM of
-        the 2 x 2 and 3 x 3 regions of the L2-normalised patch tokens (not normalised after).
+        the 2 x 2 and 3 x 3 regions of the L2-normalised patch tokens (not normalised after);
+        (B, 13, C), the GeM regions alone, with ``class_token=False``.
 
         Everything up to here is computed per image; only :meth:`encode` (inherited: the
         cross-image encoder, flatten, L2 normalisation) mixes the images of a batch.
@@ -240,9 +244,12 @@ class CricaVPR(VPRModel):
                 f"CricaVPR ({self.config.name}) expects 1 + {H}*{W} tokens from extract_features, "
                 f"got {N}; features and model must use the same image_size."
             )
-        cls = f[:, :1].float()  # (B, 1, C)
         patches = f[:, 1:].transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, HW) -> (B, C, H, W)
-        return torch.cat([cls, self.pool(patches)], dim=1)  # (B, 1, C) + (B, 13, C) -> (B, 14, C), fp32
+        regions = self.pool(patches)  # (B, 13, C), fp32
+        if not self.config.class_token:
+            return regions
+        cls = f[:, :1].float()  # (B, 1, C)
+        return torch.cat([cls, regions], dim=1)  # (B, 1, C) + (B, 13, C) -> (B, 14, C), fp32
 
     # ---- official checkpoints --------------------------------------------------------------
 

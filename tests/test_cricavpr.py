@@ -388,3 +388,47 @@ def test_batch_stability_sweep_runs_cricavpr(tiny_benchmark):
                             config=EvalConfig(num_workers=0, progress=False), name="CricaVPR")
     assert len(table) == 4 and set(table["model"]) == {"CricaVPR"}
     assert table["max_abs_change"].max() > 1e-4
+
+
+# ---- the controls of the claims table: without the CLS region, without adapters ----------------
+
+
+def test_without_class_token_pools_the_13_regions_alone(images):
+    full = make(seed=11)
+    randomise_adapters(full)
+    plain = make(seed=11, class_token=False)
+    assert plain.config.num_regions == 13 and plain.descriptor_dim == 13 * 384
+    plain.load_state_dict(full.state_dict())  # the same parameters: only the region list differs
+    with torch.no_grad():
+        f = full.extract_features(images[:3])
+        r_full, r = full.regional_features(f), plain.regional_features(f)
+        d = plain(images[:3])
+    assert r.shape == (3, 13, 384)
+    torch.testing.assert_close(r, r_full[:, 1:])  # the 13 GeM regions, the CLS row left out
+    assert d.shape == (3, 13 * 384) == (3, plain.descriptor_dim)
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(3))
+
+
+def test_without_adapters_the_backbone_is_dinov2_frozen_and_unchanged(images):
+    m = make(seed=12, adapters=False)
+    assert m.adapters() == [] and all(b.adapter is None for b in m.backbone.blocks)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n == "pool.p" or n.startswith("encoder.") for n in trainable)
+    plain = build_backbone(m.config.backbone, None).eval()
+    plain.load_state_dict(m.backbone.state_dict())  # no adapter key: strict load works
+    with torch.no_grad():
+        torch.testing.assert_close(m.extract_features(images[:2]), plain.get_intermediate_layers(images[:2], [11])[0])
+    m.train()
+    m(images[:4]).pow(2).sum(dim=0).mean().backward()
+    assert m.pool.p.grad is not None
+    assert all(p.grad is None for p in m.backbone.parameters())  # nothing trains inside the backbone
+
+
+def test_control_switches_survive_a_checkpoint(tmp_path):
+    from scicevpr.checkpoint import load_model, save_checkpoint
+
+    m = make(seed=13, class_token=False, adapters=False)
+    path = save_checkpoint(tmp_path / "m.pt", m, meta={}) or tmp_path / "m.pt"
+    back = load_model(path)
+    assert back.config.class_token is False and back.config.adapters is False
+    assert back.descriptor_dim == 13 * 384 and back.adapters() == []
