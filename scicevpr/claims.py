@@ -483,3 +483,39 @@ def run_claims(config: ClaimsConfig, command: str = "scicevpr claims", log: Call
     log(f"claims table: {paths[0]}")
     return paths
 
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the committed table (the notebooks)
+# --------------------------------------------------------------------------------------------
+
+
+def read_claims(figures_dir: PathLike) -> pd.DataFrame:
+    """``<figures_dir>/claims.csv`` as ``scicevpr claims`` wrote it: one row per :data:`CLAIMS`
+    entry. Raises FileNotFoundError naming the command that writes it."""
+    path = Path(figures_dir) / "claims.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: `scicevpr claims` writes it (about an hour on 2 CPU cores "
+                                "for 3 seeds; `--seeds 0` for one).")
+    table = pd.read_csv(path, dtype={"id": str, "mcnemar_p": str, "per_seed": str, "reason": str}, keep_default_na=False)
+    missing = {"id", "claim", "mean", "lo", "hi", "min", "max", "seeds", "verdict"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the columns {sorted(missing)}: it was not written by this version of "
+                         "`scicevpr claims`; run it again.")
+    return table
+
+
+def verdict_text(table: pd.DataFrame, claim_id: str) -> str:
+    """One line for a notebook's closing cell: the claim, the measured difference over seeds with
+    its interval, and the verdict, e.g. ``claim 1 (...): student - student-m1 = +5.1 [+1.2, +8.9]
+    R@1 points over 3 seeds (min +3.0, max +7.4): agrees``."""
+    rows = table[table["id"] == claim_id]
+    if rows.empty:
+        raise KeyError(f"no claim {claim_id!r} in the table; its ids: {', '.join(table['id'])}")
+    r = rows.iloc[0]
+    zero = str(r["comparison"]).endswith("- zero")
+    what = str(r["comparison"]).removesuffix(" - zero")
+    unit = "% of queries change their R@1 correctness with the batching" if zero else "R@1 points"
+    reason = f" ({r['reason']})" if isinstance(r.get("reason"), str) and r["reason"] else ""
+    return (f"claim {r['id']} ({r['claim']}): {what} = {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] {unit} over "
+            f"{int(r['seeds'])} seed(s) (min {r['min']:+.1f}, max {r['max']:+.1f}): {r['verdict']}{reason}")

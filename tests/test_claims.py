@@ -71,6 +71,24 @@ def test_claims_command_end_to_end_and_resumes(tiny_benchmark, tmp_path, capsys)
     again = pd.read_csv(out / "claims.csv", keep_default_na=False)
     pd.testing.assert_frame_equal(again, claims)
 
+    # what the notebooks read: the written table, one line per claim
+    from scicevpr.claims import read_claims, verdict_text
+
+    read = read_claims(out)
+    r = claims[claims["id"] == "4a"].iloc[0]
+    line = verdict_text(read, "4a")
+    assert line.startswith("claim 4a (") and "student - student-ms" in line and f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]" in line
+    assert line.endswith(r["verdict"] + (f" ({r['reason']})" if r["reason"] else "")) and "over 2 seed(s)" in line
+    assert "% of queries change" in verdict_text(read, "2a") and "cricavpr - zero" not in verdict_text(read, "2b")
+    with pytest.raises(KeyError, match="no claim '9'"):
+        verdict_text(read, "9")
+    with pytest.raises(FileNotFoundError, match="scicevpr claims"):
+        read_claims(tmp_path / "nowhere")
+    (tmp_path / "old").mkdir()
+    claims.drop(columns=["verdict"]).to_csv(tmp_path / "old" / "claims.csv", index=False)
+    with pytest.raises(ValueError, match="lacks the columns"):
+        read_claims(tmp_path / "old")
+
 
 def fake_runs(num_seeds: int = 3, n: int = 400) -> dict:
     """runs[seed][model] = (facts, arrays) as :func:`scicevpr.claims.run_model` returns them, made up:
