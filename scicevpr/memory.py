@@ -62,22 +62,36 @@ def _row(base_gib: float, per_image_mib: float) -> StepMemory:
     return StepMemory(base_gib * GIB, per_image_mib * MIB)
 
 
-# Measured with benchmarks/train_memory.py (README "Training memory"): random DINOv2 weights,
-# 224 px, fp32, one step (batch, forward, backward, Adam step) per fresh process on the CPU
-# (torch 2.14, one thread, AMD EPYC, kernels pinned to AVX2), its peak resident set minus the
-# resident set before the batch; two batch sizes per row, the line through them extrapolated to
-# larger batches (72 x 4 = 288 images lies far beyond the measured 8-32: linear in the batch,
-# as activations are, but an extrapolation). The key: (what trains: a stage-1 model name or
-# "student" for stage 2, the preset, activation checkpointing of the backbone blocks).
+# Measured with benchmarks/train_memory.py (benchmarks/README.md, "Training memory"): random
+# DINOv2 weights, 224 px, fp32, one step (batch, forward, backward, Adam step) per fresh process
+# on the CPU (torch 2.14, one thread under `nice`, kernels pinned to AVX2, on a shared 2-core
+# AMD EPYC with a load of about 9), its peak resident set minus the resident set before the
+# batch. The paper's 72 x 4 = 288 images lie far beyond the 4-64 images measured: the lines are
+# extrapolated linearly in the batch, as activations grow. Key: (what trains: a stage-1 model
+# name or "student" for stage 2, the preset, activation checkpointing of the backbone blocks).
+#
+# - CricaVPR-B, plain: 8 and 16 images, 1.32 and 2.57 GiB (glibc's default allocator, whose
+#   freed heap chunks stay resident at small batches: if anything, an overestimate).
+# - CricaVPR-B, checkpointed: ONE point, 4 images, 0.185 GiB with MALLOC_MMAP_THRESHOLD_=131072
+#   (the large batch's allocation behaviour, see train_memory.py); the base taken from the plain
+#   line. The tensors the graph keeps were 26 MiB per image. Rerun on a quiet machine to confirm:
+#   `train_memory.py --stage CricaVPR --preset CricaVPR --batches 4x4,8x4 --checkpointing`.
+# - SciceVPR-B teacher (Super-CricaVPR): 32 and 64 images, 0.63 and 1.17 GiB (default allocator).
+#   Its backbone is frozen and keeps no graph; the fusion (the 1x1 conv's 3072-channel input, the
+#   token mixers) holds most of it. The student (stage 2) is taken to need the teacher's line (its
+#   heads are smaller and the teacher runs without a graph; not measured).
 # A GPU holds the same tensors (its allocator's overhead differs); bf16 autocast stores most
 # activations in half the bytes: these fp32 figures are an upper bound for it (not measured).
 TRAINING_MEMORY: dict[tuple[str, str, bool], StepMemory] = {
-    ("CricaVPR", "CricaVPR", False): _row(0.097, 158.0),
+    ("CricaVPR", "CricaVPR", False): _row(0.070, 159.9),
+    ("CricaVPR", "CricaVPR", True): _row(0.070, 29.4),
+    ("SuperCricaVPR", "SciceVPR-B", False): _row(0.083, 17.4),
 }
 
 # What trains -> the row it shares where it has none of its own: stage-1 SciceVPR (the ablation
-# without distillation) is the teacher's pipeline with a 1-layer encoder, needing a little less.
-_SAME_AS = {"SciceVPR": "SuperCricaVPR"}
+# without distillation) is the teacher's pipeline with a 1-layer encoder, needing a little less;
+# the student's step (stage 2) likewise, with the teacher's heads run without a graph.
+_SAME_AS = {"SciceVPR": "SuperCricaVPR", "student": "SuperCricaVPR"}
 
 
 def step_memory(what: str, preset: str, checkpointing: bool, image_size: int = MEASURED_IMAGE_SIZE,
@@ -194,7 +208,7 @@ def plan_training_memory(plain: StepMemory | None, checkpointed: StepMemory | No
         ck = checkpointed.need(images)
         fit_ck = checkpointed.max_images(budget) * processes // K
         choices.append(f"activation checkpointing of the backbone blocks (activation_checkpointing=True, "
-                       f"--activation-checkpointing): about {ck / GIB:.1f} GiB"
+                       f"--activation-checkpointing true): about {ck / GIB:.1f} GiB"
                        + ("" if fit_ck >= 2 else ", which does not fit either")
                        + (f", and with it P <= {fit_ck}" if 2 <= fit_ck < P else ""))
     choices.append("bf16 autocast (amp=True) on a device that computes bf16 natively: activations in half "

@@ -74,9 +74,9 @@ def test_a_frozen_backbone_offers_no_checkpointing():
 
 
 def test_the_table_scales_with_the_image_and_covers_the_full_configurations():
-    for key in [("CricaVPR", "CricaVPR", False), ("CricaVPR", "CricaVPR", True),
-                ("SuperCricaVPR", "SciceVPR-B", False), ("student", "SciceVPR-B", False)]:
+    for key in [("CricaVPR", "CricaVPR", False), ("CricaVPR", "CricaVPR", True), ("SuperCricaVPR", "SciceVPR-B", False)]:
         assert key in memory.TRAINING_MEMORY, key
+    assert step_memory("student", "SciceVPR-B", False) is not None
     row = memory.TRAINING_MEMORY[("CricaVPR", "CricaVPR", False)]
     assert step_memory("CricaVPR", "CricaVPR", False) == row
     small = step_memory("CricaVPR", "CricaVPR", False, image_size=112)
