@@ -21,6 +21,7 @@ SHA-256 against it and refuses a file that differs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,10 +33,11 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import BackboneConfig
@@ -251,6 +253,34 @@ class Block(nn.Module):
         return x + self.ls2(f)
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Put ``module``'s buffers back as they were on entry when the block exits (a
+    recomputation must not update BatchNorm running statistics a second time)."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def checkpoint_block(block: Block, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``block(tokens, grid)`` with activation checkpointing: (B, 1 + H*W, C) -> (B, 1 + H*W, C).
+
+    Only ``tokens`` is kept for the backward pass, which runs the block again
+    (``torch.utils.checkpoint``, non-reentrant: autocast and the RNG state are those of the first
+    pass). The recomputation leaves the block's buffers as the first pass left them: an
+    adapter's BatchNorms in training mode update their running statistics once per step, as
+    without checkpointing.
+    """
+    return torch.utils.checkpoint.checkpoint(
+        block, tokens, grid, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(block)),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The ViT
 # --------------------------------------------------------------------------------------------
@@ -271,6 +301,11 @@ class DinoVisionTransformer(nn.Module):
         is_random_init: True when no pretrained weights were loaded. Every figure or table
             built on such a model must say so.
         weights_path: the file the weights came from, or None.
+        checkpoint_blocks: activation checkpointing (False by default): while gradients are
+            recorded, each block keeps only its input and runs again in the backward pass
+            (:func:`checkpoint_block`). For a backbone that gradients flow through (CricaVPR's
+            adapters train inside it), the activations kept fall from every block's to one
+            block's, for one more forward pass; outputs and gradients are the same.
         provenance: how these frozen weights can be had again, as a checkpoint records it
             (:mod:`scicevpr.checkpoint`): ``{"source": "file", "path", "hub_name"}`` once a
             weight file is loaded, ``{"source": "random", "seed"}`` for a seeded random
@@ -303,6 +338,7 @@ class DinoVisionTransformer(nn.Module):
         self.weights_path: Path | None = None
         self.provenance: dict[str, Any] = {"source": "stored"} if seed is None else {"source": "random", "seed": int(seed)}
         self._fingerprint: tuple[tuple, str] | None = None  # (stamp of the parameters hashed, digest)
+        self.checkpoint_blocks = False
         path = resolve_weights(weights, config)
         if path is None:
             warnings.warn(
@@ -454,8 +490,9 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"layers {list(layers)} out of range for {len(self.blocks)} blocks")
         tokens, grid = self.prepare_tokens(x, masks)
         outputs = []
+        checkpointed = self.checkpoint_blocks and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):
-            tokens = block(tokens, grid)
+            tokens = checkpoint_block(block, tokens, grid) if checkpointed else block(tokens, grid)
             if i in wanted:
                 outputs.append(self.norm(tokens) if norm else tokens)
         return outputs

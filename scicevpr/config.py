@@ -482,6 +482,13 @@ class TrainConfig:
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
             on a CPU only where bf16 is native), False: fp32. ``protocol="official"``: fp32.
+        activation_checkpointing: checkpoint the backbone's blocks where gradients flow through
+            them (CricaVPR's adapters): the same weights, for a second forward pass through the
+            backbone and a fraction of the memory. None: chosen by the memory check before the
+            run starts (:mod:`scicevpr.memory`: on exactly when the batch does not fit the
+            device's free memory without it and fits with it); True / False: forced. The choice
+            and the estimate are in ``config.json``; a run whose batch does not fit stops before it
+            starts, naming the need and the choices.
         teacher: stage 2: the teacher checkpoint, native (stage 1's ``best.pt``) or the
             authors' format (then ``preset`` must describe it); or stage 1's run folder, whose
             ``best.pt`` is taken (``last.pt`` under ``protocol="official"``, as the authors' default
@@ -535,6 +542,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None
+    activation_checkpointing: bool | None = None
     teacher: str | None = None
     trust_checkpoint: bool = False
     store_backbone: bool = False

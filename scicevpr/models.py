@@ -192,6 +192,20 @@ class VPRModel(nn.Module):
     def image_size(self) -> int:
         return self.config.image_size
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        """True when the backbone's blocks are checkpointed (:meth:`set_activation_checkpointing`)."""
+        return bool(self.backbone.checkpoint_blocks)
+
+    def set_activation_checkpointing(self, on: bool = True) -> "VPRModel":
+        """Checkpoint the backbone's blocks while gradients flow through them
+        (:func:`scicevpr.backbone.checkpoint_block`): less memory for a second forward pass
+        through the backbone, with the same descriptors, losses and gradients. It matters where
+        the backbone holds trainable parameters (CricaVPR's adapters); a frozen backbone runs
+        without an autograd graph anyway. Returns the model."""
+        self.backbone.checkpoint_blocks = bool(on)
+        return self
+
     def train(self, mode: bool = True) -> "VPRModel":
         """As ``nn.Module.train``, but the frozen backbone always stays in eval mode."""
         super().train(mode)

@@ -438,10 +438,11 @@ class NotebookSettings:
 
         from .train import STAGES
 
-        # Everything that can change the trained weights; not where files are or how fast, nor how
-        # files are checked (the synthetic benchmark has no corrupt image and no place under K).
+        # Everything that can change the trained weights; not where files are or how fast (activation
+        # checkpointing gives the same weights), nor how files are checked (the synthetic benchmark
+        # has no corrupt image and no place under K).
         skip = {"resume", "progress", "num_workers", "run_dir", "teacher", "gsv_root", "val_root",
-                "trust_checkpoint", "skip_corrupt", "drop_small_places"}
+                "trust_checkpoint", "skip_corrupt", "drop_small_places", "activation_checkpointing"}
         recipe: list[Any] = [{k: v for k, v in self._train_config(stage, Path(".")).to_dict().items() if k not in skip}
                              for stage in STAGES]
         recipe.append(self._inputs_record())

@@ -73,6 +73,7 @@ from .evaluate import EvalConfig, evaluate, feature_extractor
 from .factory import create_model
 from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir, read_run_config, resume_csv_log, start_csv_log
 from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
+from .memory import LOADER_PREFETCH, MemoryPlan, available_memory, plan_training_memory, step_memory
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, model_device, resolve_amp
 from .protocol import (
@@ -89,7 +90,8 @@ PAPER_EPOCHS = {"teacher": 10, "student": 1}
 RECALL_VALUES = (1, 5, 10, 100)
 # TrainConfig fields that may differ when a run is resumed: they do not change the result, except
 # epochs, raised to extend a run (TrainConfig's docstring: which validations the log then holds).
-RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "trust_checkpoint")
+RESUMABLE_CHANGES = ("resume", "epochs", "num_workers", "progress", "device", "trust_checkpoint",
+                     "activation_checkpointing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,6 +640,28 @@ def _validate(model: VPRModel, split, config: TrainConfig, amp: bool) -> dict[in
     return {int(k): float(v) for k, v in result.recalls.items()}
 
 
+def plan_memory(stage: str, config: TrainConfig, model: VPRModel, device: torch.device, amp: bool,
+                world_size: int = 1) -> MemoryPlan:
+    """The memory check of a run (:func:`scicevpr.memory.plan_training_memory`): the measured
+    step memory of its model, preset and image size, without and with activation checkpointing
+    (the same where the backbone is frozen: it keeps no graph), plus on the CPU the batches the
+    loader's workers hold, against the device's free memory. Raises
+    :class:`~scicevpr.memory.InsufficientMemoryError` when the batch does not fit."""
+    cfg = model.config
+    what = "student" if stage == "student" else config.model
+    S, patch = cfg.image_size, cfg.backbone.patch_size
+    plain = step_memory(what, cfg.name, False, S, patch)
+    trains_backbone = any(p.requires_grad for p in model.backbone.parameters())
+    checkpointed = step_memory(what, cfg.name, True, S, patch) if trains_backbone else plain
+    if device.type == "cpu" and config.num_workers:  # the workers' batches lie in the same memory
+        loader = config.num_workers * LOADER_PREFETCH * 3 * S * S * 4  # fp32 images, per image of a step
+        plain, checkpointed = (None if r is None else r.scaled(1.0, loader) for r in (plain, checkpointed))
+    what_text = f"training {type(model).__name__} ({cfg.name}, {S} px, {'bf16 autocast' if amp else 'fp32'})"
+    where = "this machine's memory" if device.type == "cpu" else f"the GPU {device}"
+    return plan_training_memory(plain, checkpointed, config.places_per_batch, config.img_per_place,
+                                available_memory(device), config.activation_checkpointing, what_text, where, world_size)
+
+
 def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.device], _Stage]) -> RunResult:
     """The training loop shared by both stages.
 
@@ -703,6 +727,12 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         scheduler.load_state_dict(tr["scheduler"])
         _set_rng_state(tr["rng"])
         start_epoch, iteration, best = tr["epoch"], tr["iteration"], tr["best"]
+    # Before anything is written or trained: does the step fit the device's memory, and with
+    # activation checkpointing? (A finished run that is only read back is not checked.)
+    memory = (plan_memory(stage, config, model, device, amp, ddp.world_size) if start_epoch < epochs
+              else MemoryPlan(bool(config.activation_checkpointing)))
+    model.set_activation_checkpointing(memory.checkpointing)
+    if resuming:
         if ddp.main:
             resume_csv_log(run_dir / "log.csv", "iteration", iteration, LOG_COLUMNS)
     elif ddp.main:
@@ -710,6 +740,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         start_csv_log(run_dir / "log.csv")
         extra = {"world_size": ddp.world_size, "iterations_per_epoch": ipe, "epochs": epochs,
                  "random_backbone": model.is_random_init, "amp": amp, "device": str(device), **data_report,
+                 "activation_checkpointing": memory.checkpointing, "memory": memory.record(),
                  **(_teacher_record(config) if stage == "student" else {})}
         _write_config(run_dir, config, stage, model, extra)
 
