@@ -736,12 +736,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_options(p, what: str) -> None:
-    """Options shared by ``search``, ``index build`` and ``index query``."""
+def _search_options(p, what: str, queries: bool = True) -> None:
+    """Options shared by ``search``, ``index build`` and ``index query`` (``queries``: the
+    command encodes queries, so ``--query-batch-size`` applies)."""
     from .config import EvalConfig
 
     add_model_options(p)
-    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim", "query_batch_size"))
+    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim") + (() if queries else ("query_batch_size",)))
     p.add_argument("--skip-unreadable", "--skip-corrupt", dest="skip_unreadable", action="store_true",
                    help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -780,7 +781,7 @@ def add_index_parser(sub) -> None:
         "build", help="describe a database folder and save descriptors, FAISS index, file list and model identity",
         description="Writes index.json, index.faiss, descriptors.npy and files.txt into --out. Exact search by default; "
         "--kind ivf or --kind hnsw for an approximate index (see README.md for its measured recall).")
-    _search_options(b, "database")
+    _search_options(b, "database", queries=False)
     add_dataclass_options(b, IndexConfig, title="defaults: exact search")
     b.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
     b.add_argument("--out", required=True, help="the index folder")
