@@ -25,7 +25,8 @@ rounded to ``dtype`` (fp16 by default: a few MB each, as the backbone itself is 
 
 :func:`load_heads` checks the file against the manifest and the manifest's backbone against the
 shipped one: heads trained on another backbone are refused with the command that rebuilds them.
-The shipped heads live in :data:`HEADS_DIR` (``scicevpr/weights/offline/``).
+The shipped heads live in :data:`HEADS_DIR` (``scicevpr/weights/offline/``); ``make train-offline``
+makes them (:data:`REBUILD_COMMAND` with the CPU kernels pinned as for the notebooks).
 """
 
 from __future__ import annotations
