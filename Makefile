@@ -26,7 +26,7 @@ export MPLCONFIGDIR := $(abspath $(VENV))/matplotlib
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only wheels first (README, "Installing").
 TORCH_INDEX ?=
 
-.PHONY: venv test test-unit test-notebooks test-figures test-native-kernels demo lab clean-data
+.PHONY: venv test test-unit test-notebooks test-figures test-native-kernels demo lab train-offline clean-data
 
 venv: $(STAMP)
 
@@ -83,6 +83,12 @@ demo: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The notebooks' offline models trained from the command line (resumable; the notebooks' runs are
+# reused) and their heads exported where torch.hub's *_offline entries read them. Rerun after any
+# change of the shipped backbone, and commit scicevpr/weights/offline/.
+train-offline: $(STAMP)
+	$(PY) -m scicevpr.cli train-offline --export scicevpr/weights/offline
 
 clean-data:
 	rm -rf data/synthetic runs/

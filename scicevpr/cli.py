@@ -538,6 +538,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_offline_parser(sub) -> None:
+    from .offline import EXPORT_DTYPES, HEADS_DIR, REBUILD_COMMAND
+
+    help_ = COMMANDS["train-offline"]
+    p = sub.add_parser(
+        "train-offline", help=help_,
+        description=help_ + ": the teacher (Super-CricaVPR-S, L_MS), then the student distilled from it (SciceVPR-S, "
+        "L_T), then the CricaVPR-S baseline, with the offline recipe of notebooks 04 and 05 on the compact backbone, "
+        "into the notebooks' run folders (runs/notebooks/offline/recipe-<digest>/): a run that is done is reused, an "
+        "interrupted one resumes from its last.pt. The synthetic benchmark is generated on first use. --export writes "
+        "the trained heads and their manifest, which torch.hub's *_offline entries load "
+        f"(the shipped ones were made with: {REBUILD_COMMAND}).",
+    )
+    p.add_argument("--data", default=None, help="folder holding synthetic/<preset>/ (default: $SCICEVPR_DATA, else <repo>/data)")
+    p.add_argument("--synthetic-preset", default="small",
+                   help="the synthetic world to train on (default: small, the notebooks'; tiny for a smoke run)")
+    p.add_argument("--runs", default=None, help="folder of the runs (default: <repo>/runs/notebooks/offline, the notebooks')")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="every stage trains this many epochs (as SCICEVPR_EPOCHS; default: the recipe's)")
+    p.add_argument("--max-iters", type=positive_int, default=None,
+                   help="at most this many iterations per epoch (as SCICEVPR_MAX_ITERS; default: every batch)")
+    p.add_argument("--no-cricavpr", dest="cricavpr", action="store_false", help="train the teacher and the student only")
+    p.add_argument("--seed", type=int, default=0, help="as SCICEVPR_SEED (default: 0)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: as the notebooks, 2)")
+    p.add_argument("--export", metavar="FOLDER", default=None,
+                   help=f"write the trained heads (<entry>.pt) and manifest.json here; {HEADS_DIR.relative_to(HEADS_DIR.parents[2])} "
+                        "is where torch.hub's *_offline entries look")
+    p.add_argument("--export-dtype", choices=EXPORT_DTYPES, default="float16",
+                   help="precision of the exported weights (default: float16, a few MB per model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_offline)
+
+
+def cmd_train_offline(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.paths import find_repo_root
+    from .notebook import _env, _train_overrides_from_env, offline_settings
+    from .offline import command_line, export_heads, train_offline
+    from .data.paths import DATA_ENV
+
+    root = find_repo_root()
+    data_env = _env(DATA_ENV)
+    data = Path(args.data) if args.data else (Path(data_env).expanduser() if data_env else root / "data")
+    overrides = {**_train_overrides_from_env(), "progress": not args.quiet}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.max_iters is not None:
+        overrides["max_iters_per_epoch"] = args.max_iters
+    settings = offline_settings(root, data, args.synthetic_preset, Path(args.runs) if args.runs else None,
+                                seed=args.seed, threads=args.threads or 2, train_overrides=overrides)
+    torch.set_num_threads(settings.threads)
+    from .evaluate import BACKBONE_CACHE
+    from .notebook import OFFLINE_BACKBONE_CACHE_BYTES
+
+    BACKBONE_CACHE.enable(OFFLINE_BACKBONE_CACHE_BYTES)  # as in the notebooks: the same numbers, faster
+    print(settings.describe(), flush=True)
+    runs = train_offline(settings, cricavpr=args.cricavpr)
+    for entry, run in runs.items():
+        recalls = ", ".join(f"R@{k} {v:.1f}" for k, v in (run.best_recalls or {}).items())
+        print(f"{entry}: {run.best_path or run.last_path}" + (f" (epoch {run.best_epoch}: {recalls})" if recalls else ""))
+    if args.export:
+        manifest = export_heads(runs, settings, args.export, command_line(args.argv), args.export_dtype)
+        for entry in runs:
+            f = Path(args.export) / f"{entry}.pt"
+            print(f"written {f} ({f.stat().st_size / 1e6:.1f} MB)")
+        print(f"written {manifest}")
+    return 0
+
+
 def add_pretrain_parser(sub) -> None:
     from .config import LossConfig, PretrainConfig
 
@@ -667,12 +737,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_options(p, what: str) -> None:
-    """Options shared by ``search``, ``index build`` and ``index query``."""
+def _search_options(p, what: str, queries: bool = True) -> None:
+    """Options shared by ``search``, ``index build`` and ``index query`` (``queries``: the
+    command encodes queries, so ``--query-batch-size`` applies)."""
     from .config import EvalConfig
 
     add_model_options(p)
-    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim", "query_batch_size"))
+    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim") + (() if queries else ("query_batch_size",)))
     p.add_argument("--skip-unreadable", "--skip-corrupt", dest="skip_unreadable", action="store_true",
                    help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -711,7 +782,7 @@ def add_index_parser(sub) -> None:
         "build", help="describe a database folder and save descriptors, FAISS index, file list and model identity",
         description="Writes index.json, index.faiss, descriptors.npy and files.txt into --out. Exact search by default; "
         "--kind ivf or --kind hnsw for an approximate index (see README.md for its measured recall).")
-    _search_options(b, "database")
+    _search_options(b, "database", queries=False)
     add_dataclass_options(b, IndexConfig, title="defaults: exact search")
     b.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
     b.add_argument("--out", required=True, help="the index folder")
@@ -736,6 +807,7 @@ COMMANDS: dict[str, str] = {
     "combine-gsv": "one GSV-Cities folder from several (e.g. two pretrain seeds), their cities renamed apart",
     "train-teacher": "stage 1: train Super-CricaVPR (or CricaVPR / SciceVPR alone) with L_MS",
     "train-student": "stage 2: distil SciceVPR from a trained teacher with L_T = gamma L_MS + eta L_D",
+    "train-offline": "train the offline models of the notebooks (teacher, student, CricaVPR-S) on the synthetic world",
     "pretrain-backbone": "pretrain the compact DINOv2-architecture backbone (DINO + iBOT, L_MS on places, or distilled from a small CNN, which --objective cnn trains)",
     "eval": "Recall@N of a model on a VG-layout dataset",
     "stability": "R@N under other query batch sizes and orders (paper Fig. 1-2)",
@@ -905,6 +977,7 @@ PARSERS: dict[str, Callable[[Any], None]] = {
     "combine-gsv": add_combine_parser,
     "train-teacher": lambda sub: add_train_parser(sub, "teacher"),
     "train-student": lambda sub: add_train_parser(sub, "student"),
+    "train-offline": add_train_offline_parser,
     "pretrain-backbone": add_pretrain_parser,
     "eval": add_eval_parser,
     "stability": add_stability_parser,
@@ -958,6 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv  # before or after the command
     argv = [a for a in argv if a != "--debug"]
     args = build_parser(_command_in(argv)).parse_args(argv)
+    args.argv = argv  # the command as typed (train-offline records it)
     if debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
         return int(args.func(args) or 0)
     prefix = f"scicevpr {args.command}"

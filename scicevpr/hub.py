@@ -8,7 +8,14 @@
     model = torch.hub.load("/path/to/scicevpr", "scicevpr_s", source="local", weights=None)     # random
 
 Every entry point returns the model in eval mode; ``model(images)`` maps (B, 3, S, S) images,
-hard-resized to ``model.image_size`` and ImageNet-normalised, to (B, D) unit-norm descriptors.
+hard-resized to ``model.image_size`` and ImageNet-normalised, to (B, D) unit-norm descriptors;
+``model.data_config`` states S, the mean and std, D and whether descriptors depend on the batch,
+and ``model.transform`` turns a PIL image into the input.
+
+The ``*_offline`` entries (:data:`OFFLINE_ENTRY_POINTS`) need no network and no file outside the
+repository: **trained** models on the shipped compact backbone, their heads read from
+``scicevpr/weights/offline/`` (made by ``scicevpr train-offline --export``; see
+:mod:`scicevpr.offline`) by :func:`create_offline`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "cricavpr": ("CricaVPR", "CricaVPR"),
     "cricavpr_s": ("CricaVPR", "CricaVPR-S"),
 }
+
+OFFLINE_ENTRY_POINTS = ("scicevpr_s_offline", "super_cricavpr_s_offline", "cricavpr_s_offline")
+"""The trained offline models (:data:`scicevpr.offline.ENTRIES`): student, teacher, CricaVPR-S."""
 
 
 def create(
@@ -75,3 +85,15 @@ def create(
             f"checkpoint {str(checkpoint)!r} records its own configuration; drop the overrides {sorted(overrides)}."
         )
     return model
+
+
+def create_offline(entry: str, heads: str | os.PathLike | None = None, device: str = "cpu"):
+    """The trained offline model of hub entry ``entry`` (one of :data:`OFFLINE_ENTRY_POINTS`), in
+    eval mode: SciceVPR-S at 112 px on the shipped compact backbone (4 blocks; all four fused,
+    CricaVPR-S pooling the last), with the heads in ``heads`` (default ``scicevpr/weights/offline/``,
+    :func:`scicevpr.offline.load_heads`). Heads trained on another backbone are refused."""
+    from .offline import load_heads
+
+    if entry not in OFFLINE_ENTRY_POINTS:
+        raise ValueError(f"unknown offline hub entry point {entry!r}; available: {list(OFFLINE_ENTRY_POINTS)}")
+    return load_heads(entry, heads, device)

@@ -5,7 +5,8 @@ An index folder holds::
 
     index.json        format, database folder, index kind and parameters, the model's identity
     index.faiss       the FAISS index (faiss.write_index)
-    descriptors.npy   (N, D) database descriptors, fp16 (the index holds the same values)
+    descriptors.npy   (N, D) database descriptors, fp32, the values the index holds (an index
+                      written before 2026-12 holds them rounded to fp16)
     files.txt         the N database files, relative to the database folder, in row order
     skipped.txt       unreadable files left out (only with skip_unreadable)
 
@@ -14,8 +15,12 @@ that shape its descriptors (protocol; encoder group size of a cross-image model)
 and a query with another model or other settings is refused: its descriptors would live in
 another space.
 
-Index kinds (:class:`IndexConfig`): ``flat`` (default) is exact L2 search, the same ranking
-as :func:`scicevpr.evaluate.search`; ``ivf`` (``IndexIVFFlat``: k-means cells, ``nprobe`` of them
+The queries are encoded in batches of ``EvalConfig.query_batch_size`` (default the database's
+``batch_size``, recorded as ``database_batch_size``); a cross-image model's descriptors depend on
+it (:func:`scicevpr.search.search_settings`, written to the query's ``settings.json``).
+
+Index kinds (:class:`IndexConfig`): ``flat`` (default) is exact L2 search on the fp32
+descriptors, the same ranking as :func:`scicevpr.evaluate.search` (``scicevpr eval``); ``ivf`` (``IndexIVFFlat``: k-means cells, ``nprobe`` of them
 visited) and ``hnsw`` (``IndexHNSWFlat``: a navigable small-world graph) are approximate,
 faster on large maps. :func:`approximate_recall` measures how many of the exact neighbours an
 approximate index returns; README.md and ``benchmarks/index_recall.md`` state it on the
@@ -34,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .search import SKIPPED_FILE, SearchResult, describe_folder, make_result, model_label
+from .search import SKIPPED_FILE, SearchResult, describe_folder, make_result, model_label, search_settings
 
 PathLike = str | os.PathLike
 
@@ -216,7 +221,7 @@ class SavedIndex:
     manifest: dict[str, Any]
     database_root: Path
     files: list[str]  # relative to database_root, in row order
-    descriptors: np.ndarray  # (N, D) float32 (from fp16)
+    descriptors: np.ndarray  # (N, D) float32
     index: Any = field(repr=False)
 
     @property
@@ -264,8 +269,9 @@ class SavedIndex:
         if q.shape[1] != self.descriptors.shape[1]:
             raise ValueError(f"query descriptors are {q.shape[1]}-d but the index holds {self.descriptors.shape[1]}-d ones")
         _, pred = search_index(self.index, q, max([k, *config.recall_values]))
+        settings = search_settings(model, config, self.manifest.get("database_batch_size"))
         return make_result(self.database_root, queries, self.database_paths, q_paths, self.descriptors, q, pred,
-                           config.recall_values, radius, model_label(model), skipped)
+                           config.recall_values, radius, model_label(model), skipped, settings)
 
 
 def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = IndexConfig(), eval_config=None,
@@ -283,17 +289,18 @@ def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = 
     """
     import faiss
 
-    from .evaluate import save_descriptors
+    from .evaluate import EvalConfig
+    from .files import atomic_write
 
     out = Path(out)
     if (out / MANIFEST_FILE).exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds an index; pass --overwrite (overwrite=True) or another folder.")
     database = Path(database).resolve()
     paths, desc, skipped = describe_folder(model, database, "database", eval_config, skip_unreadable)
-    desc = desc.astype(np.float16).astype(np.float32)  # what descriptors.npy holds, so the two agree
+    desc = np.ascontiguousarray(desc, dtype=np.float32)  # fp32, as eval ranks; descriptors.npy holds the same
     index = make_faiss_index(desc, config)
     out.mkdir(parents=True, exist_ok=True)
-    save_descriptors(out / DESCRIPTORS_FILE, desc)
+    atomic_write(out / DESCRIPTORS_FILE, lambda f: np.save(f, desc))
     faiss.write_index(index, str(out / INDEX_FILE))
     files = [p.relative_to(database).as_posix() for p in paths]
     (out / FILES_FILE).write_text("".join(f"{f}\n" for f in files))
@@ -305,6 +312,7 @@ def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = 
         "format": FORMAT, "version": VERSION, "scicevpr": __version__,
         "database_root": str(database), "count": len(files), "dim": int(desc.shape[1]),
         "index": asdict(config), "skipped": len(skipped),
+        "database_batch_size": (EvalConfig() if eval_config is None else eval_config).batch_size,
         "model": model_identity(model, eval_config), "model_source": model_source,
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -206,6 +206,32 @@ class VPRModel(nn.Module):
         self.backbone.checkpoint_blocks = bool(on)
         return self
 
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """What the model expects and returns, in the manner of timm's ``resolve_data_config``:
+
+        - ``input_size`` (3, S, S): every image is hard-resized to S x S (no crop, aspect not
+          kept), bilinear with antialiasing (``interpolation``, ``antialias``, ``crop_pct`` 1.0);
+        - ``mean``, ``std``: the ImageNet normalisation applied after scaling to [0, 1];
+        - ``descriptor_dim``: D of the (B, D) unit-norm descriptors;
+        - ``batch_dependent``: True for a cross-image model (the teacher, CricaVPR), whose
+          descriptor of an image depends on the other images of its batch: encode queries in
+          the batches you evaluate with (16 under the VG-benchmark protocol).
+
+        :attr:`transform` builds the PIL-image transform from it.
+        """
+        from .data.transforms import data_config
+
+        return data_config(self.config.image_size, self.descriptor_dim, self.cross_image)
+
+    @property
+    def transform(self):
+        """PIL image (or (3, H, W) uint8 tensor) -> the (3, S, S) input this model expects
+        (:attr:`data_config`; :func:`scicevpr.data.transforms.transform_from_data_config`)."""
+        from .data.transforms import transform_from_data_config
+
+        return transform_from_data_config(self.data_config)
+
     def train(self, mode: bool = True) -> "VPRModel":
         """As ``nn.Module.train``, but the frozen backbone always stays in eval mode."""
         super().train(mode)

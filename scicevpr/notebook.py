@@ -278,8 +278,8 @@ class NotebookSettings:
             f"figures, runs   : {_relative(self.figures_dir, self.repo_root)}/, {_relative(self.runs_dir, self.repo_root)}/",
             f"figure label    : {self.figure_label}",
         ]
-        if self.train_overrides:
-            capped = ", ".join(f"{k}={v}" for k, v in sorted(self.train_overrides.items()))
+        capped = ", ".join(f"{k}={v}" for k, v in sorted(self.train_overrides.items()) if k != "progress")
+        if capped:
             lines.append(f"training        : recipe capped by ${EPOCHS_ENV} / ${MAX_ITERS_ENV}: {capped}")
         return "\n".join(lines)
 
@@ -520,6 +520,38 @@ class NotebookSettings:
         return train_teacher(self.cricavpr_config())
 
 
+def offline_settings(repo_root: Path, data_root: Path, synthetic: str = "small", runs_dir: Path | None = None,
+                     seed: int = 0, threads: int = 2, train_overrides: dict[str, Any] | None = None) -> NotebookSettings:
+    """The offline :class:`NotebookSettings` (see the module docstring) without :func:`setup`'s
+    side effects: the notebooks' (``setup()``) and ``scicevpr train-offline``'s, so that both
+    train the same runs into the same folders.
+
+    Args:
+        repo_root: the repository (figures, runs).
+        data_root: the folder holding ``synthetic/<synthetic>/``.
+        synthetic: the synthetic benchmark's preset (``small``; ``tiny`` for tests).
+        runs_dir: default ``<repo_root>/runs/notebooks/offline``.
+        seed, threads: as in :class:`NotebookSettings`.
+        train_overrides: TrainConfig fields replaced in every stage (e.g. ``epochs``).
+    """
+    from .train import offline_train_config
+
+    bench_root = Path(data_root) / "synthetic" / synthetic
+    # The model is the one the offline training recipe trains (single source of truth).
+    recipe = offline_train_config(bench_root / "gsv_cities", bench_root / "vg", repo_root / "runs", stage="teacher")
+    return NotebookSettings(
+        mode="offline", preset=recipe.preset, model_overrides=dict(recipe.model_overrides),
+        weights=_weights_from_env(recipe.weights), device="cpu", repo_root=repo_root,
+        data_root=Path(data_root), figures_dir=repo_root / "figures",
+        runs_dir=Path(runs_dir) if runs_dir is not None else repo_root / "runs" / "notebooks" / "offline",
+        synthetic_preset=synthetic, vg_root=bench_root / "vg", gsv_root=bench_root / "gsv_cities",
+        eval_dataset="synthetic", eval_split="test", val_dataset="synthetic", val_split="val",
+        stability_batch_sizes=(1, 2, 4, 8, 16, 32), stability_orders=3, num_workers=0, amp=False,
+        pca_dim=256, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
+        train_overrides=dict(train_overrides or {}),
+    )
+
+
 def _cpu_kernels_line() -> str:
     """The banner's statement of which CPU kernels run (machine-specific when not pinned)."""
     if cpu_kernels_pinned():
@@ -558,23 +590,8 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
     cuda = torch.cuda.is_available()
     train_overrides = _train_overrides_from_env()
     if mode == "offline":
-        from .train import offline_train_config
-
-        threads = int(_env(THREADS_ENV, "2"))
-        synthetic = "small"
-        bench_root = data_root / "synthetic" / synthetic
-        # The model is the one the offline training recipe trains (single source of truth).
-        recipe = offline_train_config(bench_root / "gsv_cities", bench_root / "vg", root / "runs", stage="teacher")
-        settings = NotebookSettings(
-            mode=mode, preset=recipe.preset, model_overrides=dict(recipe.model_overrides),
-            weights=_weights_from_env(recipe.weights), device="cpu", repo_root=root,
-            data_root=data_root, figures_dir=root / "figures", runs_dir=root / "runs" / "notebooks" / mode,
-            synthetic_preset=synthetic, vg_root=bench_root / "vg", gsv_root=bench_root / "gsv_cities",
-            eval_dataset="synthetic", eval_split="test", val_dataset="synthetic", val_split="val",
-            stability_batch_sizes=(1, 2, 4, 8, 16, 32), stability_orders=3, num_workers=0, amp=False,
-            pca_dim=256, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
-            train_overrides=train_overrides,
-        )
+        settings = offline_settings(root, data_root, seed=seed, threads=int(_env(THREADS_ENV, "2")),
+                                    train_overrides=train_overrides)
     else:
         preset = _env(PRESET_ENV, "SciceVPR-B")
         if preset not in FULL_PRESETS:

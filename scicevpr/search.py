@@ -9,6 +9,11 @@ and their similarities are written to a CSV, with a contact sheet (PNG) of the f
 Where every file name carries UTM fields (``@east@north@...@.jpg``, the VG-benchmark names),
 Recall@N is computed as ``scicevpr eval`` does (:func:`scicevpr.evaluate.recall_at_n`).
 
+The database is encoded in batches of ``EvalConfig.batch_size`` (16), the queries in batches of
+``query_batch_size`` (default the same). Only a cross-image model (the teacher, CricaVPR) gives
+other descriptors under another batching; ``settings.json`` records both sizes and whether the
+model's descriptors depend on them (:func:`search_settings`).
+
 The similarity of a query and a database image is the inner product of their descriptors,
 their cosine similarity since descriptors have unit norm (1: identical, about 0: unrelated).
 :mod:`scicevpr.index` shares :class:`SearchResult` and :func:`write_search_outputs`.
@@ -32,6 +37,7 @@ MATCHES_FILE = "matches.csv"
 SHEET_FILE = "contact_sheet.png"
 SKIPPED_FILE = "skipped.txt"
 RECALLS_FILE = "recalls.csv"
+SETTINGS_FILE = "settings.json"
 SIMILARITY_CHUNK_BYTES = 1 << 24  # the database neighbours gathered at once by make_result (16 MiB)
 
 
@@ -126,6 +132,7 @@ class SearchResult:
     radius: float = 25.0
     recalls: dict[int, float] | None = None
     correct: np.ndarray | None = None  # (N_q, k) bool when ``positives`` is known
+    settings: dict = field(default_factory=dict)  # how the descriptors were computed (:func:`search_settings`)
 
     @property
     def num_queries(self) -> int:
@@ -167,7 +174,7 @@ class SearchResult:
 def make_result(database_root: PathLike, query_root: PathLike, database_paths: Sequence[Path], query_paths: Sequence[Path],
                 database_descriptors: np.ndarray, query_descriptors: np.ndarray, predictions: np.ndarray,
                 recall_values: Sequence[int] = (1, 5, 10, 100), radius: float = 25.0, model_name: str = "",
-                skipped: Sequence[Path] = ()) -> SearchResult:
+                skipped: Sequence[Path] = (), settings: dict | None = None) -> SearchResult:
     """A :class:`SearchResult` from descriptors and ranked predictions: similarities, and
     Recall@N (:func:`scicevpr.evaluate.recall_at_n`) when the names carry UTM fields."""
     from .evaluate import recall_at_n
@@ -189,7 +196,8 @@ def make_result(database_root: PathLike, query_root: PathLike, database_paths: S
     if positives is not None:
         recalls, correct = recall_at_n(predictions, positives, recall_values)
     return SearchResult(Path(database_root), Path(query_root), list(database_paths), list(query_paths), predictions, sims,
-                        query_descriptors, model_name, list(skipped), positives, float(radius), recalls, correct)
+                        query_descriptors, model_name, list(skipped), positives, float(radius), recalls, correct,
+                        dict(settings or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,9 +205,25 @@ def make_result(database_root: PathLike, query_root: PathLike, database_paths: S
 # --------------------------------------------------------------------------------------------
 
 
+def search_settings(model, config=None, database_batch_size: int | None = None) -> dict:
+    """How a search computes its descriptors, as ``settings.json`` records it: the database's
+    and the queries' batch sizes (``config.batch_size``; ``config.query_batch_size`` or the
+    same), whether the model's descriptors depend on them (``batch_dependent``: a cross-image
+    model), the protocol and the encoder group size. ``database_batch_size``: the one a saved
+    index was built with, when it differs from ``config``'s."""
+    from .evaluate import EvalConfig
+
+    config = EvalConfig() if config is None else config
+    return {"batch_dependent": bool(getattr(model, "cross_image", False)),
+            "database_batch_size": int(database_batch_size or config.batch_size),
+            "query_batch_size": int(config.query_batch_size or config.batch_size),
+            "protocol": config.protocol, "encoder_group_size": config.encoder_group_size}
+
+
 def describe_folder(model, folder: PathLike, role: str, config=None, skip_unreadable: bool = False):
     """``(paths, descriptors (N, D), skipped)`` of the images below ``folder`` (protocol of
-    :func:`scicevpr.evaluate.compute_descriptors`; PNGs are decoded on the CPU)."""
+    :func:`scicevpr.evaluate.compute_descriptors`; PNGs are decoded on the CPU), in batches of
+    ``config.batch_size``, or of ``config.query_batch_size`` when set and ``role`` is ``"query"``."""
     from .evaluate import EvalConfig, compute_descriptors
 
     config = EvalConfig() if config is None else config
@@ -207,7 +231,8 @@ def describe_folder(model, folder: PathLike, role: str, config=None, skip_unread
     paths, skipped = readable_images(paths, folder, role, skip_unreadable, progress=config.progress)
     if any(p.suffix.lower() not in JPEG_SUFFIXES for p in paths):
         config = dataclasses.replace(config, gpu_decode=False)  # the batched decoder reads JPEG only
-    return paths, compute_descriptors(model, paths, config, desc=f"{role} descriptors"), skipped
+    batch_size = (config.query_batch_size if role == "query" else None) or config.batch_size
+    return paths, compute_descriptors(model, paths, config, batch_size, desc=f"{role} descriptors"), skipped
 
 
 def search_folders(model, database: PathLike, queries: PathLike, k: int = 5, config=None,
@@ -218,7 +243,8 @@ def search_folders(model, database: PathLike, queries: PathLike, k: int = 5, con
         model: any scicevpr model (``load_model``, ``torch.hub.load``, a preset).
         database, queries: folders of .jpg/.jpeg/.png files, searched recursively.
         k: matches kept per query (the search also goes as deep as the largest Recall@N).
-        config: :class:`scicevpr.evaluate.EvalConfig` (batch size, device, workers, recall values).
+        config: :class:`scicevpr.evaluate.EvalConfig` (batch size, query batch size, device,
+            workers, recall values).
         skip_unreadable: leave out files that cannot be decoded (listed in ``result.skipped``)
             instead of raising.
         radius: positives radius in metres when the names carry UTM fields.
@@ -232,14 +258,17 @@ def search_folders(model, database: PathLike, queries: PathLike, k: int = 5, con
     q_paths, q, q_skipped = describe_folder(model, queries, "query", config, skip_unreadable)
     _, pred = search(db, q, max([k, *config.recall_values]))
     return make_result(database, queries, db_paths, q_paths, db, q, pred, config.recall_values, radius,
-                       model_label(model), db_skipped + q_skipped)
+                       model_label(model), db_skipped + q_skipped, search_settings(model, config))
 
 
 def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_queries: int = 8,
                          label: str | None = None) -> dict[str, Path]:
     """Write ``matches.csv`` (top-``k`` per query), ``contact_sheet.png`` (the first
-    ``sheet_queries`` queries; none when 0), ``skipped.txt`` (when files were skipped) and
-    ``recalls.csv`` (with UTM names) into ``out``; returns the paths by kind."""
+    ``sheet_queries`` queries; none when 0), ``skipped.txt`` (when files were skipped),
+    ``recalls.csv`` (with UTM names) and ``settings.json`` (:func:`search_settings`, when known)
+    into ``out``; returns the paths by kind."""
+    import json
+
     import matplotlib.pyplot as plt
 
     from .viz import plot_matches, save_png
@@ -267,6 +296,9 @@ def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_
     if table is not None:
         written["recalls"] = out / RECALLS_FILE
         table.to_csv(written["recalls"], index=False, lineterminator="\n")
+    if result.settings:
+        written["settings"] = out / SETTINGS_FILE
+        written["settings"].write_text(json.dumps({"model": result.model_name, **result.settings}, indent=1) + "\n")
     return written
 
 
@@ -276,6 +308,11 @@ def report(result: SearchResult, written: dict[str, Path]) -> str:
              f"({result.query_descriptors.shape[1]}-d descriptors, {result.model_name})"]
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)} unreadable files (listed in {written['skipped']})")
+    st = result.settings
+    if st.get("batch_dependent"):
+        lines.append(f"queries encoded in batches of {st['query_batch_size']}, the database in batches of "
+                     f"{st['database_batch_size']}: this cross-image model's descriptors depend on the batch "
+                     "(--query-batch-size sets the queries')")
     table = result.recall_table()
     if table is not None:
         lines.append(table.to_string(index=False))

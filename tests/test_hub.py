@@ -86,3 +86,19 @@ def test_hub_refuses_a_checkpoint_carrying_a_pickled_object_unless_trusted(tmp_p
         hub("scicevpr_s", checkpoint=str(path), **SMALL)
     assert hub("scicevpr_s", checkpoint=str(path), trust_checkpoint=True, **SMALL).descriptor_dim == trained.descriptor_dim
 
+
+
+def test_hub_docstrings_give_each_entry_its_descriptor_size():
+    from scicevpr.config import OFFLINE_MODEL_OVERRIDES, get_config
+    from scicevpr.hub import ENTRY_POINTS, OFFLINE_ENTRY_POINTS
+
+    tree = ast.parse((REPO / "hubconf.py").read_text())
+    docs = {n.name: ast.get_docstring(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert set(docs) == set(ENTRY_POINTS) | set(OFFLINE_ENTRY_POINTS)
+    for entry, (_, preset) in ENTRY_POINTS.items():
+        cfg = get_config(preset)
+        assert f"{cfg.descriptor_dim}-d" in docs[entry] and f"{cfg.image_size} px" in docs[entry], entry
+        assert "weights=\"auto\" needs" in docs[entry] or "dinov2_vitb14_pretrain.pth" in docs[entry], entry
+    offline = get_config("SciceVPR-S", **OFFLINE_MODEL_OVERRIDES)
+    for entry in OFFLINE_ENTRY_POINTS:
+        assert f"{offline.descriptor_dim}-d" in docs[entry] and f"{offline.image_size} px" in docs[entry], entry

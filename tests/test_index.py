@@ -164,3 +164,17 @@ def test_approximate_recall_against_exact_search_on_the_synthetic_benchmark(benc
     assert approximate_recall(db, q, IndexConfig("ivf", nlist=8, nprobe=2))["recall@10"] >= 0.9
     assert approximate_recall(db, q, IndexConfig("hnsw"))["recall@10"] >= 0.95
     assert approximate_recall(db, q, IndexConfig("ivf", nlist=16, nprobe=1))["recall@10"] < 0.9
+
+
+def test_a_flat_index_holds_and_ranks_the_fp32_descriptors_as_eval_does(folders, checkpoint, tmp_path):
+    from scicevpr.evaluate import search
+
+    db, q = folders
+    model = load_model(checkpoint)
+    saved = build_index(model, db, tmp_path / "map", eval_config=CFG)
+    stored = np.load(tmp_path / "map" / "descriptors.npy")
+    want_db = compute_descriptors(model, list_images(db), CFG)
+    assert stored.dtype == np.float32 and np.array_equal(stored, want_db)
+    result = load_index(tmp_path / "map").query(model, q, k=10, config=CFG)
+    dist, pred = search(want_db, compute_descriptors(model, list_images(q), CFG), 10)
+    assert np.array_equal(result.predictions[:, :10], pred)  # eval's exact search, fp32

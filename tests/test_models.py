@@ -241,3 +241,26 @@ def test_package_has_no_hard_coded_cuda_calls():
         str(p) for p in root.rglob("*.py") if re.search(r"\.cuda\(", p.read_text())
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("name, preset, batch_dependent", [
+    ("SciceVPR", "SciceVPR-S", False), ("SuperCricaVPR", "SciceVPR-S", True), ("CricaVPR", "CricaVPR-S", True),
+])
+def test_every_model_states_its_input_and_output_and_serves_pil_images(name, preset, batch_dependent):
+    import numpy as np
+    from PIL import Image
+
+    from scicevpr import create_model
+    from scicevpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, transform_from_data_config
+
+    model = create_model(name, preset, weights=None, image_size=56).eval()
+    cfg = model.data_config
+    assert cfg["input_size"] == (3, 56, 56) and cfg["mean"] == IMAGENET_MEAN and cfg["std"] == IMAGENET_STD
+    assert cfg["descriptor_dim"] == model.descriptor_dim and cfg["batch_dependent"] is batch_dependent
+    image = Image.fromarray((np.random.default_rng(0).random((90, 150, 3)) * 255).astype(np.uint8))
+    x = model.transform(image)
+    assert torch.equal(x, eval_transform(56)(image))
+    with torch.no_grad():
+        assert model(torch.stack([x, x])).shape == (2, cfg["descriptor_dim"])
+    with pytest.raises(ValueError, match="mean"):
+        transform_from_data_config({**cfg, "mean": (0.5, 0.5, 0.5)})

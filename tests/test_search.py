@@ -196,3 +196,29 @@ def test_recall_curve_plot_has_a_line_per_model_and_chance():
     assert len(ax.lines) == 3 and [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["A (R@1 10.0)", "B (R@1 5.0)"]
     assert missing_labels(fig) == []
     assert ax.lines[2].get_ydata()[-1] == pytest.approx(100.0)  # 100 of 100 retrieved: every positive found
+
+
+def test_search_and_index_query_take_and_record_the_query_batch_size_of_a_cross_image_model(split, tmp_path, capsys):
+    import json
+
+    teacher = save_checkpoint(tmp_path / "teacher.pt", build_model("SuperCricaVPR", "SciceVPR-S", weights=None, seed=0,
+                                                                  image_size=56, mix_dim=64))
+    folder = split.folder
+    common = ["--checkpoint", str(teacher), "--queries", str(folder / "queries"), "--sheet-queries", "0", *RUN]
+    sims = {}
+    for bs in ("1", None):
+        out = tmp_path / f"search-{bs}"
+        assert main(["search", *common, "--database", str(folder / "database"), "--out", str(out)]
+                    + (["--query-batch-size", bs] if bs else [])) == 0
+        settings = json.loads((out / "settings.json").read_text())
+        assert settings["batch_dependent"] is True and settings["database_batch_size"] == 16
+        assert settings["query_batch_size"] == (int(bs) if bs else 16)
+        assert f"queries encoded in batches of {bs or 16}" in capsys.readouterr().out
+        sims[bs] = pd.read_csv(out / "matches.csv")["similarity"].to_numpy()
+    assert not np.allclose(sims["1"], sims[None], atol=1e-4)  # the teacher's descriptors follow the batching
+    assert main(["index", "build", "--checkpoint", str(teacher), "--database", str(folder / "database"),
+                 "--out", str(tmp_path / "map"), *RUN]) == 0
+    assert main(["index", "query", *common, "--index", str(tmp_path / "map"), "--out", str(tmp_path / "iq"),
+                 "--query-batch-size", "1"]) == 0
+    assert json.loads((tmp_path / "iq" / "settings.json").read_text())["query_batch_size"] == 1
+    np.testing.assert_array_equal(pd.read_csv(tmp_path / "iq" / "matches.csv")["similarity"].to_numpy(), sims["1"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -164,6 +165,29 @@ def eval_transform(image_size: int, protocol: str = "default") -> EvalTransform 
     if check_protocol(protocol) == "official":
         return OfficialEvalTransform(image_size)
     return EvalTransform(image_size)
+
+
+def data_config(image_size: int, descriptor_dim: int, batch_dependent: bool) -> dict:
+    """A model's input and output as one dict (``VPRModel.data_config``): the evaluation
+    transform's parameters (``input_size`` (3, S, S), hard resize without crop, bilinear with
+    antialiasing, ImageNet ``mean`` / ``std``, the names timm's ``resolve_data_config`` uses),
+    ``descriptor_dim`` and ``batch_dependent`` (descriptors depend on the rest of the batch)."""
+    s = _check_size(image_size)
+    return {"input_size": (3, s, s), "interpolation": "bilinear", "antialias": True, "crop_pct": 1.0,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "descriptor_dim": int(descriptor_dim),
+            "batch_dependent": bool(batch_dependent)}
+
+
+def transform_from_data_config(config: dict) -> EvalTransform:
+    """The evaluation transform (:class:`EvalTransform`) of a :func:`data_config` dict; a dict
+    asking for a preprocessing that :class:`EvalTransform` does not do is refused."""
+    want = data_config(config["input_size"][-1], config.get("descriptor_dim", 0), config.get("batch_dependent", False))
+    keys = ("input_size", "interpolation", "antialias", "crop_pct", "mean", "std")
+    diff = [k for k in keys if k in config and tuple(np.atleast_1d(config[k])) != tuple(np.atleast_1d(want[k]))]
+    if diff:
+        raise ValueError(f"no scicevpr transform for the data config {config!r}: {', '.join(diff)} differ from the "
+                         f"evaluation transform's ({', '.join(f'{k}={want[k]!r}' for k in diff)}).")
+    return EvalTransform(want["input_size"][-1])
 
 
 def train_transform(image_size: int, randaugment_ops: int = 3) -> TrainTransform:
