@@ -131,6 +131,18 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     model.load_state_dict(state, strict=False)
 
 
+def check_finite_state(state: dict[str, Any], where: str) -> None:
+    """Refuse weights that hold a NaN or an infinity (a training that diverged): every
+    descriptor of such a model is NaN, and its Recall@N would be a silent 0."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{where} holds weights that are not finite (NaN or infinite in {len(bad)} of {len(state)} tensors, e.g. "
+            f"{bad[0]!r}): the training that wrote it diverged. Use an earlier checkpoint, or train again with a lower "
+            f"learning rate."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
@@ -269,6 +281,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expec
                 "checkpoint with store_backbone=True where it was made."
             )
         )
+    check_finite_state(ckpt["model_state"], where)
     load_trainable_state(model, ckpt["model_state"])
     if name == "SciceVPR":
         model.fusion.conv.requires_grad_(False)  # the conv copied from the teacher stays frozen

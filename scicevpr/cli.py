@@ -514,7 +514,6 @@ def add_train_parser(sub, stage: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import LossConfig, TrainConfig
-    from .train import is_main_process, train_student, train_teacher
 
     config = TrainConfig(
         model_overrides=parse_model_overrides(args.set),
@@ -524,6 +523,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.stage == "student" and config.teacher is None:
         raise ValueError("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
+    check_train_paths(config, args.stage)
+    from .train import is_main_process, train_student, train_teacher
+
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -535,6 +537,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in (result.best_recalls or {}).items())
         print(f"best checkpoint: {result.best_path} (epoch {result.best_epoch}: {recalls})")
     return 0
+
+
+def check_train_paths(config, stage: str) -> None:
+    """The folders and files a training reads, before torch is imported: ``--resume`` needs a run
+    to continue (a mistyped folder would start a new run without a word), and the data and
+    teacher must exist."""
+    run_dir = Path(config.run_dir or Path("runs") / stage)
+    if config.resume and not (run_dir / "config.json").is_file():
+        problem = "does not exist" if not run_dir.exists() else "holds no run (no config.json)"
+        raise FileNotFoundError(f"--resume: run folder {str(run_dir)!r} {problem}, so there is nothing to continue. "
+                                f"Check the --run-dir path, or leave out --resume to start a new run there.")
+    for option, folder in (("--gsv-root", config.gsv_root), ("--val-root", config.val_root if config.val_dataset else None)):
+        if folder is not None and not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"{option} {folder!r} {problem}; pass the dataset folder (see data/README.md).")
+    if stage == "student" and config.teacher is not None and not Path(config.teacher).exists():
+        raise FileNotFoundError(f"--teacher {config.teacher!r} does not exist; pass stage 1's run folder or its best.pt.")
 
 
 def add_pretrain_parser(sub) -> None:

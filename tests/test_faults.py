@@ -1,0 +1,258 @@
+"""Faults and bad inputs of the `scicevpr` command, one row each.
+
+Every row runs one command line on the tiny synthetic benchmark (and a tiny trained teacher) and
+asserts what the user sees and what stays on disk: the exit status, one error line that names
+the file or value and the fix (a regex on it), and that no file that existed before was changed
+(every byte, every file under the row's folder, the benchmark and the teacher run). A row may add
+a ``check`` of what was (or was not) written. Library calls that users make directly have their
+own table at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scicevpr.cli import main
+
+TINY_MODEL = ["--preset", "SciceVPR-S", "--weights", "none", "--set", "image_size=56", "mix_dim=64",
+              "encoder_heads=4", "encoder_ffn=128"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
+
+
+@dataclass
+class World:
+    """What a row works on: ``tmp`` is its own folder; ``data`` the tiny benchmark and
+    ``teacher_run`` a one-step teacher run, shared (read-only: a row that changes one copies it)."""
+
+    tmp: Path
+    data: Path
+    teacher_run: Path
+
+    @property
+    def vg(self) -> Path:
+        return self.data / "vg"
+
+    @property
+    def gsv(self) -> Path:
+        return self.data / "gsv_cities"
+
+    def split(self, role: str = "database") -> Path:
+        return self.vg / "synthetic" / "images" / "test" / role
+
+    def train(self, *extra: str, run: str = "run") -> list[str]:
+        """A one-epoch, one-iteration training of the tiny model into ``tmp/run``."""
+        return ["--gsv-root", str(self.gsv), "--val-root", str(self.vg), "--val-dataset", "synthetic",
+                "--places-per-batch", "4", "--img-per-place", "2", "--epochs", "1", "--max-iters-per-epoch", "1",
+                "--num-workers", "0", "--device", "cpu", "--quiet", "--run-dir", str(self.tmp / run), *extra]
+
+    def eval_on(self, root: Path | None = None) -> list[str]:
+        return ["--vg-root", str(root or self.vg), "--dataset", "synthetic", "--num-workers", "0", "--quiet"]
+
+    def copy_teacher(self) -> Path:
+        return Path(shutil.copytree(self.teacher_run, self.tmp / "teacher"))
+
+    def copy_vg(self) -> Path:
+        return Path(shutil.copytree(self.vg, self.tmp / "vg"))
+
+
+@dataclass
+class Fault:
+    """One row: ``args(w)`` is the command line (after ``setup(w)``, which may return None);
+    ``message`` a regex the one error line must match; ``check(w)`` what must hold afterwards;
+    ``patch(monkeypatch)`` a fault of the machine that a command line cannot cause."""
+
+    name: str
+    args: Callable[[World], list[str]]
+    message: str
+    setup: Callable[[World], object] | None = None
+    check: Callable[[World], None] | None = None
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    code: int = 2
+    marks: tuple = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------------------------
+# Setups
+# --------------------------------------------------------------------------------------------
+
+
+def _nan_checkpoint(w: World) -> None:
+    ckpt = torch.load(w.teacher_run / "best.pt", weights_only=True)
+    for v in ckpt["model_state"].values():
+        if v.is_floating_point():
+            v.fill_(float("nan"))
+    torch.save(ckpt, w.tmp / "nan.pt")
+
+
+def _nan_descriptors(w: World) -> None:
+    from scicevpr.data.vg import load_vg_split
+
+    split = load_vg_split(w.vg, "synthetic", "test")
+    (w.tmp / "d").mkdir()
+    db = np.ones((split.num_database, 8), np.float16)
+    db[1, 3] = np.nan
+    np.save(w.tmp / "d" / "database.npy", db)
+    np.save(w.tmp / "d" / "queries.npy", np.ones((split.num_queries, 8), np.float16))
+
+
+def _without_last(w: World) -> None:
+    (w.copy_teacher() / "last.pt").unlink()
+
+
+def _loss_nan_at_step(n: int):
+    """The metric-learning loss turns NaN at its n-th call (a diverging run, at a known step)."""
+    def patch(mp: pytest.MonkeyPatch) -> None:
+        from scicevpr.losses import MultiSimilarityLoss
+
+        real, calls = MultiSimilarityLoss.forward, [0]
+
+        def forward(self, *a, **k):
+            calls[0] += 1
+            out = real(self, *a, **k)
+            return out * float("nan") if calls[0] >= n else out
+
+        mp.setattr(MultiSimilarityLoss, "forward", forward)
+    return patch
+
+
+def _last_is_epoch_1_and_finite(w: World) -> None:
+    ckpt = torch.load(w.tmp / "run" / "last.pt", weights_only=True)
+    assert ckpt["meta"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model_state"].values() if v.is_floating_point())
+
+
+def _no_checkpoint(w: World) -> None:
+    assert not (w.tmp / "run" / "best.pt").exists() and not (w.tmp / "run" / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+FAULTS = [
+    # already handled before this table existed
+    Fault("missing vg-root", lambda w: ["eval", *TINY_MODEL, *w.eval_on(w.tmp / "nowhere")], r"nowhere"),
+    Fault("run folder not resumed", lambda w: ["train-teacher", *TINY_MODEL, *w.train(run="teacher")],
+          r"already holds a run; refusing to overwrite it.*--resume", setup=lambda w: w.copy_teacher()),
+    # 1. no NaN weights saved, no Recall@N of NaN
+    Fault("lr diverges in epoch 1", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--lr", "1e8", "--epochs", "2",
+                                                                                       "--max-iters-per-epoch", "2")],
+          r"training diverged at epoch 1, iteration 2: the loss is nan.*no checkpoint was written.*lr=1e\+08",
+          check=_no_checkpoint),
+    Fault("loss NaN in epoch 2", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--epochs", "2")],
+          r"training diverged at epoch 2, iteration 2: the loss is nan.*last good checkpoint is '.*last\.pt' \(epoch 1\)",
+          patch=_loss_nan_at_step(2), check=_last_is_epoch_1_and_finite),
+    Fault("gamma nan", lambda w: ["train-student", "--teacher", str(w.teacher_run), *w.train("--gamma", "nan")],
+          r"loss gamma must be a finite number, got nan"),
+    Fault("eta negative", lambda w: ["train-student", "--teacher", str(w.teacher_run), *w.train("--eta", "-5")],
+          r"loss eta must be >= 0.*got -5"),
+    Fault("lr zero", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--lr", "0")], r"lr must be a finite number > 0, got 0"),
+    Fault("eval of a NaN checkpoint", lambda w: ["eval", "--checkpoint", str(w.tmp / "nan.pt"), *w.eval_on()],
+          r"nan\.pt' holds weights that are not finite.*diverged", setup=_nan_checkpoint),
+    Fault("eval of NaN descriptors", lambda w: ["eval", "--descriptors", str(w.tmp / "d"), *w.eval_on()],
+          r"database\.npy'.*hold NaN or infinite values in 1 of \d+ rows", setup=_nan_descriptors),
+    # 2. --resume never starts again over a run
+    Fault("resume without last.pt", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--resume", run="teacher")],
+          r"cannot resume '.*teacher': its last\.pt is missing.*best\.pt.*new run_dir", setup=_without_last),
+    Fault("resume a mistyped folder", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--resume", run="techer")],
+          r"--resume: run folder '.*techer' does not exist, so there is nothing to continue",
+          check=lambda w: not (w.tmp / "techer").exists() or pytest.fail("a run folder was created")),
+]
+
+
+def _snapshot(*roots: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_benchmark, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    w = World(run.parent, tiny_benchmark.root, run)
+    assert main(["train-teacher", *TINY_MODEL, *w.train()]) == 0
+    return run
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault(fault: Fault, tiny_benchmark, teacher_run, tmp_path, capsys, monkeypatch):
+    w = World(tmp_path, tiny_benchmark.root, teacher_run)
+    if fault.setup is not None:
+        fault.setup(w)
+    if fault.patch is not None:
+        fault.patch(monkeypatch)
+    before = _snapshot(tmp_path, tiny_benchmark.root, teacher_run)
+    capsys.readouterr()
+    code = main(fault.args(w))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert code == fault.code, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert __import__("re").search(fault.message, errors[0]), errors[0]
+    after = _snapshot(tmp_path, tiny_benchmark.root, teacher_run)
+    changed = [str(p) for p, h in before.items() if after.get(p) != h]
+    assert not changed, f"changed or removed: {changed}"
+    if fault.check is not None:
+        fault.check(w)
+
+
+# --------------------------------------------------------------------------------------------
+# Images of every PIL mode decode to their 8-bit picture
+# --------------------------------------------------------------------------------------------
+
+GREY = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint8)  # (H, W), every grey level
+
+
+def _image(mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(GREY.astype(np.uint16) * 257)
+    if mode == "I;16B":
+        return Image.frombytes(mode, (64, 48), (GREY.astype(">u2") * 257).tobytes())
+    if mode == "I":
+        return Image.fromarray(GREY.astype(np.int32) * 257)
+    if mode == "F":
+        return Image.fromarray(GREY.astype(np.float32) / 255)
+    return Image.fromarray(GREY).convert(mode)
+
+
+# (mode, file format that stores it): every mode that PIL opens a file in can reach the loader
+# (files are opened by their content, whatever their name).
+MODES = [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("PA", "TIFF"), ("RGB", "PNG"), ("RGBA", "PNG"),
+         ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("LAB", "TIFF"), ("I", "TIFF"), ("I", "PPM"), ("I;16", "PNG"),
+         ("I;16", "TIFF"), ("I;16B", "TIFF"), ("F", "TIFF")]
+
+
+@pytest.mark.parametrize("mode,fmt", MODES, ids=[f"{m}-{f}" for m, f in MODES])
+def test_every_pil_mode_decodes_to_its_8bit_picture(mode, fmt, tmp_path):
+    from scicevpr.data.decode import load_rgb
+
+    path = tmp_path / "image.png"  # a name the loaders list; the content decides the decoder
+    _image(mode).save(path, format=fmt)
+    with Image.open(path) as im:
+        opened = im.mode
+    rgb = np.asarray(load_rgb(path)).astype(int)  # (H, W, 3)
+    assert rgb.shape == (48, 64, 3)
+    grey = rgb.mean(axis=2)
+    if mode == "1":  # black and white: the grey levels thresholded
+        assert set(np.unique(rgb)) <= {0, 255}
+        return
+    tolerance = 3 if mode in ("LAB", "YCbCr", "CMYK") else 0  # colour-space round trips
+    assert np.abs(grey - GREY).max() <= tolerance, (opened, np.abs(grey - GREY).max())
