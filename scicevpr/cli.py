@@ -168,11 +168,26 @@ def check_output(option: str, path: str | None, suffixes: Sequence[str] = (), fo
     if out.exists() and out.is_dir() != folder:
         raise ValueError(f"{option} {path!r} is an existing {'file' if folder else 'folder'}; "
                          f"pass a {'folder' if folder else 'file'} path.")
-    for parent in out.parents:
+    for parent in ((out,) if folder and out.is_dir() else ()) + tuple(out.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise NotADirectoryError(f"{option} {path!r}: {str(parent)!r} is a file, not a folder.")
+            check_writable(option, path, parent)
             break
+
+
+def check_writable(option: str, path: str, folder: Path) -> None:
+    """Write and remove a probe file in ``folder`` (the nearest existing folder on the way to
+    ``path``): a read-only place is refused before the work, not after it."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".scicevpr-probe-")
+    except OSError as e:
+        raise OSError(f"{option} {path!r}: cannot write in {str(folder)!r} ({e.strerror or e}); choose a writable "
+                      f"place (nothing was computed).") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -443,6 +458,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from .index import IndexConfig, build_index, describe
 
     require_folders(database=args.database)
+    check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     saved = build_index(model, args.database, args.out, IndexConfig(**dataclass_overrides(args, IndexConfig)), cfg,
                         args.skip_unreadable, _model_source(args), args.overwrite)
@@ -816,6 +832,11 @@ def add_combine_parser(sub) -> None:
 def cmd_combine(args: argparse.Namespace) -> int:
     from .data.gsv import combine_gsv_folders, list_cities
 
+    resolved = [Path(f).resolve() for f in args.folders]
+    twice = next((f for f, r in zip(args.folders, resolved) if resolved.count(r) > 1), None)
+    if twice is not None:  # the library allows it (two copies of one world, in tests); a user means two folders
+        raise ValueError(f"{twice!r} is given twice: its places would count twice, as places of different cities. "
+                         "Give each folder once (nothing was written).")
     out = combine_gsv_folders(args.out, args.folders, args.suffixes)
     print(f"{len(list_cities(out))} cities in {out}")
     return 0

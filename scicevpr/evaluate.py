@@ -695,8 +695,10 @@ def load_descriptors(path: PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise
     except (ValueError, OSError, EOFError, TypeError) as e:  # truncated, not .npy, or pickled objects
-        raise ValueError(f"descriptor file {str(path)!r} is damaged or not a descriptor array ({e}); compute it "
-                         f"again (the command that wrote it).") from None
+        error = ValueError(f"descriptor file {str(path)!r} is damaged or not a descriptor array ({e}); compute it "
+                           f"again (the command that wrote it).")
+        error.reason = str(e)  # for a caller that says how to rebuild it
+        raise error from None
 
 
 def load_descriptor_folder(folder: PathLike, split: VGSplit) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,8 @@ own table at the end.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ class World:
     tmp: Path
     data: Path
     teacher_run: Path
+    index: Path | None = None
 
     @property
     def vg(self) -> Path:
@@ -144,6 +147,59 @@ def _no_checkpoint(w: World) -> None:
     assert not (w.tmp / "run" / "best.pt").exists() and not (w.tmp / "run" / "last.pt").exists()
 
 
+def _disk_full(error: BaseException):
+    """torch.save fails as it does on a full disk."""
+    def patch(mp: pytest.MonkeyPatch) -> None:
+        def save(*a, **k):
+            raise error
+
+        mp.setattr(torch, "save", save)
+    return patch
+
+
+def _no_temporary_files(w: World) -> None:
+    assert not [p for p in (w.tmp / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def _edit_city_csv(edit: Callable[[list[str]], list[str]]):
+    """A copy of the GSV-Cities folder (in ``tmp/gsv``) whose first city's CSV is edited."""
+    def setup(w: World) -> None:
+        gsv = Path(shutil.copytree(w.gsv, w.tmp / "gsv"))
+        csv = sorted((gsv / "Dataframes").glob("*.csv"))[0]
+        csv.write_text("\n".join(edit(csv.read_text().splitlines())) + "\n")
+    return setup
+
+
+def _with_field(line: int, column: int, value: str):
+    def edit(lines: list[str]) -> list[str]:
+        fields = lines[line - 1].split(",")
+        fields[column] = value
+        lines[line - 1] = ",".join(fields)
+        return lines
+    return edit
+
+
+def _train_on_copy(w: World) -> list[str]:
+    args = w.train()
+    args[args.index("--gsv-root") + 1] = str(w.tmp / "gsv")
+    return ["train-teacher", *TINY_MODEL, *args]
+
+
+def _damaged_index(name: str, content: bytes | None = None, edit: Callable[[dict], dict] | None = None):
+    def setup(w: World) -> None:
+        index = Path(shutil.copytree(w.index, w.tmp / "index"))
+        if content is not None:
+            (index / name).write_bytes(content)
+        if edit is not None:
+            (index / name).write_text(json.dumps(edit(json.loads((index / name).read_text()))))
+    return setup
+
+
+def _query_index(w: World) -> list[str]:
+    return ["index", "query", "--index", str(w.tmp / "index"), "--queries", str(w.split("queries")),
+            "--out", str(w.tmp / "results"), "--num-workers", "0", "--quiet", *TINY_MODEL]
+
+
 # --------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------
@@ -176,6 +232,40 @@ FAULTS = [
     Fault("resume a mistyped folder", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--resume", run="techer")],
           r"--resume: run folder '.*techer' does not exist, so there is nothing to continue",
           check=lambda w: not (w.tmp / "techer").exists() or pytest.fail("a run folder was created")),
+    # 4. a full disk names the file; a read-only output is refused before the work
+    Fault("disk full in torch.save", lambda w: ["train-teacher", *TINY_MODEL, *w.train()],
+          r"cannot write '.*run/best\.pt': the write stopped part-way, as it does when the disk is full.*previous best\.pt",
+          patch=_disk_full(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2624 vs 2512")),
+          check=_no_temporary_files),
+    Fault("disk full (ENOSPC)", lambda w: ["train-teacher", *TINY_MODEL, *w.train()],
+          r"cannot write '.*run/best\.pt': the disk is full",
+          patch=_disk_full(OSError(28, "No space left on device")), check=_no_temporary_files),
+    Fault("read-only index --out", lambda w: ["index", "build", "--database", str(w.split()), "--out", "/sys/scicevpr-index",
+                                              "--quiet", *TINY_MODEL],
+          r"--out '/sys/scicevpr-index': cannot write in '/sys'.*writable", marks=(pytest.mark.skipif(
+              not Path("/sys").is_dir(), reason="needs Linux's read-only /sys"),)),
+    Fault("read-only eval --out", lambda w: ["eval", *TINY_MODEL, *w.eval_on(), "--out", "/sys/r.csv"],
+          r"--out '/sys/r\.csv': cannot write in '/sys'", marks=(pytest.mark.skipif(
+              not Path("/sys").is_dir(), reason="needs Linux's read-only /sys"),)),
+    # 5. GSV-Cities CSV rows
+    Fault("non-numeric place_id", _train_on_copy, r"Dataframes/\w+\.csv', line 3: place_id must be an integer, got 'abc'",
+          setup=_edit_city_csv(_with_field(3, 0, "abc"))),
+    Fault("short CSV row", _train_on_copy, r"Dataframes/\w+\.csv', line 4: no value for month, northdeg, city_id, lat, lon, "
+          r"panoid", setup=_edit_city_csv(lambda lines: lines[:3] + ["7,2020"] + lines[3:])),
+    Fault("repeated CSV row", _train_on_copy, r"Dataframes/\w+\.csv', line 3 repeats line 2",
+          setup=_edit_city_csv(lambda lines: lines[:2] + lines[1:])),
+    Fault("combine-gsv one folder twice", lambda w: ["combine-gsv", str(w.tmp / "both"), str(w.gsv), str(w.gsv)],
+          r"gsv_cities' is given twice.*Give each folder once",
+          check=lambda w: not (w.tmp / "both").exists() or pytest.fail("written")),
+    # 7. a damaged index says to rebuild it
+    Fault("index.json not JSON", _query_index, r"index\.json is damaged \(not JSON.*Rebuild the index: scicevpr index build",
+          setup=_damaged_index("index.json", b"{ truncated")),
+    Fault("index.json without model", _query_index, r"index\.json is damaged \(entries missing or malformed: model\).*Rebuild",
+          setup=_damaged_index("index.json", edit=lambda m: {k: v for k, v in m.items() if k != "model"})),
+    Fault("index.faiss damaged", _query_index, r"index\.faiss is damaged.*Rebuild the index",
+          setup=_damaged_index("index.faiss", b"\0" * 40)),
+    Fault("descriptors.npy damaged", _query_index, r"descriptors\.npy is damaged.*Rebuild the index",
+          setup=_damaged_index("descriptors.npy", b"\x93NUMPY\x01\x00v\x00{'descr'")),
 ]
 
 
@@ -192,9 +282,18 @@ def teacher_run(tiny_benchmark, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
-def test_fault(fault: Fault, tiny_benchmark, teacher_run, tmp_path, capsys, monkeypatch):
-    w = World(tmp_path, tiny_benchmark.root, teacher_run)
+@pytest.fixture(scope="module")
+def index(tiny_benchmark, teacher_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "index"
+    w = World(out.parent, tiny_benchmark.root, teacher_run)
+    assert main(["index", "build", "--database", str(w.split()), "--out", str(out), "--num-workers", "0", "--quiet",
+                 *TINY_MODEL]) == 0
+    return out
+
+
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=f.marks) for f in FAULTS], ids=[f.name for f in FAULTS])
+def test_fault(fault: Fault, tiny_benchmark, teacher_run, index, tmp_path, capsys, monkeypatch):
+    w = World(tmp_path, tiny_benchmark.root, teacher_run, index)
     if fault.setup is not None:
         fault.setup(w)
     if fault.patch is not None:
@@ -206,7 +305,7 @@ def test_fault(fault: Fault, tiny_benchmark, teacher_run, tmp_path, capsys, monk
     errors = [line for line in err.splitlines() if ": error: " in line]
     assert code == fault.code, err
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert __import__("re").search(fault.message, errors[0]), errors[0]
+    assert re.search(fault.message, errors[0]), errors[0]
     after = _snapshot(tmp_path, tiny_benchmark.root, teacher_run)
     changed = [str(p) for p, h in before.items() if after.get(p) != h]
     assert not changed, f"changed or removed: {changed}"
