@@ -205,8 +205,23 @@ def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         if key not in hints:
             raise ValueError(f"--set: unknown model field {key!r}; valid: {sorted(hints)}")
-        out[key] = _parse_value(value, hints[key])
+        try:
+            out[key] = _parse_value(value, hints[key])
+        except (ValueError, argparse.ArgumentTypeError):
+            kind = _value_parser(hints[key]).__name__
+            raise ValueError(f"--set {item}: {key} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value!r}; "
+                             f"e.g. {key}={_example(key)}") from None
     return out
+
+
+def _example(key: str) -> str:
+    """The default of the ModelConfig field ``key`` (``backbone_<field>``: BackboneConfig's), as
+    ``--set`` takes it."""
+    from .config import BackboneConfig, ModelConfig
+
+    cls, name = (BackboneConfig, key[len("backbone_"):]) if key.startswith("backbone_") else (ModelConfig, key)
+    default = cls.__dataclass_fields__[name].default
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +375,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             raise ValueError("--pca-dim needs --pca-images: a folder of training images (the authors use "
                              "<vg-root>/pitts30k/images/train, the default under --protocol official)")
+    if pca_paths is not None:
+        check_pca_dim(cfg.pca_dim, len(pca_paths), None)
     model, split = model_for_split(args, cfg, split)
+    if pca_paths is not None:
+        check_pca_dim(cfg.pca_dim, len(pca_paths), model.descriptor_dim)
     print(f"{split}")
     pca = None
     if pca_paths is not None:
@@ -377,6 +396,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _write_recall_plot(args.plot, split, {result.model_name: (result.database_descriptors, result.query_descriptors)},
                            model_label(model))
     return 0
+
+
+def check_pca_dim(dim: int, num_images: int, descriptor_dim: int | None) -> None:
+    """``--pca-dim`` must be a number of components the PCA can give: at most one less than the
+    images it is fitted on (up to the official 2^14) and at most the descriptor's dimension."""
+    from .protocol import OFFICIAL_PCA_MAX_IMAGES
+
+    n = min(num_images, OFFICIAL_PCA_MAX_IMAGES)
+    if dim > n - 1:
+        raise ValueError(f"--pca-dim {dim}: a PCA fitted on {n} images gives at most {n - 1} components; lower --pca-dim "
+                         f"to <= {n - 1}, or fit it on more images (--pca-images).")
+    if descriptor_dim is not None and dim > descriptor_dim:
+        raise ValueError(f"--pca-dim {dim} is more than the model's {descriptor_dim}-d descriptors; lower it to "
+                         f"<= {descriptor_dim}.")
 
 
 def check_eval_outputs(args: argparse.Namespace) -> None:
@@ -794,7 +827,7 @@ def add_synth_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training), pretrain (backbone pretraining, train split only)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: automatic; 0 = none)")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="rendering processes (default: automatic; 0 = none)")
     p.add_argument("--splits", nargs="+", default=None, choices=SPLITS, help="write only these splits (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)

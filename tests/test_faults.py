@@ -81,14 +81,14 @@ class World:
 class Fault:
     """One row: ``args(w)`` is the command line (after ``setup(w)``, which may return None);
     ``message`` a regex the one error line must match; ``check(w)`` what must hold afterwards;
-    ``patch(monkeypatch)`` a fault of the machine that a command line cannot cause."""
+    ``patch(monkeypatch, w)`` a fault of the machine that a command line cannot cause."""
 
     name: str
     args: Callable[[World], list[str]]
     message: str
     setup: Callable[[World], object] | None = None
     check: Callable[[World], None] | None = None
-    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    patch: Callable[[pytest.MonkeyPatch, World], None] | None = None
     code: int = 2
     marks: tuple = field(default_factory=tuple)
 
@@ -123,7 +123,7 @@ def _without_last(w: World) -> None:
 
 def _loss_nan_at_step(n: int):
     """The metric-learning loss turns NaN at its n-th call (a diverging run, at a known step)."""
-    def patch(mp: pytest.MonkeyPatch) -> None:
+    def patch(mp: pytest.MonkeyPatch, w: World) -> None:
         from scicevpr.losses import MultiSimilarityLoss
 
         real, calls = MultiSimilarityLoss.forward, [0]
@@ -149,7 +149,7 @@ def _no_checkpoint(w: World) -> None:
 
 def _disk_full(error: BaseException):
     """torch.save fails as it does on a full disk."""
-    def patch(mp: pytest.MonkeyPatch) -> None:
+    def patch(mp: pytest.MonkeyPatch, w: World) -> None:
         def save(*a, **k):
             raise error
 
@@ -193,6 +193,18 @@ def _damaged_index(name: str, content: bytes | None = None, edit: Callable[[dict
         if edit is not None:
             (index / name).write_text(json.dumps(edit(json.loads((index / name).read_text()))))
     return setup
+
+
+def _bad_weights_folder(mp: pytest.MonkeyPatch, w: World) -> None:
+    from scicevpr.config import OFFLINE_BACKBONE
+
+    (w.tmp / "w").mkdir()
+    (w.tmp / "w" / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth").write_bytes(b"not a weight file" * 100)
+    mp.setenv("SCICEVPR_WEIGHTS", str(w.tmp / "w"))
+
+
+OFFLINE_MODEL = ["--preset", "SciceVPR-S", "--set", "image_size=112", "backbone_num_blocks=4", "backbone_pretrain_img_size=112",
+                 "layers=0,1,2,3"]
 
 
 def _query_index(w: World) -> list[str]:
@@ -266,6 +278,19 @@ FAULTS = [
           setup=_damaged_index("index.faiss", b"\0" * 40)),
     Fault("descriptors.npy damaged", _query_index, r"descriptors\.npy is damaged.*Rebuild the index",
           setup=_damaged_index("descriptors.npy", b"\x93NUMPY\x01\x00v\x00{'descr'")),
+    # 8. numbers the work cannot use
+    Fault("pca-dim above the images", lambda w: ["eval", *TINY_MODEL, *w.eval_on(), "--pca-dim", "100000",
+                                                 "--pca-images", str(w.split())],
+          r"--pca-dim 100000: a PCA fitted on 9 images gives at most 8 components; lower --pca-dim to <= 8"),
+    Fault("--set image_size=abc", lambda w: ["eval", *TINY_MODEL, "image_size=abc", *w.eval_on()],
+          r"--set image_size=abc: image_size takes an int, got 'abc'; e\.g\. image_size=224"),
+    Fault("synth --workers -3", lambda w: ["synth", "--preset", "tiny", "--out", str(w.tmp / "s"), "--workers", "-3"],
+          r"argument --workers: expected an integer >= 0, got '-3'"),
+    # 10. weights
+    Fault("--weights a folder", lambda w: ["eval", "--preset", "SciceVPR-S", "--weights", str(w.tmp), *w.eval_on()],
+          r"DINOv2 weights .* is a folder without dinov2_vits14_pretrain\.pth.*Pass the path of the file"),
+    Fault("SCICEVPR_WEIGHTS with a bad compact backbone", lambda w: ["eval", *OFFLINE_MODEL, *w.eval_on()],
+          r"weight file '.*/w/scicevpr_vits14_4blocks_112px_pretrain\.pth' cannot be read", patch=_bad_weights_folder),
 ]
 
 
@@ -297,10 +322,13 @@ def test_fault(fault: Fault, tiny_benchmark, teacher_run, index, tmp_path, capsy
     if fault.setup is not None:
         fault.setup(w)
     if fault.patch is not None:
-        fault.patch(monkeypatch)
+        fault.patch(monkeypatch, w)
     before = _snapshot(tmp_path, tiny_benchmark.root, teacher_run)
     capsys.readouterr()
-    code = main(fault.args(w))
+    try:
+        code = main(fault.args(w))
+    except SystemExit as e:  # an option that argparse refuses
+        code = e.code
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if ": error: " in line]
     assert code == fault.code, err
