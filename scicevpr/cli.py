@@ -310,6 +310,19 @@ def model_for_split(args: argparse.Namespace, cfg, split):
     return model, split
 
 
+def check_paths_first(args: argparse.Namespace) -> None:
+    """The folders a command reads, checked before torch is imported (seconds): a mistyped path
+    is reported at once. (Model files are checked where the model is built, with the options
+    that would be ignored.)"""
+    for option in ("vg_root", "images", "database", "queries", "index", "database_root", "pca_images"):
+        folder = getattr(args, option, None)
+        if option == "queries" and hasattr(args, "vg_root"):  # eval's --queries names a folder of the split
+            continue
+        if folder is not None and not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass an existing folder.")
+
+
 def require_folders(**folders: str | None) -> None:
     """Each ``--option folder`` must be an existing folder (checked before a model is built)."""
     for option, folder in folders.items():
@@ -355,6 +368,7 @@ def _write_table(table, out: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     import dataclasses
 
     if args.descriptors:
@@ -477,6 +491,7 @@ def _model_source(args: argparse.Namespace) -> str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .search import report, search_folders, write_search_outputs
 
     require_folders(database=args.database, queries=args.queries)
@@ -488,6 +503,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .index import IndexConfig, build_index, describe
 
     require_folders(database=args.database)
@@ -502,6 +518,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_query(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .index import describe, load_index
     from .search import report, write_search_outputs
 
@@ -516,6 +533,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .evaluate import batch_stability, stability_summary
 
     cfg = eval_config(args)
@@ -528,6 +546,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .evaluate import compute_descriptors, save_descriptors
 
     check_output("--out", args.out, (".npy",))  # the row order goes beside it, as .txt

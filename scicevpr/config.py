@@ -173,6 +173,10 @@ class ModelConfig:
     student_layers: int = 1
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"{f.name} must be an int, got {v!r} ({type(v).__name__}); e.g. {f.name}={f.default!r}")
         depth = self.backbone.depth
         if not self.layers or any(not 0 <= i < depth for i in self.layers):
             raise ValueError(

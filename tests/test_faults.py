@@ -286,6 +286,18 @@ FAULTS = [
           r"--set image_size=abc: image_size takes an int, got 'abc'; e\.g\. image_size=224"),
     Fault("synth --workers -3", lambda w: ["synth", "--preset", "tiny", "--out", str(w.tmp / "s"), "--workers", "-3"],
           r"argument --workers: expected an integer >= 0, got '-3'"),
+    # 9. options that a checkpoint would ignore
+    Fault("student --preset other than the teacher's", lambda w: ["train-student", "--teacher", str(w.teacher_run),
+                                                                   "--preset", "SciceVPR-B", *w.train()],
+          r"is a scicevpr checkpoint of a SuperCricaVPR \(SciceVPR-S\).*preset=SciceVPR-B describes another model",
+          check=lambda w: not (w.tmp / "run" / "config.json").exists() or pytest.fail("config.json written")),
+    Fault("native file as --official with another preset", lambda w: ["eval", "--official", str(w.teacher_run / "best.pt"),
+                                                                       "--model", "SuperCricaVPR", *w.eval_on()],
+          r"best\.pt' is a scicevpr checkpoint of a SuperCricaVPR \(SciceVPR-S\).*preset=SciceVPR-B describes another"),
+    # 11. a folder link that reaches above the folder
+    Fault("database/loop -> ..", lambda w: ["eval", *TINY_MODEL, *w.eval_on(w.tmp / "vg")],
+          r"folder link '.*database/loop' points to '.*test', a folder that holds '.*database' itself.*Remove the link",
+          setup=lambda w: (w.copy_vg() / "synthetic" / "images" / "test" / "database" / "loop").symlink_to("..")),
     # 10. weights
     Fault("--weights a folder", lambda w: ["eval", "--preset", "SciceVPR-S", "--weights", str(w.tmp), *w.eval_on()],
           r"DINOv2 weights .* is a folder without dinov2_vits14_pretrain\.pth.*Pass the path of the file"),
@@ -383,3 +395,68 @@ def test_every_pil_mode_decodes_to_its_8bit_picture(mode, fmt, tmp_path):
         return
     tolerance = 3 if mode in ("LAB", "YCbCr", "CMYK") else 0  # colour-space round trips
     assert np.abs(grey - GREY).max() <= tolerance, (opened, np.abs(grey - GREY).max())
+
+
+# --------------------------------------------------------------------------------------------
+# A mistyped folder is reported before torch is imported
+# --------------------------------------------------------------------------------------------
+
+EARLY = [
+    (["eval", "--vg-root", "nowhere", "--dataset", "synthetic"], "--vg-root 'nowhere' does not exist"),
+    (["extract", "--images", "nowhere", "--out", "d.npy"], "--images 'nowhere' does not exist"),
+    (["search", "--database", "nowhere", "--queries", "."], "--database 'nowhere' does not exist"),
+    (["index", "query", "--index", "nowhere", "--queries", "."], "--index 'nowhere' does not exist"),
+    (["train-teacher", "--gsv-root", "nowhere"], "--gsv-root 'nowhere' does not exist"),
+    (["train-teacher", "--gsv-root", ".", "--run-dir", "nowhere", "--resume"], "run folder 'nowhere' does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", EARLY, ids=[" ".join(a[:2]) for a, _ in EARLY])
+def test_a_mistyped_folder_is_reported_before_torch_is_imported(argv, message, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom scicevpr.cli import main\n"
+            f"code = main({argv!r})\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "sys.exit(code)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and done.stderr.count(": error: ") == 1, done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Library calls: one error naming the value and the fix
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_model():
+    from scicevpr import create_model
+
+    return create_model("SciceVPR", "SciceVPR-S", weights=None, image_size=56, mix_dim=64, encoder_heads=4,
+                        encoder_ffn=128, backbone_num_blocks=1, layers=(0,)).eval()
+
+
+def _images(**kwargs) -> torch.Tensor:
+    return torch.zeros(2, 3, 56, 56, **kwargs)
+
+
+LIBRARY = [
+    ("float64 images", lambda m: m(_images(dtype=torch.float64)), TypeError, r"has torch\.float32 weights but got torch\.float64 images; convert"),
+    ("fp16 images", lambda m: m(_images(dtype=torch.float16)), TypeError, r"got torch\.float16 images"),
+    ("numpy images", lambda m: m(np.zeros((2, 3, 56, 56), np.float32)), TypeError, r"expects a torch\.Tensor.*torch\.from_numpy"),
+    ("empty batch", lambda m: m(torch.zeros(0, 3, 56, 56)), ValueError, r"got an empty batch \(0 images\)"),
+    ("NaN images", lambda m: m(torch.full((2, 3, 56, 56), float("nan"))), ValueError, r"NaN or infinite values"),
+    ("image_size '112'", lambda m: __import__("scicevpr").get_config("SciceVPR-S", image_size="112"), ValueError,
+     r"image_size must be an int, got '112' \(str\)"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", [row[1:] for row in LIBRARY], ids=[row[0] for row in LIBRARY])
+def test_library_call_fault(call, error, message):
+    model = _tiny_model()
+    with torch.no_grad(), pytest.raises(error, match=message):
+        call(model)
