@@ -536,15 +536,23 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
 
     ``"auto"`` looks for ``<hub name>_pretrain.pth`` in ``$SCICEVPR_WEIGHTS/``, then in torch
     hub's checkpoint cache, then tries the official download once per process. Offline, it
-    fails at once with a message naming the file and where to put it. A compact backbone
-    (``not config.is_official``) is looked for in the package's ``weights/`` folder first and
-    is never downloaded: it is made by ``scicevpr pretrain-backbone``.
+    fails at once with a message naming the file and where to put it. A compact backbone (``not config.is_official``) is looked for in the
+    package's ``weights/`` folder after ``$SCICEVPR_WEIGHTS/`` and is never downloaded: it is
+    made by ``scicevpr pretrain-backbone``. A folder given as ``weights`` stands for its
+    ``<hub name>_pretrain.pth``.
     """
     if weights is None:
         return None
     fname = f"{config.hub_name}_pretrain.pth"
     if str(weights) != "auto":
         path = Path(weights).expanduser()
+        if path.is_dir():
+            if (path / fname).is_file():
+                return path / fname
+            raise FileNotFoundError(
+                f"DINOv2 weights {path} is a folder without {fname} (this model's file). Pass the path of the file, "
+                f"a folder that holds {fname}, weights='auto', or weights=None for a random initialisation."
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"DINOv2 weights file {path} does not exist. Pass the path to {fname}, "
@@ -552,9 +560,12 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
                 f"weights=None for a random initialisation."
             )
         return path
-    candidates = [] if config.is_official else [PACKAGE_WEIGHTS_DIR / fname]
-    if os.environ.get(WEIGHTS_ENV):
-        candidates.append(Path(os.environ[WEIGHTS_ENV]).expanduser() / fname)
+    candidates = []
+    env = os.environ.get(WEIGHTS_ENV, "").strip()
+    if env and env.lower() != "random":  # "random": the notebooks' setting for weights=None
+        candidates.append(Path(env).expanduser() / fname)  # the user's folder first, before the shipped backbones
+    if not config.is_official:
+        candidates.append(PACKAGE_WEIGHTS_DIR / fname)
     hub_dir = _hub_checkpoint_dir()
     candidates.append(hub_dir / fname)
     for c in candidates:

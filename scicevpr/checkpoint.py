@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .backbone import RandomWeightsWarning, resolve_weights
-from .config import BackboneConfig, CricaVPRConfig, ModelConfig
+from .config import BackboneConfig, CricaVPRConfig, ModelConfig, get_config
 from .factory import MODELS, create_model
 from .files import NATIVE_FORMAT, read_model_file, save_torch_file
 from .models import VPRModel
@@ -129,6 +129,18 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}."
         )
     model.load_state_dict(state, strict=False)
+
+
+def check_finite_state(state: dict[str, Any], where: str) -> None:
+    """Refuse weights that hold a NaN or an infinity (a training that diverged): every
+    descriptor of such a model is NaN, and its Recall@N would be a silent 0."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{where} holds weights that are not finite (NaN or infinite in {len(bad)} of {len(state)} tensors, e.g. "
+            f"{bad[0]!r}): the training that wrote it diverged. Use an earlier checkpoint, or train again with a lower "
+            f"learning rate."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,10 +281,34 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expec
                 "checkpoint with store_backbone=True where it was made."
             )
         )
+    check_finite_state(ckpt["model_state"], where)
     load_trainable_state(model, ckpt["model_state"])
     if name == "SciceVPR":
         model.fusion.conv.requires_grad_(False)  # the conv copied from the teacher stays frozen
     return model
+
+
+def _refuse_another_configuration(ckpt: dict[str, Any], where: str, preset: str | ModelConfig | None,
+                                  overrides: dict[str, Any]) -> None:
+    """A native checkpoint records its configuration; a ``preset`` / ``overrides`` that describe
+    another one would be ignored without a word (and recorded by a run as if used): refused."""
+    if preset is None and not overrides:
+        return
+    recorded = ckpt.get("model_config", {})
+    name = recorded.get("name", "?")
+    try:
+        given = preset if isinstance(preset, ModelConfig) else get_config(preset or name, **overrides)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{where} records its model ({ckpt.get('model_class')} {name}); the preset and overrides given "
+                         f"with it do not describe a model ({e}): leave them out.") from None
+    if config_to_dict(given) != config_to_dict(config_from_dict(recorded)):
+        shown = " ".join([*([f"preset={preset if isinstance(preset, str) else given.name}"] if preset is not None else []),
+                          *(f"{k}={v}" for k, v in overrides.items())])
+        raise ValueError(
+            f"{where} is a scicevpr checkpoint of a {ckpt.get('model_class')} ({name}) and records its configuration; "
+            f"{shown} describes another model and would be ignored. Leave them out (command line: load it with "
+            f"--checkpoint / --teacher alone, without --preset and --set)."
+        )
 
 
 def load_model(
@@ -305,6 +341,7 @@ def load_model(
     """
     file = read_model_file(path, trust_checkpoint)
     if file.native:
+        _refuse_another_configuration(file.content, file.where, preset, overrides)
         model = model_from_checkpoint(_check_version(file.content, file.where), file.where, expected)
         return model.to(device).eval()
     names = (expected,) if isinstance(expected, str) else tuple(expected or ())

@@ -169,11 +169,26 @@ def check_output(option: str, path: str | None, suffixes: Sequence[str] = (), fo
     if out.exists() and out.is_dir() != folder:
         raise ValueError(f"{option} {path!r} is an existing {'file' if folder else 'folder'}; "
                          f"pass a {'folder' if folder else 'file'} path.")
-    for parent in out.parents:
+    for parent in ((out,) if folder and out.is_dir() else ()) + tuple(out.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise NotADirectoryError(f"{option} {path!r}: {str(parent)!r} is a file, not a folder.")
+            check_writable(option, path, parent)
             break
+
+
+def check_writable(option: str, path: str, folder: Path) -> None:
+    """Write and remove a probe file in ``folder`` (the nearest existing folder on the way to
+    ``path``): a read-only place is refused before the work, not after it."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".scicevpr-probe-")
+    except OSError as e:
+        raise OSError(f"{option} {path!r}: cannot write in {str(folder)!r} ({e.strerror or e}); choose a writable "
+                      f"place (nothing was computed).") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -191,8 +206,23 @@ def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         if key not in hints:
             raise ValueError(f"--set: unknown model field {key!r}; valid: {sorted(hints)}")
-        out[key] = _parse_value(value, hints[key])
+        try:
+            out[key] = _parse_value(value, hints[key])
+        except (ValueError, argparse.ArgumentTypeError):
+            kind = _value_parser(hints[key]).__name__
+            raise ValueError(f"--set {item}: {key} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value!r}; "
+                             f"e.g. {key}={_example(key)}") from None
     return out
+
+
+def _example(key: str) -> str:
+    """The default of the ModelConfig field ``key`` (``backbone_<field>``: BackboneConfig's), as
+    ``--set`` takes it."""
+    from .config import BackboneConfig, ModelConfig
+
+    cls, name = (BackboneConfig, key[len("backbone_"):]) if key.startswith("backbone_") else (ModelConfig, key)
+    default = cls.__dataclass_fields__[name].default
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +311,19 @@ def model_for_split(args: argparse.Namespace, cfg, split):
     return model, split
 
 
+def check_paths_first(args: argparse.Namespace) -> None:
+    """The folders a command reads, checked before torch is imported (seconds): a mistyped path
+    is reported at once. (Model files are checked where the model is built, with the options
+    that would be ignored.)"""
+    for option in ("vg_root", "images", "database", "queries", "index", "database_root", "pca_images"):
+        folder = getattr(args, option, None)
+        if option == "queries" and hasattr(args, "vg_root"):  # eval's --queries names a folder of the split
+            continue
+        if folder is not None and not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass an existing folder.")
+
+
 def require_folders(**folders: str | None) -> None:
     """Each ``--option folder`` must be an existing folder (checked before a model is built)."""
     for option, folder in folders.items():
@@ -326,6 +369,7 @@ def _write_table(table, out: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     import dataclasses
 
     if args.descriptors:
@@ -346,7 +390,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             raise ValueError("--pca-dim needs --pca-images: a folder of training images (the authors use "
                              "<vg-root>/pitts30k/images/train, the default under --protocol official)")
+    if pca_paths is not None:
+        check_pca_dim(cfg.pca_dim, len(pca_paths), None)
     model, split = model_for_split(args, cfg, split)
+    if pca_paths is not None:
+        check_pca_dim(cfg.pca_dim, len(pca_paths), model.descriptor_dim)
     print(f"{split}")
     pca = None
     if pca_paths is not None:
@@ -363,6 +411,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _write_recall_plot(args.plot, split, {result.model_name: (result.database_descriptors, result.query_descriptors)},
                            model_label(model))
     return 0
+
+
+def check_pca_dim(dim: int, num_images: int, descriptor_dim: int | None) -> None:
+    """``--pca-dim`` must be a number of components the PCA can give: at most one less than the
+    images it is fitted on (up to the official 2^14) and at most the descriptor's dimension."""
+    from .protocol import OFFICIAL_PCA_MAX_IMAGES
+
+    n = min(num_images, OFFICIAL_PCA_MAX_IMAGES)
+    if dim > n - 1:
+        raise ValueError(f"--pca-dim {dim}: a PCA fitted on {n} images gives at most {n - 1} components; lower --pca-dim "
+                         f"to <= {n - 1}, or fit it on more images (--pca-images).")
+    if descriptor_dim is not None and dim > descriptor_dim:
+        raise ValueError(f"--pca-dim {dim} is more than the model's {descriptor_dim}-d descriptors; lower it to "
+                         f"<= {descriptor_dim}.")
 
 
 def check_eval_outputs(args: argparse.Namespace) -> None:
@@ -430,6 +492,7 @@ def _model_source(args: argparse.Namespace) -> str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .search import report, search_folders, write_search_outputs
 
     require_folders(database=args.database, queries=args.queries)
@@ -441,9 +504,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .index import IndexConfig, build_index, describe
 
     require_folders(database=args.database)
+    check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     saved = build_index(model, args.database, args.out, IndexConfig(**dataclass_overrides(args, IndexConfig)), cfg,
                         args.skip_unreadable, _model_source(args), args.overwrite)
@@ -454,6 +519,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_query(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .index import describe, load_index
     from .search import report, write_search_outputs
 
@@ -468,6 +534,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .evaluate import batch_stability, stability_summary
 
     cfg = eval_config(args)
@@ -480,6 +547,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    check_paths_first(args)
     from .evaluate import compute_descriptors, save_descriptors
 
     check_output("--out", args.out, (".npy",))  # the row order goes beside it, as .txt
@@ -515,7 +583,6 @@ def add_train_parser(sub, stage: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import LossConfig, TrainConfig
-    from .train import is_main_process, train_student, train_teacher
 
     config = TrainConfig(
         model_overrides=parse_model_overrides(args.set),
@@ -525,6 +592,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.stage == "student" and config.teacher is None:
         raise ValueError("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
+    check_train_paths(config, args.stage)
+    from .train import is_main_process, train_student, train_teacher
+
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -606,6 +676,23 @@ def cmd_train_offline(args: argparse.Namespace) -> int:
             print(f"written {f} ({f.stat().st_size / 1e6:.1f} MB)")
         print(f"written {manifest}")
     return 0
+
+
+def check_train_paths(config, stage: str) -> None:
+    """The folders and files a training reads, before torch is imported: ``--resume`` needs a run
+    to continue (a mistyped folder would start a new run without a word), and the data and
+    teacher must exist."""
+    run_dir = Path(config.run_dir or Path("runs") / stage)
+    if config.resume and not (run_dir / "config.json").is_file():
+        problem = "does not exist" if not run_dir.exists() else "holds no run (no config.json)"
+        raise FileNotFoundError(f"--resume: run folder {str(run_dir)!r} {problem}, so there is nothing to continue. "
+                                f"Check the --run-dir path, or leave out --resume to start a new run there.")
+    for option, folder in (("--gsv-root", config.gsv_root), ("--val-root", config.val_root if config.val_dataset else None)):
+        if folder is not None and not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"{option} {folder!r} {problem}; pass the dataset folder (see data/README.md).")
+    if stage == "student" and config.teacher is not None and not Path(config.teacher).exists():
+        raise FileNotFoundError(f"--teacher {config.teacher!r} does not exist; pass stage 1's run folder or its best.pt.")
 
 
 def add_pretrain_parser(sub) -> None:
@@ -833,7 +920,7 @@ def add_synth_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training), pretrain (backbone pretraining, train split only)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: automatic; 0 = none)")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="rendering processes (default: automatic; 0 = none)")
     p.add_argument("--splits", nargs="+", default=None, choices=SPLITS, help="write only these splits (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
@@ -871,6 +958,11 @@ def add_combine_parser(sub) -> None:
 def cmd_combine(args: argparse.Namespace) -> int:
     from .data.gsv import combine_gsv_folders, list_cities
 
+    resolved = [Path(f).resolve() for f in args.folders]
+    twice = next((f for f, r in zip(args.folders, resolved) if resolved.count(r) > 1), None)
+    if twice is not None:  # the library allows it (two copies of one world, in tests); a user means two folders
+        raise ValueError(f"{twice!r} is given twice: its places would count twice, as places of different cities. "
+                         "Give each folder once (nothing was written).")
     out = combine_gsv_folders(args.out, args.folders, args.suffixes)
     print(f"{len(list_cities(out))} cities in {out}")
     return 0

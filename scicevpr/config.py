@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -172,6 +173,10 @@ class ModelConfig:
     student_layers: int = 1
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"{f.name} must be an int, got {v!r} ({type(v).__name__}); e.g. {f.name}={f.default!r}")
         depth = self.backbone.depth
         if not self.layers or any(not 0 <= i < depth for i in self.layers):
             raise ValueError(
@@ -366,6 +371,20 @@ class LossConfig:
     miner_epsilon: float = 0.1
     gamma: float = 1.0  # weight of L_MS in L_T
     eta: float = 1.0  # weight of L_D in L_T
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"loss {f.name} must be a finite number, got {v!r}")
+        for name in ("ms_alpha", "ms_beta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"loss {name} must be > 0 (the paper's: {LossConfig.__dataclass_fields__[name].default}), "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("gamma", "eta", "miner_epsilon"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss {name} must be >= 0 (a weight; the paper's: "
+                                 f"{LossConfig.__dataclass_fields__[name].default}), got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -562,6 +581,10 @@ class TrainConfig:
         if self.model not in STAGE1_MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
         check_seed(self.seed)
+        for name in ("lr", "lr_gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

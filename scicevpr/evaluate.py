@@ -256,7 +256,22 @@ def compute_descriptors(
         with autocast(device, amp):
             d = model.encode(features(x), groups)  # the encoder sees exactly this batch (or its groups)
         out[idx.numpy()] = d.float().cpu().numpy()
+    check_finite_descriptors(out, f"the descriptors of {len(paths)} images", paths)
     return out
+
+
+def check_finite_descriptors(descriptors: np.ndarray, what: str, paths: Sequence[PathLike] | None = None) -> None:
+    """Refuse descriptors that hold a NaN or an infinity: a search among them ranks arbitrarily
+    and its Recall@N would be a silent, meaningless number. ``paths``: the images of the rows, to
+    name the first bad one."""
+    rows = np.flatnonzero(~np.isfinite(descriptors).all(axis=tuple(range(1, descriptors.ndim)))) if descriptors.size else []
+    if len(rows):
+        first = f" (the first: row {rows[0]}" + (f", image {str(paths[rows[0]])!r})" if paths is not None else ")")
+        raise ValueError(
+            f"{what} hold NaN or infinite values in {len(rows)} of {len(descriptors)} rows{first}: the model's weights "
+            f"are not finite (a training that diverged) or an image gave non-finite input. Recall@N of them would mean "
+            f"nothing; use a model with finite weights, or compute the descriptors again."
+        )
 
 
 @torch.no_grad()
@@ -318,6 +333,8 @@ def search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
     """Exact L2 search (``faiss.IndexFlatL2``): (distances, indices), each (N_q, min(k, N_db))."""
     if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
         raise ValueError(f"descriptor shapes do not match: database {database.shape}, queries {queries.shape}")
+    check_finite_descriptors(database, "the database descriptors")
+    check_finite_descriptors(queries, "the query descriptors")
     index = faiss.IndexFlatL2(database.shape[1])
     index.add(np.ascontiguousarray(database, dtype=np.float32))
     k = min(k, database.shape[0])
@@ -673,7 +690,15 @@ def save_descriptors(path: PathLike, descriptors: np.ndarray) -> Path:
 
 def load_descriptors(path: PathLike) -> np.ndarray:
     """Load descriptors saved by :func:`save_descriptors` as float32."""
-    return np.load(path).astype(np.float32)
+    try:
+        return np.load(path).astype(np.float32)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError) as e:  # truncated, not .npy, or pickled objects
+        error = ValueError(f"descriptor file {str(path)!r} is damaged or not a descriptor array ({e}); compute it "
+                           f"again (the command that wrote it).")
+        error.reason = str(e)  # for a caller that says how to rebuild it
+        raise error from None
 
 
 def load_descriptor_folder(folder: PathLike, split: VGSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -689,6 +714,7 @@ def load_descriptor_folder(folder: PathLike, split: VGSplit) -> tuple[np.ndarray
                 f"queries.npy, as `scicevpr eval --save-descriptors FOLDER` writes them."
             )
         d = load_descriptors(path)
+        check_finite_descriptors(d, f"descriptor file {str(path)!r}: its descriptors")
         if d.ndim != 2 or d.shape[0] != n:
             raise ValueError(
                 f"{str(path)!r} holds {d.shape[0] if d.ndim else 0} descriptors but {split.dataset}/{split.split} has "

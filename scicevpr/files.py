@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping
 
@@ -210,10 +212,48 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+            raise
+        raise write_error(path, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _is_write_failure(error: RuntimeError) -> bool:
+    """torch.save's writer fails with "enforce fail at inline_container.cc ... unexpected pos" or
+    "file write failed" when the disk is full."""
+    text = str(error)
+    return "inline_container" in text or "write failed" in text or "PytorchStreamWriter" in text
+
+
+def write_error(path: Path, error: BaseException) -> OSError:
+    """The error for a file that could not be written: which file, why, and that its previous
+    version (if any) is unchanged."""
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    full = getattr(error, "errno", None) == errno.ENOSPC
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        full = True
+    if full:
+        why = "the disk is full"
+    elif isinstance(error, RuntimeError):
+        why = f"the write stopped part-way, as it does when the disk is full ({reason})"
+    else:
+        why = reason
+    out = OSError(
+        f"cannot write {str(path)!r}: {why}" + (f" ({free / 2**20:.0f} MiB free)" if full and free is not None else "")
+        + f". Free space on its disk (or choose another folder) and run again; the previous {path.name}, if any, is "
+        f"unchanged."
+    )
+    out.errno = errno.ENOSPC if full else getattr(error, "errno", None) or errno.EIO
+    return out
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

@@ -319,6 +319,15 @@ def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = 
     return SavedIndex(out, manifest, database, files, desc, index)
 
 
+MANIFEST_KEYS = ("count", "dim", "index", "model", "database_root")  # what load_index and queries read
+
+
+def damaged_index(folder: Path, name: str, reason: str) -> str:
+    """The message for an index file that cannot be read."""
+    return (f"index {str(folder)!r}: {name} is damaged ({reason}). Rebuild the index: scicevpr index build "
+            f"--database DIR --out {folder} --overwrite (with the model that built it).")
+
+
 def load_index(folder: PathLike, database_root: PathLike | None = None) -> SavedIndex:
     """Read an index folder written by :func:`build_index`.
 
@@ -336,7 +345,12 @@ def load_index(folder: PathLike, database_root: PathLike | None = None) -> Saved
             f"{str(folder)!r} is not a scicevpr index: {MANIFEST_FILE} is missing. Build one with "
             "`scicevpr index build --database DIR --out FOLDER`."
         )
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(damaged_index(folder, MANIFEST_FILE, f"not JSON: {e}")) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(damaged_index(folder, MANIFEST_FILE, "not a JSON object"))
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{str(manifest_path)!r} is not a scicevpr index manifest (format {manifest.get('format')!r}).")
     if manifest.get("version", 0) > VERSION:
@@ -344,15 +358,36 @@ def load_index(folder: PathLike, database_root: PathLike | None = None) -> Saved
     for name in (INDEX_FILE, DESCRIPTORS_FILE, FILES_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"index {str(folder)!r} lacks {name}; the folder is incomplete: rebuild it with `scicevpr index build`.")
-    files = (folder / FILES_FILE).read_text().splitlines()
-    desc = load_descriptors(folder / DESCRIPTORS_FILE)
-    index = faiss.read_index(str(folder / INDEX_FILE))
+    lacking = [k for k in MANIFEST_KEYS if k not in manifest]
+    if not lacking:
+        lacking = [k for k in ("model", "index") if not isinstance(manifest[k], dict)]
+        lacking += [] if lacking or "label" in manifest["model"] else ["model.label"]
+    if lacking:
+        raise ValueError(damaged_index(folder, MANIFEST_FILE, f"entries missing or malformed: {', '.join(lacking)}"))
+    try:
+        config = IndexConfig(**manifest["index"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(damaged_index(folder, MANIFEST_FILE, f"its index entry: {e}")) from None
+    try:
+        files = (folder / FILES_FILE).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(damaged_index(folder, FILES_FILE, f"not UTF-8 text: {e}")) from None
+    try:
+        desc = load_descriptors(folder / DESCRIPTORS_FILE)
+    except ValueError as e:
+        raise ValueError(damaged_index(folder, DESCRIPTORS_FILE, getattr(e, "reason", str(e)))) from None
+    if desc.ndim != 2:
+        raise ValueError(damaged_index(folder, DESCRIPTORS_FILE, f"an array of shape {desc.shape}, not (images, dim)"))
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except RuntimeError as e:
+        raise ValueError(damaged_index(folder, INDEX_FILE, str(e).strip().splitlines()[-1])) from None
     if not (len(files) == desc.shape[0] == index.ntotal == manifest["count"]):
         raise ValueError(
             f"index {str(folder)!r} is inconsistent: {len(files)} files, {desc.shape[0]} descriptors, {index.ntotal} "
             f"indexed vectors, {manifest['count']} in the manifest. Rebuild it with `scicevpr index build`."
         )
-    set_search_parameters(index, IndexConfig(**manifest["index"]))
+    set_search_parameters(index, config)
     root = Path(database_root) if database_root is not None else Path(manifest["database_root"])
     return SavedIndex(folder, manifest, root, files, desc, index)
 

@@ -241,7 +241,14 @@ class VPRModel(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def check_input(self, x: torch.Tensor) -> None:
+        """A batch of images the model can describe: a float tensor (B >= 1, 3, S, S) of the
+        weights' dtype (or any float under autocast), finite; else one error naming the fix."""
         s = self.config.image_size
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__} ({self.config.name}) expects a torch.Tensor of images (B, 3, {s}, {s}), got a "
+                f"{type(x).__module__}.{type(x).__name__}; convert a NumPy array with torch.from_numpy(a).float()."
+            )
         if not torch.is_floating_point(x):
             raise TypeError(
                 f"{type(self).__name__} ({self.config.name}) expects float images normalised with the ImageNet "
@@ -254,6 +261,21 @@ class VPRModel(nn.Module):
                 f"(B, 3, {s}, {s}), got {tuple(x.shape)}. Resize inputs to {s} x {s} (the "
                 f"evaluation transform does this) or build the model with image_size=<your size> "
                 f"(a multiple of {self.config.backbone.patch_size})."
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__} ({self.config.name}) got an empty batch (0 images); pass at least one.")
+        if torch.compiler.is_compiling():  # the compiled fast path (CUDA) leaves out the per-batch checks below
+            return
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{type(self).__name__} ({self.config.name}) has {dtype} weights but got {x.dtype} images; convert them "
+                f"with images.to({dtype}) (or run under scicevpr.precision.autocast for mixed precision)."
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{type(self).__name__} ({self.config.name}) got images that hold NaN or infinite values: every "
+                f"descriptor of them would be NaN. Check how the batch was made (decoding, normalisation)."
             )
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:

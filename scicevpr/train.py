@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .backbone import file_sha256
-from .checkpoint import config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
+from .checkpoint import check_finite_state, config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
 from .config import OFFLINE_BACKBONE, OFFLINE_MODEL_OVERRIDES, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
@@ -533,6 +533,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
             )
         return False
     resuming = (run_dir / "last.pt").is_file()
+    if not resuming:
+        _refuse_a_run_without_last(run_dir)
     if (run_dir / "config.json").is_file():
         old = read_run_config(run_dir, "train", "training")
         if old.get("stage") != stage:
@@ -542,6 +544,21 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, stage: str) -> bool:
         if resuming and stage == "student":
             _check_same_teacher(run_dir, old.get("teacher_sha256"), config)
     return resuming
+
+
+def _refuse_a_run_without_last(run_dir: Path) -> None:
+    """``resume`` with no ``last.pt``: a run killed before its first checkpoint starts again (its
+    config.json and at most the one log row of the epoch it was saving), but a run that already
+    kept checkpoints (``best.pt``) or logged several epochs has lost its ``last.pt``: starting
+    again would overwrite them."""
+    log = run_dir / "log.csv"
+    rows = max(0, len(log.read_text(errors="replace").splitlines()) - 1) if log.is_file() else 0
+    if (run_dir / "best.pt").exists() or rows > 1:
+        kept = "best.pt" if (run_dir / "best.pt").exists() else f"{rows} epochs in log.csv"
+        raise FileNotFoundError(
+            f"cannot resume {str(run_dir)!r}: its last.pt is missing, though the run got further ({kept}); starting "
+            f"again would overwrite them. Put last.pt back to continue, or train in a new run_dir (nothing was changed)."
+        )
 
 
 def refuse_config_changes(run_dir: Path, then: dict[str, Any], now: dict[str, Any], resumable: tuple[str, ...],
@@ -716,6 +733,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         ckpt = read_checkpoint(last_path, config.trust_checkpoint)
         if ckpt["model_class"] != type(model).__name__:
             raise ValueError(f"{str(last_path)!r} holds a {ckpt['model_class']}, this run trains a {type(model).__name__}.")
+        check_finite_state(ckpt["model_state"], repr(str(last_path)))
         tr = ckpt["training"]
         if tr["iterations_per_epoch"] != ipe:
             raise ValueError(
@@ -771,6 +789,9 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
             y = labels.to(device, non_blocking=True).reshape(P_local * K)  # (P, K) -> (P*K,)
             with autocast(device, amp):
                 loss, parts = step(x, y)
+            if not torch.isfinite(loss.detach()):  # before backward: the weights are still finite
+                raise TrainingDivergedError(_diverged_message(
+                    f"the loss is {float(loss.detach())}", epoch, iteration + 1, last_path, config))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr_used = optimizer.param_groups[0]["lr"]
@@ -786,6 +807,11 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         row: dict[str, Any] = {"epoch": epoch + 1, "iteration": iteration, "lr": lr_used,
                                "images_per_s": round(n_images / train_s, 2), "train_s": round(train_s, 2)}
         row.update({k: v / ipe for k, v in sums.items()})
+        bad = non_finite_parameters(model)
+        if bad:  # a finite loss, then a step that overflowed: nothing of this epoch is saved
+            raise TrainingDivergedError(_diverged_message(
+                f"{len(bad)} trainable tensor(s) are no longer finite (e.g. {bad[0]!r})", epoch, iteration, last_path,
+                config))
 
         if ddp.main:
             last_epoch = epoch + 1 == epochs
@@ -819,6 +845,27 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         best_path=best_path if has_best else None, best_epoch=best["epoch"],
         best_recalls=best["recalls"], teacher=st.teacher, iterations_per_epoch=ipe, **data_report,
     )
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights of a training became NaN or infinite; nothing of the epoch in which
+    it happened is saved (``best.pt`` and ``last.pt`` keep their last finite weights)."""
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters of ``model`` that hold a NaN or an infinity."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+
+
+def _diverged_message(what: str, epoch: int, iteration: int, last_path: Path, config: TrainConfig) -> str:
+    """Why a training stopped (:class:`TrainingDivergedError`): the step, and the last good checkpoint."""
+    if last_path.is_file():
+        good = f"the last good checkpoint is {str(last_path)!r} (epoch {epoch}), best.pt beside it is untouched"
+    else:
+        good = "no checkpoint was written before it"
+    return (f"training diverged at epoch {epoch + 1}, iteration {iteration}: {what}. It stopped there and saved "
+            f"nothing of this epoch; {good}. Lower the learning rate (lr={config.lr:g}) or check the loss weights "
+            f"(gamma={config.loss.gamma:g}, eta={config.loss.eta:g}), and train again in a new run_dir.")
 
 
 def train_teacher(config: TrainConfig) -> RunResult:

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -52,6 +53,29 @@ def too_large_message(path: PathLike, reason: object) -> str:
     )
 
 
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+"""PIL modes of 16-bit (and 32-bit integer) pixels: 16-bit PNG, TIFF and PGM/PPM greys."""
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB picture of ``im`` whatever its PIL mode. PIL's own ``convert("RGB")`` clips
+    wider pixels at 255 (a 16-bit photo turns almost white), so they are scaled instead:
+    integer modes (:data:`SIXTEEN_BIT_MODES`) from the 16-bit range, ``v * 255 / 65535``;
+    float ``"F"`` pixels from [0, 1] when they lie in it, else taken as 0-255 and clipped. Every
+    other mode (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, ...) is 8-bit and converts as PIL does
+    (alpha dropped)."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        v = np.asarray(im, dtype=np.float64)  # (H, W)
+        grey = np.clip(np.rint(v * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode == "F":
+        v = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)  # (H, W)
+        scale = 255.0 if v.size and v.min() >= 0.0 and v.max() <= 1.0 else 1.0
+        grey = np.clip(np.rint(v * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_rgb(path: PathLike, data: bytes | None = None) -> Image.Image:
     """Open and fully decode an image as RGB; raise ``CorruptImageError`` naming the file if it fails
     (corrupt, truncated, or above PIL's decompression-bomb limit). ``data``: the file's bytes,
@@ -59,7 +83,7 @@ def load_rgb(path: PathLike, data: bytes | None = None) -> Image.Image:
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.load()  # force the full decode here, so truncation is caught now
-            return im.convert("RGB")
+            return to_rgb8(im)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image file {str(path)!r} does not exist (was the dataset moved?)") from e
     except (IsADirectoryError, PermissionError) as e:  # not the image's content: say so

@@ -99,8 +99,47 @@ def _read_city(root: Path, city: str) -> pd.DataFrame:
         )
     if len(df) == 0:
         raise ValueError(f"GSV-Cities dataframe {str(csv)!r} has no rows")
+    df = _check_rows(df, csv)
     if df["place_id"].max() >= CITY_ID_STRIDE or df["place_id"].min() < 0:
         raise ValueError(f"{str(csv)!r}: place_id must lie in [0, {CITY_ID_STRIDE}) to be made unique across cities")
+    return df
+
+
+INTEGER_COLUMNS = ("place_id", "year", "month", "northdeg")
+NUMBER_COLUMNS = ("lat", "lon")
+
+
+def _check_rows(df: pd.DataFrame, csv: Path) -> pd.DataFrame:
+    """Every field a number where the layout needs one (integers for :data:`INTEGER_COLUMNS`),
+    no short row and no row twice; an error names the file, its line and the field. Returns
+    ``df`` with those columns as numbers."""
+    def line(i: int) -> int:
+        return int(i) + 2  # the header is line 1
+
+    short = df[list(GSV_COLUMNS)].isna().any(axis=1) | (df[list(GSV_COLUMNS)].astype(str) == "").any(axis=1)
+    if short.any():
+        i = short.idxmax()
+        empty = [c for c in GSV_COLUMNS if pd.isna(df.at[i, c]) or str(df.at[i, c]) == ""]
+        raise ValueError(f"GSV-Cities dataframe {str(csv)!r}, line {line(i)}: no value for {', '.join(empty)} (a short "
+                         f"or damaged row; {int(short.sum())} such row(s)). Restore the file from the dataset, or remove the row.")
+    for col in (*INTEGER_COLUMNS, *NUMBER_COLUMNS):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.astype(float))
+        if col in INTEGER_COLUMNS:
+            bad |= values.astype(float) % 1 != 0
+        if bad.any():
+            i = bad.idxmax()
+            kind = "an integer" if col in INTEGER_COLUMNS else "a number"
+            raise ValueError(f"GSV-Cities dataframe {str(csv)!r}, line {line(i)}: {col} must be {kind}, got "
+                             f"{df.at[i, col]!r} ({int(bad.sum())} such row(s)). Restore the file from the dataset, or "
+                             f"remove the row.")
+        df[col] = values.astype(np.int64) if col in INTEGER_COLUMNS else values.astype(float)
+    twice = df.duplicated(subset=list(GSV_COLUMNS), keep="first")
+    if twice.any():
+        i = twice.idxmax()
+        first = df.index[(df[list(GSV_COLUMNS)] == df.loc[i, list(GSV_COLUMNS)]).all(axis=1)][0]
+        raise ValueError(f"GSV-Cities dataframe {str(csv)!r}, line {line(i)} repeats line {line(first)} (the same image "
+                         f"twice in its place; {int(twice.sum())} repeated row(s)). Remove the repeated rows.")
     return df
 
 

@@ -184,10 +184,13 @@ def files_below(folder: PathLike) -> list[Path]:
 
     A folder that links back to one of its own ancestors (a symlink loop) is not entered again:
     ``glob`` would list its files once more per level until the OS refuses (ELOOP, 40 levels).
+    A link to a folder that holds ``folder`` itself is a ValueError: it would list the files
+    beside ``folder`` (e.g. ``database/loop -> ..`` the queries) as its own.
     """
     folder = Path(folder)
     files: list[Path] = []
-    stack = [(folder, frozenset({os.path.realpath(folder)}))]  # (folder, real paths of it and its ancestors)
+    root = os.path.realpath(folder)
+    stack = [(folder, frozenset({root}))]  # (folder, real paths of it and its ancestors)
     while stack:
         here, ancestors = stack.pop()
         try:
@@ -200,6 +203,12 @@ def files_below(folder: PathLike) -> list[Path]:
             path = here / entry.name
             if entry.is_dir():  # follows symlinks
                 real = os.path.realpath(path)
+                if real != root and root.startswith(real.rstrip(os.sep) + os.sep):
+                    raise ValueError(
+                        f"folder link {str(path)!r} points to {real!r}, a folder that holds {str(folder)!r} itself: the "
+                        f"files of the folders beside it (e.g. the queries of a split) would be listed as files of "
+                        f"{str(folder)!r}. Remove the link, or point it at a folder outside {real!r}."
+                    )
                 if real not in ancestors:
                     stack.append((path, ancestors | {real}))
             elif entry.is_file():
