@@ -519,3 +519,20 @@ def verdict_text(table: pd.DataFrame, claim_id: str) -> str:
     reason = f" ({r['reason']})" if isinstance(r.get("reason"), str) and r["reason"] else ""
     return (f"claim {r['id']} ({r['claim']}): {what} = {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] {unit} over "
             f"{int(r['seeds'])} seed(s) (min {r['min']:+.1f}, max {r['max']:+.1f}): {r['verdict']}{reason}")
+
+
+README_BEGIN = "<!-- claims table: scicevpr.claims.readme_table(read_claims('figures')); tests/test_claims.py checks it -->"
+README_END = "<!-- end of the claims table -->"
+
+
+def readme_table(table: pd.DataFrame) -> str:
+    """The README's short form of the table (claims only, controls left to ``claims.md``):
+    claim | measured a - b over seeds with its interval | verdict, as markdown lines."""
+    lines = ["| claim | offline measurement, mean over seeds [95% interval] | verdict |", "|---|---|---|"]
+    for r in table[table["verdict"] != CONTROL].to_dict("records"):
+        zero = str(r["comparison"]).endswith("- zero")
+        what = str(r["comparison"]).removesuffix(" - zero")
+        unit = "% of queries change their R@1 correctness with the batching" if zero else "R@1 points"
+        lines.append(f"| {r['id']}. {r['claim']} | `{what}`: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] {unit} "
+                     f"({int(r['seeds'])} seeds) | {r['verdict']} |")
+    return "\n".join(lines)

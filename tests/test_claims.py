@@ -133,3 +133,16 @@ def test_claim_rows_verdicts_from_known_differences():
     rev = claim_rows(reversed_runs, ClaimsConfig(num_samples=500)).set_index("id")
     assert rev.loc["5a", "verdict"] == "contradicts" and "CLS region adds" in rev.loc["5a", "reason"]
     assert rev.loc["3", "verdict"] == "contradicts"  # a top-1 that changes breaks the equality claim
+
+
+def test_readme_shows_the_committed_claims_table():
+    """The README's table is the one readme_table computes from figures/claims.csv, never typed."""
+    from pathlib import Path
+
+    from scicevpr.claims import README_BEGIN, README_END, read_claims, readme_table
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    assert README_BEGIN in text and README_END in text
+    shown = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+    assert shown == readme_table(read_claims(root / "figures"))
