@@ -609,7 +609,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_offline_parser(sub) -> None:
-    from .offline import EXPORT_DTYPES, HEADS_DIR, REBUILD_COMMAND
+    from .offline_models import EXPORT_DTYPES, HEADS_DIR, REBUILD_COMMAND
 
     help_ = COMMANDS["train-offline"]
     p = sub.add_parser(
@@ -646,7 +646,7 @@ def cmd_train_offline(args: argparse.Namespace) -> int:
 
     from .data.paths import find_repo_root
     from .notebook import _env, _train_overrides_from_env, offline_settings
-    from .offline import command_line, export_heads, train_offline
+    from .offline_models import command_line, export_heads, train_offline
     from .data.paths import DATA_ENV
 
     root = find_repo_root()
