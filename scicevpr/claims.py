@@ -66,7 +66,7 @@ MODELS = ("teacher", "student", "student-ms", "teacher-m1", "student-m1", "crica
 CROSS_IMAGE = ("teacher", "teacher-m1", "cricavpr", "cricavpr-nocls", "cricavpr-frozen")
 STABILITY = (*CROSS_IMAGE, "student")  # models whose batch dependence is measured
 MIN_RANKING_QUERIES = 300  # validation queries needed to rank epochs; with fewer, the last epoch is the honest choice
-RESULT_VERSION = 1  # of the stored per-model evaluation (eval.json / eval.npz)
+RESULT_VERSION = 1  # of the scores kept beside each checkpoint (claims_eval.json / claims_eval.npz)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,12 +440,21 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
         "the same query resample for both models of a seed). Verdict: the interval of the mean excludes 0 on the "
         "paper's side (agrees) or the other (contradicts), else inconclusive; claim 3 (equality by construction) "
         "agrees only when no query changes under any batching. Rows c1-c4 are controls, not claims.",
-        "- `@worst`: the batching (query batch size x order) with the lowest R@1, chosen per seed after the fact, "
+        "- `@worst`: the batching (query batch size x order) with the lowest R@1, chosen per seed after the fact (which favours claim 5b), "
         f"among batch sizes {', '.join(map(str, config.batch_sizes))} x {config.num_orders} orders. "
         "`@varies`: 1 for a query whose R@1 correctness is not the same under all of them.",
     ]
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, csv_path, runs_path
+
+
+def _backbone_label(weights: str | None) -> str:
+    """The backbone file's name and SHA-256 (its content, whatever ``"auto"`` resolved to)."""
+    from .backbone import file_sha256, resolve_weights
+    from .config import OFFLINE_BACKBONE
+
+    path = resolve_weights(weights, OFFLINE_BACKBONE)
+    return "random (no weights)" if path is None else f"`{path.name}` (sha256 {file_sha256(path)[:12]})"
 
 
 def run_claims(config: ClaimsConfig, command: str = "scicevpr claims", log: Callable[[str], None] = print) -> tuple[Path, Path, Path]:
@@ -478,7 +487,7 @@ def run_claims(config: ClaimsConfig, command: str = "scicevpr claims", log: Call
         BACKBONE_CACHE.clear()
     claims = claim_rows(runs, config)
     runs_df = runs_table(runs)
-    label = f"synthetic `{config.preset}` benchmark ({bench.root}), backbone {config.weights or 'random'}"
+    label = f"synthetic `{config.preset}` benchmark ({bench.root}), backbone {_backbone_label(config.weights)}"
     paths = write_tables(claims, runs_df, config, label, time.perf_counter() - t0, command, num_val)
     log(f"claims table: {paths[0]}")
     return paths
