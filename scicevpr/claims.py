@@ -146,6 +146,7 @@ def train_config(name: str, config: ClaimsConfig, bench, seed: int, run_dir: Pat
     overrides: dict[str, Any] = {
         "teacher": {},
         "teacher-m1": {"model_overrides": {"layers": last}},
+        "student-m1": {"model_overrides": {"layers": last}},  # its teacher's model: a teacher is loaded as it was trained
         "cricavpr": {"model": "CricaVPR", "preset": "CricaVPR-S", "model_overrides": {"layers": last}},
         "cricavpr-nocls": {"model": "CricaVPR", "preset": "CricaVPR-S", "model_overrides": {"layers": last, "class_token": False}},
         "cricavpr-frozen": {"model": "CricaVPR", "preset": "CricaVPR-S", "model_overrides": {"layers": last, "adapters": False}},
