@@ -322,7 +322,9 @@ def check_paths_first(args: argparse.Namespace) -> None:
             continue
         if folder is not None and not Path(folder).is_dir():
             problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass an existing folder.")
+            hint = ("an index folder written by `scicevpr index build --database DIR --out FOLDER`" if option == "index"
+                    else "an existing folder")
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass {hint}.")
 
 
 def require_folders(**folders: str | None) -> None:
