@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .backbone import RandomWeightsWarning, resolve_weights
-from .config import BackboneConfig, CricaVPRConfig, ModelConfig, get_config
+from .config import BackboneConfig, CricaVPRConfig, ModelConfig
 from .factory import MODELS, create_model
 from .files import NATIVE_FORMAT, read_model_file, save_torch_file
 from .models import VPRModel
@@ -288,26 +288,22 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint", expec
     return model
 
 
-def _refuse_another_configuration(ckpt: dict[str, Any], where: str, preset: str | ModelConfig | None,
-                                  overrides: dict[str, Any]) -> None:
-    """A native checkpoint records its configuration; a ``preset`` / ``overrides`` that describe
-    another one would be ignored without a word (and recorded by a run as if used): refused."""
-    if preset is None and not overrides:
-        return
-    recorded = ckpt.get("model_config", {})
-    name = recorded.get("name", "?")
+def check_described(model: VPRModel, where: str, preset: str | ModelConfig | None, overrides: dict[str, Any]) -> None:
+    """``model`` (loaded from ``where``) must be the one ``preset`` and ``overrides`` describe: a
+    native checkpoint records its configuration and :func:`load_model` does not use them, so a
+    preset or override that differs would be ignored without a word (and recorded by a run as if
+    used). For the callers that pass them as the user's request: ``--official``, a stage-2 teacher."""
+    name = preset.name if isinstance(preset, ModelConfig) else preset
+    differs = [f"preset={name}"] if name is not None and name != model.config.name else []
     try:
-        given = preset if isinstance(preset, ModelConfig) else get_config(preset or name, **overrides)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{where} records its model ({ckpt.get('model_class')} {name}); the preset and overrides given "
-                         f"with it do not describe a model ({e}): leave them out.") from None
-    if config_to_dict(given) != config_to_dict(config_from_dict(recorded)):
-        shown = " ".join([*([f"preset={preset if isinstance(preset, str) else given.name}"] if preset is not None else []),
-                          *(f"{k}={v}" for k, v in overrides.items())])
+        differs += [f"{k}={v}" for k, v in overrides.items() if model.config.with_overrides(**{k: v}) != model.config]
+    except (TypeError, ValueError) as e:
+        differs += [f"{sorted(overrides)} ({e})"]
+    if differs:
         raise ValueError(
-            f"{where} is a scicevpr checkpoint of a {ckpt.get('model_class')} ({name}) and records its configuration; "
-            f"{shown} describes another model and would be ignored. Leave them out (command line: load it with "
-            f"--checkpoint / --teacher alone, without --preset and --set)."
+            f"{where} holds a {type(model).__name__} ({model.config.name}) that records its configuration; "
+            f"{', '.join(differs)} describes another model and would be ignored. Leave them out (command line: load a "
+            f"native checkpoint with --checkpoint, or as --teacher without --preset and --set)."
         )
 
 
@@ -341,7 +337,6 @@ def load_model(
     """
     file = read_model_file(path, trust_checkpoint)
     if file.native:
-        _refuse_another_configuration(file.content, file.where, preset, overrides)
         model = model_from_checkpoint(_check_version(file.content, file.where), file.where, expected)
         return model.to(device).eval()
     names = (expected,) if isinstance(expected, str) else tuple(expected or ())

@@ -252,7 +252,7 @@ def build_model(args: argparse.Namespace):
     :func:`scicevpr.checkpoint.load_model`, an untrained preset with :func:`scicevpr.create_model`.
     Every file they name is read (or found) before the model is built, so that a wrong path fails
     at once."""
-    from .checkpoint import load_model
+    from .checkpoint import check_described, load_model
     from .factory import create_model
 
     if args.checkpoint:
@@ -264,8 +264,10 @@ def build_model(args: argparse.Namespace):
         return load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     overrides = parse_model_overrides(args.set)
     if args.official:  # the authors' file carries the whole DINOv2
-        return load_model(args.official, expected=args.model, trust_checkpoint=args.trust_checkpoint,
-                          preset=args.preset, **overrides)
+        model = load_model(args.official, expected=args.model, trust_checkpoint=args.trust_checkpoint,
+                           preset=args.preset, **overrides)
+        check_described(model, f"--official {args.official!r}", args.preset, overrides)
+        return model
     weights = None if str(args.weights).lower() == "none" else args.weights
     return create_model(args.model, args.preset, weights=weights, **overrides)
 
@@ -321,7 +323,9 @@ def check_paths_first(args: argparse.Namespace) -> None:
             continue
         if folder is not None and not Path(folder).is_dir():
             problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass an existing folder.")
+            hint = ("an index folder written by `scicevpr index build --database DIR --out FOLDER`" if option == "index"
+                    else "an existing folder")
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass {hint}.")
 
 
 def require_folders(**folders: str | None) -> None:

@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .backbone import file_sha256
-from .checkpoint import check_finite_state, config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
+from .checkpoint import check_described, check_finite_state, config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
 from .config import OFFLINE_BACKBONE, OFFLINE_MODEL_OVERRIDES, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
@@ -478,6 +478,7 @@ def load_teacher(config: TrainConfig, device: torch.device | str = "cpu") -> Sup
         )
     teacher = load_model(path, device, expected="SuperCricaVPR", trust_checkpoint=config.trust_checkpoint,
                          preset=config.preset, **config.model_overrides)
+    check_described(teacher, f"teacher checkpoint {str(path)!r}", config.preset, config.model_overrides)
     return teacher.requires_grad_(False).eval()
 
 

@@ -289,11 +289,11 @@ FAULTS = [
     # 9. options that a checkpoint would ignore
     Fault("student --preset other than the teacher's", lambda w: ["train-student", "--teacher", str(w.teacher_run),
                                                                    "--preset", "SciceVPR-B", *w.train()],
-          r"is a scicevpr checkpoint of a SuperCricaVPR \(SciceVPR-S\).*preset=SciceVPR-B describes another model",
+          r"teacher checkpoint '.*best\.pt' holds a SuperCricaVPR \(SciceVPR-S\).*preset=SciceVPR-B describes another",
           check=lambda w: not (w.tmp / "run" / "config.json").exists() or pytest.fail("config.json written")),
     Fault("native file as --official with another preset", lambda w: ["eval", "--official", str(w.teacher_run / "best.pt"),
                                                                        "--model", "SuperCricaVPR", *w.eval_on()],
-          r"best\.pt' is a scicevpr checkpoint of a SuperCricaVPR \(SciceVPR-S\).*preset=SciceVPR-B describes another"),
+          r"--official '.*best\.pt' holds a SuperCricaVPR \(SciceVPR-S\).*preset=SciceVPR-B describes another"),
     # 11. a folder link that reaches above the folder
     Fault("database/loop -> ..", lambda w: ["eval", *TINY_MODEL, *w.eval_on(w.tmp / "vg")],
           r"folder link '.*database/loop' points to '.*test', a folder that holds '.*database' itself.*Remove the link",
