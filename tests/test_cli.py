@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +108,11 @@ def test_help_imports_neither_torch_nor_the_training_code():
 
 
 @pytest.mark.parametrize("cmd", ["train-teacher", "eval"])
-def test_help_answers_in_under_two_seconds(cmd):
-    t0 = time.perf_counter()
+def test_help_answers_as_its_own_process(cmd):
+    """What makes --help fast is that it imports no torch (the test above); its time is not asserted
+    here: on a loaded machine a wall-clock bound fails for reasons that are not the code's."""
     done = subprocess.run([sys.executable, "-m", "scicevpr.cli", cmd, "--help"], capture_output=True, text=True, env=_env())
-    elapsed = time.perf_counter() - t0
     assert done.returncode == 0 and f"usage: scicevpr {cmd}" in done.stdout
-    assert elapsed < 2.0, f"scicevpr {cmd} --help took {elapsed:.1f} s"
 
 
 # --------------------------------------------------------------------------------------------
