@@ -85,6 +85,8 @@ def lab(tmp_path):
     (root / "pyproject.toml").write_text('[project]\nname = "scicevpr"\n')  # find_repo_root stops here
     if mode == "full":
         shutil.copy(REPO / "notebooks" / NOTEBOOK, root / "notebooks" / NOTEBOOK)
+        (root / "figures").mkdir()  # 03's last cell reads the committed claims table
+        shutil.copy(REPO / "figures" / "claims.csv", root / "figures" / "claims.csv")
     else:
         widget_copy(REPO / "notebooks" / NOTEBOOK, root / "notebooks" / NOTEBOOK)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
