@@ -70,8 +70,9 @@ test-notebooks: $(STAMP)
 NATIVE_CHECK := runs/native-kernels-check
 UNPIN := env $(foreach v,$(PINNED_VARS),-u $(v))
 test-native-kernels: $(STAMP)
-	rm -rf $(NATIVE_CHECK) && mkdir -p $(NATIVE_CHECK)/data $(NATIVE_CHECK)/notebooks data/synthetic
+	rm -rf $(NATIVE_CHECK) && mkdir -p $(NATIVE_CHECK)/data $(NATIVE_CHECK)/notebooks $(NATIVE_CHECK)/figures data/synthetic
 	cp pyproject.toml $(NATIVE_CHECK)/
+	cp figures/claims.csv $(NATIVE_CHECK)/figures/  # the committed claims table that 01, 03, 04 and 05 read
 	cp notebooks/sanitize.cfg notebooks/01_*.ipynb notebooks/03_*.ipynb notebooks/04_*.ipynb notebooks/05_*.ipynb $(NATIVE_CHECK)/notebooks/
 	ln -s $(CURDIR)/data/synthetic $(NATIVE_CHECK)/data/synthetic
 	cd $(NATIVE_CHECK) && $(UNPIN) $(CURDIR)/$(PY) $(NBVAL) notebooks/01_*.ipynb
