@@ -163,6 +163,7 @@ if [[ "$PARALLEL" == 0 ]]; then wait "$TESTS_PID"; fi
 # ---- notebooks ------------------------------------------------------------------------------
 mkdir -p "$WORK/repo"
 cp -r pyproject.toml scicevpr notebooks "$WORK/repo/"
+mkdir -p "$WORK/repo/figures" && cp figures/claims.csv "$WORK/repo/figures/"  # the claims table the notebooks' last cells read
 rm -rf "$WORK/repo/scicevpr/__pycache__"
 NB_PATHS=()
 for n in $NOTEBOOKS; do NB_PATHS+=("$WORK"/repo/notebooks/"$n"_*.ipynb); done
