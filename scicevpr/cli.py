@@ -313,10 +313,30 @@ def model_for_split(args: argparse.Namespace, cfg, split):
     return model, split
 
 
+# The model files a command reads (--weights may also name a folder, or be 'auto' or 'none').
+INPUT_FILES = ("checkpoint", "official", "weights")
+
+
 def check_paths_first(args: argparse.Namespace) -> None:
-    """The folders a command reads, checked before torch is imported (seconds): a mistyped path
-    is reported at once. (Model files are checked where the model is built, with the options
-    that would be ignored.)"""
+    """The files and folders a command reads, checked before torch is imported (seconds): a
+    mistyped path is reported at once. (What a model file holds is checked where the model is
+    built, with the options that would be ignored.)"""
+    for option in INPUT_FILES:
+        path = getattr(args, option, None)
+        if path is None or (option == "weights" and str(path).lower() in ("auto", "none")):
+            continue
+        if not Path(path).exists():
+            hint = ("a DINOv2 .pth file (or its folder), 'auto' or 'none'" if option == "weights"
+                    else "a checkpoint file (e.g. runs/<name>/best.pt)")
+            raise FileNotFoundError(f"--{option} {path!r} does not exist; pass {hint}.")
+        if option != "weights" and Path(path).is_dir():
+            raise FileNotFoundError(f"--{option} {path!r} is a folder, not a file; pass a checkpoint file "
+                                    "(e.g. runs/<name>/best.pt).")
+    for folder in getattr(args, "descriptors", None) or ():
+        if not Path(folder).is_dir():
+            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise FileNotFoundError(f"--descriptors {folder!r} {problem}; pass a folder written by `scicevpr eval "
+                                    "--save-descriptors FOLDER`.")
     for option in ("vg_root", "images", "database", "queries", "index", "database_root", "pca_images"):
         folder = getattr(args, option, None)
         if option == "queries" and hasattr(args, "vg_root"):  # eval's --queries names a folder of the split
@@ -725,15 +745,38 @@ def add_pretrain_parser(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
+def check_pretrain_paths(overrides: dict[str, Any], export_only: bool) -> None:
+    """What a pretraining reads, before torch is imported: the data folder, the weight files and,
+    with ``--resume`` or ``--export-only``, the run folder."""
+    if overrides.get("data") is not None and not Path(overrides["data"]).is_dir():
+        problem = "is a file, not a folder" if Path(overrides["data"]).exists() else "does not exist"
+        raise FileNotFoundError(f"--data {overrides['data']!r} {problem}; pass a synthetic benchmark folder or a "
+                                "GSV-Cities-layout folder (see data/README.md).")
+    for option in ("init_weights", "distil_teacher"):
+        path = overrides.get(option)
+        if path is not None and not Path(path).is_file():
+            problem = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {path!r} {problem}; pass a weight file "
+                                    "(a .pth exported by `scicevpr pretrain-backbone --export`, or a .pt for --distil-teacher).")
+    run_dir = overrides.get("run_dir")
+    if (overrides.get("resume") or export_only) and run_dir and not (Path(run_dir) / "config.json").is_file():
+        problem = "does not exist" if not Path(run_dir).exists() else "holds no run (no config.json)"
+        what = "--export-only" if export_only else "--resume"
+        raise FileNotFoundError(f"{what}: run folder {run_dir!r} {problem}, so there is nothing to "
+                                f"{'export' if export_only else 'continue'}. Check the --run-dir path.")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import json
 
-    from .backbone import manifest_path
     from .config import LossConfig, PretrainConfig
+
+    overrides = dataclass_overrides(args, PretrainConfig)
+    check_pretrain_paths(overrides, args.export_only)
+    from .backbone import manifest_path
     from .pretrain import export_backbone, pretrain
     from .train import is_main_process
 
-    overrides = dataclass_overrides(args, PretrainConfig)
     if args.export_only:
         if not args.export:
             raise ValueError("--export-only needs --export PATH: where to write the weight file")

@@ -289,7 +289,7 @@ def test_weights_that_are_not_dinov2_are_summarised(vg_copy, tmp_path, capsys):
     (["extract", "--images", "{tmp}/nowhere", "--out", "{tmp}/d.npy"], "--images '.*nowhere' does not exist"),
     (["search", "--database", "{tmp}/nowhere", "--queries", "{tmp}/empty"], "--database '.*nowhere' does not exist"),
     (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "no .jpg files under --images"),
-    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--weights", "{tmp}/dinov2.pth"], "dinov2.pth does not exist"),
+    (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--weights", "{tmp}/dinov2.pth"], "--weights '.*dinov2.pth' does not exist"),
 ])
 def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_path, capsys, no_model):
     (tmp_path / "empty").mkdir()
@@ -322,13 +322,16 @@ def test_bad_values_and_output_paths_are_refused_before_any_work(argv, match, vg
     (argparse's own errors for values it parses)."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "ck.pt").write_bytes(b"")  # exists: the options that it would ignore are the fault
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # exist: the repeated names are the fault
+    before = sorted(p.name for p in tmp_path.iterdir())
     try:
         code = main([a.format(tmp=tmp_path, vg=vg_copy) for a in argv] + ["--quiet"])
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err) and "Traceback" not in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "vg"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
 def test_debug_works_after_the_command_too(tmp_path):

@@ -398,7 +398,7 @@ def test_every_pil_mode_decodes_to_its_8bit_picture(mode, fmt, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# A mistyped folder is reported before torch is imported
+# A mistyped folder or file is reported before torch is imported
 # --------------------------------------------------------------------------------------------
 
 EARLY = [
@@ -408,10 +408,21 @@ EARLY = [
     (["index", "query", "--index", "nowhere", "--queries", "."], "--index 'nowhere' does not exist"),
     (["train-teacher", "--gsv-root", "nowhere"], "--gsv-root 'nowhere' does not exist"),
     (["train-teacher", "--gsv-root", ".", "--run-dir", "nowhere", "--resume"], "run folder 'nowhere' does not exist"),
+    (["eval", "--checkpoint", "nowhere.pt", "--vg-root", ".", "--dataset", "synthetic"], "--checkpoint 'nowhere.pt' does not exist"),
+    (["eval", "--checkpoint", ".", "--vg-root", ".", "--dataset", "synthetic"], "--checkpoint '.' is a folder, not a file"),
+    (["extract", "--official", "nowhere.pth", "--images", ".", "--out", "d.npy"], "--official 'nowhere.pth' does not exist"),
+    (["search", "--weights", "nowhere.pth", "--database", ".", "--queries", "."], "--weights 'nowhere.pth' does not exist"),
+    (["eval", "--descriptors", "nowhere", "--vg-root", ".", "--dataset", "synthetic"], "--descriptors 'nowhere' does not exist"),
+    (["pretrain-backbone", "--data", "nowhere"], "--data 'nowhere' does not exist"),
+    (["pretrain-backbone", "--objective", "distil", "--distil-teacher", "nowhere.pt"], "--distil-teacher 'nowhere.pt' does not exist"),
+    (["pretrain-backbone", "--init-weights", "nowhere.pth"], "--init-weights 'nowhere.pth' does not exist"),
+    (["pretrain-backbone", "--resume", "--run-dir", "nowhere"], "--resume: run folder 'nowhere' does not exist"),
+    (["pretrain-backbone", "--export-only", "--export", "b.pth", "--run-dir", "nowhere"],
+     "--export-only: run folder 'nowhere' does not exist"),
 ]
 
 
-@pytest.mark.parametrize("argv,message", EARLY, ids=[" ".join(a[:2]) for a, _ in EARLY])
+@pytest.mark.parametrize("argv,message", EARLY, ids=[" ".join(a[:3]) for a, _ in EARLY])
 def test_a_mistyped_folder_is_reported_before_torch_is_imported(argv, message, tmp_path):
     import os
     import subprocess
