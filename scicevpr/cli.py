@@ -623,8 +623,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     print(result.history.to_string(index=False))
-    print(f"data: {result.num_dropped_places} place(s) with fewer than K = {config.img_per_place} images dropped, "
-          f"{result.num_skipped_images} corrupt image(s) skipped")
+    checked = (f"{result.num_skipped_images} corrupt image(s) skipped (every image test-decoded first)" if config.skip_corrupt
+               else "every image file checked before training, none damaged (--skip-corrupt decodes each and skips the bad)")
+    print(f"data: {result.num_dropped_places} place(s) with fewer than K = {config.img_per_place} images dropped, {checked}")
     print(f"run folder: {result.run_dir}")
     if result.best_path is not None:
         recalls = ", ".join(f"R@{k} {v:.2f}" for k, v in (result.best_recalls or {}).items())

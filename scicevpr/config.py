@@ -476,9 +476,11 @@ class TrainConfig:
         drop_small_places: True (the official loader's choice): places with fewer than K images
             are left out, and counted (``RunResult.num_dropped_places``, ``config.json``).
             False: such a place is an error naming it.
-        skip_corrupt: False: a corrupt training or validation image is an error naming it. True:
-            every image is test-decoded before training and the ones that fail are left out,
-            and counted (``RunResult.num_skipped_images``, ``config.json``).
+        skip_corrupt: False: every training and validation file is checked before training at
+            the cost of a few bytes each (``data.decode.check_images``), and a truncated, empty or
+            missing image is an error naming it; a file damaged only in its middle is an error
+            when it is loaded. True: every image is test-decoded before training and the ones
+            that fail are left out, and counted (``RunResult.num_skipped_images``, ``config.json``).
     Optimisation:
         lr: Adam learning rate (1e-4).
         lr_step_epochs, lr_gamma: StepLR, lr multiplied by ``lr_gamma`` every ``lr_step_epochs``

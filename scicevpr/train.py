@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from .backbone import file_sha256
 from .checkpoint import check_described, check_finite_state, config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
 from .config import OFFLINE_BACKBONE, OFFLINE_MODEL_OVERRIDES, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
+from .data.decode import check_images
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
@@ -725,6 +726,8 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         val_split = load_vg_split(config.val_root, config.val_dataset, config.val_split,
                                   utm_dtype=utm_dtype(config.protocol, type(model).__name__),
                                   skip_corrupt=config.skip_corrupt)
+        if not config.skip_corrupt:  # validated every epoch: a damaged file is refused now, not after epoch 1
+            check_images(val_split.all_paths, f"the validation split {config.val_dataset}/{config.val_split}")
     data_report = {"num_dropped_places": dataset.num_dropped_places,
                    "num_skipped_images": len(dataset.skipped) + (len(val_split.skipped) if val_split is not None else 0)}
 

@@ -239,10 +239,13 @@ def test_small_places_kept_out_or_refused_and_corrupt_images_skipped(gsv_copy, t
     code, _, err = run_cli([*argv, "--run-dir", str(tmp_path / "refuse"), "--no-drop-small-places"], capsys)
     assert code == 2 and "img_per_place (K) = 5 are required" in err and "--drop-small-places" in err
     code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "drop")], capsys)
-    assert code == 0 and f"data: {small} place(s) with fewer than K = 5 images dropped, 0 corrupt image(s) skipped" in out
+    assert code == 0 and f"data: {small} place(s) with fewer than K = 5 images dropped, every image file checked" in out
     assert f"dropped {small} of" in err
-    bad = sorted((gsv_copy / "Images").rglob("*.jpg"))[0]
+    bad = sorted((gsv_copy / "Images").rglob("*.jpg"))[-1]  # a place that one iteration does not draw
     bad.write_bytes(bad.read_bytes()[:200])
+    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "refused")], capsys)  # refused before any step
+    assert code == 2 and re.search(rf"1 of \d+ images in .* cannot be decoded.*{bad.name}.*--skip-corrupt", err), err
+    assert not (tmp_path / "refused" / "last.pt").exists()
     code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "skip"), "--skip-corrupt"], capsys)
     assert code == 0 and "1 corrupt image(s) skipped" in out and "skipped 1 of" in err
 

@@ -123,3 +123,28 @@ def test_an_image_above_the_decompression_bomb_limit_is_named(tmp_path, make_jpe
     with pytest.raises(CorruptImageError, match=r"huge.jpg' is too large to decode safely.*--skip-corrupt"):
         load_rgb(path)
     assert not is_decodable(path)  # so skip_corrupt=True leaves it out
+
+
+def test_the_quick_file_check_finds_what_does_not_decode_and_passes_what_does(jpegs, tmp_path):
+    """find_damaged_images reads a few bytes of each file, and decodes only those that fail that
+    test: a truncated, empty, missing or junk file is found; a whole JPEG, one padded after its
+    end marker, a PNG and a BMP (no quick test: decoded) are not."""
+    from PIL import Image
+
+    from scicevpr.data.decode import check_images, find_damaged_images
+
+    data = jpegs[1].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "padded.jpg").write_bytes(data + b"\0" * 300)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image" * 20)
+    Image.open(jpegs[0]).save(tmp_path / "photo.png")
+    Image.open(jpegs[0]).save(tmp_path / "photo.bmp")
+    png = (tmp_path / "photo.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    good = [*jpegs, tmp_path / "padded.jpg", tmp_path / "photo.png", tmp_path / "photo.bmp"]
+    bad = [tmp_path / n for n in ("cut.jpg", "empty.jpg", "junk.jpg", "cut.png", "missing.jpg")]
+    assert find_damaged_images(good + bad) == bad
+    check_images(good, "the good files")  # no error
+    with pytest.raises(CorruptImageError, match=r"5 of 13 images in the folder cannot be decoded.*cut\.jpg.*--skip-corrupt"):
+        check_images(good + bad, "the folder")

@@ -208,3 +208,12 @@ def test_combined_folders_hold_every_city_renamed_apart(tiny_benchmark, tmp_path
     assert main(["combine-gsv", str(out), str(src)]) == 2  # an existing folder: one message, nothing changed
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "Dataframes").iterdir()) == before
+
+
+def test_a_truncated_image_is_refused_when_the_dataset_is_built_not_when_it_is_drawn(gsv_root):
+    """The default (skip_corrupt=False): every file's ends are checked up front, so that a training
+    does not fail in a later epoch, the first that draws the file."""
+    victim = sorted((gsv_root / "Images" / "London").glob("*.jpg"))[-1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(CorruptImageError, match=rf"1 of 22 images in .* cannot be decoded.*{victim.name}.*skip_corrupt=True"):
+        GSVCitiesDataset(gsv_root, img_per_place=4)

@@ -185,6 +185,22 @@ def _train_on_copy(w: World) -> list[str]:
     return ["train-teacher", *TINY_MODEL, *args]
 
 
+def _truncated_image(where: str):
+    """A copy of the GSV-Cities folder (``where="gsv"``) or of the VG benchmark (``"vg"``) with
+    its last image cut in half (one that a one-iteration epoch does not draw)."""
+    def setup(w: World) -> None:
+        folder = Path(shutil.copytree(w.gsv, w.tmp / "gsv")) if where == "gsv" else w.copy_vg()
+        victim = sorted(folder.rglob("*.jpg"))[-1]
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return setup
+
+
+def _train_on_vg_copy(w: World) -> list[str]:
+    args = w.train()
+    args[args.index("--val-root") + 1] = str(w.tmp / "vg")
+    return ["train-teacher", *TINY_MODEL, *args]
+
+
 def _damaged_index(name: str, content: bytes | None = None, edit: Callable[[dict], dict] | None = None):
     def setup(w: World) -> None:
         index = Path(shutil.copytree(w.index, w.tmp / "index"))
@@ -259,6 +275,13 @@ FAULTS = [
     Fault("read-only eval --out", lambda w: ["eval", *TINY_MODEL, *w.eval_on(), "--out", "/sys/r.csv"],
           r"--out '/sys/r\.csv': cannot write in '/sys'", marks=(pytest.mark.skipif(
               not Path("/sys").is_dir(), reason="needs Linux's read-only /sys"),)),
+    # 6. a damaged training or validation image is refused before the first step, not epochs later
+    Fault("truncated JPEG in the training set", _train_on_copy,
+          r"1 of \d+ images in the GSV-Cities folder '.*gsv' cannot be decoded.*\.jpg'.*--skip-corrupt", setup=_truncated_image("gsv"),
+          check=_no_checkpoint),
+    Fault("truncated JPEG in the validation split", _train_on_vg_copy,
+          r"1 of \d+ images in the validation split synthetic/val cannot be decoded.*--skip-corrupt",
+          setup=_truncated_image("vg"), check=_no_checkpoint),
     # 5. GSV-Cities CSV rows
     Fault("non-numeric place_id", _train_on_copy, r"Dataframes/\w+\.csv', line 3: place_id must be an integer, got 'abc'",
           setup=_edit_city_csv(_with_field(3, 0, "abc"))),

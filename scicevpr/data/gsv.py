@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .decode import find_corrupt_images, load_rgb, warn_skipped
+from .decode import check_images, find_corrupt_images, load_rgb, warn_skipped
 from .paths import DATA_ENV, data_root
 from .transforms import train_transform
 
@@ -193,9 +193,11 @@ class GSVCitiesDataset(Dataset):
         drop_small_places: True (official): places with fewer than K images are dropped,
             counted in ``num_dropped_places`` and reported in a warning. False: such a place is
             an error naming it.
-        skip_corrupt: False: a corrupt image raises when it is loaded. True: every image is
-            test-decoded now; the ones that fail are left out (before places are counted), listed
-            in ``.skipped`` and reported in a warning.
+        skip_corrupt: False: every file is checked now at the cost of a few bytes each
+            (:func:`~scicevpr.data.decode.check_images`: a truncated, empty or missing image is an
+            error naming it, before any epoch); a file damaged only in its middle raises when it
+            is loaded. True: every image is test-decoded now; the ones that fail are left out
+            (before places are counted), listed in ``.skipped`` and reported in a warning.
     """
 
     def __init__(
@@ -251,6 +253,8 @@ class GSVCitiesDataset(Dataset):
                 self.skipped = df.loc[~keep, "path"].tolist()
                 warn_skipped(self.skipped, len(df), str(root))
                 df = df[keep].reset_index(drop=True)
+        else:
+            check_images(df["path"].tolist(), f"the GSV-Cities folder {str(root)!r}")
         counts = df.groupby("place_id")["place_id"].transform("size")
         small = df[counts < self.img_per_place]
         if len(small) and not drop_small_places:
