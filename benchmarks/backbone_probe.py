@@ -35,18 +35,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from scicevpr.analysis import patch_maps
+from scicevpr.lab.analysis import patch_maps
 from scicevpr.backbone import DinoVisionTransformer
 from scicevpr.config import OFFLINE_BACKBONE
 from scicevpr.data.gsv import GSVCitiesDataset
-from scicevpr.data.synthetic import default_synthetic_dir
+from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import EvalConfig, chance_recall, score
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import chance_recall, score
 from scicevpr.losses import MultiSimilarityLoss
 from scicevpr.precision import model_device
-from scicevpr.pretrain import load_image_cache
-from scicevpr.train import resolve_device
+from scicevpr.offline.pretrain import load_image_cache
+from scicevpr.runtime import resolve_device
 
 IMAGE_SIZE = 112
 RECALLS = (1, 5, 10)

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from scicevpr.backbone import DinoVisionTransformer, RandomWeightsWarning
 from scicevpr.config import OFFLINE_BACKBONE
-from scicevpr.data.synthetic import default_synthetic_dir
+from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import chance_recall, recall_at_n, recall_intervals, search
-from scicevpr.pretrain import load_image_cache
+from scicevpr.offline.pretrain import load_image_cache
 
 IMAGE_SIZE = 112
 

@@ -2,7 +2,7 @@
 
 Full mode reads GSV-Cities from ``$SCICEVPR_DATA/gsv_cities/`` and VG-benchmark splits from
 ``$SCICEVPR_DATA/<dataset>/images/<split>/``. This script generates a synthetic benchmark
-(:mod:`scicevpr.data.synthetic`) in ``<root>/generated/<size>/`` and links its files (hard
+(:mod:`scicevpr.offline.synthetic`) in ``<root>/generated/<size>/`` and links its files (hard
 links, copies where those fail) into::
 
     <root>/gsv_cities/Dataframes/<city>.csv, <root>/gsv_cities/Images/<city>/*.jpg     training
@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scicevpr.data.gsv import GSVCitiesDataset  # noqa: E402
-from scicevpr.data.synthetic import PRESETS, SyntheticPreset, generate  # noqa: E402
+from scicevpr.offline.synthetic import PRESETS, SyntheticPreset, generate  # noqa: E402
 from scicevpr.data.vg import load_vg_split  # noqa: E402
 
 MARKER = "full_mode_data.json"  # written into <root>: the folders below are this script's

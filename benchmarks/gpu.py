@@ -42,8 +42,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scicevpr  # noqa: E402
-from scicevpr.evaluate import EvalConfig, compute_descriptors, evaluate, per_image_function  # noqa: E402
-from scicevpr.losses import LossConfig  # noqa: E402
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import compute_descriptors, evaluate, per_image_function
+from scicevpr.config import LossConfig
 from scicevpr.precision import autocast  # noqa: E402
 from scicevpr.train import DistillationStep  # noqa: E402
 
@@ -197,7 +198,7 @@ def distillation_benchmark(args, device, rows, loss_rows):
 
 
 def recall_benchmark(args, device, recall_rows):
-    from scicevpr.data.synthetic import generate
+    from scicevpr.offline.synthetic import generate
     from scicevpr.data.vg import load_vg_split
 
     bench = generate(Path(args.data) / args.synthetic, preset=args.synthetic, seed=0, progress=False)

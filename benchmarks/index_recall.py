@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from scicevpr.config import OFFLINE_BACKBONE, get_config
-from scicevpr.data.synthetic import generate
+from scicevpr.offline.synthetic import generate
 from scicevpr.factory import create_model
-from scicevpr.evaluate import EvalConfig, compute_descriptors, recall_at_n
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import compute_descriptors, recall_at_n
 from scicevpr.index import IndexConfig, make_faiss_index, measure_recall, search_index
 from scicevpr.search import list_images
-from scicevpr.viz import markdown_table
+from scicevpr.lab.viz import markdown_table
 
 CONFIGS = (IndexConfig("flat"), IndexConfig("ivf"), IndexConfig("ivf", nprobe=2), IndexConfig("hnsw"),
            IndexConfig("hnsw", ef_search=16))

@@ -6,7 +6,7 @@ database lane, the condition mix, aliasing, the number of training places).
     python benchmarks/world_sweep.py NAME '{"max_lateral_offset": 4.0}' [auto | none | WEIGHTS.pth] [--ablation]
         [--train '{"max_iters_per_epoch": 10}']
 
-Fields are those of ``scicevpr.data.synthetic.SyntheticPreset`` replaced in the ``small``
+Fields are those of ``scicevpr.offline.synthetic.SyntheticPreset`` replaced in the ``small``
 preset; the data go to ``/tmp/scicevpr-world-NAME`` and the runs beside it. ``--train`` replaces
 fields of both stages' ``TrainConfig`` (e.g. keep the recipe's 10 iterations an epoch on a world
 with more training places). Run it with the pinned kernels (``make`` exports them) for numbers
@@ -27,12 +27,14 @@ from pathlib import Path
 
 import torch
 
-from scicevpr.analysis import initial_student
+from scicevpr.lab.analysis import initial_student
 from scicevpr.backbone import file_sha256
-from scicevpr.data.synthetic import PRESETS, generate
+from scicevpr.offline.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
-from scicevpr.evaluate import EvalConfig, chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
-from scicevpr.train import TrainConfig, loss_variant_config, offline_train_config, train_student, train_teacher
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
+from scicevpr.config import TrainConfig
+from scicevpr.train import loss_variant_config, offline_train_config, train_student, train_teacher
 
 
 def _tuples(v):

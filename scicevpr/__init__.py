@@ -8,16 +8,18 @@ Quick start::
     trained = scicevpr.load_model("runs/student/best.pt")  # any trained file (native or the authors')
 
 The configs are imported at once; the models and the rest load on first use, so that importing
-the package (and ``scicevpr --help``) does not import torch.
+the package (and ``scicevpr --help``) does not import torch. Importing it changes no setting of
+the process (``scicevpr.lab``, the notebooks' helpers, and the command line ask OpenMP's idle
+threads to sleep: ``OMP_WAIT_POLICY=PASSIVE``).
+
+Layout: this package holds the method (configs, backbone, fusion, pooling, models, CricaVPR,
+losses, training, evaluation, ``data/`` readers) and beside it the command line, search, index
+and torch.hub; ``scicevpr.offline`` the synthetic world (renderer, benchmark, backbone
+pretraining, the trained offline models, the claims); ``scicevpr.lab`` what the notebooks use
+(the switch, measurements, plots, the notebook runner). The method imports neither.
 """
 
-import os as _os
-
-# Idle OpenMP threads sleep instead of spinning. Beside DataLoader workers on a small CPU,
-# spinning threads slow torch down by an order of magnitude. Only takes effect when scicevpr is
-# imported before torch; an explicit setting is kept.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+from ._lazy import install_moved_modules as _install_moved_modules
 from ._lazy import lazy_attributes as _lazy_attributes
 from .config import PRESETS, BackboneConfig, ModelConfig, get_config
 
@@ -49,6 +51,20 @@ __all__ = [
     "load_model",
 ]
 __version__ = "0.1.0"
+
+# Modules that moved to the offline world (scicevpr.offline) and the notebooks' helpers
+# (scicevpr.lab): the old names still import, with a DeprecationWarning naming the new one.
+MOVED_MODULES = {
+    "scicevpr.pretrain": "scicevpr.offline.pretrain",
+    "scicevpr.data.synthetic": "scicevpr.offline.synthetic",
+    "scicevpr.data.render": "scicevpr.offline.render",
+    "scicevpr.offline_models": "scicevpr.offline.models",
+    "scicevpr.claims": "scicevpr.offline.claims",
+    "scicevpr.notebook": "scicevpr.lab.notebook",
+    "scicevpr.analysis": "scicevpr.lab.analysis",
+    "scicevpr.viz": "scicevpr.lab.viz",
+}
+_install_moved_modules(MOVED_MODULES)
 
 
 def __dir__() -> list[str]:

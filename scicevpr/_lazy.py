@@ -4,6 +4,10 @@ the package (``import scicevpr``, the command line's ``--help``) does not import
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from typing import Any, Callable
 
 
@@ -28,3 +32,27 @@ def lazy_attributes(package: str, exports: dict[str, tuple[str, str]], namespace
         return value
 
     return __getattr__
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports a module's old name as its new module (one object under both names)."""
+
+    def __init__(self, moved: dict[str, str]) -> None:
+        self.moved = moved
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in self.moved else None
+
+    def create_module(self, spec):
+        new = self.moved[spec.name]
+        warnings.warn(f"{spec.name} moved to {new}; import it from there.", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(new)
+
+    def exec_module(self, module) -> None:
+        pass  # the new module is already executed
+
+
+def install_moved_modules(moved: dict[str, str]) -> None:
+    """Let ``import old`` give the module now at ``moved[old]`` (once per process)."""
+    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MovedModuleFinder(moved))  # before any finder that might find a stale copy

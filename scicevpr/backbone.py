@@ -99,7 +99,7 @@ def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | Non
     """Verify a weight file against the manifest beside it, if there is one (else None).
 
     ``manifest_format``: the manifest's ``format`` entry this kind of file has (a backbone's,
-    or ``scicevpr.pretrain.CNN_MANIFEST_FORMAT`` for the distillation's CNN teacher); a JSON
+    or ``scicevpr.offline.pretrain.CNN_MANIFEST_FORMAT`` for the distillation's CNN teacher); a JSON
     file of another format beside it is no manifest of it.
 
     The manifest is read on every call; the file's hash is computed once per version of the file
@@ -136,6 +136,15 @@ def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | Non
                 f"{config}. Build the model with that backbone, e.g. get_config(..., backbone=BackboneConfig(**manifest['backbone']))."
             )
     return manifest
+
+
+def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
+    """``(sha256, manifest)`` of a weight file: its manifest verified against the file
+    (:func:`scicevpr.backbone.check_manifest`; None when it has none). The file is hashed once
+    per process and version (:func:`scicevpr.backbone.file_sha256`), however many run folders,
+    figure labels and model builds ask. Do not modify the returned manifest."""
+    manifest = check_manifest(path)  # hashes the file when it has a manifest: its sha256 is then the file's
+    return (file_sha256(path) if manifest is None else manifest["sha256"]), manifest
 
 
 def _preview(keys: list[str], n: int = 3) -> str:

@@ -90,23 +90,6 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return _CONFIG_CLASSES[kind](**d)
 
 
-# --------------------------------------------------------------------------------------------
-# Building models with a reproducible backbone
-# --------------------------------------------------------------------------------------------
-
-
-def build_model(
-    name: str,
-    preset_or_config: str | ModelConfig,
-    weights: PathLike | None = "auto",
-    seed: int = 0,
-    **overrides: Any,
-) -> VPRModel:
-    """A fresh model whose initialisation depends only on ``seed``: :func:`scicevpr.create_model`
-    (its backbone's ``provenance`` says how a checkpoint can rebuild it)."""
-    return create_model(name, preset_or_config, weights=weights, seed=seed, **overrides)
-
-
 def frozen_backbone_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the frozen DINOv2 parameters (not saved in ``model_state``)."""
     return sorted("backbone." + n for n, p in model.backbone.named_parameters() if not p.requires_grad)

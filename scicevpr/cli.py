@@ -31,9 +31,9 @@ import dataclasses
 import math
 import os
 import re
-import subprocess
+import shutil
 import sys
-import time
+import tempfile
 import typing
 import warnings
 from pathlib import Path
@@ -357,25 +357,26 @@ def require_folders(**folders: str | None) -> None:
 
 
 def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> list[Path]:
-    """The .jpg files under ``folder`` (:func:`scicevpr.data.vg.list_images`); with ``skip_corrupt``
-    the ones that decode, the others counted in a warning."""
+    """The photos under ``folder`` (:data:`scicevpr.data.paths.PHOTO_SUFFIXES`, as ``search`` lists them);
+    with ``skip_corrupt`` the ones that decode, the others counted in a warning."""
     from .data.decode import find_corrupt_images, warn_skipped
+    from .data.paths import PHOTO_SUFFIXES
     from .data.vg import list_images
 
     path = Path(folder) if folder else None
     if path is None or not path.is_dir():
         problem = "is a file, not a folder" if path is not None and path.exists() else "does not exist"
-        raise FileNotFoundError(f"{option} {folder!r} {problem}; pass a folder of .jpg images.")
-    paths = list_images(path)
+        raise FileNotFoundError(f"{option} {folder!r} {problem}; pass a folder of .jpg/.png photos.")
+    paths = list_images(path, PHOTO_SUFFIXES, ignore_case=True)
     if not paths:
-        raise FileNotFoundError(f"no .jpg files under {option} {str(path)!r}; pass a folder of .jpg images.")
+        raise FileNotFoundError(f"no .jpg, .jpeg or .png files under {option} {str(path)!r}; pass a folder of photos.")
     if skip_corrupt:
         bad = set(find_corrupt_images(paths))
         if bad:
             warn_skipped(sorted(bad), len(paths), str(path))
             paths = [p for p in paths if p not in bad]
             if not paths:
-                raise ValueError(f"none of the .jpg files under {option} {str(path)!r} decodes.")
+                raise ValueError(f"none of the photos under {option} {str(path)!r} decodes.")
     return paths
 
 
@@ -495,7 +496,7 @@ def _write_recall_plot(path: str, split, descriptors: dict, model: str | None = 
     import matplotlib.pyplot as plt
 
     from .evaluate import chance_recall, recall_curve
-    from .viz import plot_recall_curves, save_png
+    from .lab.viz import plot_recall_curves, save_png
 
     curves = {name: recall_curve(db, q, split.positives, 100) for name, (db, q) in descriptors.items()}
     chance = chance_recall(split.num_database, split.positives, range(1, 101))
@@ -617,7 +618,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "student" and config.teacher is None:
         raise ValueError("train-student needs --teacher: stage 1's run folder or best.pt, or the authors' Super-CricaVPR checkpoint")
     check_train_paths(config, args.stage)
-    from .train import is_main_process, train_student, train_teacher
+    from .runtime import is_main_process
+    from .train import train_student, train_teacher
 
     result = (train_teacher if args.stage == "teacher" else train_student)(config)
     if not is_main_process():  # under torchrun only rank 0 reports
@@ -634,7 +636,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_offline_parser(sub) -> None:
-    from .offline_models import EXPORT_DTYPES, HEADS_DIR, REBUILD_COMMAND
+    from .offline.models import EXPORT_DTYPES, HEADS_DIR, REBUILD_COMMAND
 
     help_ = COMMANDS["train-offline"]
     p = sub.add_parser(
@@ -670,8 +672,8 @@ def cmd_train_offline(args: argparse.Namespace) -> int:
     import torch
 
     from .data.paths import find_repo_root
-    from .notebook import _env, _train_overrides_from_env, offline_settings
-    from .offline_models import command_line, export_heads, train_offline
+    from .lab.notebook import _env, _train_overrides_from_env, offline_settings
+    from .offline.models import command_line, export_heads, train_offline
     from .data.paths import DATA_ENV
 
     root = find_repo_root()
@@ -686,7 +688,7 @@ def cmd_train_offline(args: argparse.Namespace) -> int:
                                 seed=args.seed, threads=args.threads or 2, train_overrides=overrides)
     torch.set_num_threads(settings.threads)
     from .evaluate import BACKBONE_CACHE
-    from .notebook import OFFLINE_BACKBONE_CACHE_BYTES
+    from .lab.notebook import OFFLINE_BACKBONE_CACHE_BYTES
 
     BACKBONE_CACHE.enable(OFFLINE_BACKBONE_CACHE_BYTES)  # as in the notebooks: the same numbers, faster
     print(settings.describe(), flush=True)
@@ -721,7 +723,8 @@ def check_train_paths(config, stage: str) -> None:
 
 
 def add_pretrain_parser(sub) -> None:
-    from .config import LossConfig, PretrainConfig
+    from .config import LossConfig
+    from .offline.config import PretrainConfig
 
     help_ = COMMANDS["pretrain-backbone"]
     p = sub.add_parser(
@@ -733,7 +736,7 @@ def add_pretrain_parser(sub) -> None:
     )
     add_dataclass_options(p, PretrainConfig, skip=("loss", "progress"),
                           title="defaults: the offline backbone, DINO; --objective cnn and distil start from their "
-                                "recipes instead, scicevpr.config.OBJECTIVE_RECIPES")
+                                "recipes instead, scicevpr.offline.config.OBJECTIVE_RECIPES")
     add_dataclass_options(p, LossConfig, skip=("gamma", "eta"), title="L_MS of objective=supervised; defaults: the paper's values")
     p.add_argument("--export", metavar="PATH", default=None,
                    help="after the run, write the backbone here (a .pth file, or a folder for the default name; "
@@ -757,8 +760,10 @@ def check_pretrain_paths(overrides: dict[str, Any], export_only: bool) -> None:
         path = overrides.get(option)
         if path is not None and not Path(path).is_file():
             problem = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
-            raise FileNotFoundError(f"--{option.replace('_', '-')} {path!r} {problem}; pass a weight file "
-                                    "(a .pth exported by `scicevpr pretrain-backbone --export`, or a .pt for --distil-teacher).")
+            what = ("a backbone .pth exported by `scicevpr pretrain-backbone --export`" if option == "init_weights" else
+                    "the teacher's file: a LayoutCNN .pt (`scicevpr pretrain-backbone --objective cnn --export FILE.pt` "
+                    "trains one) or a backbone .pth exported by `--export`")
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {path!r} {problem}; pass {what}.")
     run_dir = overrides.get("run_dir")
     if (overrides.get("resume") or export_only) and run_dir and not (Path(run_dir) / "config.json").is_file():
         problem = "does not exist" if not Path(run_dir).exists() else "holds no run (no config.json)"
@@ -770,13 +775,14 @@ def check_pretrain_paths(overrides: dict[str, Any], export_only: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import json
 
-    from .config import LossConfig, PretrainConfig
+    from .config import LossConfig
+    from .offline.config import PretrainConfig
 
     overrides = dataclass_overrides(args, PretrainConfig)
     check_pretrain_paths(overrides, args.export_only)
     from .backbone import manifest_path
-    from .pretrain import export_backbone, pretrain
-    from .train import is_main_process
+    from .offline.pretrain import export_backbone, pretrain
+    from .runtime import is_main_process
 
     if args.export_only:
         if not args.export:
@@ -820,50 +826,32 @@ def demo_environment() -> dict[str, str]:
     return {**os.environ, **PINNED_CPU_KERNELS, "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
 
 
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def strip_widget_state(path: Path) -> None:
-    """Remove what a run of the interactive cells stores with random ids (the widget state in
-    the notebook's metadata, the widget views in the outputs; their text form stays), so that
-    re-running an unchanged notebook leaves the file unchanged. The widgets come back when the
-    cell is run in Jupyter."""
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    changed = nb.metadata.pop("widgets", None) is not None
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if WIDGET_VIEW in out.get("data", {}):
-                del out["data"][WIDGET_VIEW]
-                changed = True
-    if changed:
-        nbformat.write(nb, path)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Execute every notebook headlessly, in order, then print the final results table."""
     import importlib.util
 
-    if importlib.util.find_spec("nbconvert") is None:
+    if importlib.util.find_spec("nbclient") is None or importlib.util.find_spec("ipykernel") is None:
         raise RuntimeError("scicevpr demo runs the notebooks with Jupyter, which is not installed: install the "
                            "notebook stack with pip install -e '.[notebooks]' (make does).")
     root = repo_root()
     notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
         raise FileNotFoundError(f"no notebooks in {str(root / 'notebooks')!r}; run `scicevpr demo` from the repository's folder.")
+    from .lab.runner import run_notebook, use_this_python
+
+    os.environ.update(demo_environment())  # the kernels inherit it
+    use_this_python()
+    out_dir = None if args.inplace else Path(args.output_dir).resolve()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks:
         print(f"running {nb.relative_to(root)} ...", flush=True)
-        start = time.perf_counter()
-        cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-               "--ExecutePreprocessor.timeout=3600", "--ExecutePreprocessor.record_timing=False", str(nb)]
-        cmd += ["--inplace"] if args.inplace else ["--output-dir", str(Path(args.output_dir).resolve())]
-        done = subprocess.run(cmd, cwd=nb.parent, env=demo_environment())
-        if done.returncode:
-            raise RuntimeError(f"notebook {str(nb.relative_to(root))!r} failed (jupyter nbconvert exited with status "
-                               f"{done.returncode}); its error is printed above.")
-        strip_widget_state(nb if args.inplace else Path(args.output_dir).resolve() / nb.name)
-        print(f"  {nb.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        with tempfile.TemporaryDirectory(dir=nb.parent, prefix=".demo-") as scratch:
+            row = run_notebook(nb, Path(scratch), record_timing=False)
+            if row["status"] != "ok":  # the stored notebook stays as it was
+                raise RuntimeError(f"notebook {str(nb.relative_to(root))!r} did not run to the end: {row['status']}")
+            shutil.move(str(Path(scratch) / nb.name), str(nb if out_dir is None else out_dir / nb.name))
+        print(f"  {nb.name}: {row['seconds']:.0f} s", flush=True)
     results = root / "figures" / "results.md"
     print(f"\nfigures written to {root / 'figures'}")
     if results.is_file():
@@ -956,8 +944,8 @@ COMMANDS: dict[str, str] = {
 
 
 def add_synth_parser(sub) -> argparse.ArgumentParser:
-    """``synth``: the offline benchmark (:func:`scicevpr.data.synthetic.generate`); no torch."""
-    from .data.synthetic import PRESETS, SPLITS
+    """``synth``: the offline benchmark (:func:`scicevpr.offline.synthetic.generate`); no torch."""
+    from .offline.synthetic import PRESETS, SPLITS
 
     p = sub.add_parser(
         "synth",
@@ -976,7 +964,7 @@ def add_synth_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .data.synthetic import SPLITS, generate
+    from .offline.synthetic import SPLITS, generate
 
     bench = generate(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet, force=args.force,
                      workers=args.workers, splits=args.splits)
@@ -1068,8 +1056,8 @@ def _option_text(value: Any, sep: str = ",") -> str:
 
 
 def add_claims_parser(sub) -> None:
-    """``claims``: :func:`scicevpr.claims.run_claims` (its module docstring lists the models)."""
-    from .config import ClaimsConfig
+    """``claims``: :func:`scicevpr.offline.claims.run_claims` (its module docstring lists the models)."""
+    from .offline.config import ClaimsConfig
 
     p = sub.add_parser(
         "claims", help=COMMANDS["claims"],
@@ -1088,7 +1076,8 @@ def add_claims_parser(sub) -> None:
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    from .claims import ClaimsConfig, run_claims
+    from .offline.claims import run_claims
+    from .offline.config import ClaimsConfig
 
     overrides = dataclass_overrides(args, ClaimsConfig)
     if args.seeds is not None:
@@ -1167,6 +1156,9 @@ def error_message(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning (beside DataLoader workers on a small CPU,
+    # spinning threads slow torch down by an order of magnitude); torch is not imported yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # before or after the command
     argv = [a for a in argv if a != "--debug"]

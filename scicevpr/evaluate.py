@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .backbone import hash_tensors, tensor_bytes
-from .config import EvalConfig  # noqa: F401  (defined with the other configs; imported from here too)
+from .config import EvalConfig
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
 from .data.transforms import eval_transform
 from .data.vg import ImageFileDataset, VGSplit, list_images
@@ -631,6 +631,17 @@ def fit_pca_on_images(
 # --------------------------------------------------------------------------------------------
 
 
+def recall_columns(recalls: dict[int, float], bounds: dict[int, tuple[float, float]] | None = None) -> dict[str, float]:
+    """The Recall@N columns of a results row: ``R@N`` (percent, 2 decimals), each followed by
+    ``R@N lo`` and ``R@N hi`` when ``bounds`` (its interval) is given."""
+    row: dict[str, float] = {}
+    for n, v in recalls.items():
+        row[f"R@{n}"] = round(v, 2)
+        if bounds is not None:
+            row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
+    return row
+
+
 @dataclass
 class EvalResult:
     """Recall@N of one model on one split, with everything needed for galleries and tables."""
@@ -650,7 +661,7 @@ class EvalResult:
         """One row: model, dataset, split, dimension, R@N columns (percent, 2 decimals).
 
         ``intervals``: each ``R@N`` is followed by ``R@N lo`` and ``R@N hi``, its bootstrap
-        interval over the queries (:meth:`intervals`); :func:`scicevpr.viz.format_recalls`
+        interval over the queries (:meth:`intervals`); :func:`scicevpr.lab.viz.format_recalls`
         writes them as "11.4 [8.8, 14.2]"."""
         row = {
             "model": self.model_name,
@@ -658,11 +669,7 @@ class EvalResult:
             "split": self.split.split,
             "dim": self.query_descriptors.shape[1],
         }
-        bounds = self.intervals(level, seed) if intervals else {}
-        for n, v in self.recalls.items():
-            row[f"R@{n}"] = round(v, 2)
-            if intervals:
-                row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
+        row.update(recall_columns(self.recalls, self.intervals(level, seed) if intervals else None))
         return pd.DataFrame([row])
 
     def intervals(self, level: float = 0.95, seed: int = 0) -> dict[int, tuple[float, float]]:
@@ -741,11 +748,8 @@ def recall_by_condition(
     for cond in [*sorted(set(conditions.tolist())), "all"]:
         mask = np.ones(len(conditions), bool) if cond == "all" else conditions == cond
         row = {"condition": cond, "queries": int(mask.sum())}
-        bounds = recall_intervals(correct[mask], recall_values, level=level, seed=seed) if intervals else {}
-        for n, v in recalls_from_ranks(ranks[mask], recall_values).items():
-            row[f"R@{n}"] = round(v, 2)
-            if intervals:
-                row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
+        bounds = recall_intervals(correct[mask], recall_values, level=level, seed=seed) if intervals else None
+        row.update(recall_columns(recalls_from_ranks(ranks[mask], recall_values), bounds))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -957,11 +961,7 @@ def batch_stability(
                    "correct_lost": int((~res.correct[:, 0] & right_alone).sum()),
                    "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
                    "typical_component": typical}
-            bounds = recall_intervals(res.correct, tuple(res.recalls)) if intervals else {}
-            for n, v in res.recalls.items():
-                row[f"R@{n}"] = round(v, 2)
-                if intervals:
-                    row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
+            row.update(recall_columns(res.recalls, recall_intervals(res.correct, tuple(res.recalls)) if intervals else None))
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -15,7 +15,7 @@ and ``model.transform`` turns a PIL image into the input.
 The ``*_offline`` entries (:data:`OFFLINE_ENTRY_POINTS`) need no network and no file outside the
 repository: **trained** models on the shipped compact backbone, their heads read from
 ``scicevpr/weights/offline/`` (made by ``scicevpr train-offline --export``; see
-:mod:`scicevpr.offline_models`) by :func:`create_offline`.
+:mod:`scicevpr.offline.models`) by :func:`create_offline`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
 }
 
 OFFLINE_ENTRY_POINTS = ("scicevpr_s_offline", "super_cricavpr_s_offline", "cricavpr_s_offline")
-"""The trained offline models (:data:`scicevpr.offline_models.ENTRIES`): student, teacher, CricaVPR-S."""
+"""The trained offline models (:data:`scicevpr.offline.models.ENTRIES`): student, teacher, CricaVPR-S."""
 
 
 def create(
@@ -91,8 +91,8 @@ def create_offline(entry: str, heads: str | os.PathLike | None = None, device: s
     """The trained offline model of hub entry ``entry`` (one of :data:`OFFLINE_ENTRY_POINTS`), in
     eval mode: SciceVPR-S at 112 px on the shipped compact backbone (4 blocks; all four fused,
     CricaVPR-S pooling the last), with the heads in ``heads`` (default ``scicevpr/weights/offline/``,
-    :func:`scicevpr.offline_models.load_heads`). Heads trained on another backbone are refused."""
-    from .offline_models import load_heads
+    :func:`scicevpr.offline.models.load_heads`). Heads trained on another backbone are refused."""
+    from .offline.models import load_heads
 
     if entry not in OFFLINE_ENTRY_POINTS:
         raise ValueError(f"unknown offline hub entry point {entry!r}; available: {list(OFFLINE_ENTRY_POINTS)}")

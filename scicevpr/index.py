@@ -156,7 +156,7 @@ def descriptor_settings(model, eval_config=None) -> dict[str, Any]:
     ``protocol`` (the official protocol resizes differently) and, for a cross-image model only,
     ``encoder_group_size`` (the images its encoder attends to). ``eval_config`` None: the
     defaults; ``model`` None: one taken as cross-image."""
-    from .evaluate import EvalConfig
+    from .config import EvalConfig
 
     cfg = EvalConfig() if eval_config is None else eval_config
     return {"protocol": cfg.protocol,
@@ -233,7 +233,7 @@ class SavedIndex:
         return [self.database_root / f for f in self.files]
 
     def check_model(self, model, config=None) -> None:
-        """Raise a ValueError when ``model`` under ``config`` (:class:`scicevpr.evaluate.EvalConfig`)
+        """Raise a ValueError when ``model`` under ``config`` (:class:`scicevpr.config.EvalConfig`)
         does not give the descriptors the index was built with (another model, other weights,
         another protocol or encoder group size)."""
         rec = self.manifest["model"]
@@ -258,7 +258,7 @@ class SavedIndex:
               radius: float = 25.0, check_model: bool = True) -> SearchResult:
         """The ``k`` nearest database images of every image below ``queries``, from the saved
         index (the database is not recomputed). Recall@N as in :func:`scicevpr.search.search_folders`."""
-        from .evaluate import EvalConfig
+        from .config import EvalConfig
 
         config = EvalConfig() if config is None else config
         if k < 1:
@@ -283,13 +283,13 @@ def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = 
         database: folder of .jpg/.jpeg/.png files, searched recursively.
         out: the index folder (must not hold an index unless ``overwrite``).
         config: which FAISS index (:class:`IndexConfig`; default exact).
-        eval_config: :class:`scicevpr.evaluate.EvalConfig` for the descriptors.
+        eval_config: :class:`scicevpr.config.EvalConfig` for the descriptors.
         skip_unreadable: leave out undecodable files (listed in ``skipped.txt``) instead of raising.
         model_source: how the model was made, for error messages (e.g. ``"--checkpoint runs/s/best.pt"``).
     """
     import faiss
 
-    from .evaluate import EvalConfig
+    from .config import EvalConfig
     from .files import atomic_write
 
     out = Path(out)

@@ -22,7 +22,7 @@ import torch
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 
-from .config import LossConfig  # noqa: F401  (defined with the other configs; imported from here too)
+from .config import LossConfig
 
 
 class MultiSimilarityLoss(torch.nn.Module):

@@ -24,7 +24,6 @@ The choice and the estimate are recorded in the run's ``config.json``
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

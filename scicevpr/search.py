@@ -29,9 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .data.paths import PHOTO_SUFFIXES
+
 PathLike = str | os.PathLike
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 MATCHES_FILE = "matches.csv"
 SHEET_FILE = "contact_sheet.png"
@@ -54,7 +55,7 @@ def list_images(folder: PathLike, role: str = "image") -> list[Path]:
         raise FileNotFoundError(f"{role} folder {str(folder)!r} does not exist. Pass a folder of .jpg/.png photos (subfolders allowed).")
     from .data.vg import files_below, list_images as vg_list_images  # torch-free import of this module (--help)
 
-    paths = vg_list_images(folder, IMAGE_SUFFIXES, ignore_case=True)
+    paths = vg_list_images(folder, PHOTO_SUFFIXES, ignore_case=True)
     if not paths:
         files = files_below(folder)
         others = sorted({p.suffix.lower() or "(no extension)" for p in files})
@@ -211,7 +212,7 @@ def search_settings(model, config=None, database_batch_size: int | None = None) 
     same), whether the model's descriptors depend on them (``batch_dependent``: a cross-image
     model), the protocol and the encoder group size. ``database_batch_size``: the one a saved
     index was built with, when it differs from ``config``'s."""
-    from .evaluate import EvalConfig
+    from .config import EvalConfig
 
     config = EvalConfig() if config is None else config
     return {"batch_dependent": bool(getattr(model, "cross_image", False)),
@@ -224,7 +225,8 @@ def describe_folder(model, folder: PathLike, role: str, config=None, skip_unread
     """``(paths, descriptors (N, D), skipped)`` of the images below ``folder`` (protocol of
     :func:`scicevpr.evaluate.compute_descriptors`; PNGs are decoded on the CPU), in batches of
     ``config.batch_size``, or of ``config.query_batch_size`` when set and ``role`` is ``"query"``."""
-    from .evaluate import EvalConfig, compute_descriptors
+    from .config import EvalConfig
+    from .evaluate import compute_descriptors
 
     config = EvalConfig() if config is None else config
     paths = list_images(folder, role)
@@ -243,13 +245,14 @@ def search_folders(model, database: PathLike, queries: PathLike, k: int = 5, con
         model: any scicevpr model (``load_model``, ``torch.hub.load``, a preset).
         database, queries: folders of .jpg/.jpeg/.png files, searched recursively.
         k: matches kept per query (the search also goes as deep as the largest Recall@N).
-        config: :class:`scicevpr.evaluate.EvalConfig` (batch size, query batch size, device,
+        config: :class:`scicevpr.config.EvalConfig` (batch size, query batch size, device,
             workers, recall values).
         skip_unreadable: leave out files that cannot be decoded (listed in ``result.skipped``)
             instead of raising.
         radius: positives radius in metres when the names carry UTM fields.
     """
-    from .evaluate import EvalConfig, search
+    from .config import EvalConfig
+    from .evaluate import search
 
     config = EvalConfig() if config is None else config
     if k < 1:
@@ -271,7 +274,7 @@ def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_
 
     import matplotlib.pyplot as plt
 
-    from .viz import plot_matches, save_png
+    from .lab.viz import plot_matches, save_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

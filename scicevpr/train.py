@@ -57,23 +57,40 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .backbone import file_sha256
-from .checkpoint import check_described, check_finite_state, config_to_dict, load_model, load_trainable_state, read_checkpoint, save_checkpoint
-from .config import OFFLINE_BACKBONE, OFFLINE_MODEL_OVERRIDES, STAGE1_MODELS, TrainConfig, get_config  # noqa: F401  (defined with the other configs; imported from here too)
+from .checkpoint import (
+    check_described,
+    check_finite_state,
+    config_to_dict,
+    load_model,
+    load_trainable_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import OFFLINE_MODEL_OVERRIDES, TrainConfig
 from .data.decode import check_images
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
-from .evaluate import EvalConfig, evaluate, feature_extractor
+from .config import EvalConfig
+from .evaluate import evaluate, feature_extractor
 from .factory import create_model
-from .files import append_csv_row, atomic_write_text, holds_files, lock_run_dir, read_run_config, resume_csv_log, start_csv_log
-from .losses import DistillationObjective, LossConfig, MultiSimilarityLoss
+from .files import (
+    append_csv_row,
+    atomic_write_text,
+    holds_files,
+    lock_run_dir,
+    read_run_config,
+    resume_csv_log,
+    start_csv_log,
+)
+from .config import LossConfig
+from .losses import DistillationObjective, MultiSimilarityLoss
 from .memory import LOADER_PREFETCH, MemoryPlan, available_memory, plan_training_memory, step_memory
 from .models import SciceVPR, SuperCricaVPR, VPRModel
 from .precision import autocast, model_device, resolve_amp
@@ -83,6 +100,7 @@ from .protocol import (
     teacher_checkpoint_name,
     utm_dtype,
 )
+from .runtime import Dist, gather_batch, resolve_device, rng_state, seed_everything, set_rng_state, setup_distributed
 
 PathLike = str | os.PathLike
 
@@ -216,63 +234,6 @@ def loss_variant_config(student: TrainConfig, run_dir: PathLike, **loss: float) 
 # --------------------------------------------------------------------------------------------
 # Distributed helpers
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    created: bool = False  # this module initialised the process group
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device: torch.device) -> _Dist:
-    """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL on CUDA, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        return _Dist()
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created)
-
-
-def resolve_device(requested: str) -> torch.device:
-    """``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> the device
-    to run on; under ``torchrun`` a bare ``"cuda"`` is this rank's GPU (``LOCAL_RANK``), made current."""
-    name = requested
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={requested!r} but CUDA is not available; use device='cpu'.")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device
-
-
-def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """(b, ...) per-rank share -> (N * b, ...) global batch in rank order, with gradient
-    (the backward sums every rank's gradient for this rank's share). Identity without DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    if x.requires_grad:
-        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,37 +548,6 @@ def _write_config(run_dir: Path, config: TrainConfig, stage: str, model: VPRMode
     atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2))
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": _numpy_rng_state(),
-        "python": random.getstate(),
-    }
-
-
-def _numpy_rng_state() -> tuple:
-    """NumPy's global RNG state in plain types (a checkpoint holds no NumPy objects)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return (str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global random generators."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -691,7 +621,7 @@ def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.dev
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
     device = resolve_device(config.device)
-    ddp = _setup_distributed(device)
+    ddp = setup_distributed(device)
     try:
         with lock_run_dir(_run_dir(config, stage)) if ddp.main else contextlib.nullcontext():
             return _fit(stage, config, build, device, ddp)
@@ -700,7 +630,7 @@ def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.dev
             dist.destroy_process_group()
 
 
-def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dist) -> RunResult:
+def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist) -> RunResult:
     run_dir = _run_dir(config, stage)
     resuming = _prepare_run_dir(run_dir, config, stage)
     if ddp.enabled:
@@ -747,7 +677,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
         load_trainable_state(model, ckpt["model_state"])
         optimizer.load_state_dict(tr["optimizer"])
         scheduler.load_state_dict(tr["scheduler"])
-        _set_rng_state(tr["rng"])
+        set_rng_state(tr["rng"])
         start_epoch, iteration, best = tr["epoch"], tr["iteration"], tr["best"]
     # Before anything is written or trained: does the step fit the device's memory, and with
     # activation checkpointing? (A finished run that is only read back is not checked.)
@@ -830,7 +760,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: _Dis
                                     store_backbone=config.store_backbone)
             append_csv_row(run_dir / "log.csv", row, LOG_COLUMNS)
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                        "iteration": iteration, "iterations_per_epoch": ipe, "rng": _rng_state(), "best": best}
+                        "iteration": iteration, "iterations_per_epoch": ipe, "rng": rng_state(), "best": best}
             save_checkpoint(last_path, model, meta={**meta_base, "epoch": epoch + 1}, training=training,
                             store_backbone=config.store_backbone)
         if ddp.enabled:
@@ -880,11 +810,3 @@ def train_teacher(config: TrainConfig) -> RunResult:
 def train_student(config: TrainConfig) -> RunResult:
     """Stage 2: distil the teacher (``config.teacher``) into SciceVPR with ``L_T``."""
     return fit("student", config, _build_student_stage)
-
-
-def is_main_process() -> bool:
-    """True outside DDP and on rank 0, also after a run has closed its process group (a
-    ``torchrun`` launch names each process's rank in ``RANK``)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0

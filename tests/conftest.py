@@ -30,7 +30,7 @@ def make_jpeg():
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory):
     """The ``tiny`` synthetic benchmark (about a second to generate), shared by the session."""
-    from scicevpr.data.synthetic import generate
+    from scicevpr.offline.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("synthetic") / "tiny", preset="tiny", seed=0, progress=False)
 

@@ -1,4 +1,4 @@
-"""The notebooks' measurements (scicevpr.analysis): the per-block probe of notebook 01, the preset
+"""The notebooks' measurements (scicevpr.lab.analysis): the per-block probe of notebook 01, the preset
 table of notebook 02 and the agreement comparison of notebook 04."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scicevpr import analysis
+from scicevpr.lab import analysis
 from scicevpr.config import OFFLINE_MODEL_OVERRIDES
 
 

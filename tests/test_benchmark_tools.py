@@ -76,7 +76,7 @@ def test_probe_features_are_each_blocks_class_token_and_2x2_region_means():
 
 
 def test_probe_refuses_a_missing_gpu_with_one_message(tmp_path, monkeypatch, capsys):
-    from scicevpr.train import resolve_device
+    from scicevpr.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
@@ -89,8 +89,8 @@ def test_probe_refuses_a_missing_gpu_with_one_message(tmp_path, monkeypatch, cap
 def test_cnn_learnability_scores_a_network_pretrain_backbone_trained(tiny_benchmark, tmp_path, capsys):
     """A bad call is one message, status 2; a network trained by ``pretrain-backbone --objective cnn``
     is scored at its manifest's size, and the recalls printed are the ones computed."""
-    from scicevpr.config import PretrainConfig
-    from scicevpr.pretrain import export_backbone, pretrain
+    from scicevpr.offline.config import PretrainConfig
+    from scicevpr.offline.pretrain import export_backbone, pretrain
 
     tool = _tool("cnn_learnability")
     with pytest.raises(SystemExit) as stop:

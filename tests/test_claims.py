@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scicevpr.claims import ALLOWED_VERDICTS, CLAIMS, MODELS, STAGE1, STAGE2, ClaimsConfig, train_config
+from scicevpr.offline.claims import ALLOWED_VERDICTS, CLAIMS, MODELS, STAGE1, STAGE2, train_config
+from scicevpr.offline.config import ClaimsConfig
 from scicevpr.cli import main
 
 
@@ -72,7 +73,7 @@ def test_claims_command_end_to_end_and_resumes(tiny_benchmark, tmp_path, capsys)
     pd.testing.assert_frame_equal(again, claims)
 
     # what the notebooks read: the written table, one line per claim
-    from scicevpr.claims import read_claims, verdict_text
+    from scicevpr.offline.claims import read_claims, verdict_text
 
     read = read_claims(out)
     r = claims[claims["id"] == "4a"].iloc[0]
@@ -91,7 +92,7 @@ def test_claims_command_end_to_end_and_resumes(tiny_benchmark, tmp_path, capsys)
 
 
 def fake_runs(num_seeds: int = 3, n: int = 400) -> dict:
-    """runs[seed][model] = (facts, arrays) as :func:`scicevpr.claims.run_model` returns them, made up:
+    """runs[seed][model] = (facts, arrays) as :func:`scicevpr.offline.claims.run_model` returns them, made up:
     the student finds 60% of the queries, CricaVPR-S 40% (30% at its worst batching), the others as
     the student; the teacher's correctness changes with the batching for 5% of the queries."""
     rng = np.random.default_rng(0)
@@ -115,7 +116,7 @@ def fake_runs(num_seeds: int = 3, n: int = 400) -> dict:
 
 
 def test_claim_rows_verdicts_from_known_differences():
-    from scicevpr.claims import claim_rows
+    from scicevpr.offline.claims import claim_rows
 
     table = claim_rows(fake_runs(), ClaimsConfig(num_samples=500)).set_index("id")
     assert table.loc["5a", "verdict"] == "agrees" and table.loc["5a", "mean"] == pytest.approx(20.0, abs=3)
@@ -139,7 +140,7 @@ def test_readme_shows_the_committed_claims_table():
     """The README's table is the one readme_table computes from figures/claims.csv, never typed."""
     from pathlib import Path
 
-    from scicevpr.claims import README_BEGIN, README_END, read_claims, readme_table
+    from scicevpr.offline.claims import README_BEGIN, README_END, read_claims, readme_table
 
     root = Path(__file__).resolve().parents[1]
     text = (root / "README.md").read_text()

@@ -100,7 +100,7 @@ def test_help_imports_neither_torch_nor_the_training_code():
     code = ("import sys\nfrom scicevpr.cli import main\n"
             f"for cmd in {list(COMMANDS)!r}:\n"
             "    try:\n        main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
-            "    heavy = sorted(m for m in ('torch', 'scicevpr.train', 'scicevpr.pretrain', 'scicevpr.evaluate') if m in sys.modules)\n"
+            "    heavy = sorted(m for m in ('torch', 'scicevpr.train', 'scicevpr.offline.pretrain', 'scicevpr.evaluate') if m in sys.modules)\n"
             "    assert not heavy, (cmd, heavy)\n"
             "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
@@ -262,7 +262,8 @@ def test_a_truncated_or_missing_official_checkpoint_before_any_model(vg_copy, tm
 
 
 def test_a_checkpoint_with_pickled_objects_needs_trust(vg_copy, tmp_path, capsys):
-    from scicevpr.checkpoint import build_model as build, checkpoint_dict
+    from scicevpr.checkpoint import checkpoint_dict
+    from scicevpr.factory import create_model as build
 
     model = build("SciceVPR", scicevpr.get_config("SciceVPR-S", image_size=56, mix_dim=64, encoder_heads=4,
                                                    encoder_ffn=128), weights=None)
@@ -291,7 +292,7 @@ def test_weights_that_are_not_dinov2_are_summarised(vg_copy, tmp_path, capsys):
     (["stability", "--vg-root", "{vg}", "--dataset", "pitts30k"], "pitts30k"),
     (["extract", "--images", "{tmp}/nowhere", "--out", "{tmp}/d.npy"], "--images '.*nowhere' does not exist"),
     (["search", "--database", "{tmp}/nowhere", "--queries", "{tmp}/empty"], "--database '.*nowhere' does not exist"),
-    (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "no .jpg files under --images"),
+    (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "no .jpg, .jpeg or .png files under --images"),
     (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--weights", "{tmp}/dinov2.pth"], "--weights '.*dinov2.pth' does not exist"),
 ])
 def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_path, capsys, no_model):
@@ -375,30 +376,38 @@ def test_the_cpu_only_install_is_documented_and_wired():
     assert first_cpu < next(i for i, line in enumerate(lines) if "pip install -e" in line)
 
 
-def test_demo_strips_widget_state_so_an_unchanged_notebook_stays_unchanged(tmp_path):
+def test_demo_strips_widget_state_and_merges_streams_so_an_unchanged_notebook_stays_unchanged(tmp_path):
     import nbformat
 
-    from scicevpr.cli import WIDGET_VIEW, strip_widget_state
+    from scicevpr.lab.runner import WIDGET_VIEW, tidy_outputs
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"a1b2": {}}}}
     cell = nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nwidget")
     cell.outputs = [nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "a1b2"}, "text/plain": "VBox()"})]
     nb.cells.append(cell)
+    printed = nbformat.v4.new_code_cell("print(1); print(2)")  # one print's text cut in two by timing, then stderr
+    printed.outputs = [nbformat.v4.new_output("stream", name="stdout", text="a\nb"),
+                       nbformat.v4.new_output("stream", name="stdout", text="c\n"),
+                       nbformat.v4.new_output("stream", name="stderr", text="warning\n"),
+                       nbformat.v4.new_output("stream", name="stdout", text="d\n")]
+    nb.cells.append(printed)
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
-    strip_widget_state(path)
+    tidy_outputs(path)
     cleaned = nbformat.read(path, as_version=4)
     assert "widgets" not in cleaned.metadata
     assert cleaned.cells[0].outputs[0]["data"] == {"text/plain": "VBox()"}
+    assert [(o["name"], o["text"]) for o in cleaned.cells[1].outputs] == [("stdout", "a\nbc\n"), ("stderr", "warning\n"),
+                                                                         ("stdout", "d\n")]
     before = path.read_bytes()
-    strip_widget_state(path)
+    tidy_outputs(path)
     assert path.read_bytes() == before
 
 
 def test_stored_notebooks_hold_no_random_widget_ids():
     """What `make demo` stores: no widget state, so re-running leaves `git status` clean."""
-    from scicevpr.cli import WIDGET_VIEW
+    from scicevpr.lab.runner import WIDGET_VIEW
 
     for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
         text = path.read_text()

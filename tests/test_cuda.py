@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import scicevpr
-from scicevpr.evaluate import EvalConfig, compute_descriptors, per_image_function
-from scicevpr.losses import LossConfig
-from scicevpr.train import DistillationStep, TrainConfig, train_student, train_teacher
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import compute_descriptors, per_image_function
+from scicevpr.config import LossConfig
+from scicevpr.config import TrainConfig
+from scicevpr.train import DistillationStep, train_student, train_teacher
 
 pytestmark = [
     pytest.mark.cuda,
@@ -122,7 +124,7 @@ def test_both_training_stages_run_in_bf16_on_cuda(tiny_benchmark, tmp_path):
 def test_notebook_helpers_take_a_model_on_cuda(student, tiny_benchmark):
     """What notebooks 01 and 02 do with a model on the GPU (full mode): images loaded onto the
     settings' device, block features and the fusion analyses brought back to the CPU."""
-    from scicevpr import analysis as nb
+    from scicevpr.lab import analysis as nb
 
     paths = tiny_benchmark.load_split("test").database_paths[:2]
     x = nb.load_images(paths, SIZE, DEVICE)

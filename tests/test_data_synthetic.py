@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scicevpr.data import render as R
+from scicevpr.offline import render as R
 from scicevpr.data.gsv import GSVCitiesDataset
 from scicevpr.cli import add_synth_parser as add_cli
 from scicevpr.cli import main
-from scicevpr.data.synthetic import (
+from scicevpr.offline.synthetic import (
     PRESETS,
     build_plan,
     generate,
@@ -168,7 +168,7 @@ def test_two_processes_generating_one_folder_do_not_corrupt_it(tmp_path, tiny_be
     import sys
 
     out = tmp_path / "shared"
-    code = ("import sys; from scicevpr.data.synthetic import generate; "
+    code = ("import sys; from scicevpr.offline.synthetic import generate; "
             "generate(sys.argv[1], preset='tiny', seed=0, progress=False, workers=0)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:

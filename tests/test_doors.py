@@ -206,7 +206,7 @@ def test_colour_histograms_see_which_hues_lie_in_which_strip(tmp_path):
 
 
 def test_colour_baseline_scores_its_descriptors_like_a_model(tiny_benchmark):
-    from scicevpr.analysis import colour_baseline_row
+    from scicevpr.lab.analysis import colour_baseline_row
     from scicevpr.evaluate import colour_baseline_result, colour_histogram_descriptors, recall_at_n
 
     split = tiny_benchmark.load_split("test")
@@ -236,7 +236,8 @@ def test_recall_by_condition_counts_hits_as_recall_at_n():
 def test_training_and_pretraining_logs_are_written_by_one_function(tmp_path):
     import pandas as pd
 
-    from scicevpr import pretrain, train
+    from scicevpr import train
+    from scicevpr.offline import pretrain
     from scicevpr.files import append_csv_row
 
     assert not hasattr(train, "_append_log") and not hasattr(pretrain, "_append_log")
@@ -251,7 +252,8 @@ def test_training_and_pretraining_logs_are_written_by_one_function(tmp_path):
 def test_a_resumed_log_keeps_the_checkpoints_rows_under_the_new_columns(tmp_path):
     import pandas as pd
 
-    from scicevpr import pretrain, train
+    from scicevpr import train
+    from scicevpr.offline import pretrain
     from scicevpr.files import append_csv_row, resume_csv_log
 
     assert not hasattr(train, "_truncate_log") and not hasattr(pretrain, "_truncate_log")

@@ -12,8 +12,8 @@ from PIL import Image
 
 import scicevpr
 from scicevpr.data.vg import load_vg_split
+from scicevpr.config import EvalConfig
 from scicevpr.evaluate import (
-    EvalConfig,
     batch_stability,
     compute_descriptors,
     compute_regional_features,

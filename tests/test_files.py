@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import scicevpr
-from scicevpr.checkpoint import build_model, checkpoint_dict, load_model
+from scicevpr.checkpoint import checkpoint_dict, load_model
+from scicevpr.factory import create_model
 from scicevpr.files import LOCK_NAME, RunDirInUseError, UntrustedFileError, load_torch_file, lock_run_dir
 
 SMALL = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128}
@@ -36,7 +37,7 @@ class RunsCode:
 def small_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
-        return build_model("SciceVPR", scicevpr.get_config("SciceVPR-S", **SMALL), weights=None, seed=3)
+        return create_model("SciceVPR", scicevpr.get_config("SciceVPR-S", **SMALL), weights=None, seed=3)
 
 
 # --------------------------------------------------------------------------------------------

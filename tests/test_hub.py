@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scicevpr.checkpoint import build_model, save_checkpoint
+from scicevpr.checkpoint import save_checkpoint
+from scicevpr.factory import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=56, mix_dim=64)  # CPU-sized overrides of SciceVPR-S
@@ -49,7 +50,7 @@ def test_hub_load_paper_presets_build_their_architecture():
 
 
 def test_hub_loads_native_and_authors_checkpoints(tmp_path):
-    trained = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=3, **SMALL)
+    trained = create_model("SciceVPR", "SciceVPR-S", weights=None, seed=3, **SMALL)
     with torch.no_grad():
         trained.encoder.layers[0].linear1.weight.mul_(1.5)  # "training" moved a head away from its init
     x = torch.randn(3, 3, 56, 56)
@@ -65,7 +66,7 @@ def test_hub_loads_native_and_authors_checkpoints(tmp_path):
 
 
 def test_hub_refuses_a_checkpoint_of_another_model(tmp_path):
-    teacher = save_checkpoint(tmp_path / "t.pt", build_model("SuperCricaVPR", "SciceVPR-S", weights=None, **SMALL))
+    teacher = save_checkpoint(tmp_path / "t.pt", create_model("SuperCricaVPR", "SciceVPR-S", weights=None, **SMALL))
     with pytest.raises(ValueError, match="SuperCricaVPR"):
         hub("scicevpr_s", checkpoint=str(teacher))
     with pytest.raises(ValueError, match="super_cricavpr_s"):
@@ -79,7 +80,7 @@ def test_hub_refuses_a_checkpoint_carrying_a_pickled_object_unless_trusted(tmp_p
 
     from scicevpr.files import UntrustedFileError
 
-    trained = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=3, **SMALL)
+    trained = create_model("SciceVPR", "SciceVPR-S", weights=None, seed=3, **SMALL)
     path = tmp_path / "authors.pth"
     torch.save({"model_state_dict": trained.official_state_dict(), "best_r5": Fraction(157, 2)}, path)
     with pytest.raises(UntrustedFileError, match=r"fractions.Fraction.*trust_checkpoint=True"):

@@ -11,10 +11,19 @@ import pytest
 import torch
 
 import scicevpr.evaluate as evaluate_module
-from scicevpr.checkpoint import build_model, load_model, save_checkpoint
+from scicevpr.checkpoint import load_model, save_checkpoint
+from scicevpr.factory import create_model
 from scicevpr.cli import build_parser, main
-from scicevpr.evaluate import EvalConfig, compute_descriptors
-from scicevpr.index import IndexConfig, approximate_recall, build_index, identity_differences, load_index, model_identity
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import compute_descriptors
+from scicevpr.index import (
+    IndexConfig,
+    approximate_recall,
+    build_index,
+    identity_differences,
+    load_index,
+    model_identity,
+)
 from scicevpr.search import list_images
 
 CFG = EvalConfig(num_workers=0, progress=False)
@@ -25,7 +34,7 @@ SMALL = dict(image_size=56, mix_dim=64)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt",
-                           build_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, **SMALL))
+                           create_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, **SMALL))
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +79,8 @@ def test_index_query_equals_search_and_does_not_recompute_the_database(folders, 
 def test_a_mismatched_model_is_refused(folders, checkpoint, tmp_path, capsys):
     db, q = folders
     build_index(load_model(checkpoint), db, tmp_path / "map", eval_config=CFG, model_source="--checkpoint student.pt")
-    other_weights = save_checkpoint(tmp_path / "o.pt", build_model("SciceVPR", "SciceVPR-S", weights=None, seed=1, **SMALL))
-    other_size = save_checkpoint(tmp_path / "p.pt", build_model("SciceVPR", "SciceVPR-S", weights=None, seed=0,
+    other_weights = save_checkpoint(tmp_path / "o.pt", create_model("SciceVPR", "SciceVPR-S", weights=None, seed=1, **SMALL))
+    other_size = save_checkpoint(tmp_path / "p.pt", create_model("SciceVPR", "SciceVPR-S", weights=None, seed=0,
                                                                 image_size=70, mix_dim=64))
     for ckpt, words in ((other_weights, "weights"), (other_size, "image_size 56 -> 70")):
         assert main(["index", "query", "--checkpoint", str(ckpt), "--index", str(tmp_path / "map"), "--queries", str(q),
@@ -115,9 +124,9 @@ def test_an_index_without_recorded_settings_counts_as_built_with_the_defaults(fo
 
 def test_the_encoder_group_size_counts_for_a_cross_image_model_only(quiet_random_weights):
     grouped = EvalConfig(encoder_group_size=8)
-    crica = build_model("CricaVPR", "CricaVPR-S", weights=None, seed=0, image_size=56)
+    crica = create_model("CricaVPR", "CricaVPR-S", weights=None, seed=0, image_size=56)
     assert identity_differences(model_identity(crica, grouped), model_identity(crica)) == ["encoder_group_size 8 -> None"]
-    student = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, **SMALL)
+    student = create_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, **SMALL)
     assert identity_differences(model_identity(student, grouped), model_identity(student)) == []
 
 
@@ -125,7 +134,7 @@ def test_the_encoder_group_size_counts_for_a_cross_image_model_only(quiet_random
 def test_model_identity_ignores_requires_grad_but_not_a_weight(name, preset, quiet_random_weights):
     """Freezing a model for inference (requires_grad_(False)) keeps its identity: the index it
     built accepts it; changing one weight does not."""
-    model = build_model(name, preset, weights=None, seed=0, image_size=56)
+    model = create_model(name, preset, weights=None, seed=0, image_size=56)
     before = model_identity(model)
     model.requires_grad_(False)
     after = model_identity(model)

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from scicevpr import analysis, viz
+from scicevpr.lab import analysis, viz
+from scicevpr.config import EvalConfig
 from scicevpr.evaluate import (
-    EvalConfig,
     EvalResult,
     StabilityFeatures,
     batch_companions,
@@ -217,7 +217,7 @@ def test_plot_recalls_draws_intervals_chance_and_zero():
 
 
 def test_notebook_ablation_and_cricavpr_runs_differ_from_the_student_only_where_meant():
-    from scicevpr.notebook import CRICAVPR_OFFLINE_EPOCHS, setup
+    from scicevpr.lab.notebook import CRICAVPR_OFFLINE_EPOCHS, setup
 
     s = setup("offline", quiet=True)
     student = s.train_config("student", teacher="t.pt").to_dict()
@@ -235,8 +235,9 @@ def test_notebook_ablation_and_cricavpr_runs_differ_from_the_student_only_where_
 
 
 def test_loss_variant_keeps_the_other_weights_and_validates_once_also_with_the_papers_epochs():
-    from scicevpr.losses import LossConfig
-    from scicevpr.train import PAPER_EPOCHS, TrainConfig, loss_variant_config
+    from scicevpr.config import LossConfig
+    from scicevpr.config import TrainConfig
+    from scicevpr.train import PAPER_EPOCHS, loss_variant_config
 
     student = TrainConfig(teacher="t.pt", epochs=None, val_every=1, loss=LossConfig(gamma=0.5, eta=2.0), run_dir="runs/student")
     variant = loss_variant_config(student, "runs/student-ms-only", eta=0.0)

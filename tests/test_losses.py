@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scicevpr.losses import DistillationObjective, LossConfig, MultiSimilarityLoss, distillation_loss
+from scicevpr.config import LossConfig
+from scicevpr.losses import DistillationObjective, MultiSimilarityLoss, distillation_loss
 
 
 def _ms_by_hand(x, labels, alpha=1.0, beta=50.0, base=0.0, eps=0.1):

@@ -13,9 +13,11 @@ import torch
 
 import scicevpr
 from scicevpr import precision
-from scicevpr.data.synthetic import generate
-from scicevpr.evaluate import EvalConfig, amp_enabled, batch_stability, compute_descriptors, encode_in_batches
-from scicevpr.train import TrainConfig, offline_train_config, train_teacher
+from scicevpr.offline.synthetic import generate
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import amp_enabled, batch_stability, compute_descriptors, encode_in_batches
+from scicevpr.config import TrainConfig
+from scicevpr.train import offline_train_config, train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128, "layers": (0, 1, 2, 3)}
@@ -123,7 +125,7 @@ def test_no_cpu_code_path_runs_bf16_without_native_support(monkeypatch, tiny, tm
 
 def test_the_offline_recipe_and_notebooks_run_in_fp32():
     assert offline_train_config("g", "v", "r").amp is False
-    from scicevpr.notebook import setup
+    from scicevpr.lab.notebook import setup
 
     assert setup("offline", quiet=True).amp is False
 
@@ -154,7 +156,7 @@ def test_pinned_kernels_take_effect_in_a_fresh_process():
 
 
 def test_the_settings_banner_states_precision_and_kernels(monkeypatch):
-    from scicevpr.notebook import setup
+    from scicevpr.lab.notebook import setup
 
     for name, value in precision.PINNED_CPU_KERNELS.items():
         monkeypatch.setenv(name, value)

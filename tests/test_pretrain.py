@@ -1,4 +1,4 @@
-"""Pretraining the compact backbone (scicevpr.pretrain): objectives, resume, time budget, export,
+"""Pretraining the compact backbone (scicevpr.offline.pretrain): objectives, resume, time budget, export,
 the weight file's manifest, the command line, and the pretraining data's disjointness.
 
 Runs on the ``tiny`` synthetic benchmark with a one-block ViT-S/14 at 56 px (28 px local crops)
@@ -21,10 +21,10 @@ import scicevpr
 from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, file_sha256, manifest_path
 from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
-from scicevpr.data.synthetic import PRESETS, build_plan
+from scicevpr.offline.synthetic import PRESETS, build_plan
 from scicevpr.data.transforms import normalize_uint8_batch, normalize_unit
 from scicevpr.files import holds_files, save_torch_file
-from scicevpr.pretrain import (
+from scicevpr.offline.pretrain import (
     MultiCropAugment,
     CropSpec,
     PretrainConfig,
@@ -214,7 +214,7 @@ def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path, pooling):
 
 def _student(bench, tmp_path, **overrides):
     """A seeded tiny student, its config and a random input batch (2, 3, S, S)."""
-    from scicevpr.pretrain import _Student
+    from scicevpr.offline.pretrain import _Student
 
     torch.manual_seed(0)
     config = tiny_config(bench, tmp_path / "run", **overrides)
@@ -257,7 +257,7 @@ def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_
 @pytest.fixture(scope="module")
 def cnn_file(tmp_path_factory):
     """A LayoutCNN state dict (seeded random weights: a teacher is a fixed function either way)."""
-    from scicevpr.pretrain import LayoutCNN
+    from scicevpr.offline.pretrain import LayoutCNN
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
@@ -266,7 +266,7 @@ def cnn_file(tmp_path_factory):
 
 
 def test_layout_cnn_keeps_where_features_lie():
-    from scicevpr.pretrain import LayoutCNN
+    from scicevpr.offline.pretrain import LayoutCNN
 
     torch.manual_seed(0)
     net = LayoutCNN().eval()
@@ -285,7 +285,7 @@ def test_layout_cnn_keeps_where_features_lie():
 
 
 def test_distil_losses_are_one_minus_cosines_cell_by_cell():
-    from scicevpr.pretrain import distil_losses
+    from scicevpr.offline.pretrain import distil_losses
 
     torch.manual_seed(0)
     f, d = torch.randn(3, 256, 4, 4), torch.randn(3, 512)
@@ -300,7 +300,7 @@ def test_distil_losses_are_one_minus_cosines_cell_by_cell():
 
 
 def test_distil_targets_keep_what_tells_images_and_cells_apart():
-    from scicevpr.pretrain import distil_targets
+    from scicevpr.offline.pretrain import distil_targets
 
     torch.manual_seed(0)
     f, d = torch.rand(6, 256, 8, 8), torch.randn(6, 512)
@@ -349,7 +349,7 @@ def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(ti
 def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchmark, tmp_path):
     """A backbone file as the teacher: the student's patch tokens learn its patch tokens, cell for
     cell; no token has a place objective (no W_c, no L_cls), and the export says so."""
-    from scicevpr.pretrain import ViTMapTeacher, _load_teacher
+    from scicevpr.offline.pretrain import ViTMapTeacher, _load_teacher
 
     teacher_file = export_backbone(dino_run[1].run_dir, tmp_path / "teacher.pth")
     size = TINY["image_size"]
@@ -388,7 +388,7 @@ def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchma
 
 
 def test_distil_needs_a_trained_network(tiny_benchmark, tmp_path, capsys):
-    from scicevpr.pretrain import LayoutCNN
+    from scicevpr.offline.pretrain import LayoutCNN
 
     with pytest.raises(ValueError, match="distil_teacher"):
         tiny_config(tiny_benchmark, tmp_path / "a", objective="distil")
@@ -425,7 +425,7 @@ def cnn_run(tiny_benchmark, tmp_path_factory):
 
 
 def test_cnn_objective_lowers_L_MS_and_monitors_the_networks_descriptor(cnn_run):
-    from scicevpr.pretrain import LayoutCNN
+    from scicevpr.offline.pretrain import LayoutCNN
 
     config, result = cnn_run
     h = result.history
@@ -455,7 +455,7 @@ def test_cnn_resume_gives_the_same_network_as_an_uninterrupted_run(tiny_benchmar
 
 
 def test_cnn_export_is_the_distil_teacher_and_the_vit_manifest_records_it_as_read(cnn_run, tiny_benchmark, tmp_path):
-    from scicevpr.pretrain import LayoutCNN
+    from scicevpr.offline.pretrain import LayoutCNN
 
     config, result = cnn_run
     out = export_backbone(result.run_dir, tmp_path)
@@ -501,7 +501,7 @@ def test_cnn_bad_configuration_is_one_message(tiny_benchmark, tmp_path, capsys):
 
 
 def test_cnn_and_distil_start_from_their_recipes_not_dinos_defaults(tiny_benchmark, tmp_path):
-    from scicevpr.config import OBJECTIVE_RECIPES
+    from scicevpr.offline.config import OBJECTIVE_RECIPES
 
     assert PretrainConfig.recipe() == PretrainConfig() and PretrainConfig.recipe("supervised") == PretrainConfig(objective="supervised")
     cnn = PretrainConfig.recipe("cnn", lr=2e-3)
@@ -529,7 +529,7 @@ def test_cnn_and_distil_start_from_their_recipes_not_dinos_defaults(tiny_benchma
 @pytest.mark.parametrize("minutes, saved", [(None, [3]), (1e-9, [1, 2, 3])])
 def test_checkpoints_are_also_written_by_the_clock(tiny_benchmark, tmp_path, monkeypatch, minutes, saved):
     """A slow run is checkpointed every ``checkpoint_minutes`` even between ``checkpoint_every`` steps."""
-    import scicevpr.pretrain as pt
+    import scicevpr.offline.pretrain as pt
 
     steps, write = [], pt.save_torch_file
     monkeypatch.setattr(pt, "save_torch_file", lambda obj, path: (steps.append(obj["step"]), write(obj, path))[1])
@@ -598,12 +598,12 @@ def test_too_few_places_for_a_batch_names_this_commands_options(tiny_benchmark, 
 
 
 def test_koleo_needs_two_images_on_every_process(tiny_benchmark, tmp_path):
-    from scicevpr.pretrain import _Run
-    from scicevpr.train import _Dist
+    from scicevpr.offline.pretrain import _Run
+    from scicevpr.runtime import Dist
 
     config = tiny_config(tiny_benchmark, tmp_path / "run", steps=1, batch_size=2)
     with pytest.raises(ValueError, match="KoLeo compares the images of each process.*at least 4"):
-        _Run(config, torch.device("cpu"), _Dist(rank=0, world_size=2), amp=False)
+        _Run(config, torch.device("cpu"), Dist(rank=0, world_size=2), amp=False)
 
 
 @pytest.mark.parametrize("text", ['{"stage": "teacher", "train": {}}', "{"])
@@ -774,7 +774,7 @@ def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
 
 def test_supervised_runs_also_score_the_descriptor_they_train(tiny_benchmark, tmp_path):
     from scicevpr.evaluate import recall_at_n, search
-    from scicevpr.pretrain import RetrievalCheck, _Student, vit_descriptors
+    from scicevpr.offline.pretrain import RetrievalCheck, _Student, vit_descriptors
 
     config = tiny_config(tiny_benchmark, tmp_path / "run", objective="supervised", pooling="regions", steps=2,
                          val_root=str(tiny_benchmark.vg_root), val_every=2)

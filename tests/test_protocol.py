@@ -11,9 +11,11 @@ from PIL import Image
 import scicevpr
 from scicevpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from scicevpr.data.vg import list_images, load_vg_split, radius_positives
-from scicevpr.evaluate import EvalConfig, compute_descriptors, fit_pca_on_images, official_pca_images, select_pca_images
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import compute_descriptors, fit_pca_on_images, official_pca_images, select_pca_images
 from scicevpr.protocol import OFFICIAL_CITIES, eval_batch_size, num_groups, utm_dtype
-from scicevpr.train import PlaceBatchSampler, TrainConfig, teacher_path, training_cities
+from scicevpr.config import TrainConfig
+from scicevpr.train import PlaceBatchSampler, teacher_path, training_cities
 
 CFG = EvalConfig(num_workers=0, progress=False)
 

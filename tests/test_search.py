@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scicevpr.checkpoint import build_model, load_model, save_checkpoint
+from scicevpr.checkpoint import load_model, save_checkpoint
+from scicevpr.factory import create_model
 from scicevpr.cli import main
-from scicevpr.evaluate import EvalConfig, chance_recall, evaluate, recall_at_n, recall_curve, search
+from scicevpr.config import EvalConfig
+from scicevpr.evaluate import chance_recall, evaluate, recall_at_n, recall_curve, search
 from scicevpr.search import list_images, make_result, search_folders
 
 CFG = EvalConfig(num_workers=0, progress=False)
@@ -23,7 +25,7 @@ RUN = ["--num-workers", "0", "--quiet"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = build_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, image_size=56, mix_dim=64)
+    model = create_model("SciceVPR", "SciceVPR-S", weights=None, seed=0, image_size=56, mix_dim=64)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt", model)
 
 
@@ -162,7 +164,7 @@ def test_recall_curve_agrees_with_recall_at_n():
 
 
 def test_eval_writes_a_recall_plot_one_line_per_descriptor_folder(tiny_benchmark, split, checkpoint, tmp_path, capsys):
-    other = save_checkpoint(tmp_path / "other.pt", build_model("SciceVPR", "SciceVPR-S", weights=None, seed=1,
+    other = save_checkpoint(tmp_path / "other.pt", create_model("SciceVPR", "SciceVPR-S", weights=None, seed=1,
                                                                 image_size=56, mix_dim=64))
     ds = ["--vg-root", str(tiny_benchmark.vg_root), "--dataset", "synthetic", *RUN]
     for name, ckpt in (("a", checkpoint), ("b", other)):
@@ -187,7 +189,7 @@ def test_recall_curve_plot_has_a_line_per_model_and_chance():
     import matplotlib
 
     matplotlib.use("Agg")
-    from scicevpr.viz import missing_labels, plot_recall_curves
+    from scicevpr.lab.viz import missing_labels, plot_recall_curves
 
     curves = {"A": np.linspace(10, 90, 100), "B": np.linspace(5, 80, 100)}
     chance = list(chance_recall(100, [np.array([1, 2])] * 4, range(1, 101)).values())
@@ -201,7 +203,7 @@ def test_recall_curve_plot_has_a_line_per_model_and_chance():
 def test_search_and_index_query_take_and_record_the_query_batch_size_of_a_cross_image_model(split, tmp_path, capsys):
     import json
 
-    teacher = save_checkpoint(tmp_path / "teacher.pt", build_model("SuperCricaVPR", "SciceVPR-S", weights=None, seed=0,
+    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("SuperCricaVPR", "SciceVPR-S", weights=None, seed=0,
                                                                   image_size=56, mix_dim=64))
     folder = split.folder
     common = ["--checkpoint", str(teacher), "--queries", str(folder / "queries"), "--sheet-queries", "0", *RUN]

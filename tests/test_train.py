@@ -17,18 +17,13 @@ import torch
 
 import scicevpr
 from scicevpr import checkpoint as ckpt_mod
-from scicevpr.checkpoint import build_model, load_model, read_checkpoint, save_checkpoint
+from scicevpr.checkpoint import load_model, read_checkpoint, save_checkpoint
+from scicevpr.factory import create_model
 from scicevpr.data.gsv import GSVCitiesDataset
-from scicevpr.data.synthetic import generate
+from scicevpr.offline.synthetic import generate
 from scicevpr.files import RunDirInUseError, lock_run_dir
-from scicevpr.train import (
-    PlaceBatchSampler,
-    TrainConfig,
-    make_optimizer,
-    make_scheduler,
-    train_student,
-    train_teacher,
-)
+from scicevpr.config import TrainConfig
+from scicevpr.train import PlaceBatchSampler, make_optimizer, make_scheduler, train_student, train_teacher
 
 SMALL_HEADS = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128}
 
@@ -140,7 +135,7 @@ def test_ranks_split_each_global_batch_of_places():
 @pytest.mark.slow
 def test_stage1_trains_fusion_mixers_gem_encoder_and_not_the_backbone(teacher_run):
     config, result = teacher_run
-    before = build_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
+    before = create_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
     after = result.model.state_dict()
     changed = {g: _changed({k: before[k] for k in ks}, ks) for g, ks in _groups(after).items()}
     assert not any(changed["backbone."].values())
@@ -189,7 +184,7 @@ def test_cricavpr_trains_its_adapters_through_the_same_loop(tiny, tmp_path):
     config = quick_config(tiny, tmp_path / "crica", model="CricaVPR", preset="CricaVPR-S",
                           model_overrides={"image_size": 56}, val_dataset=None, max_iters_per_epoch=2)
     result = train_teacher(config)
-    before = build_model("CricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
+    before = create_model("CricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
     after = result.model.state_dict()
     adapters = [k for k in after if ".adapter." in k and not k.endswith("num_batches_tracked")]
     dinov2 = [k for k in after if k.startswith("backbone.") and ".adapter." not in k]
@@ -246,7 +241,7 @@ def test_load_model_rebuilds_the_trained_model_from_the_file_alone(teacher_run):
 
 def test_checkpoint_with_a_stored_backbone_and_a_fingerprint_check(tmp_path):
     cfg = scicevpr.get_config("SciceVPR-S", **SMALL_HEADS)
-    model = build_model("SciceVPR", cfg, weights=None, seed=5)
+    model = create_model("SciceVPR", cfg, weights=None, seed=5)
     save_checkpoint(tmp_path / "stored.pt", model, store_backbone=True)
     assert read_checkpoint(tmp_path / "stored.pt")["backbone"]["source"] == "stored"
     again = load_model(tmp_path / "stored.pt")
@@ -270,11 +265,11 @@ def test_a_checkpoint_on_a_weight_file_replaced_at_its_path_finds_the_right_one_
     (tmp_path / "used").mkdir()
     (tmp_path / "right").mkdir()
     used, right = tmp_path / "used" / fname, tmp_path / "right" / fname
-    torch.save(build_model("SciceVPR", cfg, weights=None, seed=1).backbone.state_dict(), used)
+    torch.save(create_model("SciceVPR", cfg, weights=None, seed=1).backbone.state_dict(), used)
     shutil.copy(used, right)
-    model = build_model("SciceVPR", cfg, weights=used, seed=0)
+    model = create_model("SciceVPR", cfg, weights=used, seed=0)
     save_checkpoint(tmp_path / "model.pt", model)
-    torch.save(build_model("SciceVPR", cfg, weights=None, seed=2).backbone.state_dict(), used)  # replaced
+    torch.save(create_model("SciceVPR", cfg, weights=None, seed=2).backbone.state_dict(), used)  # replaced
     monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"weight file .*used.* is not the one used in training; point SCICEVPR_WEIGHTS"):
         load_model(tmp_path / "model.pt")
@@ -294,7 +289,7 @@ def test_native_checkpoints_hold_only_tensors_and_plain_types(teacher_run):
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     cfg = scicevpr.get_config("SciceVPR-S", **SMALL_HEADS)
-    model = build_model("SuperCricaVPR", cfg, weights=None, seed=0)
+    model = create_model("SuperCricaVPR", cfg, weights=None, seed=0)
     path = save_checkpoint(tmp_path / "last.pt", model, meta={"epoch": 1})
     good = path.read_bytes()
 
@@ -446,7 +441,7 @@ def test_stage2_needs_an_existing_teacher_checkpoint(tiny, tmp_path):
 
 def test_a_checkpoint_of_the_wrong_model_kind_is_refused(tiny, tmp_path):
     cfg = scicevpr.get_config("SciceVPR-S", **SMALL_HEADS)
-    path = save_checkpoint(tmp_path / "student.pt", build_model("SciceVPR", cfg, weights=None))
+    path = save_checkpoint(tmp_path / "student.pt", create_model("SciceVPR", cfg, weights=None))
     with pytest.raises(ValueError, match="holds a SciceVPR.*SuperCricaVPR"):
         train_student(quick_config(tiny, tmp_path / "run", teacher=str(path)))
     with pytest.raises(ValueError, match="holds a SciceVPR"):
@@ -483,13 +478,14 @@ def test_training_improves_on_the_untrained_model(tiny, tmp_path):
     """The offline configuration on ``tiny`` (12 places, 3 iterations per epoch) for 60
     iterations. The lr is kept constant: the paper's halving every 3 epochs, stepped per
     iteration, would divide it by 64 within these 60 iterations."""
-    from scicevpr.evaluate import EvalConfig, evaluate
+    from scicevpr.config import EvalConfig
+    from scicevpr.evaluate import evaluate
     from scicevpr.train import offline_train_config
 
     config = offline_train_config(tiny.gsv_root, tiny.vg_root, tmp_path / "teacher", dataset=tiny.dataset,
                                   places_per_batch=4, epochs=20, lr_step_epochs=1000, val_dataset=None,
                                   num_workers=0, progress=False)
-    untrained = build_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed)
+    untrained = create_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed)
     result = train_teacher(config)
     losses = result.history["loss"]
     assert losses.iloc[-5:].mean() < losses.iloc[:2].mean() - 0.1

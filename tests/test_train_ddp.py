@@ -29,9 +29,10 @@ import pandas as pd
 import pytest
 import torch
 
-from scicevpr.checkpoint import build_model, read_checkpoint
-from scicevpr.data.synthetic import generate
-from scicevpr.train import TrainConfig
+from scicevpr.checkpoint import read_checkpoint
+from scicevpr.factory import create_model
+from scicevpr.offline.synthetic import generate
+from scicevpr.config import TrainConfig
 
 SCRIPT = Path(__file__).with_name("train_ddp_script.py")
 
@@ -80,7 +81,7 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path):
     la, lb = (pd.read_csv(outs[n] / "run" / "log.csv") for n in ("one", "two"))
     assert la["loss"].iloc[0] == pytest.approx(lb["loss"].iloc[0], rel=1e-5)
     config = TrainConfig.from_dict(json.loads((outs["one"] / "config.json").read_text()))
-    init = build_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
+    init = create_model("SuperCricaVPR", config.model_config(), weights=None, seed=config.seed).state_dict()
     wa = read_checkpoint(outs["one"] / "run" / "last.pt")["model_state"]
     wb = read_checkpoint(outs["two"] / "run" / "last.pt")["model_state"]
     assert read_checkpoint(outs["two"] / "run" / "last.pt")["meta"]["world_size"] == 2

@@ -1,4 +1,4 @@
-"""The plotting helpers (scicevpr.viz) and the notebooks' switch and helpers (scicevpr.notebook).
+"""The plotting helpers (scicevpr.lab.viz) and the notebooks' switch and helpers (scicevpr.lab.notebook).
 
 Figures must be complete (title, axis labels) and stamped with the weights/data label; files
 must be deterministic; the switch must select the documented configurations.
@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from scicevpr import analysis  # noqa: E402
-from scicevpr import notebook as nb  # noqa: E402
-from scicevpr import viz  # noqa: E402
+from scicevpr.lab import analysis  # noqa: E402
+from scicevpr.lab import notebook as nb  # noqa: E402
+from scicevpr.lab import viz  # noqa: E402
 from scicevpr.config import OFFLINE_BACKBONE  # noqa: E402
 from scicevpr.pooling import region_boxes  # noqa: E402
 
@@ -485,7 +485,7 @@ def test_offline_train_config_matches_the_settings(clean_env):
 
 
 def test_runs_are_not_reused_across_backbones_or_worlds(clean_env, monkeypatch, tmp_path):
-    from scicevpr.data import synthetic
+    from scicevpr.offline import synthetic
 
     s = nb.setup(quiet=True)
     base = s.run_root()
@@ -509,17 +509,17 @@ def test_the_weights_file_is_hashed_once_per_version(clean_env, tmp_path):
     path.write_bytes(b"first")
     os.utime(path, ns=(1, 1))  # an old file: its hash is kept
     before = hashes().misses
-    assert nb.weights_record(path) == (hashlib.sha256(b"first").hexdigest(), None)
-    assert nb.weights_record(path)[0] == backbone.file_sha256(path)
+    assert backbone.weights_record(path) == (hashlib.sha256(b"first").hexdigest(), None)
+    assert backbone.weights_record(path)[0] == backbone.file_sha256(path)
     assert hashes().misses == before + 1  # no manifest: hashed once, however often asked
     path.write_bytes(b"second")  # a new version (same size) is hashed anew...
-    assert nb.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
-    assert nb.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
+    assert backbone.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
+    assert backbone.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
     assert hashes().misses == before + 1  # ...every time while it is young (a racy write could keep its mtime)
     manifest = {"format": backbone.MANIFEST_FORMAT, "sha256": "0" * 64, "label": "x", "description": "y"}
     backbone.manifest_path(path).write_text(json.dumps(manifest))  # the manifest is read on every call
     with pytest.raises(ValueError, match="does not match its manifest"):
-        nb.weights_record(path)
+        backbone.weights_record(path)
 
 
 def test_building_models_on_one_weight_file_hashes_it_once(clean_env, monkeypatch):
@@ -533,7 +533,7 @@ def test_building_models_on_one_weight_file_hashes_it_once(clean_env, monkeypatc
     monkeypatch.setattr(backbone, "_sha256_of_version", functools.lru_cache(lambda *key: read.append(key) or real(*key)))
     for _ in range(3):
         backbone.DinoVisionTransformer(OFFLINE_BACKBONE, weights=path)
-    nb.weights_record(path)
+    backbone.weights_record(path)
     assert len(read) == 1
 
 

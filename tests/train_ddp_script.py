@@ -19,20 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from scicevpr.data.gsv import GSVCitiesDataset
-from scicevpr.train import (
-    PlaceBatchSampler,
-    TrainConfig,
-    _build_teacher_stage,
-    seed_everything,
-    _setup_distributed,
-    _train_loader,
-    train_teacher,
-)
+from scicevpr.config import TrainConfig
+from scicevpr.runtime import seed_everything, setup_distributed
+from scicevpr.train import PlaceBatchSampler, _build_teacher_stage, _train_loader, train_teacher
 
 
 def first_step_gradients(config: TrainConfig, out: Path) -> None:
     device = torch.device("cpu")
-    ddp = _setup_distributed(device)
+    ddp = setup_distributed(device)
     seed_everything(config.seed)
     st = _build_teacher_stage(config, device)
     data = GSVCitiesDataset(config.gsv_root, img_per_place=config.img_per_place,

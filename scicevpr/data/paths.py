@@ -45,3 +45,8 @@ def find_repo_root(start: str | os.PathLike | None = None) -> Path:
         f"no scicevpr repository above {str(here)!r} (a folder with the project's pyproject.toml). "
         "Start Jupyter (or the command) inside the repository (`make lab`)."
     )
+
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+"""What a folder of the user's own photos may hold (any case): ``search``, ``index``, ``extract``,
+``eval --pca-images``. A dataset of the VG benchmark holds ``.jpg`` files (``data.vg.list_images``'s default)."""

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ClaimsConfig
-from .stats import VERDICTS, SeedDifferences, seed_differences, verdict
+from ..stats import VERDICTS, SeedDifferences, seed_differences, verdict
 
 PathLike = str | os.PathLike
 
@@ -124,15 +124,15 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def _last_block() -> int:
-    from .config import OFFLINE_MODEL_OVERRIDES
+    from ..config import OFFLINE_MODEL_OVERRIDES
 
     return tuple(OFFLINE_MODEL_OVERRIDES["layers"])[-1]
 
 
 def train_config(name: str, config: ClaimsConfig, bench, seed: int, run_dir: Path, teacher: PathLike | None = None):
-    """The :class:`~scicevpr.train.TrainConfig` of model ``name`` (module docstring) for ``seed``:
+    """The :class:`~scicevpr.config.TrainConfig` of model ``name`` (module docstring) for ``seed``:
     the offline recipe with validation off (the last epoch is kept), resumable."""
-    from .train import loss_variant_config, offline_train_config
+    from ..train import loss_variant_config, offline_train_config
 
     stage = "student" if name in STAGE2 else "teacher"
     common: dict[str, Any] = dict(
@@ -160,7 +160,7 @@ def train_config(name: str, config: ClaimsConfig, bench, seed: int, run_dir: Pat
 
 
 def _train(name: str, config: ClaimsConfig, bench, seed: int, seed_dir: Path):
-    from .train import train_student, train_teacher
+    from ..train import train_student, train_teacher
 
     teacher = None
     if name in STAGE2:
@@ -191,7 +191,8 @@ def evaluate_model(model, split, config: ClaimsConfig, stability: bool) -> tuple
     settings. Arrays: ``correct`` (default batching), and with ``stability`` ``worst`` (at the
     worst setting), ``top1_varies`` and ``correct_varies`` (the top-1 / the correctness is not
     the same under every setting, batch size 1 included)."""
-    from .evaluate import EvalConfig, batch_stability, evaluate, stability_features
+    from ..config import EvalConfig
+    from ..evaluate import batch_stability, evaluate, stability_features
 
     ec = EvalConfig(batch_size=16, device="cpu", amp=False, num_workers=0, progress=config.progress)
     res = evaluate(model, split, ec)
@@ -233,7 +234,7 @@ def _stored_result(run_dir: Path, checkpoint_sha: str) -> tuple[dict, dict] | No
 
 
 def _store_result(run_dir: Path, facts: dict, arrays: dict) -> None:
-    from .files import atomic_write, atomic_write_text
+    from ..files import atomic_write, atomic_write_text
 
     atomic_write(run_dir / "claims_eval.npz", lambda f: np.savez(f, **arrays))
     atomic_write_text(run_dir / "claims_eval.json", json.dumps(facts, indent=1, default=float))
@@ -252,7 +253,7 @@ def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir
               log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Train (or resume) model ``name`` of ``seed`` and score it; both are kept in its run folder
     and reused when the checkpoint is the same."""
-    from .backbone import file_sha256
+    from ..backbone import file_sha256
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     tc, run = _train(name, config, bench, seed, seed_dir)
@@ -383,8 +384,8 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
                  wall_s: float, command: str, num_val_queries: int) -> tuple[Path, Path, Path]:
     """``claims.md``, ``claims.csv`` and ``claims_runs.csv`` in ``config.out``; ``num_val_queries``:
     the validation split's size, the reason given for keeping the last epoch."""
-    from .evaluate import recall_interval_from_value
-    from .files import atomic_write_text
+    from ..evaluate import recall_interval_from_value
+    from ..files import atomic_write_text
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -451,8 +452,8 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
 
 def _backbone_label(weights: str | None) -> str:
     """The backbone file's name and SHA-256 (its content, whatever ``"auto"`` resolved to)."""
-    from .backbone import file_sha256, resolve_weights
-    from .config import OFFLINE_BACKBONE
+    from ..backbone import file_sha256, resolve_weights
+    from ..config import OFFLINE_BACKBONE
 
     path = resolve_weights(weights, OFFLINE_BACKBONE)
     return "random (no weights)" if path is None else f"`{path.name}` (sha256 {file_sha256(path)[:12]})"
@@ -463,9 +464,9 @@ def run_claims(config: ClaimsConfig, command: str = "scicevpr claims", log: Call
     Returns the paths of ``claims.md``, ``claims.csv`` and ``claims_runs.csv``."""
     import torch
 
-    from .data.synthetic import generate
-    from .data.vg import load_vg_split
-    from .evaluate import BACKBONE_CACHE
+    from .synthetic import generate
+    from ..data.vg import load_vg_split
+    from ..evaluate import BACKBONE_CACHE
 
     t0 = time.perf_counter()
     torch.set_num_threads(config.threads)
@@ -531,7 +532,7 @@ def verdict_text(table: pd.DataFrame, claim_id: str) -> str:
             f"{int(r['seeds'])} seed(s) (min {r['min']:+.1f}, max {r['max']:+.1f}): {r['verdict']}{reason}")
 
 
-README_BEGIN = "<!-- claims table: scicevpr.claims.readme_table(read_claims('figures')); tests/test_claims.py checks it -->"
+README_BEGIN = "<!-- claims table: scicevpr.offline.claims.readme_table(read_claims('figures')); tests/test_claims.py checks it -->"
 README_END = "<!-- end of the claims table -->"
 
 

@@ -5,7 +5,7 @@ heads exported as small files and loaded on the shipped compact backbone (the hu
 :func:`train_offline` trains what the notebooks train (04 and 05), in the same run folders:
 the teacher (Super-CricaVPR-S, ``L_MS``), then the student distilled from it (SciceVPR-S,
 ``L_T``), then the CricaVPR-S baseline, each with the offline recipe
-(:func:`scicevpr.train.offline_train_config`, :meth:`scicevpr.notebook.NotebookSettings.cricavpr_config`)
+(:func:`scicevpr.train.offline_train_config`, :meth:`scicevpr.lab.notebook.NotebookSettings.cricavpr_config`)
 on the default offline world (the synthetic ``small`` benchmark, seed 0). A run interrupted or
 finished is resumed from its ``last.pt``, as in the notebooks.
 
@@ -58,10 +58,10 @@ REBUILD_COMMAND = "scicevpr train-offline --export scicevpr/weights/offline"
 
 def train_offline(settings, cricavpr: bool = True) -> dict[str, Any]:
     """Train (or resume, or reuse when done) the offline models of ``settings``
-    (:func:`scicevpr.notebook.offline_settings`): the teacher, then the student, then
+    (:func:`scicevpr.lab.notebook.offline_settings`): the teacher, then the student, then
     (``cricavpr``) CricaVPR-S, as notebooks 04 and 05 do. Returns the
     :class:`scicevpr.train.RunResult` of each, keyed by hub entry."""
-    from .train import train_student, train_teacher
+    from ..train import train_student, train_teacher
 
     if not settings.offline:
         raise ValueError("train_offline trains the offline configuration; got settings of mode "
@@ -86,7 +86,7 @@ def train_offline(settings, cricavpr: bool = True) -> dict[str, Any]:
 
 
 def _file_sha256(path: Path) -> str:
-    from .backbone import file_sha256
+    from ..backbone import file_sha256
 
     return file_sha256(path)
 
@@ -102,10 +102,10 @@ def export_heads(runs: dict[str, Any], settings, out: PathLike, command: str | N
     """
     import torch
 
-    from .backbone import resolve_weights
-    from .checkpoint import read_checkpoint
-    from .files import atomic_write_text, save_torch_file
-    from .notebook import weights_record
+    from ..backbone import resolve_weights
+    from ..checkpoint import read_checkpoint
+    from ..files import atomic_write_text, save_torch_file
+    from ..backbone import weights_record
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {EXPORT_DTYPES}")
@@ -134,7 +134,7 @@ def export_heads(runs: dict[str, Any], settings, out: PathLike, command: str | N
             "val_recalls": {str(k): v for k, v in (run.best_recalls or {}).items()},
             "epochs": int(len(run.history)), "iterations_per_epoch": run.iterations_per_epoch,
         }
-    from .data.synthetic import FORMAT_VERSION
+    from .synthetic import FORMAT_VERSION
 
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -176,10 +176,10 @@ def load_heads(entry: str, heads: PathLike | None = None, device: str = "cpu"):
     Refused, with what to do: a head file whose SHA-256 differs from the manifest's, and heads
     trained on another backbone than the one ``weights="auto"`` finds.
     """
-    from .backbone import resolve_weights
-    from .checkpoint import load_model
-    from .config import OFFLINE_BACKBONE
-    from .notebook import weights_record
+    from ..backbone import resolve_weights
+    from ..checkpoint import load_model
+    from ..config import OFFLINE_BACKBONE
+    from ..backbone import weights_record
 
     if entry not in ENTRIES:
         raise ValueError(f"unknown offline entry {entry!r}; available: {sorted(ENTRIES)}")

@@ -13,7 +13,7 @@ Conventions (checked by ``tests/test_viz.py``):
   and no timestamp or version metadata, so that the same data give the same file.
 
 Nothing here computes model outputs; the numbers come from :mod:`scicevpr.evaluate` and the
-analysis helpers of :mod:`scicevpr.notebook`.
+analysis helpers of :mod:`scicevpr.lab.notebook`.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def legend_overlaps(fig: plt.Figure) -> list[str]:
 
 def figures_dir() -> Path:
     """``<repository>/figures`` (created on demand)."""
-    from .data.paths import find_repo_root
+    from ..data.paths import find_repo_root
 
     return find_repo_root() / "figures"
 
@@ -242,7 +242,7 @@ def format_recalls(table: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
 def to_display(x) -> np.ndarray:
     """A normalised image tensor (3, S, S) (or batch (N, 3, S, S)) -> (S, S, 3) / (N, S, S, 3)
     floats in [0, 1] for ``imshow``."""
-    from .data.transforms import denormalize
+    from ..data.transforms import denormalize
 
     return denormalize(x.detach().float().cpu()).movedim(-3, -1).numpy()
 
@@ -284,7 +284,7 @@ def pca_rgb(features, clip: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
     scaled between its ``clip`` percentiles. Deterministic (signs fixed so that each component's
     largest loading is positive).
     """
-    from .evaluate import principal_components
+    from ..evaluate import principal_components
 
     f = np.asarray(features.detach().float().cpu() if hasattr(features, "detach") else features, dtype=np.float64)
     if f.ndim != 4:
@@ -1013,7 +1013,7 @@ def plot_top1_flips(table: pd.DataFrame, num_queries: int, label: str | None = N
 def plot_flip_example(split, example: Mapping, label: str | None = None, title: str | None = None,
                       thumb: int = 112, max_companions: int = 4) -> plt.Figure:
     """One query beside its best database match under two batchings (paper Fig. 1), with the
-    batch companions that changed it. ``example``: :func:`scicevpr.analysis.flip_example`."""
+    batch companions that changed it. ``example``: :func:`scicevpr.lab.analysis.flip_example`."""
     q = int(example["query"])
     comps = list(example["companions"])[:max_companions]
     n = 3 + max(len(comps), 1)
@@ -1048,7 +1048,7 @@ def flip_explorer(model, split, features, label: str | None = None):
     """
     import ipywidgets as widgets
 
-    from .evaluate import encode_with_companions
+    from ..evaluate import encode_with_companions
 
     def render(query: int, companions: str):
         try:

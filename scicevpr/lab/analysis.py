@@ -1,5 +1,5 @@
 """The notebooks' measurements: what they compute about the models and the data, beside the
-plots (:mod:`scicevpr.viz`) and the notebooks' switch (:mod:`scicevpr.notebook`).
+plots (:mod:`scicevpr.lab.viz`) and the notebooks' switch (:mod:`scicevpr.lab.notebook`).
 
 - **Notebook 01, multi-layer DINOv2 features** (paper Sec. III-A): :func:`layer_features`,
   :func:`linear_cka` / :func:`layer_similarity` (how alike the blocks are), :func:`probe_descriptor`,
@@ -17,7 +17,7 @@ plots (:mod:`scicevpr.viz`) and the notebooks' switch (:mod:`scicevpr.notebook`)
   :func:`failure_breakdown` (where wrong matches lie), :func:`conditions_with_enough_queries`.
 
 Every function takes models, splits and tensors; the ones that need the notebooks' sizes take the
-:class:`~scicevpr.notebook.NotebookSettings`.
+:class:`~scicevpr.lab.notebook.NotebookSettings`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .evaluate import descriptor_cosines  # noqa: F401  (notebooks call it from here)
-from .precision import autocast, model_device
+from ..evaluate import descriptor_cosines  # noqa: F401  (notebooks call it from here)
+from ..precision import autocast, model_device
 
 if TYPE_CHECKING:
     from .notebook import NotebookSettings
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 def load_images(paths, image_size: int, device: str | torch.device | None = None) -> torch.Tensor:
     """Image files -> (N, 3, S, S) normalised tensor, with the evaluation transform, on
     ``device`` (default the CPU; pass ``settings.device`` to feed a model directly)."""
-    from .data.decode import load_rgb
-    from .data.transforms import eval_transform
+    from ..data.decode import load_rgb
+    from ..data.transforms import eval_transform
 
     t = eval_transform(image_size)
     x = torch.stack([t(load_rgb(p)) for p in paths])
@@ -91,7 +91,7 @@ def layer_similarity(features: dict[int, torch.Tensor]) -> np.ndarray:
 
 def _gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """GeM over the tokens of (B, C, H, W) maps -> (B, C), through the project's pooling."""
-    from .pooling import MultiRegionGeM
+    from ..pooling import MultiRegionGeM
 
     pool = MultiRegionGeM(tuple(x.shape[-2:]), p, eps, normalize_output=False).to(x.device)
     return pool(x)[:, 0]  # region 0: the whole map
@@ -121,7 +121,7 @@ def layer_descriptors(model, paths, layers, settings: "NotebookSettings", fusion
     ``config.layers``). No trained weight is involved, so this measures what the frozen
     backbone's blocks carry. Returns name -> (N, D) float32.
     """
-    from .evaluate import iterate_images
+    from ..evaluate import iterate_images
 
     fusions = [tuple(model.config.layers)] if fusions is None else [tuple(f) for f in fusions]
     layers = sorted(set(layers).union(*map(set, fusions)))
@@ -153,7 +153,7 @@ def layer_recall_table(model, split, layers, settings: "NotebookSettings", fusio
     """Recall@N on ``split`` of each :func:`layer_descriptors` descriptor (exact L2 search), with
     the bootstrap 95% interval of R@1 over queries (columns ``R@1 lo``, ``R@1 hi``)."""
 
-    from .evaluate import score
+    from ..evaluate import score
 
     db = layer_descriptors(model, split.database_paths, layers, settings, fusions)
     q = layer_descriptors(model, split.query_paths, layers, settings, fusions)
@@ -319,7 +319,7 @@ def preset_table(presets=("SciceVPR-S", "SciceVPR-B", "SciceVPR-L"), per_preset=
     replaced in that preset only, e.g. ``{settings.preset: settings.model_overrides}`` so that the
     row of the preset a notebook runs is the model it builds (offline: 4 backbone blocks, 112 px)."""
 
-    from .factory import create_model
+    from ..factory import create_model
 
     rows = []
     for name in presets:
@@ -350,7 +350,7 @@ def initial_student(teacher, seed: int = 0):
     """The stage-2 student before any distillation step, exactly as training starts it:
     :meth:`SciceVPR.from_teacher` under ``torch.manual_seed(seed)`` (shared frozen backbone,
     frozen copy of the teacher's 1x1 conv, fresh token mixers, GeM and encoder)."""
-    from .models import SciceVPR
+    from ..models import SciceVPR
 
     return SciceVPR.from_teacher(teacher, seed=seed).eval()
 
@@ -368,7 +368,7 @@ def pixel_baseline_row(split, thumb: int = 32, ns=(1, 5, 10, 100), intervals: bo
     (:func:`scicevpr.evaluate.pixel_baseline_result`): the floor any learned descriptor should
     beat. A table row (``features``/``model`` = name); ``intervals``: with ``R@N lo`` / ``R@N hi``
     (the bootstrap interval over queries, as ``EvalResult.table(intervals=True)``)."""
-    from .evaluate import pixel_baseline_result
+    from ..evaluate import pixel_baseline_result
 
     return _baseline_row(pixel_baseline_result(split, thumb=thumb, recall_values=ns), thumb * thumb * 3, intervals)
 
@@ -377,7 +377,7 @@ def colour_baseline_row(split, strips: int = 6, bins: int = 12, ns=(1, 5, 10, 10
     """Recall@N (percent) of hue histograms in ``strips`` vertical strips
     (:func:`scicevpr.evaluate.colour_baseline_result`): how far colour layout alone, without any
     learning, identifies a place. A table row like :func:`pixel_baseline_row`."""
-    from .evaluate import colour_baseline_result
+    from ..evaluate import colour_baseline_result
 
     return _baseline_row(colour_baseline_result(split, strips, bins, recall_values=ns), strips * bins, intervals)
 
@@ -398,7 +398,7 @@ def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 
 
     ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``; the settings that
     :func:`scicevpr.evaluate.batch_stability` has already encoded with them are not encoded again."""
-    from .evaluate import batch_companions, batch_orders
+    from ..evaluate import batch_companions, batch_orders
 
     top_alone = features.top1(features.alone)
     fallback = None

@@ -1,10 +1,10 @@
-"""The notebooks' single switch: ``settings = scicevpr.notebook.setup()``.
+"""The notebooks' single switch: ``settings = scicevpr.lab.notebook.setup()``.
 
 Every notebook starts with this call. It reads one environment variable, ``SCICEVPR_MODE``:
 
 ``offline`` (the default)
     Runs anywhere on a CPU in a few minutes, with no download: the synthetic benchmark
-    (:mod:`scicevpr.data.synthetic`, preset ``small``) is generated under ``<repo>/data`` (or
+    (:mod:`scicevpr.offline.synthetic`, preset ``small``) is generated under ``<repo>/data`` (or
     ``$SCICEVPR_DATA``) on first use; the model is the one :func:`scicevpr.train.offline_train_config`
     trains (the CPU-sized SciceVPR-S at 112 px), and training uses that recipe; the backbone is
     the compact ViT this project pretrained on synthetic streets (``config.OFFLINE_BACKBONE``,
@@ -20,7 +20,7 @@ Every notebook starts with this call. It reads one environment variable, ``SCICE
     ``dinov2_vit{b,l}14_pretrain.pth`` in ``$SCICEVPR_WEIGHTS`` or torch hub's cache), real
     datasets under ``$SCICEVPR_DATA`` (``gsv_cities/`` for training, the VG-benchmark layout
     ``<dataset>/images/<split>/`` for evaluation; see ``data/README.md``), the paper's training
-    recipe (:class:`scicevpr.train.TrainConfig` defaults).
+    recipe (:class:`scicevpr.config.TrainConfig` defaults).
 
 Other variables (all optional): ``SCICEVPR_DATASET`` (evaluation dataset in full mode,
 default ``pitts30k``), ``SCICEVPR_VAL_DATASET`` (validation dataset in full mode, default
@@ -34,7 +34,7 @@ paper), in any mode:
   file; every figure and table then says so (``random DINOv2 backbone (full mode)`` in full
   mode).
 * ``SCICEVPR_EPOCHS=n`` and ``SCICEVPR_MAX_ITERS=m``: both training stages run ``n`` epochs of
-  at most ``m`` iterations (:class:`~scicevpr.train.TrainConfig` ``epochs`` and
+  at most ``m`` iterations (:class:`~scicevpr.config.TrainConfig` ``epochs`` and
   ``max_iters_per_epoch``) instead of the recipe's; the batches keep the recipe's P x K. The
   summary printed by :func:`setup` states the cap.
 
@@ -48,8 +48,8 @@ device, data roots, dataset names, training and evaluation sizes, seeds, the fig
 builds the objects from it (:meth:`NotebookSettings.build`, :meth:`~NotebookSettings.benchmark`,
 :meth:`~NotebookSettings.eval_config`, :meth:`~NotebookSettings.train_config`, ...).
 
-The notebooks' measurements (CKA, influence maps, baselines, ...) are in :mod:`scicevpr.analysis`,
-their plots in :mod:`scicevpr.viz`.
+The notebooks' measurements (CKA, influence maps, baselines, ...) are in :mod:`scicevpr.lab.analysis`,
+their plots in :mod:`scicevpr.lab.viz`.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.paths import DATA_ENV, WEIGHTS_ENV, find_repo_root
-from .precision import cpu_kernels_pinned, cpu_kind, resolve_amp
+from ..data.paths import DATA_ENV, WEIGHTS_ENV, find_repo_root
+from ..precision import cpu_kernels_pinned, cpu_kind, resolve_amp
 
 MODE_ENV = "SCICEVPR_MODE"
 PRESET_ENV = "SCICEVPR_PRESET"
@@ -122,10 +122,10 @@ def _train_overrides_from_env() -> dict[str, int]:
 
 
 def compact_backbone_label(config, weights: str | None, short: bool = True) -> str:
-    """How figures name a compact backbone pretrained by :mod:`scicevpr.pretrain`, as its
+    """How figures name a compact backbone pretrained by :mod:`scicevpr.offline.pretrain`, as its
     manifest records it: ``short`` the figure label (e.g. "ViT-S/14 self-supervised on
     synthetic streets (not Meta's DINOv2)"), else the full description."""
-    from .backbone import resolve_weights
+    from ..backbone import resolve_weights, weights_record
 
     path = resolve_weights(weights, config)
     manifest = None if path is None else weights_record(path)[1]
@@ -133,17 +133,6 @@ def compact_backbone_label(config, weights: str | None, short: bool = True) -> s
         raise ValueError(f"weights={weights!r}: no manifest (the .json beside the weight file) to take the backbone's "
                          f"label from; export the file with `scicevpr pretrain-backbone --export`, which writes one.")
     return manifest["label"] if short else manifest["description"]
-
-
-def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
-    """``(sha256, manifest)`` of a weight file: its manifest verified against the file
-    (:func:`scicevpr.backbone.check_manifest`; None when it has none). The file is hashed once
-    per process and version (:func:`scicevpr.backbone.file_sha256`), however many run folders,
-    figure labels and model builds ask. Do not modify the returned manifest."""
-    from .backbone import check_manifest, file_sha256
-
-    manifest = check_manifest(path)  # hashes the file when it has a manifest: its sha256 is then the file's
-    return (file_sha256(path) if manifest is None else manifest["sha256"]), manifest
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -294,7 +283,7 @@ class NotebookSettings:
 
     def model_config(self, preset: str | None = None):
         """The ModelConfig of ``preset`` (default: the settings' preset) with the overrides."""
-        from .config import get_config
+        from ..config import get_config
 
         return get_config(preset or self.preset, **self.model_overrides)
 
@@ -309,7 +298,7 @@ class NotebookSettings:
             seed: default the settings' seed.
             **overrides: ModelConfig fields on top of ``model_overrides``.
         """
-        from .factory import create_model
+        from ..factory import create_model
 
         if preset is None:
             preset = self.preset
@@ -327,7 +316,7 @@ class NotebookSettings:
         """Offline: generate (first call, about a minute) or reuse the synthetic benchmark and
         return it. Full: check that the real datasets are where the settings say; returns None."""
         if self.synthetic_preset is not None:
-            from .data.synthetic import MANIFEST, generate
+            from ..offline.synthetic import MANIFEST, generate
 
             root = self.data_root / "synthetic" / self.synthetic_preset
             try:
@@ -350,7 +339,7 @@ class NotebookSettings:
 
     def load_split(self, split: str | None = None, dataset: str | None = None):
         """The evaluation split (``eval_split`` by default) as a :class:`~scicevpr.data.vg.VGSplit`."""
-        from .data.vg import load_vg_split
+        from ..data.vg import load_vg_split
 
         self.benchmark()
         return load_vg_split(self.vg_root, dataset or self.eval_dataset, split or self.eval_split)
@@ -358,7 +347,7 @@ class NotebookSettings:
     def train_dataset(self, **kwargs: Any):
         """The training set (GSV-Cities layout) at the model's image size:
         a :class:`~scicevpr.data.gsv.GSVCitiesDataset`; ``kwargs`` go to it."""
-        from .data.gsv import GSVCitiesDataset
+        from ..data.gsv import GSVCitiesDataset
 
         self.benchmark()
         kw = dict(image_size=self.model_config().image_size, seed=self.seed)
@@ -369,7 +358,7 @@ class NotebookSettings:
         """Training image files (GSV-Cities layout, sorted), e.g. to fit the PCA; at most
         ``limit`` (default ``pca_max_images``), evenly spaced when there are more."""
         self.benchmark()
-        from .data.vg import list_images
+        from ..data.vg import list_images
 
         folder = self.gsv_root / "Images"
         paths = list_images(folder)  # sorted, as the evaluation splits are listed
@@ -384,8 +373,8 @@ class NotebookSettings:
     # ---- evaluation and training configs -------------------------------------------------
 
     def eval_config(self, **overrides: Any):
-        """The :class:`~scicevpr.evaluate.EvalConfig` of the notebooks (no progress bars)."""
-        from .evaluate import EvalConfig
+        """The :class:`~scicevpr.config.EvalConfig` of the notebooks (no progress bars)."""
+        from ..config import EvalConfig
 
         kw = dict(batch_size=self.eval_batch_size, device=self.device, amp=self.amp,
                   num_workers=self.num_workers, progress=False)
@@ -395,7 +384,7 @@ class NotebookSettings:
         return EvalConfig(**kw)
 
     def train_config(self, stage: str = "teacher", teacher: str | os.PathLike | None = None, **overrides: Any):
-        """The :class:`~scicevpr.train.TrainConfig` of ``stage`` (``"teacher"`` / ``"student"``).
+        """The :class:`~scicevpr.config.TrainConfig` of ``stage`` (``"teacher"`` / ``"student"``).
 
         Offline: :func:`scicevpr.train.offline_train_config`. Full: the paper's recipe on
         GSV-Cities with validation on ``val_dataset``. Both resume a finished or interrupted run
@@ -404,7 +393,8 @@ class NotebookSettings:
         return self._train_config(stage, self.run_root() / stage, teacher, **overrides)
 
     def _train_config(self, stage: str, run_dir: Path, teacher=None, **overrides: Any):
-        from .train import TrainConfig, offline_train_config
+        from ..config import TrainConfig
+        from ..train import offline_train_config
 
         common = dict(resume=True, progress=False, seed=self.seed)
         common.update(self.train_overrides)
@@ -436,7 +426,7 @@ class NotebookSettings:
         import hashlib
         import json
 
-        from .train import STAGES
+        from ..train import STAGES
 
         # Everything that can change the trained weights; not where files are or how fast (activation
         # checkpointing gives the same weights), nor how files are checked (the synthetic benchmark
@@ -455,8 +445,8 @@ class NotebookSettings:
         settings, so that a new backbone or world trains anew instead of reusing older runs."""
         from dataclasses import asdict
 
-        from .backbone import resolve_weights
-        from .data.synthetic import FORMAT_VERSION, get_preset
+        from ..backbone import resolve_weights, weights_record
+        from ..offline.synthetic import FORMAT_VERSION, get_preset
 
         path = resolve_weights(self.weights, self.model_config().backbone)
         record: dict[str, Any] = {"backbone_sha256": None if path is None else weights_record(path)[0]}
@@ -469,7 +459,7 @@ class NotebookSettings:
 
         Returns ``(teacher_run, student_run)``, two :class:`scicevpr.train.RunResult`.
         """
-        from .train import train_student, train_teacher
+        from ..train import train_student, train_teacher
 
         self.benchmark()
         teacher_run = train_teacher(self.train_config("teacher"))
@@ -478,10 +468,10 @@ class NotebookSettings:
         return teacher_run, student_run
 
     def student_variant_config(self, name: str, teacher: str | os.PathLike, **loss: float):
-        """The stage-2 :class:`~scicevpr.train.TrainConfig` of :meth:`train_student_variant`:
+        """The stage-2 :class:`~scicevpr.config.TrainConfig` of :meth:`train_student_variant`:
         :func:`scicevpr.train.loss_variant_config` of the student's, in ``run_root()/student-<name>``
         (the same steps, other loss weights, validated once after the last epoch)."""
-        from .train import loss_variant_config
+        from ..train import loss_variant_config
 
         return loss_variant_config(self.train_config("student", teacher=teacher), self.run_root() / f"student-{name}", **loss)
 
@@ -490,7 +480,7 @@ class NotebookSettings:
         but with other loss weights, e.g. ``eta=0`` (``L_MS`` only) or ``gamma=0`` (``L_D``
         only): the distillation ablation. Reused from ``run_root()/student-<name>`` when done.
         Returns its :class:`scicevpr.train.RunResult`."""
-        from .train import train_student, train_teacher
+        from ..train import train_student, train_teacher
 
         self.benchmark()
         teacher_run = train_teacher(self.train_config("teacher"))
@@ -498,7 +488,7 @@ class NotebookSettings:
         return train_student(self.student_variant_config(name, best, **loss))
 
     def cricavpr_config(self):
-        """The :class:`~scicevpr.train.TrainConfig` of :meth:`train_cricavpr`. Offline: preset
+        """The :class:`~scicevpr.config.TrainConfig` of :meth:`train_cricavpr`. Offline: preset
         "CricaVPR-S" (this project's ViT-S variant), pooling the last block the backbone computes,
         ``CRICAVPR_OFFLINE_EPOCHS`` epochs (its adapters train inside the backbone, so a step
         costs more than the teacher's). Full mode: preset "CricaVPR", the paper's recipe."""
@@ -514,7 +504,7 @@ class NotebookSettings:
         """CricaVPR (the cross-image baseline of the paper's Fig. 1-2) trained with ``L_MS`` on the
         same data (:meth:`cricavpr_config`), reused from ``run_root()/cricavpr`` when done.
         Returns its :class:`scicevpr.train.RunResult`."""
-        from .train import train_teacher
+        from ..train import train_teacher
 
         self.benchmark()
         return train_teacher(self.cricavpr_config())
@@ -534,7 +524,7 @@ def offline_settings(repo_root: Path, data_root: Path, synthetic: str = "small",
         seed, threads: as in :class:`NotebookSettings`.
         train_overrides: TrainConfig fields replaced in every stage (e.g. ``epochs``).
     """
-    from .train import offline_train_config
+    from ..train import offline_train_config
 
     bench_root = Path(data_root) / "synthetic" / synthetic
     # The model is the one the offline training recipe trains (single source of truth).
@@ -610,13 +600,13 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
             train_overrides=train_overrides,
         )
     torch.set_num_threads(settings.threads)
-    from .evaluate import BACKBONE_CACHE
-    from .train import seed_everything
+    from ..evaluate import BACKBONE_CACHE
+    from ..runtime import seed_everything
 
     BACKBONE_CACHE.enable(OFFLINE_BACKBONE_CACHE_BYTES if settings.offline else 0)
 
     seed_everything(seed)
-    from .backbone import RandomWeightsWarning
+    from ..backbone import RandomWeightsWarning
     from . import viz
 
     warnings.filterwarnings("ignore", category=RandomWeightsWarning)  # stated once, below

@@ -1,6 +1,6 @@
 """Offline synthetic place-recognition benchmark in the real datasets' layouts.
 
-``generate(out_dir, preset, seed)`` renders street-level views (``scicevpr.data.render``) of
+``generate(out_dir, preset, seed)`` renders street-level views (``scicevpr.offline.render``) of
 procedurally built streets and writes
 
 * a training split in the GSV-Cities layout (places with >= 4 views across conditions)::
@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..files import exclusive_lock
 from . import render as R
-from .paths import data_root
+from ..data.paths import data_root
 
 FORMAT_VERSION = 1  # bump whenever the rendered pixels or the layout change: old outputs are then not reused
 DATASET_NAME = "synthetic"
@@ -162,12 +162,12 @@ class SyntheticBenchmark:
         return sorted(p.stem for p in (self.gsv_root / "Dataframes").glob("*.csv"))
 
     def load_split(self, split: str = "test", radius: float = 25.0):
-        from .vg import load_vg_split
+        from ..data.vg import load_vg_split
 
         return load_vg_split(self.vg_root, self.dataset, split, radius=radius)
 
     def train_dataset(self, **kwargs):
-        from .gsv import GSVCitiesDataset
+        from ..data.gsv import GSVCitiesDataset
 
         return GSVCitiesDataset(self.gsv_root, **kwargs)
 
@@ -248,8 +248,8 @@ def _street_rng(seed: int, code: int, *ids: int) -> np.random.Generator:
 def build_plan(preset: SyntheticPreset, seed: int):
     """World (streets) and the list of images to render, with their metadata."""
     # Imported here, not at the top: .gsv and .vg import torch, which `scicevpr synth --help` does not need.
-    from .gsv import gsv_image_name
-    from .vg import format_vg_name
+    from ..data.gsv import gsv_image_name
+    from ..data.vg import format_vg_name
 
     world_rng = np.random.default_rng([seed, 0])
     styles = R.make_styles(world_rng, preset.num_styles)
@@ -419,7 +419,7 @@ def _write_tables(root: Path, tables: dict) -> None:
 
 def _manifest_for(preset: SyntheticPreset, seed: int, splits: tuple[str, ...]) -> dict:
     return {
-        "generator": "scicevpr.data.synthetic",
+        "generator": "scicevpr.offline.synthetic",
         "format_version": FORMAT_VERSION,
         "seed": int(seed),
         "splits": sorted(splits),

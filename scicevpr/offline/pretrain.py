@@ -3,7 +3,7 @@
 Meta's DINOv2 weights cannot be had offline, and a randomly initialised ViT gives the offline
 notebooks features that hardly separate places. This module trains the backbone itself, on
 synthetic renders of streets that the benchmark's val and test splits never show
-(``scicevpr synth --preset pretrain``; ``scicevpr.data.synthetic.PRETRAIN_NOTE`` says why they
+(``scicevpr synth --preset pretrain``; ``scicevpr.offline.synthetic.PRETRAIN_NOTE`` says why they
 are disjoint), and exports it as one fp16 state dict in DINOv2's official parameter names that
 loads through the ``weights=`` door like Meta's files.
 
@@ -124,12 +124,20 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
-from .backbone import MANIFEST_FORMAT, DinoVisionTransformer, RandomWeightsWarning, check_manifest, file_sha256, manifest_path
-from .config import OBJECTIVES, PLACE_OBJECTIVES, POOLINGS, BackboneConfig, PretrainConfig  # noqa: F401  (PretrainConfig is defined with the other configs)
-from .data.decode import load_rgb
-from .data.gsv import GSVCitiesDataset
-from .data.transforms import normalize_uint8_batch, normalize_unit, resize_uint8, to_uint8_tensor
-from .files import (
+from ..backbone import (
+    MANIFEST_FORMAT,
+    DinoVisionTransformer,
+    RandomWeightsWarning,
+    check_manifest,
+    file_sha256,
+    manifest_path,
+)
+from ..config import BackboneConfig
+from .config import PLACE_OBJECTIVES, PretrainConfig
+from ..data.decode import load_rgb
+from ..data.gsv import GSVCitiesDataset
+from ..data.transforms import normalize_uint8_batch, normalize_unit, resize_uint8, to_uint8_tensor
+from ..files import (
     append_csv_row,
     atomic_write_text,
     holds_files,
@@ -140,19 +148,11 @@ from .files import (
     save_torch_file,
     start_csv_log,
 )
-from .losses import MultiSimilarityLoss
-from .pooling import MultiRegionGeM
-from .precision import autocast, describe, resolve_amp
-from .train import (
-    PlaceBatchSampler,
-    _Dist,
-    _rng_state,
-    _set_rng_state,
-    _setup_distributed,
-    gather_batch,
-    refuse_config_changes,
-    resolve_device,
-)
+from ..losses import MultiSimilarityLoss
+from ..pooling import MultiRegionGeM
+from ..precision import autocast, describe, resolve_amp
+from ..runtime import Dist, gather_batch, resolve_device, rng_state, set_rng_state, setup_distributed
+from ..train import PlaceBatchSampler, refuse_config_changes
 
 PathLike = str | os.PathLike
 GRID, GRID_DIM = (2, 4), 512  # pooling="grid": (rows, columns) of the token grid's cells, and the projection's width
@@ -232,7 +232,7 @@ def resolve_data_root(data: PathLike | None) -> tuple[Path, dict[str, Any]]:
                 found = json.loads(m.read_text())
             except ValueError:
                 continue
-            if found.get("generator") == "scicevpr.data.synthetic":
+            if found.get("generator") == "scicevpr.offline.synthetic":
                 info.update(generator=found["generator"], preset=found.get("preset", {}).get("name"),
                             seed=found.get("seed"), format_version=found.get("format_version"))
                 break
@@ -743,7 +743,7 @@ class RetrievalCheck:
 
     def __init__(self, root: PathLike, dataset: str, split: str, image_size: int, device: torch.device,
                  num_workers: int = 0, progress: bool = False) -> None:
-        from .data.vg import load_vg_split
+        from ..data.vg import load_vg_split
 
         self.split = load_vg_split(root, dataset, split)
         self.images = load_image_cache(self.split.all_paths, image_size, num_workers, progress).to(device)  # (N, 3, S, S)
@@ -752,7 +752,7 @@ class RetrievalCheck:
     def recalls(self, embed: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch_size: int = 256) -> dict[str, float]:
         """``embed``: (b, 3, S, S) uint8 -> ``{"mean" | "cls" | "desc": (b, D) unit descriptors}``.
         Returns ``R@1`` and ``R@5`` of "mean", ``R@1_cls``, ``R@1_desc`` and ``R@5_desc``."""
-        from .evaluate import recall_at_n, search
+        from ..evaluate import recall_at_n, search
 
         out: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(self.images), batch_size):
@@ -859,7 +859,7 @@ def _check_resume(run_dir: Path, config: PretrainConfig) -> bool:
     return (run_dir / "last.pt").is_file()
 
 
-def _broadcast(value: Any, ddp: _Dist) -> Any:
+def _broadcast(value: Any, ddp: Dist) -> Any:
     if not ddp.enabled:
         return value
     obj = [value]
@@ -870,7 +870,7 @@ def _broadcast(value: Any, ddp: _Dist) -> Any:
 class _Run:
     """State and one optimisation step of a pretraining run (every objective)."""
 
-    def __init__(self, config: PretrainConfig, device: torch.device, ddp: _Dist, amp: bool) -> None:
+    def __init__(self, config: PretrainConfig, device: torch.device, ddp: Dist, amp: bool) -> None:
         self.config, self.device, self.ddp, self.amp = config, device, ddp, amp
         if config.batch_size % ddp.world_size:
             raise ValueError(
@@ -1075,7 +1075,7 @@ class _Run:
             "step": step, "steps": steps, "student": cpu(self.student.state_dict()),
             "teacher": cpu(self.teacher.state_dict()) if self.teacher is not None else None,
             "center": self.center.cpu(), "patch_center": self.patch_center.cpu(),
-            "optimizer": self.optimizer.state_dict(), "rng": _rng_state(), "data": self.data_info, **extra,
+            "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "data": self.data_info, **extra,
         }
 
     def load(self, ckpt: dict[str, Any]) -> None:
@@ -1085,7 +1085,7 @@ class _Run:
         self.center.copy_(ckpt["center"])
         self.patch_center.copy_(ckpt["patch_center"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
 
 
 def read_pretrain_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> dict[str, Any]:
@@ -1098,7 +1098,7 @@ def read_pretrain_checkpoint(path: PathLike, trust_checkpoint: bool = False) -> 
         raise FileNotFoundError(f"pretraining checkpoint {str(path)!r} does not exist; pass a run folder or its last.pt.")
     obj = load_torch_file(path, "pretraining checkpoint", trust=trust_checkpoint)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a pretraining checkpoint (written by scicevpr.pretrain).")
+        raise ValueError(f"{str(path)!r} is not a pretraining checkpoint (written by scicevpr.offline.pretrain).")
     if obj.get("version", 0) > CHECKPOINT_VERSION:
         raise ValueError(f"{str(path)!r} has version {obj['version']}; this scicevpr reads <= {CHECKPOINT_VERSION}.")
     return obj
@@ -1108,7 +1108,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     """Run (or resume) a pretraining run; see the module docstring. Multi-GPU: ``torchrun``."""
     t_start = time.perf_counter()
     device = resolve_device(config.device)
-    ddp = _setup_distributed(device)
+    ddp = setup_distributed(device)
     try:
         with lock_run_dir(_run_dir(config)) if ddp.main else contextlib.nullcontext():
             return _pretrain(config, device, ddp, t_start)
@@ -1117,7 +1117,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             dist.destroy_process_group()
 
 
-def _pretrain(config: PretrainConfig, device: torch.device, ddp: _Dist, t_start: float) -> PretrainResult:
+def _pretrain(config: PretrainConfig, device: torch.device, ddp: Dist, t_start: float) -> PretrainResult:
     run_dir = _run_dir(config)
     resuming = _check_resume(run_dir, config)
     if ddp.enabled:

@@ -1,0 +1,89 @@
+"""The package's layout: the method in ``scicevpr/``, the offline world in ``scicevpr/offline/``,
+the notebooks' helpers in ``scicevpr/lab/``. The method imports neither wing; the command line,
+search, index and hub sit beside it; old module names still import, as the new module."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scicevpr"
+WINGS = ("offline", "lab")
+BESIDE = ("cli", "search", "index", "hub")  # the applications beside the method, allowed to use the wings
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the scicevpr modules that ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    else:
+        package = package.rsplit(".", 1)[0] if package.endswith(".__init__") else package
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n == "scicevpr" or n.startswith("scicevpr.")}
+
+
+def _core_modules() -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*.py"))
+            if p.relative_to(PACKAGE).parts[0] not in WINGS and p.stem not in BESIDE]
+
+
+def test_the_method_imports_no_wing_and_no_application():
+    bad = {}
+    for path in _core_modules():
+        wrong = sorted(n for n in _imports(path) if any(n == f"scicevpr.{w}" or n.startswith(f"scicevpr.{w}.")
+                                                        for w in (*WINGS, *BESIDE)))
+        if wrong:
+            bad[str(path.relative_to(PACKAGE))] = wrong
+    assert not bad, f"core modules importing the wings or the applications: {bad}"
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The rule above can fail: a core module that imports the lab is caught."""
+    fake = tmp_path / "scicevpr"
+    (fake / "lab").mkdir(parents=True)
+    (fake / "fusion.py").write_text("from .lab.viz import plot\nfrom . import pooling\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert _imports(fake / "fusion.py") >= {"scicevpr.lab.viz", "scicevpr.lab.viz.plot"}
+    with pytest.raises(AssertionError, match="fusion.py"):
+        test_the_method_imports_no_wing_and_no_application()
+
+
+@pytest.mark.parametrize("old", ["scicevpr.notebook", "scicevpr.viz", "scicevpr.data.synthetic", "scicevpr.pretrain",
+                                 "scicevpr.offline_models", "scicevpr.claims"])
+def test_an_old_module_name_imports_the_moved_module_with_a_warning(old):
+    import importlib
+
+    from scicevpr import MOVED_MODULES
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{old} moved to {MOVED_MODULES[old]}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(MOVED_MODULES[old])
+
+
+def test_importing_the_package_and_the_method_changes_no_environment_variable():
+    code = ("import os, sys\nbefore = dict(os.environ)\n"
+            "import scicevpr, scicevpr.models, scicevpr.evaluate, scicevpr.train\n"
+            "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+            "sys.exit(f'changed: {sorted(changed)}' if changed else 0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
