@@ -848,8 +848,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"running {nb.relative_to(root)} ...", flush=True)
         with tempfile.TemporaryDirectory(dir=nb.parent, prefix=".demo-") as scratch:
             row = run_notebook(nb, Path(scratch), record_timing=False)
-            if row["status"] != "ok":  # the stored notebook stays as it was
-                raise RuntimeError(f"notebook {str(nb.relative_to(root))!r} did not run to the end: {row['status']}")
+            if row["status"] != "ok":  # the stored notebook stays as it was; the executed cells are kept
+                failed = root / "runs" / "demo-failed" / nb.name
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(Path(scratch) / nb.name), str(failed))
+                raise RuntimeError(f"notebook {str(nb.relative_to(root))!r} did not run to the end ({row['status']}); "
+                                   f"its executed cells, with the error, are in {str(failed.relative_to(root))!r}.")
             shutil.move(str(Path(scratch) / nb.name), str(nb if out_dir is None else out_dir / nb.name))
         print(f"  {nb.name}: {row['seconds']:.0f} s", flush=True)
     results = root / "figures" / "results.md"

@@ -412,3 +412,31 @@ def test_stored_notebooks_hold_no_random_widget_ids():
     for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
         text = path.read_text()
         assert WIDGET_VIEW not in text and "widget-state+json" not in text, path.name
+
+
+def test_demo_keeps_the_stored_notebook_when_a_cell_fails(tmp_path, monkeypatch, capsys):
+    """A failing notebook leaves the stored file as it was and its executed cells, with the
+    error, in runs/demo-failed/ (one message, exit status 2)."""
+    import nbformat
+
+    import scicevpr.cli as cli
+
+    (tmp_path / "notebooks").mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    ok = nbformat.v4.new_code_cell("print('stored')")
+    ok.outputs = [nbformat.v4.new_output("stream", name="stdout", text="stored\n")]
+    nb.cells = [ok, nbformat.v4.new_code_cell("1 / 0")]
+    path = tmp_path / "notebooks" / "01_fails.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(cli, "repo_root", lambda: tmp_path)
+    monkeypatch.setattr(cli, "demo_environment", lambda: {})
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))  # restored after the test
+    code = main(["demo"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did not run to the end (error: ZeroDivisionError" in err and "runs/demo-failed/01_fails.ipynb" in err
+    assert path.read_bytes() == before
+    failed = nbformat.read(tmp_path / "runs" / "demo-failed" / "01_fails.ipynb", as_version=4)
+    assert failed.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
+    assert not [p for p in (tmp_path / "notebooks").iterdir() if p.name.startswith(".demo-")]
