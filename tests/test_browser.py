@@ -160,10 +160,25 @@ WIDGET_STATE = """
 const html = document.querySelector('.jp-OutputArea .widget-html pre');
 const img = document.querySelector('.jp-OutputArea .widget-image');
 return html && img && img.src ? [html.innerText, img.src.length, img.src.slice(-64)] : null;"""
-KERNEL_DONE = """
-const prompts = Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')).map(p => p.innerText);
-return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p));"""
-ERRORS = "return document.querySelectorAll('.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.error\"]').length;"
+# The notebook's model, not its rendering: JupyterLab 4 renders only the cells near the viewport,
+# so the prompts and outputs of a long notebook's other cells are not in the page.
+CODE_CELLS = """
+const w = window.jupyterapp.shell.currentWidget, cells = w.content.model.cells, out = [];
+for (let i = 0; i < cells.length; i++) { const c = cells.get(i); if (c.type === 'code') out.push([i, c]); }
+"""
+KERNEL_DONE = CODE_CELLS + """
+const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+return out.length > 0 && out.every(([i, c]) => c.executionCount !== null) && kernel && kernel.status === 'idle';"""
+ERRORS = CODE_CELLS + """
+let n = 0;
+for (const [i, c] of out) for (let j = 0; j < c.outputs.length; j++) if (c.outputs.get(j).type === 'error') n++;
+return n;"""
+SHOW_WIDGET = CODE_CELLS + """
+const found = out.find(([i, c]) => c.sharedModel.getSource().includes('flip_explorer'));
+if (!found) return false;
+w.content.activeCellIndex = found[0];
+w.content.scrollToItem(found[0], 'center');
+return true;"""
 
 
 def test_notebook_03_runs_in_jupyterlab_and_its_widget_answers(lab, browser):
@@ -183,6 +198,7 @@ def test_notebook_03_runs_in_jupyterlab_and_its_widget_answers(lab, browser):
     timeout = 1800 if mode == "full" else 900
     wait_for(browser, KERNEL_DONE, timeout, "every cell run", poll=5)
     assert browser.execute_script(ERRORS) == 0, "a cell raised an error"
+    assert browser.execute_script(SHOW_WIDGET), "no widget cell (flip_explorer) in the notebook"
     before = wait_for(browser, WIDGET_STATE, 60, "the widget's output")
     assert before[0].startswith("top-1 ") and "alone" in before[0]
 
