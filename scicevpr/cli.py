@@ -313,6 +313,22 @@ def model_for_split(args: argparse.Namespace, cfg, split):
     return model, split
 
 
+def require_folder(option: str, folder: str | os.PathLike | None, hint: str) -> None:
+    """``option folder`` must name an existing folder: else one message, what is wrong and ``hint``."""
+    if folder and Path(folder).is_dir():
+        return
+    problem = "is a file, not a folder" if folder and Path(folder).exists() else "does not exist"
+    raise FileNotFoundError(f"{option} {str(folder) if folder is not None else None!r} {problem}; pass {hint}.")
+
+
+def require_run(option: str, run_dir: str | os.PathLike, verb: str, hint: str) -> None:
+    """``run_dir`` must hold a run (its ``config.json``) for ``option`` to ``verb``."""
+    if (Path(run_dir) / "config.json").is_file():
+        return
+    problem = "does not exist" if not Path(run_dir).exists() else "holds no run (no config.json)"
+    raise FileNotFoundError(f"{option}: run folder {str(run_dir)!r} {problem}, so there is nothing to {verb}. {hint}")
+
+
 # The model files a command reads (--weights may also name a folder, or be 'auto' or 'none').
 INPUT_FILES = ("checkpoint", "official", "weights")
 
@@ -333,27 +349,22 @@ def check_paths_first(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--{option} {path!r} is a folder, not a file; pass a checkpoint file "
                                     "(e.g. runs/<name>/best.pt).")
     for folder in getattr(args, "descriptors", None) or ():
-        if not Path(folder).is_dir():
-            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-            raise FileNotFoundError(f"--descriptors {folder!r} {problem}; pass a folder written by `scicevpr eval "
-                                    "--save-descriptors FOLDER`.")
+        require_folder("--descriptors", folder, "a folder written by `scicevpr eval --save-descriptors FOLDER`")
     for option in ("vg_root", "images", "database", "queries", "index", "database_root", "pca_images"):
         folder = getattr(args, option, None)
         if option == "queries" and hasattr(args, "vg_root"):  # eval's --queries names a folder of the split
             continue
-        if folder is not None and not Path(folder).is_dir():
-            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-            hint = ("an index folder written by `scicevpr index build --database DIR --out FOLDER`" if option == "index"
-                    else "an existing folder")
-            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass {hint}.")
+        if folder is not None:
+            require_folder(f"--{option.replace('_', '-')}", folder,
+                           "an index folder written by `scicevpr index build --database DIR --out FOLDER`" if option == "index"
+                           else "an existing folder")
 
 
 def require_folders(**folders: str | None) -> None:
     """Each ``--option folder`` must be an existing folder (checked before a model is built)."""
     for option, folder in folders.items():
-        if folder is not None and not Path(folder).is_dir():
-            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-            raise FileNotFoundError(f"--{option.replace('_', '-')} {folder!r} {problem}; pass a folder of photos.")
+        if folder is not None:
+            require_folder(f"--{option.replace('_', '-')}", folder, "a folder of photos")
 
 
 def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> list[Path]:
@@ -363,10 +374,8 @@ def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> 
     from .data.paths import PHOTO_SUFFIXES
     from .data.vg import list_images
 
-    path = Path(folder) if folder else None
-    if path is None or not path.is_dir():
-        problem = "is a file, not a folder" if path is not None and path.exists() else "does not exist"
-        raise FileNotFoundError(f"{option} {folder!r} {problem}; pass a folder of .jpg/.png photos.")
+    require_folder(option, folder, "a folder of .jpg/.png photos")
+    path = Path(folder)
     paths = list_images(path, PHOTO_SUFFIXES, ignore_case=True)
     if not paths:
         raise FileNotFoundError(f"no .jpg, .jpeg or .png files under {option} {str(path)!r}; pass a folder of photos.")
@@ -710,14 +719,11 @@ def check_train_paths(config, stage: str) -> None:
     to continue (a mistyped folder would start a new run without a word), and the data and
     teacher must exist."""
     run_dir = Path(config.run_dir or Path("runs") / stage)
-    if config.resume and not (run_dir / "config.json").is_file():
-        problem = "does not exist" if not run_dir.exists() else "holds no run (no config.json)"
-        raise FileNotFoundError(f"--resume: run folder {str(run_dir)!r} {problem}, so there is nothing to continue. "
-                                f"Check the --run-dir path, or leave out --resume to start a new run there.")
+    if config.resume:
+        require_run("--resume", run_dir, "continue", "Check the --run-dir path, or leave out --resume to start a new run there.")
     for option, folder in (("--gsv-root", config.gsv_root), ("--val-root", config.val_root if config.val_dataset else None)):
-        if folder is not None and not Path(folder).is_dir():
-            problem = "is a file, not a folder" if Path(folder).exists() else "does not exist"
-            raise FileNotFoundError(f"{option} {folder!r} {problem}; pass the dataset folder (see data/README.md).")
+        if folder is not None:
+            require_folder(option, folder, "the dataset folder (see data/README.md)")
     if stage == "student" and config.teacher is not None and not Path(config.teacher).exists():
         raise FileNotFoundError(f"--teacher {config.teacher!r} does not exist; pass stage 1's run folder or its best.pt.")
 
@@ -752,10 +758,8 @@ def add_pretrain_parser(sub) -> None:
 def check_pretrain_paths(overrides: dict[str, Any], export_only: bool) -> None:
     """What a pretraining reads, before torch is imported: the data folder, the weight files and,
     with ``--resume`` or ``--export-only``, the run folder."""
-    if overrides.get("data") is not None and not Path(overrides["data"]).is_dir():
-        problem = "is a file, not a folder" if Path(overrides["data"]).exists() else "does not exist"
-        raise FileNotFoundError(f"--data {overrides['data']!r} {problem}; pass a synthetic benchmark folder or a "
-                                "GSV-Cities-layout folder (see data/README.md).")
+    if overrides.get("data") is not None:
+        require_folder("--data", overrides["data"], "a synthetic benchmark folder or a GSV-Cities-layout folder (see data/README.md)")
     for option in ("init_weights", "distil_teacher"):
         path = overrides.get(option)
         if path is not None and not Path(path).is_file():
@@ -765,11 +769,9 @@ def check_pretrain_paths(overrides: dict[str, Any], export_only: bool) -> None:
                     "trains one) or a backbone .pth exported by `--export`")
             raise FileNotFoundError(f"--{option.replace('_', '-')} {path!r} {problem}; pass {what}.")
     run_dir = overrides.get("run_dir")
-    if (overrides.get("resume") or export_only) and run_dir and not (Path(run_dir) / "config.json").is_file():
-        problem = "does not exist" if not Path(run_dir).exists() else "holds no run (no config.json)"
-        what = "--export-only" if export_only else "--resume"
-        raise FileNotFoundError(f"{what}: run folder {run_dir!r} {problem}, so there is nothing to "
-                                f"{'export' if export_only else 'continue'}. Check the --run-dir path.")
+    if (overrides.get("resume") or export_only) and run_dir:
+        require_run("--export-only" if export_only else "--resume", run_dir, "export" if export_only else "continue",
+                    "Check the --run-dir path.")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
