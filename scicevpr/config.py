@@ -51,6 +51,20 @@ def check_seed(seed: int) -> int:
     return seed
 
 
+def check_image_size(image_size: int, patch_size: int | None = None) -> int:
+    """The one check of an input side ``S``: a positive int and, for a model (``patch_size`` given),
+    a multiple of the patch size. Returns ``image_size``; a wrong one raises with the fix."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (the side S of the square model input), got {image_size!r}")
+    if patch_size and image_size % patch_size:
+        p = patch_size
+        raise ValueError(
+            f"image_size={image_size} is not a multiple of the patch size {p}; "
+            f"use e.g. {max(image_size // p, 1) * p} or {(image_size // p + 1) * p}."
+        )
+    return int(image_size)
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """DINOv2 ViT, official architecture (Oquab et al. 2023): patch 14, trained at 518 px.
@@ -185,12 +199,7 @@ class ModelConfig:
             )
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers={self.layers} must be strictly increasing.")
-        p = self.backbone.patch_size
-        if self.image_size % p:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of the patch size {p}; "
-                f"use e.g. {self.image_size // p * p} or {(self.image_size // p + 1) * p}."
-            )
+        check_image_size(self.image_size, self.backbone.patch_size)
         if self.mix_dim % self.encoder_heads:
             raise ValueError(
                 f"mix_dim={self.mix_dim} (C_mix) must be divisible by encoder_heads="

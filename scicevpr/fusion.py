@@ -74,12 +74,7 @@ class MultiLayerFusion(nn.Module):
 
     def mix_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_mix, H, W) -> (B, C_mix, H, W) through the token mixers."""
-        B, C, H, W = x.shape
-        if (H, W) != self.grid:
-            raise ValueError(
-                f"the token mixers were built for a {self.grid[0]} x {self.grid[1]} patch grid, "
-                f"got {H} x {W}; build the model with the image_size of your inputs."
-            )
+        B, C, H, W = x.shape  # (H, W) == self.grid: the model checked its input's size
         x = self.token_mixers(x.flatten(2))  # (B, C, H, W) -> (B, C, HW)
         return x.reshape(B, C, H, W)  # (B, C, HW) -> (B, C, H, W)
 

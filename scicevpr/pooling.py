@@ -98,9 +98,7 @@ class MultiRegionGeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, R, C), R = ``num_regions``."""
-        B, C, H, W = x.shape
-        if (H, W) != self.grid:
-            raise ValueError(f"MultiRegionGeM built for a {self.grid} grid, got {(H, W)}")
+        B, C, H, W = x.shape  # (H, W) == self.grid: the model checked its input's size
         with torch.autocast(device_type=x.device.type, enabled=False):
             p = self.p.float()
             x = x.float().flatten(2)  # (B, C, H, W) -> (B, C, HW)

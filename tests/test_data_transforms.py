@@ -83,3 +83,28 @@ def test_train_transform_shape_and_reproducible_under_a_seed():
     assert len(outs) > 1  # RandAugment does change the image
     plain = train_transform(64, randaugment_ops=0)(image)
     assert torch.equal(plain, eval_transform(64)(image))  # same resize + normalisation as evaluation
+
+
+def test_image_size_is_checked_in_one_place_and_given_once(tmp_path):
+    """``config.check_image_size`` is the one check of S (the transforms and ModelConfig use it);
+    a dataset takes its size from its transform, and refuses another size beside it."""
+    from scicevpr.config import check_image_size, get_config
+    from scicevpr.data.transforms import eval_transform
+    from scicevpr.data.vg import ImageFileDataset
+
+    assert check_image_size(112, 14) == 112
+    for bad in (0, -14, True, 1.5, "112"):
+        with pytest.raises(ValueError, match="image_size must be a positive int"):
+            check_image_size(bad)
+    with pytest.raises(ValueError, match=r"image_size=100 is not a multiple of the patch size 14; use e.g. 98 or 112"):
+        check_image_size(100, 14)
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        get_config("SciceVPR-S", image_size=0)  # a 0 x 0 grid was accepted before
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        eval_transform(0)
+    paths = [tmp_path / "a.jpg"]
+    assert ImageFileDataset(paths, transform=eval_transform(56)).image_size == 56
+    assert ImageFileDataset(paths, image_size=42).image_size == 42
+    assert ImageFileDataset(paths, image_size=56, transform=eval_transform(56)).image_size == 56
+    with pytest.raises(ValueError, match="image_size=64 but the transform resizes to 56: pass one of them"):
+        ImageFileDataset(paths, image_size=64, transform=eval_transform(56))

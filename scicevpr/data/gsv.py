@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .decode import check_images, find_corrupt_images, load_rgb, warn_skipped
 from .paths import DATA_ENV, data_root
-from .transforms import train_transform
+from .transforms import train_transform, transform_size
 
 PathLike = str | os.PathLike
 
@@ -186,7 +186,7 @@ class GSVCitiesDataset(Dataset):
             ``$SCICEVPR_DATA/gsv_cities``.
         cities: city names (CSV stems); None means every CSV in ``Dataframes/``, sorted.
         img_per_place: K, images sampled per place (paper: 4).
-        image_size: S, side of the square output.
+        image_size: S, side of the square output (default 224); the transform's when one is given.
         transform: PIL -> tensor; default ``train_transform(image_size)`` (RandAugment, 3 ops).
         seed: with ``set_epoch``, fixes which K images are drawn and the augmentations, so that
             training is repeatable and resumable whatever the number of workers.
@@ -205,7 +205,7 @@ class GSVCitiesDataset(Dataset):
         root: PathLike | None = None,
         cities: Sequence[str] | None = None,
         img_per_place: int = 4,
-        image_size: int = 224,
+        image_size: int | None = None,
         transform: Callable | None = None,
         seed: int = 0,
         drop_small_places: bool = True,
@@ -232,8 +232,8 @@ class GSVCitiesDataset(Dataset):
         self.root = root
         self.cities = list(cities)
         self.img_per_place = int(img_per_place)
-        self.image_size = image_size
-        self.transform = transform if transform is not None else train_transform(image_size)
+        self.image_size = transform_size(image_size, transform, default=224)
+        self.transform = transform if transform is not None else train_transform(self.image_size)
         self.seed = int(seed)
         self.epoch = 0
 

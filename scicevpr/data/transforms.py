@@ -23,16 +23,12 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from ..config import check_image_size
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _BILINEAR = T.InterpolationMode.BILINEAR
-
-
-def _check_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int (the side S of the square model input), got {image_size!r}")
-    return image_size
 
 
 def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -55,7 +51,7 @@ def _resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
 
 def resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> (B, 3, S, S) uint8: the hard, antialiased resize of every input path."""
-    return _resize_uint8(x, _check_size(image_size))
+    return _resize_uint8(x, check_image_size(image_size))
 
 
 def normalize_unit(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +76,7 @@ def normalize_uint8_batch(x_uint8: torch.Tensor | Sequence[torch.Tensor], image_
     Returns:
         (B, 3, S, S) float32 tensor, ImageNet mean/std normalised, on the input's device.
     """
-    image_size = _check_size(image_size)
+    image_size = check_image_size(image_size)
     if isinstance(x_uint8, torch.Tensor):
         if x_uint8.dtype != torch.uint8 or x_uint8.ndim != 4 or x_uint8.shape[1] != 3:
             raise TypeError(f"expected a (B, 3, H, W) uint8 tensor, got {tuple(x_uint8.shape)} {x_uint8.dtype}")
@@ -102,7 +98,7 @@ class EvalTransform:
     """
 
     def __init__(self, image_size: int):
-        self.image_size = _check_size(image_size)
+        self.image_size = check_image_size(image_size)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         x = to_uint8_tensor(image).unsqueeze(0)  # (3, H, W) -> (1, 3, H, W)
@@ -123,7 +119,7 @@ class OfficialEvalTransform:
     """
 
     def __init__(self, image_size: int):
-        self.image_size = _check_size(image_size)
+        self.image_size = check_image_size(image_size)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         x = normalize_unit(to_uint8_tensor(image).to(torch.float32).div(255.0))  # ToTensor, Normalize: (3, H, W)
@@ -143,7 +139,7 @@ class TrainTransform:
     """
 
     def __init__(self, image_size: int, randaugment_ops: int = 3):
-        self.image_size = _check_size(image_size)
+        self.image_size = check_image_size(image_size)
         self.randaugment_ops = int(randaugment_ops)
         self.randaugment = T.RandAugment(num_ops=self.randaugment_ops, interpolation=_BILINEAR)
 
@@ -172,7 +168,7 @@ def data_config(image_size: int, descriptor_dim: int, batch_dependent: bool) -> 
     transform's parameters (``input_size`` (3, S, S), hard resize without crop, bilinear with
     antialiasing, ImageNet ``mean`` / ``std``, the names timm's ``resolve_data_config`` uses),
     ``descriptor_dim`` and ``batch_dependent`` (descriptors depend on the rest of the batch)."""
-    s = _check_size(image_size)
+    s = int(image_size)  # the model's, checked by its ModelConfig
     return {"input_size": (3, s, s), "interpolation": "bilinear", "antialias": True, "crop_pct": 1.0,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "descriptor_dim": int(descriptor_dim),
             "batch_dependent": bool(batch_dependent)}
@@ -188,6 +184,18 @@ def transform_from_data_config(config: dict) -> EvalTransform:
         raise ValueError(f"no scicevpr transform for the data config {config!r}: {', '.join(diff)} differ from the "
                          f"evaluation transform's ({', '.join(f'{k}={want[k]!r}' for k in diff)}).")
     return EvalTransform(want["input_size"][-1])
+
+
+def transform_size(image_size: int | None, transform, default: int | None = None) -> int | None:
+    """The side S a dataset yields: ``transform``'s own when one is given (a different
+    ``image_size`` beside it is refused), else ``image_size`` (or ``default``), checked."""
+    if transform is None:
+        return check_image_size(default if image_size is None else image_size)
+    own = getattr(transform, "image_size", None)
+    if image_size is not None and own is not None and image_size != own:
+        raise ValueError(f"image_size={image_size} but the transform resizes to {own}: pass one of them "
+                         f"(the transform alone is enough)")
+    return own if own is not None else image_size
 
 
 def train_transform(image_size: int, randaugment_ops: int = 3) -> TrainTransform:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .decode import find_corrupt_images, load_rgb, warn_skipped
 from .paths import DATA_ENV, data_root
-from .transforms import eval_transform
+from .transforms import eval_transform, transform_size
 
 PathLike = str | os.PathLike
 
@@ -374,17 +374,18 @@ class ImageFileDataset(Dataset):
     """Images from a list of files, for descriptor extraction: yields ``(image (3, S, S), index)``.
 
     Decoding (PIL) happens in DataLoader workers; the default transform is the evaluation
-    transform (hard resize to S x S, ImageNet normalisation). ``index`` is the position in ``paths``.
+    transform (hard resize to S x S, ImageNet normalisation); ``image_size`` (S) is the
+    transform's when one is given. ``index`` is the position in ``paths``.
 
     A corrupt file raises ``CorruptImageError`` naming it. With ``skip_corrupt=True`` every file is
     test-decoded at construction; the ones that fail are left out (``len`` shrinks, the yielded
     index stays the position in the original ``paths``), listed in ``.skipped`` and reported.
     """
 
-    def __init__(self, paths, image_size: int, skip_corrupt: bool = False, transform=None):
+    def __init__(self, paths, image_size: int | None = None, skip_corrupt: bool = False, transform=None):
         self.paths = [Path(p) for p in paths]
-        self.image_size = image_size
-        self.transform = transform if transform is not None else eval_transform(image_size)
+        self.image_size = transform_size(image_size, transform)
+        self.transform = transform if transform is not None else eval_transform(self.image_size)
         self.skipped: list[Path] = []
         self.indices = np.arange(len(self.paths), dtype=np.int64)
         if skip_corrupt:
