@@ -34,6 +34,20 @@ def lazy_attributes(package: str, exports: dict[str, tuple[str, str]], namespace
     return __getattr__
 
 
+def moved_attributes(module: str, new_module: str, names: tuple[str, ...]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``module`` whose ``names`` moved to ``new_module``: each still
+    imports from the old place, with a DeprecationWarning naming the new one."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} moved to {new_module}.{name}; import it from there.", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(new_module), name)
+
+    return __getattr__
+
+
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports a module's old name as its new module (one object under both names)."""
 

@@ -569,7 +569,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
 
 def cmd_stability(args: argparse.Namespace) -> int:
     check_paths_first(args)
-    from .evaluate import batch_stability, stability_summary
+    from .stability import batch_stability, stability_summary
 
     cfg = eval_config(args)
     check_output("--out", args.out, (".csv",))
@@ -696,10 +696,6 @@ def cmd_train_offline(args: argparse.Namespace) -> int:
     settings = offline_settings(root, data, args.synthetic_preset, Path(args.runs) if args.runs else None,
                                 seed=args.seed, threads=args.threads or 2, train_overrides=overrides)
     torch.set_num_threads(settings.threads)
-    from .evaluate import BACKBONE_CACHE
-    from .lab.notebook import OFFLINE_BACKBONE_CACHE_BYTES
-
-    BACKBONE_CACHE.enable(OFFLINE_BACKBONE_CACHE_BYTES)  # as in the notebooks: the same numbers, faster
     print(settings.describe(), flush=True)
     runs = train_offline(settings, cricavpr=args.cricavpr)
     for entry, run in runs.items():

@@ -1,4 +1,4 @@
-"""Evaluation: descriptors, exact FAISS search, Recall@N, PCA and the batch-stability sweep.
+"""Evaluation: descriptors, exact FAISS search, Recall@N with intervals and chance, baselines, PCA.
 
 Protocol (PAPER.md, "Evaluation protocol", the Visual Geo-localization Benchmark convention):
 database and query images are hard-resized to the model size and fed **in file order, in
@@ -6,26 +6,18 @@ batches of 16** (this matters only for cross-image models: the teacher, CricaVPR
 are searched exhaustively with ``faiss.IndexFlatL2``; a query is correct at N when one of its N
 nearest database images lies within 25 m. ``Recall@N`` is the percentage of correct queries.
 
-For the batch-stability experiment (paper Fig. 1-2) the per-image part of a model (backbone,
-fusion, pooling) is computed once and only the encoder, the single step where images of a batch
-can see each other, is re-run for each query batch size and order.
-
-:data:`BACKBONE_CACHE` (off unless enabled; the offline notebooks enable it) keeps the
-backbone's outputs of evaluation batches, so that the same batch through the same weights is
-computed once: a frozen backbone's validation images every epoch, or a teacher and a student
-(one backbone) evaluated on one split, cost one backbone pass. A hit returns the output of the
-identical computation, so descriptors and recalls are bit for bit those without it.
+The batch-stability experiment (paper Fig. 1-2) is in :mod:`scicevpr.stability`. A ``cache``
+(:class:`FeatureCache`, e.g. the offline notebooks' :class:`~scicevpr.offline.cache.BackboneCache`)
+may be passed to keep the backbone's outputs for reuse; without one, nothing is hashed or kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -35,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .backbone import hash_tensors, tensor_bytes
+from ._lazy import moved_attributes
 from .config import EvalConfig
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
 from .data.transforms import eval_transform
@@ -71,113 +63,23 @@ def gpu_decode_enabled(config: EvalConfig, device: torch.device) -> bool:
     return on and device.type == "cuda"
 
 
-class BackboneCache:
-    """Backbone outputs of evaluation batches, kept for reuse within the session.
+class FeatureCache(Protocol):
+    """What evaluation and training accept as ``cache``: ``extractor(model)`` gives a function
+    ``x -> model.extract_features(x)`` for one pass during which the backbone does not change
+    (:class:`scicevpr.offline.cache.BackboneCache`, the offline notebooks' economy). Without a
+    cache, ``model.extract_features`` runs as it is: nothing is hashed or kept."""
 
-    An entry is keyed by everything the output depends on: the backbone's weights (a hash of
-    every parameter and buffer, adapters included, with names, dtypes and shapes), the settings
-    its modules hold besides tensors (training mode, norms' eps, CricaVPR's ``adapter_scale``,
-    the backbone's configuration with its ``interpolate_offset``), the code that
-    computes the output (the model class's ``backbone_output`` and its ``layers``), the input
-    batch (a hash of its bytes, so also its order and size), the autocast state and torch's
-    thread count. A hit is therefore the output of the identical computation. Only inference
-    uses it (no autograd graph is kept); the oldest entries are dropped beyond ``max_bytes``.
-
-    It pays where the same images pass the same weights again: the validation split after every
-    epoch of a frozen backbone, several heads on one backbone (a teacher and its student, the
-    ablations) evaluated on one split, and training runs on one frozen backbone that draw the
-    same batches (a student's epochs are its teacher's first ones: the same seed gives the same
-    places and augmentations). It costs memory (an entry is the (B, M*C, H, W) output: about
-    0.4 MB an image for SciceVPR-S at 112 px, 3 MB for SciceVPR-B at 224 px) and a hash of the
-    weights per pass; it is off until :meth:`enable` is called.
-    """
-
-    def __init__(self) -> None:
-        self.max_bytes = 0
-        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.num_bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
-
-    def enable(self, max_bytes: int) -> None:
-        """Keep up to ``max_bytes`` of backbone outputs (0 turns the cache off and empties it)."""
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes={max_bytes}: expected >= 0 (0 turns the cache off)")
-        self.max_bytes = int(max_bytes)
-        self._evict()
-
-    def clear(self) -> None:
-        """Drop every entry and reset the counts."""
-        self.entries.clear()
-        self.num_bytes = self.hits = self.misses = 0
-
-    @staticmethod
-    def weights_key(model: torch.nn.Module) -> str:
-        """A digest of what the backbone output of ``model`` (a :class:`~scicevpr.models.VPRModel`)
-        depends on besides its input."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{type(model).backbone_output.__qualname__} {tuple(model.config.layers)}".encode())
-        for name, m in model.backbone.named_modules():
-            # plain settings (training mode, e.g. of CricaVPR's adapter BatchNorms; eps; adapter_scale;
-            # the BackboneConfig): two backbones with equal weights can differ by them
-            settings = sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and (
-                isinstance(v, (bool, int, float, str, tuple)) or dataclasses.is_dataclass(v)))
-            h.update(f"{name} {type(m).__qualname__} {settings}".encode())
-        hash_tensors(h, (*model.backbone.named_parameters(), *model.backbone.named_buffers()), with_layout=True)
-        return h.hexdigest()
-
-    def backbone_features(self, model: torch.nn.Module, x: torch.Tensor, weights_key: str) -> torch.Tensor:
-        """``model.backbone_features(x)``, from the cache when this exact computation was done
-        before. ``weights_key``: :meth:`weights_key` of ``model``, hashed once for a pass during
-        which the backbone does not change. An output that autograd needs (a backbone training,
-        as CricaVPR's adapters do) is never cached."""
-        if not self.enabled or (torch.is_grad_enabled() and any(p.requires_grad for p in model.backbone.parameters())):
-            return model.backbone_features(x)
-        h = hashlib.blake2b(tensor_bytes(x), digest_size=16)
-        amp = torch.is_autocast_enabled(x.device.type)
-        key = (weights_key, h.hexdigest(), str(x.dtype), tuple(x.shape), str(x.device), amp,
-               str(torch.get_autocast_dtype(x.device.type)) if amp else None, torch.get_num_threads())
-        if key in self.entries:
-            self.hits += 1
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        self.misses += 1
-        out = model.backbone_features(x)
-        self.entries[key] = out
-        self.num_bytes += out.element_size() * out.nelement()
-        self._evict()
-        return out
-
-    def _evict(self) -> None:
-        while self.entries and self.num_bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.num_bytes -= old.element_size() * old.nelement()
+    def extractor(self, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]: ...
 
 
-BACKBONE_CACHE = BackboneCache()
-
-
-def feature_extractor(model: torch.nn.Module):
-    """``x -> model.extract_features(x)`` with the backbone's part through :data:`BACKBONE_CACHE`
-    when it is enabled. The weights are hashed here, once: use the function for one pass (an
-    evaluation, a training run on a frozen backbone) during which the backbone does not change."""
-    if not BACKBONE_CACHE.enabled or not hasattr(model, "after_backbone"):
-        return model.extract_features
-    weights_key = BACKBONE_CACHE.weights_key(model)
-    return lambda x: model.after_backbone(BACKBONE_CACHE.backbone_features(model, x, weights_key))
-
-
-def per_image_function(model: torch.nn.Module, config: EvalConfig, device: torch.device):
+def per_image_function(model: torch.nn.Module, config: EvalConfig, device: torch.device,
+                       cache: FeatureCache | None = None):
     """``x -> regional features (B, R, C)``: the batch-independent part of the model, compiled
     with ``torch.compile`` on the fast CUDA path (the last, smaller batch is padded so one
     graph serves every batch; padding is harmless because nothing here mixes images). Elsewhere
-    the backbone's outputs go through :data:`BACKBONE_CACHE` when it is enabled."""
+    the backbone's outputs go through ``cache`` when one is given."""
     if not (fast_enabled(config, device) and device.type == "cuda"):
-        extract = feature_extractor(model)
+        extract = model.extract_features if cache is None else cache.extractor(model)
         return lambda x: model.regional_features(extract(x))
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +97,8 @@ def per_image_function(model: torch.nn.Module, config: EvalConfig, device: torch
     return padded
 
 
-def _prepare(model: torch.nn.Module, config: EvalConfig) -> torch.device:
+def prepare_model(model: torch.nn.Module, config: EvalConfig) -> torch.device:
+    """Move ``model`` to ``config.device`` (when set), switch it to eval mode; its device."""
     if config.device is not None:
         model.to(config.device)
     model.eval()
@@ -223,7 +126,7 @@ def iterate_images(
         ds = JpegBytesDataset(paths)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_jpeg_bytes)
     else:
-        ds = ImageFileDataset(paths, image_size, transform=eval_transform(image_size, protocol))
+        ds = ImageFileDataset(paths, transform=eval_transform(image_size, protocol))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
     for batch, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -241,15 +144,17 @@ def compute_descriptors(
     config: EvalConfig = EvalConfig(),
     batch_size: int | None = None,
     desc: str = "descriptors",
+    cache: FeatureCache | None = None,
 ) -> np.ndarray:
     """(N, D) float32 descriptors of image files, fed in the order of ``paths`` in batches of
     ``batch_size`` (default ``config.batch_size``), as the VG-benchmark protocol does. The
-    cross-image encoder sees exactly each batch, or its groups of ``config.encoder_group_size``."""
-    device = _prepare(model, config)
+    cross-image encoder sees exactly each batch, or its groups of ``config.encoder_group_size``.
+    ``cache``: a :class:`FeatureCache` for the backbone's outputs (None: none)."""
+    device = prepare_model(model, config)
     bs = batch_size or config.batch_size
     amp = amp_enabled(config, device)
     groups = num_groups(bs, config.encoder_group_size)
-    features = per_image_function(model, dataclasses.replace(config, batch_size=bs), device)
+    features = per_image_function(model, dataclasses.replace(config, batch_size=bs), device, cache)
     out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
     for x, idx in iterate_images(paths, model.image_size, bs, device, config.num_workers,
                                  gpu_decode_enabled(config, device), config.progress, desc, config.protocol):
@@ -272,56 +177,6 @@ def check_finite_descriptors(descriptors: np.ndarray, what: str, paths: Sequence
             f"are not finite (a training that diverged) or an image gave non-finite input. Recall@N of them would mean "
             f"nothing; use a model with finite weights, or compute the descriptors again."
         )
-
-
-@torch.no_grad()
-def compute_regional_features(
-    model: torch.nn.Module, paths: Sequence[PathLike], config: EvalConfig = EvalConfig(), desc: str = "features"
-) -> torch.Tensor:
-    """(N, R, C) per-image regional features (everything before the encoder), on the CPU, fp32.
-
-    These do not depend on the batch, so they are computed once; :func:`encode_in_batches`
-    then replays the encoder under any batching.
-    """
-    device = _prepare(model, config)
-    amp = amp_enabled(config, device)
-    features = per_image_function(model, config, device)
-    chunks, order = [], []
-    for x, idx in iterate_images(paths, model.image_size, config.batch_size, device, config.num_workers,
-                                 gpu_decode_enabled(config, device), config.progress, desc, config.protocol):
-        with autocast(device, amp):
-            r = features(x)
-        chunks.append(r.float().cpu())
-        order.append(idx)
-    feats = torch.cat(chunks)
-    return feats[torch.argsort(torch.cat(order))]
-
-
-@torch.no_grad()
-def encode_in_batches(
-    model: torch.nn.Module,
-    regional: torch.Tensor,
-    batch_size: int,
-    order: np.ndarray | None = None,
-    amp: bool = False,
-    group_size: int | None = None,
-) -> np.ndarray:
-    """Descriptors from regional features (N, R, C), the images grouped into consecutive
-    batches of ``batch_size`` following ``order`` (default: file order). Returns (N, D) in the
-    original index order. ``amp``: bf16 autocast where the precision policy allows it.
-    ``group_size``: the encoder attends within groups of a batch (``EvalConfig.encoder_group_size``)."""
-    device = model_device(model)
-    amp = resolve_amp(device, amp)
-    model.eval()
-    n = regional.shape[0]
-    order = np.arange(n) if order is None else np.asarray(order)
-    out = np.zeros((n, model.descriptor_dim), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        r = regional[torch.as_tensor(idx)].to(device)
-        with autocast(device, amp):
-            out[idx] = model.encode(r, num_groups(batch_size, group_size)).float().cpu().numpy()
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,11 +615,14 @@ def evaluate(
     config: EvalConfig = EvalConfig(),
     pca: PCA | None = None,
     name: str | None = None,
+    cache: FeatureCache | None = None,
 ) -> EvalResult:
     """Recall@N of ``model`` on ``split`` under the VG-benchmark protocol (see module docstring)
     and ``config.protocol``.
 
     ``pca``: a fitted :class:`PCA` applied to both database and query descriptors.
+    ``cache``: a :class:`FeatureCache` for the backbone's outputs (the offline notebooks'
+    :class:`~scicevpr.offline.cache.BackboneCache`); the numbers are the same without it.
     """
     if split.num_database == 0 or split.num_queries == 0:
         raise ValueError(f"{split.dataset}/{split.split} has {split.num_database} database images and "
@@ -772,8 +630,10 @@ def evaluate(
     cls = type(model).__name__
     bs = eval_batch_size(config.protocol, cls, split.dataset, config.batch_size)  # CricaVPR, Pitts: 8
     qbs = eval_batch_size(config.protocol, cls, split.dataset, config.query_batch_size or config.batch_size)
-    db = compute_descriptors(model, split.database_paths, config, batch_size=bs, desc=f"{split.dataset} database")
-    q = compute_descriptors(model, split.query_paths, config, batch_size=qbs, desc=f"{split.dataset} queries")
+    db = compute_descriptors(model, split.database_paths, config, batch_size=bs, desc=f"{split.dataset} database",
+                             cache=cache)
+    q = compute_descriptors(model, split.query_paths, config, batch_size=qbs, desc=f"{split.dataset} queries",
+                            cache=cache)
     return score(model, split, db, q, config, pca, name)
 
 
@@ -801,182 +661,8 @@ def score(
                       None if pca is None else pca.dim, per_condition)
 
 
-# --------------------------------------------------------------------------------------------
-# Batch stability (paper Fig. 1-2)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StabilityFeatures:
-    """What a batch-stability sweep reuses: the per-image regional features of the queries
-    (computed once: they do not depend on the batch), the database descriptors (file order,
-    batches of ``database_batch_size``) and the query descriptors encoded one at a time."""
-
-    queries: torch.Tensor  # (N_q, R, C) regional features
-    database: np.ndarray  # (N_db, D)
-    alone: np.ndarray  # (N_q, D), batch size 1
-    amp: bool = False
-    group_size: int | None = None
-    # (batch_size, order's bytes) -> (top-1 (N_q,), cosine to ``alone`` (N_q,)) of the settings
-    # encoded so far, so that a second look at a setting (e.g. Fig. 1 after Fig. 2) is free
-    settings_seen: dict = field(default_factory=dict, repr=False)
-
-    def top1(self, queries: np.ndarray) -> np.ndarray:
-        """(N_q,) index of each query's nearest database image (exact L2 :func:`search`)."""
-        return search(self.database, queries, 1)[1][:, 0]
-
-    def encode(self, model: torch.nn.Module, batch_size: int, order: np.ndarray) -> np.ndarray:
-        """(N_q, D) query descriptors encoded in consecutive batches of ``batch_size`` taken in
-        ``order`` (:func:`encode_in_batches`). A batch of one holds only its query, whatever the
-        order: batch size 1 is ``alone`` itself, the same computation, not encoded again."""
-        if batch_size == 1:
-            return self.alone
-        return encode_in_batches(model, self.queries, batch_size, order, amp=self.amp, group_size=self.group_size)
-
-    @staticmethod
-    def _key(batch_size: int, order: np.ndarray) -> tuple[int, bytes]:
-        """A setting is its batch size and the order itself, so no other setting's result can
-        answer for it."""
-        return int(batch_size), np.asarray(order, dtype=np.int64).tobytes()
-
-    def remember(self, batch_size: int, order: np.ndarray, queries: np.ndarray,
-                 top1: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Record the top-1 and cosines to ``alone`` of ``queries``, encoded in batches of
-        ``batch_size`` in ``order``; returns them."""
-        top1 = self.top1(queries) if top1 is None else np.asarray(top1)
-        seen = self.settings_seen[self._key(batch_size, order)] = (top1, descriptor_cosines(queries, self.alone))
-        return seen
-
-    def setting(self, model: torch.nn.Module, batch_size: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(top1, cosine)`` of the queries encoded in batches of ``batch_size`` in ``order``,
-        encoded only when this setting was not seen before."""
-        key = self._key(batch_size, order)
-        if key not in self.settings_seen:
-            self.remember(batch_size, order, self.encode(model, batch_size, order))
-        return self.settings_seen[key]
-
-
-def descriptor_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two (N, D) descriptor matrices of the same images."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(1)
-
-
-def stability_features(model: torch.nn.Module, split: VGSplit, config: EvalConfig = EvalConfig(),
-                       database_batch_size: int = 16, database: np.ndarray | None = None) -> StabilityFeatures:
-    """The :class:`StabilityFeatures` of ``model`` on ``split`` (one backbone pass per image).
-    ``database``: (N_db, D) descriptors already computed in file order in batches of
-    ``database_batch_size`` (e.g. ``EvalResult.database_descriptors``), reused instead of a
-    second pass over the database."""
-    q_regional = compute_regional_features(model, split.query_paths, config, desc="query features")
-    amp = amp_enabled(config, model_device(model))
-    g = config.encoder_group_size
-    if database is None:
-        db_regional = compute_regional_features(model, split.database_paths, config, desc="database features")
-        db = encode_in_batches(model, db_regional, database_batch_size, amp=amp, group_size=g)
-    else:
-        if database.shape[0] != split.num_database:
-            raise ValueError(f"{database.shape[0]} database descriptors for {split.num_database} database images")
-        db = np.asarray(database, dtype=np.float32)
-    alone = encode_in_batches(model, q_regional, 1, amp=amp)
-    return StabilityFeatures(q_regional, db, alone, amp, g)
-
-
-def batch_orders(num_queries: int, num_orders: int, seed: int = 0) -> list[np.ndarray]:
-    """File order (order 0), then ``num_orders - 1`` seeded random permutations of the queries."""
-    rng = np.random.default_rng(seed)
-    return [np.arange(num_queries)] + [rng.permutation(num_queries) for _ in range(num_orders - 1)]
-
-
-def batch_companions(order: np.ndarray, batch_size: int, query: int) -> list[int]:
-    """The other queries that share ``query``'s batch when ``order`` is cut into consecutive
-    batches of ``batch_size`` (as :func:`encode_in_batches` does)."""
-    pos = int(np.flatnonzero(np.asarray(order) == query)[0])
-    start = pos - pos % batch_size
-    return [int(i) for i in order[start : start + batch_size] if int(i) != query]
-
-
-@torch.no_grad()
-def encode_with_companions(model: torch.nn.Module, features: StabilityFeatures, query: int,
-                           companions: Sequence[int]) -> np.ndarray:
-    """(D,) descriptor of ``query`` encoded in one batch with ``companions`` (query indices):
-    the experiment of the paper's Fig. 1 for any choice of batch."""
-    idx = [int(query), *[int(c) for c in companions if int(c) != int(query)]]
-    order = np.asarray(idx)
-    out = encode_in_batches(model, features.queries[torch.as_tensor(order)], len(idx), amp=features.amp,
-                            group_size=features.group_size)
-    return out[0]
-
-
-def top1_changes(top1: np.ndarray, reference: np.ndarray) -> int:
-    """How many queries have another nearest database image than in ``reference``."""
-    return int((np.asarray(top1) != np.asarray(reference)).sum())
-
-
-def batch_stability(
-    model: torch.nn.Module,
-    split: VGSplit,
-    query_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
-    num_orders: int = 3,
-    seed: int = 0,
-    database_batch_size: int = 16,
-    config: EvalConfig = EvalConfig(),
-    name: str | None = None,
-    features: StabilityFeatures | None = None,
-    intervals: bool = False,
-) -> pd.DataFrame:
-    """Recall of ``model`` when the queries are encoded with other batch sizes and orders.
-
-    The database is encoded in file order, in batches of ``database_batch_size``; the queries
-    with every batch size in ``query_batch_sizes``, in file order (``order`` 0) and in
-    ``num_orders - 1`` random orders (1, 2, ...). Returns a tidy table: one row per
-    (batch_size, order) with R@N and, against encoding the queries one at a time (batch size 1):
-    ``top1_changed`` (queries whose nearest database image is another one, the paper's Fig. 1),
-    ``correct_changed`` (queries whose top-1 turns from right to wrong or from wrong to right: the
-    flips that move Recall@1; ``correct_gained`` / ``correct_lost`` split them),
-    ``min_cosine`` / ``mean_cosine`` (cosine of each query descriptor to its batch-size-1 one) and
-    ``max_abs_change`` (the largest change of any descriptor component); ``typical_component``
-    is the median |component| of the batch-size-1 descriptors, the scale to read changes on.
-    ``features``: a :func:`stability_features` result to reuse (else computed here).
-    ``intervals``: ``R@N lo`` / ``R@N hi`` columns, each setting's bootstrap interval over queries.
-    """
-    name = name or f"{type(model).__name__}"
-    f = features if features is not None else stability_features(model, split, config, database_batch_size)
-    alone = f.alone
-    res_alone = score(None, split, f.database, alone, config)
-    top1_alone, right_alone = res_alone.predictions[:, 0], res_alone.correct[:, 0]
-    typical = float(np.median(np.abs(alone)))
-    rows = []
-    for bs in query_batch_sizes:
-        for o, order in enumerate(batch_orders(split.num_queries, num_orders, seed)):
-            q = f.encode(model, bs, order)
-            res = score(None, split, f.database, q, config)
-            _, cos = f.remember(bs, order, q, res.predictions[:, 0])
-            row = {"model": name, "batch_size": bs, "order": o,
-                   "max_abs_change": float(np.abs(q - alone).max()),
-                   "top1_changed": top1_changes(res.predictions[:, 0], top1_alone),
-                   "correct_changed": int((res.correct[:, 0] != right_alone).sum()),
-                   "correct_gained": int((res.correct[:, 0] & ~right_alone).sum()),
-                   "correct_lost": int((~res.correct[:, 0] & right_alone).sum()),
-                   "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                   "typical_component": typical}
-            row.update(recall_columns(res.recalls, recall_intervals(res.correct, tuple(res.recalls)) if intervals else None))
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def stability_summary(table: pd.DataFrame, metric: str = "R@1") -> pd.DataFrame:
-    """Per model: min, max and spread (max - min) of ``metric`` over all batch settings, the
-    largest descriptor change, and (where :func:`batch_stability` counted them) the most queries
-    whose top-1 changed (``top1_changed``) and whose top-1 *correctness* changed
-    (``correct_changed``) in one setting against batch size 1."""
-    by_model = table.groupby("model", sort=False)
-    g = by_model[metric]
-    out = pd.DataFrame({"min": g.min(), "max": g.max()})
-    out["spread"] = (out["max"] - out["min"]).round(2)
-    out["max_abs_change"] = by_model["max_abs_change"].max()
-    for column in ("top1_changed", "correct_changed"):
-        if column in table:
-            out[column] = by_model[column].max()
-    return out.reset_index()
+# The batch-stability sweep moved to scicevpr.stability; its names still import from here.
+__getattr__ = moved_attributes(__name__, "scicevpr.stability", (
+    "StabilityFeatures", "batch_companions", "batch_orders", "batch_stability", "compute_regional_features",
+    "descriptor_cosines", "encode_in_batches", "encode_with_companions", "stability_features", "stability_summary",
+    "top1_changes"))

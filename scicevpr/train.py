@@ -12,10 +12,11 @@
   eval mode on the same batch. Backbone + conv are the same function for both models, so
   ``f = extract_features(x)`` is computed once per batch and fed to both heads.
 
-With :data:`scicevpr.evaluate.BACKBONE_CACHE` enabled (the offline notebooks), a frozen
-backbone's output for a batch already computed on the same weights is reused: the validation
-split after every epoch, and a student's epochs, which draw its teacher's first batches (the
-same seed gives the same places and augmentations). The weights trained are the same, bit for bit.
+With a ``cache`` passed (:class:`scicevpr.offline.cache.BackboneCache`, the offline notebooks),
+a frozen backbone's output for a batch already computed on the same weights is reused: the
+validation split after every epoch, and a student's epochs, which draw its teacher's first
+batches (the same seed gives the same places and augmentations). The weights trained are the
+same, bit for bit; without a cache nothing is hashed or kept.
 
 Both stages: Adam, lr 1e-4, StepLR halving every 3 epochs stepped per iteration
 (``step_size = 3 * iterations_per_epoch``); a run folder with ``config.json``, ``log.csv``,
@@ -78,7 +79,7 @@ from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .config import EvalConfig
-from .evaluate import evaluate, feature_extractor
+from .evaluate import FeatureCache, evaluate
 from .factory import create_model
 from .files import (
     append_csv_row,
@@ -343,7 +344,7 @@ class MetricLearningStep(nn.Module):
         self.model = model
         self.ms = MultiSimilarityLoss(loss)
         self.groups = groups  # the encoder attends within this many chunks of the global batch
-        self.extract_features = model.extract_features  # fit() may route a frozen backbone through BACKBONE_CACHE
+        self.extract_features = model.extract_features  # fit() routes a frozen backbone through its cache, if any
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar loss."""
@@ -374,7 +375,7 @@ class DistillationStep(nn.Module):
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
         self.objective = DistillationObjective(loss)
-        self.extract_features = student.extract_features  # fit() may route it through BACKBONE_CACHE
+        self.extract_features = student.extract_features  # fit() routes it through its cache, if any
 
     def train(self, mode: bool = True) -> "DistillationStep":
         super().train(mode)
@@ -578,14 +579,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterat
     )
 
 
-def _validate(model: VPRModel, split, config: TrainConfig, amp: bool) -> dict[int, float]:
+def _validate(model: VPRModel, split, config: TrainConfig, amp: bool, cache: FeatureCache | None) -> dict[int, float]:
     """Recall@N (percent) of ``model`` on the validation split; the caller's RNG is untouched."""
     official = config.protocol == "official"
     eval_cfg = EvalConfig(batch_size=config.eval_batch_size, recall_values=RECALL_VALUES, amp=False if official else amp,
                           fast=False, num_workers=config.num_workers, progress=config.progress,
                           protocol=config.protocol, encoder_group_size=config.group_size("validation"))
     with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
-        result = evaluate(model, split, eval_cfg)
+        result = evaluate(model, split, eval_cfg, cache=cache)
     return {int(k): float(v) for k, v in result.recalls.items()}
 
 
@@ -611,12 +612,15 @@ def plan_memory(stage: str, config: TrainConfig, model: VPRModel, device: torch.
                                 available_memory(device), config.activation_checkpointing, what_text, where, world_size)
 
 
-def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.device], _Stage]) -> RunResult:
+def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.device], _Stage],
+        cache: FeatureCache | None = None) -> RunResult:
     """The training loop shared by both stages.
 
     ``build(config, device)`` returns the stage: the model to train and its step module
     (``forward(images, labels) -> (loss, parts)``). Everything else (data, optimiser, schedule,
-    validation, logging, checkpoints, resume, DDP) is common.
+    validation, logging, checkpoints, resume, DDP) is common. ``cache``: a
+    :class:`~scicevpr.evaluate.FeatureCache` that a frozen backbone's outputs go through, in
+    training and validation (None: none).
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
@@ -624,13 +628,14 @@ def fit(stage: str, config: TrainConfig, build: Callable[[TrainConfig, torch.dev
     ddp = setup_distributed(device)
     try:
         with lock_run_dir(_run_dir(config, stage)) if ddp.main else contextlib.nullcontext():
-            return _fit(stage, config, build, device, ddp)
+            return _fit(stage, config, build, device, ddp, cache)
     finally:
         if ddp.created:
             dist.destroy_process_group()
 
 
-def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist) -> RunResult:
+def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist,
+         cache: FeatureCache | None) -> RunResult:
     run_dir = _run_dir(config, stage)
     resuming = _prepare_run_dir(run_dir, config, stage)
     if ddp.enabled:
@@ -642,8 +647,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist
     st = build(config, device)
     model = st.model.to(device)
     dataset = GSVCitiesDataset(config.gsv_root, cities=training_cities(config), img_per_place=config.img_per_place,
-                               image_size=model.image_size, seed=config.seed,
-                               transform=train_transform(model.image_size, config.randaugment_ops),
+                               seed=config.seed, transform=train_transform(model.image_size, config.randaugment_ops),
                                drop_small_places=config.drop_small_places, skip_corrupt=config.skip_corrupt)
     sampler = PlaceBatchSampler(len(dataset), config.places_per_batch, config.seed, ddp.rank, ddp.world_size,
                                 config.max_iters_per_epoch, order=config.protocol,
@@ -701,16 +705,17 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist
     if ddp.enabled:
         step = nn.parallel.DistributedDataParallel(st.step, device_ids=[device.index] if device.type == "cuda" else None)
     meta_base = {"stage": stage, "world_size": ddp.world_size}
+    if cache is not None and frozen_backbone:
+        # A batch that a run on these weights already drew (the same seed: a student's epochs are
+        # its teacher's first) is not recomputed. The weights are hashed once, after train(), in the
+        # mode every epoch runs in.
+        step.train()
+        st.step.extract_features = cache.extractor(model)
 
     for epoch in range(start_epoch, epochs):
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         step.train()
-        if frozen_backbone:
-            # Where BACKBONE_CACHE is enabled, a batch that a run on these weights already drew (the
-            # same seed: a student's epochs are its teacher's first) is not recomputed. Hashed
-            # after train(), in the mode the epoch runs in.
-            st.step.extract_features = feature_extractor(model)
         sums: dict[str, float] = {}
         lr_used = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
@@ -750,7 +755,7 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist
         if ddp.main:
             last_epoch = epoch + 1 == epochs
             if val_split is not None and ((epoch + 1) % config.val_every == 0 or last_epoch):
-                recalls = _validate(model, val_split, config, amp)
+                recalls = _validate(model, val_split, config, amp, cache)
                 model.train()
                 row.update({f"R@{n}": v for n, v in recalls.items()})
                 if recalls[5] > best["r5"]:
@@ -802,11 +807,11 @@ def _diverged_message(what: str, epoch: int, iteration: int, last_path: Path, co
             f"(gamma={config.loss.gamma:g}, eta={config.loss.eta:g}), and train again in a new run_dir.")
 
 
-def train_teacher(config: TrainConfig) -> RunResult:
-    """Stage 1: train ``config.model`` (Super-CricaVPR by default) with ``L_MS``."""
-    return fit("teacher", config, _build_teacher_stage)
+def train_teacher(config: TrainConfig, cache: FeatureCache | None = None) -> RunResult:
+    """Stage 1: train ``config.model`` (Super-CricaVPR by default) with ``L_MS``. ``cache``: see :func:`fit`."""
+    return fit("teacher", config, _build_teacher_stage, cache)
 
 
-def train_student(config: TrainConfig) -> RunResult:
-    """Stage 2: distil the teacher (``config.teacher``) into SciceVPR with ``L_T``."""
-    return fit("student", config, _build_student_stage)
+def train_student(config: TrainConfig, cache: FeatureCache | None = None) -> RunResult:
+    """Stage 2: distil the teacher (``config.teacher``) into SciceVPR with ``L_T``. ``cache``: see :func:`fit`."""
+    return fit("student", config, _build_student_stage, cache)

@@ -49,13 +49,7 @@ def quiet_random_weights():
 
 @pytest.fixture
 def cache():
-    """``scicevpr.evaluate.BACKBONE_CACHE`` enabled (256 MiB) and empty for one test, then off
-    and empty again, as it is by default."""
-    from scicevpr.evaluate import BACKBONE_CACHE
+    """A fresh :class:`scicevpr.offline.cache.BackboneCache` of 256 MiB, for a test to pass as ``cache=``."""
+    from scicevpr.offline.cache import BackboneCache
 
-    BACKBONE_CACHE.enable(0)
-    BACKBONE_CACHE.clear()
-    BACKBONE_CACHE.enable(2**28)
-    yield BACKBONE_CACHE
-    BACKBONE_CACHE.enable(0)
-    BACKBONE_CACHE.clear()
+    return BackboneCache(2**28)

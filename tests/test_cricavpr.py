@@ -424,7 +424,7 @@ def test_batch_stability_sweep_runs_cricavpr(tiny_benchmark):
     """CricaVPR goes through the same stability sweep as the other models, and moves with the batch."""
     from scicevpr.data.vg import load_vg_split
     from scicevpr.config import EvalConfig
-    from scicevpr.evaluate import batch_stability
+    from scicevpr.stability import batch_stability
 
     torch.manual_seed(0)
     crica = scicevpr.CricaVPR("CricaVPR-S", weights=None, image_size=56).eval()

@@ -14,16 +14,18 @@ import scicevpr
 from scicevpr.data.vg import load_vg_split
 from scicevpr.config import EvalConfig
 from scicevpr.evaluate import (
-    batch_stability,
     compute_descriptors,
-    compute_regional_features,
-    encode_in_batches,
     evaluate,
     fit_pca,
     load_descriptors,
     recall_at_n,
     recall_by_condition,
     search,
+)
+from scicevpr.stability import (
+    batch_stability,
+    compute_regional_features,
+    encode_in_batches,
     stability_features,
     stability_summary,
 )
@@ -161,26 +163,26 @@ def test_backbone_cache_reuses_a_shared_backbone_and_changes_no_bit(toy_split, t
     twin = copy.deepcopy(teacher)  # another object with the same weights
     student = scicevpr.SciceVPR.from_teacher(twin, seed=3).eval()
     cache.enable(0)
-    refs = [compute_descriptors(m, paths, CFG, batch_size=4) for m in (teacher, student)]
+    refs = [compute_descriptors(m, paths, CFG, batch_size=4, cache=cache) for m in (teacher, student)]
     assert cache.misses == cache.hits == 0 and not cache.entries, "off: nothing kept"
 
     cache.enable(2**28)
-    first = compute_descriptors(teacher, paths, CFG, batch_size=4)
+    first = compute_descriptors(teacher, paths, CFG, batch_size=4, cache=cache)
     assert (cache.misses, cache.hits) == (3, 0)
-    again = compute_descriptors(student, paths, CFG, batch_size=4)  # another head, the same backbone weights
+    again = compute_descriptors(student, paths, CFG, batch_size=4, cache=cache)  # another head, the same backbone weights
     assert (cache.misses, cache.hits) == (3, 3)
     np.testing.assert_array_equal(first, refs[0])
     np.testing.assert_array_equal(again, refs[1])
-    compute_descriptors(teacher, paths, CFG, batch_size=6)  # other batches are other inputs
+    compute_descriptors(teacher, paths, CFG, batch_size=6, cache=cache)  # other batches are other inputs
     assert cache.misses == 5
 
     with torch.no_grad():
         w = twin.backbone.patch_embed.proj.weight  # the weights change: no entry may answer
         w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(5)))
-    changed = compute_descriptors(student, paths, CFG, batch_size=4)
+    changed = compute_descriptors(student, paths, CFG, batch_size=4, cache=cache)
     assert cache.misses == 8
     cache.enable(0)
-    np.testing.assert_array_equal(changed, compute_descriptors(student, paths, CFG, batch_size=4))
+    np.testing.assert_array_equal(changed, compute_descriptors(student, paths, CFG, batch_size=4, cache=cache))
     assert np.abs(changed - refs[1]).max() > 1e-4
 
 

@@ -16,17 +16,14 @@ import torch
 
 from scicevpr.lab import analysis, viz
 from scicevpr.config import EvalConfig
-from scicevpr.evaluate import (
-    EvalResult,
+from scicevpr.evaluate import EvalResult, chance_recall, informative_recall_values, recall_by_condition
+from scicevpr.stability import (
     StabilityFeatures,
     batch_companions,
     batch_orders,
     batch_stability,
-    chance_recall,
     encode_in_batches,
     encode_with_companions,
-    informative_recall_values,
-    recall_by_condition,
     top1_changes,
 )
 
@@ -96,7 +93,7 @@ def test_batch_dependent_toy_flips_top1_and_independent_one_does_not():
 def test_batch_stability_counts_queries_whose_correctness_changes():
     """Fig. 1 counts top-1 changes; the ones that move Recall@1 are those whose top-1 turns from
     right to wrong or back. Counted against encoding each query alone, checked by hand."""
-    from scicevpr.evaluate import stability_summary
+    from scicevpr.stability import stability_summary
 
     model, features, split = toy_world(mix=1.5)
     table = batch_stability(model, split, query_batch_sizes=(1, 2, 8), num_orders=2, config=CFG, features=features)
@@ -290,6 +287,6 @@ def test_stability_features_reuse_database_descriptors(tmp_path):
 
 
 def stability_features_for(model, split, cfg, database=None):
-    from scicevpr.evaluate import stability_features
+    from scicevpr.stability import stability_features
 
     return stability_features(model, split, cfg, database_batch_size=2, database=database)

@@ -87,3 +87,15 @@ def test_importing_the_package_and_the_method_changes_no_environment_variable():
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE.parent), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_moved_function_imports_from_its_old_module_with_a_warning():
+    """The batch-stability sweep moved from ``scicevpr.evaluate`` to ``scicevpr.stability``."""
+    import scicevpr.evaluate
+    import scicevpr.stability
+
+    with pytest.warns(DeprecationWarning, match=r"scicevpr.evaluate.batch_stability moved to scicevpr.stability"):
+        old = scicevpr.evaluate.batch_stability
+    assert old is scicevpr.stability.batch_stability
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        scicevpr.evaluate.no_such_name  # noqa: B018

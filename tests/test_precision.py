@@ -15,7 +15,8 @@ import scicevpr
 from scicevpr import precision
 from scicevpr.offline.synthetic import generate
 from scicevpr.config import EvalConfig
-from scicevpr.evaluate import amp_enabled, batch_stability, compute_descriptors, encode_in_batches
+from scicevpr.evaluate import amp_enabled, compute_descriptors
+from scicevpr.stability import batch_stability, encode_in_batches
 from scicevpr.config import TrainConfig
 from scicevpr.train import offline_train_config, train_teacher
 

@@ -202,23 +202,21 @@ def test_cricavpr_trains_its_adapters_through_the_same_loop(tiny, tmp_path):
 
 def test_backbone_cache_in_training_reuses_the_teachers_batches_and_changes_no_weight(tiny, tmp_path, cache):
     """A student draws its teacher's first batches (same seed) through the same frozen backbone:
-    with BACKBONE_CACHE on, its training reuses them and ends with exactly the weights it gets
+    with a BackboneCache passed, its training reuses them and ends with exactly the weights it gets
     with the cache off. A backbone that trains (CricaVPR's adapters) is never served from it."""
     kw = dict(epochs=2, max_iters_per_epoch=2, val_dataset=None)
-    t_cached = train_teacher(quick_config(tiny, tmp_path / "teacher", **kw))
+    t_cached = train_teacher(quick_config(tiny, tmp_path / "teacher", **kw), cache)
     assert (cache.hits, cache.misses) == (0, 4)  # 2 epochs x 2 batches, all new
     student = dict(teacher=str(t_cached.last_path), **kw)
-    s_cached = train_student(quick_config(tiny, tmp_path / "student", **student))
+    s_cached = train_student(quick_config(tiny, tmp_path / "student", **student), cache)
     assert (cache.hits, cache.misses) == (4, 4), "the student's batches are the teacher's"
-    cache.enable(0)
-    s_plain = train_student(quick_config(tiny, tmp_path / "student-plain", **student))
+    s_plain = train_student(quick_config(tiny, tmp_path / "student-plain", **student))  # no cache
     for k, v in s_plain.model.state_dict().items():
         assert torch.equal(v, s_cached.model.state_dict()[k]), k
 
-    cache.enable(2**28)
     crica = quick_config(tiny, tmp_path / "crica", model="CricaVPR", preset="CricaVPR-S",
                          model_overrides={"image_size": 56}, **kw)
-    train_teacher(crica)
+    train_teacher(crica, cache)
     assert (cache.hits, cache.misses) == (4, 4), "an adapted backbone's outputs need autograd: not cached"
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..evaluate import descriptor_cosines  # noqa: F401  (notebooks call it from here)
+from ..stability import descriptor_cosines
 from ..precision import autocast, model_device
 
 if TYPE_CHECKING:
@@ -391,14 +391,14 @@ def _baseline_row(result, dim: int, intervals: bool) -> dict[str, Any]:
 def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 3, seed: int = 0) -> dict[str, Any] | None:
     """The paper's Fig. 1 on ``split``: a query whose nearest database image alone (batch size 1)
     differs from the one in a batch of ``batch_size`` (file order first, then the random orders
-    of :func:`scicevpr.evaluate.batch_orders`). Prefers a query that is right one way and wrong
+    of :func:`scicevpr.stability.batch_orders`). Prefers a query that is right one way and wrong
     the other; else the first flip. Returns ``query``, ``companions`` (the other queries of its
     batch), ``top1_a`` (alone), ``top1_b`` (in the batch), ``order``, ``cosine`` (of the two
     descriptors), or None when no query changes its top-1.
 
-    ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``; the settings that
-    :func:`scicevpr.evaluate.batch_stability` has already encoded with them are not encoded again."""
-    from ..evaluate import batch_companions, batch_orders
+    ``features``: :func:`scicevpr.stability.stability_features` of ``model``; the settings that
+    :func:`scicevpr.stability.batch_stability` has already encoded with them are not encoded again."""
+    from ..stability import batch_companions, batch_orders
 
     top_alone = features.top1(features.alone)
     fallback = None

@@ -9,8 +9,9 @@ Every notebook starts with this call. It reads one environment variable, ``SCICE
     trains (the CPU-sized SciceVPR-S at 112 px), and training uses that recipe; the backbone is
     the compact ViT this project pretrained on synthetic streets (``config.OFFLINE_BACKBONE``,
     shipped in ``scicevpr/weights/``; not Meta's DINOv2 weights). Figures and tables say so.
-    The backbone's outputs are kept for reuse (:data:`scicevpr.evaluate.BACKBONE_CACHE`, up to
-    ``OFFLINE_BACKBONE_CACHE_BYTES``): the teacher, its student and the ablations share one
+    The backbone's outputs are kept for reuse (``settings.cache``, a
+    :class:`scicevpr.offline.cache.BackboneCache` of up to ``OFFLINE_BACKBONE_CACHE_BYTES``, that
+    the notebooks pass as ``cache=``): the teacher, its student and the ablations share one
     frozen backbone and draw the same training batches, so a split or a batch passes it once;
     the numbers are those without the cache, bit for bit.
 
@@ -66,6 +67,7 @@ import numpy as np
 import torch
 
 from ..data.paths import DATA_ENV, WEIGHTS_ENV, find_repo_root
+from ..offline.cache import BackboneCache
 from ..precision import cpu_kernels_pinned, cpu_kind, resolve_amp
 
 MODE_ENV = "SCICEVPR_MODE"
@@ -84,10 +86,10 @@ FULL_PRESETS = ("SciceVPR-B", "SciceVPR-L")
 # fewer epochs than the teacher to keep the notebooks within minutes.
 CRICAVPR_OFFLINE_EPOCHS = 2
 
-# Backbone outputs kept for reuse in offline mode (BACKBONE_CACHE): through the SciceVPR-S
+# Backbone outputs kept for reuse in offline mode (settings.cache): through the SciceVPR-S
 # backbone at 112 px, the small split's 1,014 evaluation images take 0.4 GB and the teacher's
 # 10 epochs of training batches 1.3 GB (a student's 6 epochs are its first 6); CricaVPR-S's
-# 1,014 images 0.1 GB. BACKBONE_CACHE.enable(0) in a notebook turns it off.
+# 1,014 images 0.1 GB. settings.cache.enable(0) in a notebook turns it off.
 OFFLINE_BACKBONE_CACHE_BYTES = 2 * 2**30
 RANDOM_BACKBONE_LABEL = "random DINOv2 backbone (offline)"
 RANDOM_FULL_LABEL = "random DINOv2 backbone (full mode)"
@@ -168,6 +170,9 @@ class NotebookSettings:
         demo_images: how many images the explanatory notebooks (01, 02) look at.
         seed, threads: random seed and torch CPU threads.
         train_overrides: TrainConfig fields replaced in both stages (e.g. fewer epochs).
+        cache: the backbone cache the notebooks pass as ``cache=`` to evaluation, the stability
+            sweep and training (offline: a :class:`~scicevpr.offline.cache.BackboneCache`; full
+            mode: None, so nothing is hashed or kept).
     """
 
     mode: str
@@ -197,6 +202,8 @@ class NotebookSettings:
     seed: int = 0
     threads: int = 2
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    # the backbone cache passed as cache= (offline: a BackboneCache; full mode: None, nothing kept)
+    cache: BackboneCache | None = field(default=None, repr=False, compare=False)
 
     # ---- labels --------------------------------------------------------------------------
 
@@ -350,7 +357,7 @@ class NotebookSettings:
         from ..data.gsv import GSVCitiesDataset
 
         self.benchmark()
-        kw = dict(image_size=self.model_config().image_size, seed=self.seed)
+        kw = dict(seed=self.seed) if "transform" in kwargs else dict(image_size=self.model_config().image_size, seed=self.seed)
         kw.update(kwargs)
         return GSVCitiesDataset(self.gsv_root, **kw)
 
@@ -462,9 +469,9 @@ class NotebookSettings:
         from ..train import train_student, train_teacher
 
         self.benchmark()
-        teacher_run = train_teacher(self.train_config("teacher"))
+        teacher_run = train_teacher(self.train_config("teacher"), self.cache)
         best = teacher_run.best_path or teacher_run.last_path
-        student_run = train_student(self.train_config("student", teacher=best))
+        student_run = train_student(self.train_config("student", teacher=best), self.cache)
         return teacher_run, student_run
 
     def student_variant_config(self, name: str, teacher: str | os.PathLike, **loss: float):
@@ -483,9 +490,9 @@ class NotebookSettings:
         from ..train import train_student, train_teacher
 
         self.benchmark()
-        teacher_run = train_teacher(self.train_config("teacher"))
+        teacher_run = train_teacher(self.train_config("teacher"), self.cache)
         best = teacher_run.best_path or teacher_run.last_path
-        return train_student(self.student_variant_config(name, best, **loss))
+        return train_student(self.student_variant_config(name, best, **loss), self.cache)
 
     def cricavpr_config(self):
         """The :class:`~scicevpr.config.TrainConfig` of :meth:`train_cricavpr`. Offline: preset
@@ -507,7 +514,7 @@ class NotebookSettings:
         from ..train import train_teacher
 
         self.benchmark()
-        return train_teacher(self.cricavpr_config())
+        return train_teacher(self.cricavpr_config(), self.cache)
 
 
 def offline_settings(repo_root: Path, data_root: Path, synthetic: str = "small", runs_dir: Path | None = None,
@@ -538,7 +545,7 @@ def offline_settings(repo_root: Path, data_root: Path, synthetic: str = "small",
         eval_dataset="synthetic", eval_split="test", val_dataset="synthetic", val_split="val",
         stability_batch_sizes=(1, 2, 4, 8, 16, 32), stability_orders=3, num_workers=0, amp=False,
         pca_dim=256, pca_max_images=2**14, demo_images=4, seed=seed, threads=threads,
-        train_overrides=dict(train_overrides or {}),
+        train_overrides=dict(train_overrides or {}), cache=BackboneCache(OFFLINE_BACKBONE_CACHE_BYTES),
     )
 
 
@@ -600,10 +607,7 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
             train_overrides=train_overrides,
         )
     torch.set_num_threads(settings.threads)
-    from ..evaluate import BACKBONE_CACHE
     from ..runtime import seed_everything
-
-    BACKBONE_CACHE.enable(OFFLINE_BACKBONE_CACHE_BYTES if settings.offline else 0)
 
     seed_everything(seed)
     from ..backbone import RandomWeightsWarning

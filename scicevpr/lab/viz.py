@@ -531,7 +531,7 @@ def plot_stability(table: pd.DataFrame, metric: str = "R@1", label: str | None =
 
     Left: the recall; solid line = queries in file order, dashed = random orders. Right: the
     largest change of any descriptor component compared with encoding the queries one at a
-    time (0 means bit-identical descriptors). ``table``: :func:`scicevpr.evaluate.batch_stability`
+    time (0 means bit-identical descriptors). ``table``: :func:`scicevpr.stability.batch_stability`
     output (several models concatenated). ``chance``: the chance level of ``metric`` (a dashed line).
     With ``{metric} lo`` / ``hi`` columns (``batch_stability(..., intervals=True)``), a band draws
     the file-order line's 95% interval over queries.
@@ -1044,11 +1044,11 @@ def flip_explorer(model, split, features, label: str | None = None):
     """An ipywidgets control for the paper's Fig. 1: pick a query and its batch companions
     (query indices, comma-separated), see the teacher's best match alone and in that batch.
 
-    ``features``: :func:`scicevpr.evaluate.stability_features` of ``model``. Needs a live kernel.
+    ``features``: :func:`scicevpr.stability.stability_features` of ``model``. Needs a live kernel.
     """
     import ipywidgets as widgets
 
-    from ..evaluate import encode_with_companions
+    from ..stability import encode_with_companions
 
     def render(query: int, companions: str):
         try:

@@ -27,7 +27,7 @@ validation runs during training.
 
 Every model is scored on the test split with the default batching (queries and database in
 batches of 16, file order); the cross-image models and the student also under every query
-batching of the stability sweep (:func:`scicevpr.evaluate.batch_stability`: batch sizes x
+batching of the stability sweep (:func:`scicevpr.stability.batch_stability`: batch sizes x
 orders). The comparisons (:data:`CLAIMS`) are paired: the same queries, R@1 difference in
 points, its paired-bootstrap interval, McNemar's exact p per seed, and over seeds the mean, min,
 max and a two-level bootstrap interval of the mean (:mod:`scicevpr.stats`), with the verdict of
@@ -159,7 +159,7 @@ def train_config(name: str, config: ClaimsConfig, bench, seed: int, run_dir: Pat
     return loss_variant_config(tc, run_dir, **loss) if loss else tc  # e.g. eta = 0: the same steps, L_MS only
 
 
-def _train(name: str, config: ClaimsConfig, bench, seed: int, seed_dir: Path):
+def _train(name: str, config: ClaimsConfig, bench, seed: int, seed_dir: Path, cache=None):
     from ..train import train_student, train_teacher
 
     teacher = None
@@ -168,7 +168,7 @@ def _train(name: str, config: ClaimsConfig, bench, seed: int, seed_dir: Path):
         if not teacher.is_file():
             raise RuntimeError(f"{name} needs its teacher's {teacher}, which is missing: train {STAGE2[name][0]} first")
     tc = train_config(name, config, bench, seed, seed_dir / name, teacher)
-    run = (train_student if name in STAGE2 else train_teacher)(tc)
+    run = (train_student if name in STAGE2 else train_teacher)(tc, cache=cache)
     return tc, run
 
 
@@ -182,7 +182,8 @@ def _r1_correct(top1: np.ndarray, positives) -> np.ndarray:
     return np.array([int(t) in set(np.asarray(p).tolist()) for t, p in zip(top1, positives)], dtype=bool)
 
 
-def evaluate_model(model, split, config: ClaimsConfig, stability: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def evaluate_model(model, split, config: ClaimsConfig, stability: bool,
+                   cache=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Scores of ``model`` on ``split``: (facts, per-query arrays).
 
     Facts: R@1/5/10 and the R@1 interval at the default batching; with ``stability``, the
@@ -190,19 +191,21 @@ def evaluate_model(model, split, config: ClaimsConfig, stability: bool) -> tuple
     component, and how many queries change their top-1 / their R@1 correctness across the
     settings. Arrays: ``correct`` (default batching), and with ``stability`` ``worst`` (at the
     worst setting), ``top1_varies`` and ``correct_varies`` (the top-1 / the correctness is not
-    the same under every setting, batch size 1 included)."""
+    the same under every setting, batch size 1 included). ``cache``: a
+    :class:`~scicevpr.offline.cache.BackboneCache` (None: none)."""
     from ..config import EvalConfig
-    from ..evaluate import batch_stability, evaluate, stability_features
+    from ..evaluate import evaluate
+    from ..stability import batch_stability, stability_features
 
     ec = EvalConfig(batch_size=16, device="cpu", amp=False, num_workers=0, progress=config.progress)
-    res = evaluate(model, split, ec)
+    res = evaluate(model, split, ec, cache=cache)
     correct = res.correct[:, 0].copy()
     lo, hi = res.intervals()[1]
     facts: dict[str, Any] = {"R@1": res.recalls[1], "R@5": res.recalls[5], "R@10": res.recalls[10],
                              "R@1 lo": lo, "R@1 hi": hi, "num_queries": int(split.num_queries)}
     arrays = {"correct": correct}
     if stability:
-        f = stability_features(model, split, ec, database=res.database_descriptors)
+        f = stability_features(model, split, ec, database=res.database_descriptors, cache=cache)
         table = batch_stability(model, split, config.batch_sizes, config.num_orders, features=f, config=ec)
         seen = list(f.settings_seen.values())  # one (top1, cosines) per setting, in the table's row order
         if len(seen) != len(table):
@@ -250,13 +253,14 @@ def _cpu_seconds() -> float:
 
 
 def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir: Path,
-              log: Callable[[str], None] = print) -> tuple[dict, dict]:
+              log: Callable[[str], None] = print, cache=None) -> tuple[dict, dict]:
     """Train (or resume) model ``name`` of ``seed`` and score it; both are kept in its run folder
-    and reused when the checkpoint is the same."""
+    and reused when the checkpoint is the same. ``cache``: a
+    :class:`~scicevpr.offline.cache.BackboneCache` shared by the runs (None: none)."""
     from ..backbone import file_sha256
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    tc, run = _train(name, config, bench, seed, seed_dir)
+    tc, run = _train(name, config, bench, seed, seed_dir, cache)
     train_wall, train_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     sha = file_sha256(run.last_path)
     stored = _stored_result(run.run_dir, sha)
@@ -264,7 +268,7 @@ def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir
         log(f"seed {seed} {name}: done before (R@1 {stored[0]['R@1']:.1f})")
         return stored
     t1, c1 = time.perf_counter(), _cpu_seconds()
-    facts, arrays = evaluate_model(run.model, split, config, stability=name in STABILITY)
+    facts, arrays = evaluate_model(run.model, split, config, stability=name in STABILITY, cache=cache)
     eval_s, eval_cpu = time.perf_counter() - t1, _cpu_seconds() - c1
     hist = run.history
     epochs = int(hist["epoch"].max()) if len(hist) else 0
@@ -466,11 +470,11 @@ def run_claims(config: ClaimsConfig, command: str = "scicevpr claims", log: Call
 
     from .synthetic import generate
     from ..data.vg import load_vg_split
-    from ..evaluate import BACKBONE_CACHE
+    from .cache import BackboneCache
 
     t0 = time.perf_counter()
     torch.set_num_threads(config.threads)
-    BACKBONE_CACHE.enable(config.cache_bytes)
+    cache = BackboneCache(config.cache_bytes)
     bench = generate(config.data, preset=config.preset, seed=0, progress=config.progress)
     split = load_vg_split(bench.vg_root, bench.dataset, "test")
     num_val = load_vg_split(bench.vg_root, bench.dataset, "val").num_queries
@@ -479,14 +483,11 @@ def run_claims(config: ClaimsConfig, command: str = "scicevpr claims", log: Call
             f"as for the benchmarks without such a split")
     root = Path(config.runs) / config.preset
     runs: dict[int, dict[str, tuple[dict, dict]]] = {}
-    try:
-        for seed in config.seeds:
-            runs[seed] = {}
-            for name in MODELS:
-                runs[seed][name] = run_model(name, config, bench, split, seed, root / f"seed-{seed}", log)
-    finally:
-        BACKBONE_CACHE.enable(0)
-        BACKBONE_CACHE.clear()
+    for seed in config.seeds:
+        runs[seed] = {}
+        for name in MODELS:
+            runs[seed][name] = run_model(name, config, bench, split, seed, root / f"seed-{seed}", log, cache)
+    cache.clear()
     claims = claim_rows(runs, config)
     runs_df = runs_table(runs)
     label = f"synthetic `{config.preset}` benchmark ({bench.root}), backbone {_backbone_label(config.weights)}"

@@ -303,7 +303,7 @@ class ClaimsConfig:
         num_samples: bootstrap resamples.
         threads: torch CPU threads (2, as the offline notebooks).
         num_workers: DataLoader workers in training.
-        cache_bytes: the backbone cache (:data:`scicevpr.evaluate.BACKBONE_CACHE`); 0 turns it off.
+        cache_bytes: the backbone cache (:class:`scicevpr.offline.cache.BackboneCache`); 0 turns it off.
         progress: tqdm bars.
     """
 

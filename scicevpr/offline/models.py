@@ -74,14 +74,14 @@ def train_offline(settings, cricavpr: bool = True) -> dict[str, Any]:
                                    + f" -> {cfg.run_dir}", flush=True)
     cfg = settings.train_config("teacher")
     say("1/3 teacher" if cricavpr else "1/2 teacher", cfg)
-    runs["super_cricavpr_s_offline"] = teacher = train_teacher(cfg)
+    runs["super_cricavpr_s_offline"] = teacher = train_teacher(cfg, settings.cache)
     cfg = settings.train_config("student", teacher=teacher.best_path or teacher.last_path)
     say("2/3 student" if cricavpr else "2/2 student", cfg)
-    runs["scicevpr_s_offline"] = train_student(cfg)
+    runs["scicevpr_s_offline"] = train_student(cfg, settings.cache)
     if cricavpr:
         cfg = settings.cricavpr_config()
         say("3/3 CricaVPR-S", cfg)
-        runs["cricavpr_s_offline"] = train_teacher(cfg)
+        runs["cricavpr_s_offline"] = train_teacher(cfg, settings.cache)
     return runs
 
 
