@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from scicevpr.lab.analysis import patch_maps
 from scicevpr.backbone import DinoVisionTransformer
-from scicevpr.config import OFFLINE_BACKBONE
+from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.data.gsv import GSVCitiesDataset
 from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.transforms import normalize_uint8_batch

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from scicevpr.backbone import DinoVisionTransformer, RandomWeightsWarning
-from scicevpr.config import OFFLINE_BACKBONE
+from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.data.vg import load_vg_split

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scicevpr.config import OFFLINE_BACKBONE, get_config
+from scicevpr.config import get_config
+from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.offline.synthetic import generate
 from scicevpr.factory import create_model
 from scicevpr.config import EvalConfig

@@ -34,7 +34,8 @@ from scicevpr.data.vg import load_vg_split
 from scicevpr.config import EvalConfig
 from scicevpr.evaluate import chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
 from scicevpr.config import TrainConfig
-from scicevpr.train import loss_variant_config, offline_train_config, train_student, train_teacher
+from scicevpr.offline.config import offline_train_config
+from scicevpr.train import loss_variant_config, train_student, train_teacher
 
 
 def _tuples(v):

@@ -12,7 +12,7 @@ checkpoint cache, then the official download, tried once), or ``None`` (a random
 initialisation, flagged by ``model.is_random_init`` and a :class:`RandomWeightsWarning`).
 
 A compact backbone trained by ``scicevpr pretrain-backbone`` (``BackboneConfig.num_blocks``,
-e.g. ``config.OFFLINE_BACKBONE``) is one fp16 state dict in the same official naming, loaded
+e.g. ``offline.config.OFFLINE_BACKBONE``) is one fp16 state dict in the same official naming, loaded
 through the same door; ``"auto"`` looks for it in the package's ``weights/`` folder, then in
 ``$SCICEVPR_WEIGHTS/`` and the hub cache, and never downloads. When a manifest
 ``<name>.json`` (:data:`MANIFEST_FORMAT`) lies beside a weight file, loading checks the file's

@@ -29,6 +29,7 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ._lazy import moved_attributes
 from .protocol import OFFICIAL_GROUP_SIZES, check_group_size, check_protocol
 
 # Official DINOv2 architectures (facebookresearch/dinov2 hubconf): the key is the short name
@@ -78,7 +79,7 @@ class BackboneConfig:
         num_blocks: keep only the first ``num_blocks`` transformer blocks of ``arch`` (a compact
             ViT with the same widths and parameter names); None: all of them (the official
             depth). Only the official configurations (``is_official``) have Meta's weights;
-            a compact one is trained by :mod:`scicevpr.offline.pretrain` (see ``OFFLINE_BACKBONE``).
+            a compact one is trained by :mod:`scicevpr.offline.pretrain` (see :data:`scicevpr.offline.config.OFFLINE_BACKBONE`).
     """
 
     arch: str = "vitb14"
@@ -138,19 +139,6 @@ class BackboneConfig:
         if self.is_official:
             return self.spec["hub_name"]
         return f"scicevpr_{self.arch.replace('14', str(self.patch_size))}_{self.depth}blocks_{self.pretrain_img_size}px"
-
-
-# The compact backbone this project pretrains itself (``scicevpr pretrain-backbone``): DINOv2's
-# ViT-S/14 architecture and parameter names cut to its first 4 blocks (7.4 M parameters, 15 MB in
-# fp16), its position embedding learned at 112 px (8 x 8 patches), the offline image size.
-OFFLINE_BACKBONE = BackboneConfig(arch="vits14", num_blocks=4, pretrain_img_size=112)
-
-# The offline model: SciceVPR-S at 112 px on OFFLINE_BACKBONE with all four of its blocks fused
-# (M = 4, as in the paper, but blocks 0-3 of a 4-block network): ModelConfig fields.
-OFFLINE_MODEL_OVERRIDES: dict[str, Any] = {
-    "image_size": 112, "layers": (0, 1, 2, 3),
-    "backbone_num_blocks": OFFLINE_BACKBONE.num_blocks, "backbone_pretrain_img_size": OFFLINE_BACKBONE.pretrain_img_size,
-}
 
 
 @dataclass(frozen=True)
@@ -629,3 +617,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# The offline world's model moved to scicevpr.offline.config; its names still import from here.
+__getattr__ = moved_attributes(__name__, "scicevpr.offline.config", ("OFFLINE_BACKBONE", "OFFLINE_MODEL_OVERRIDES"))

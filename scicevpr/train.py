@@ -72,13 +72,14 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import OFFLINE_MODEL_OVERRIDES, TrainConfig
+from .config import TrainConfig
 from .data.decode import check_images
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
 from .config import EvalConfig
+from ._lazy import moved_attributes
 from .evaluate import FeatureCache, evaluate
 from .factory import create_model
 from .files import (
@@ -146,77 +147,6 @@ class RunResult:
     iterations_per_epoch: int = 0
     num_dropped_places: int = 0
     num_skipped_images: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# The CPU-sized offline configuration
-# --------------------------------------------------------------------------------------------
-
-
-def offline_train_config(
-    gsv_root: PathLike,
-    vg_root: PathLike,
-    run_dir: PathLike,
-    stage: str = "teacher",
-    teacher: PathLike | None = None,
-    dataset: str = "synthetic",
-    **overrides: Any,
-) -> TrainConfig:
-    """The fast offline configuration: SciceVPR-S on the compact backbone this project pretrained
-    (``config.OFFLINE_BACKBONE``, the file in ``scicevpr/weights/``: ViT-S/14 widths, 4 blocks,
-    112 px, trained on synthetic streets, not Meta's DINOv2 weights) and the synthetic ``small``
-    benchmark, sized for a 2-core CPU (fp32, ``OMP_WAIT_POLICY=PASSIVE``).
-
-    It keeps the paper's recipe (frozen backbone, P x K batches with K = 4, Adam at lr 1e-4, the
-    lr halved every 3 epochs stepped per iteration, ``L_MS`` then ``L_T`` with gamma = eta = 1,
-    validation each epoch, best by R@5, 10 epochs for stage 1) and changes only what the CPU
-    needs:
-
-    - 112 px (an 8 x 8 patch grid), in fp32 (``amp=False``): bf16 is emulated, about 7x slower
-      than fp32, on CPUs without native bf16, and fp32 gives the same numbers on every CPU
-      kind (with the kernels pinned, :data:`scicevpr.precision.PINNED_CPU_KERNELS`);
-    - a 4-block backbone whose four blocks are all fused (``layers=(0, 1, 2, 3)``, M = 4 as in
-      the paper, but the blocks of a 4-block network rather than blocks 8-11 of 12): a third of
-      the compute of ViT-S/14;
-    - P = 8 places (an epoch is the training split's places / 8 iterations: 10 on ``small``);
-    - stage 2 for 6 epochs instead of 1: one epoch is only a few iterations here.
-
-    ``weights=None`` (``SCICEVPR_WEIGHTS=random`` in the notebooks) gives the same model with a
-    random backbone, one setting away.
-
-    Args:
-        gsv_root, vg_root: the synthetic benchmark's ``.gsv_root`` and ``.vg_root``.
-        run_dir: the run folder.
-        stage: ``"teacher"`` or ``"student"``.
-        teacher: stage 2: the teacher checkpoint (stage 1's ``best.pt``).
-        dataset: the validation dataset name under ``vg_root``.
-        **overrides: any TrainConfig field; ``model_overrides`` are merged with the ones above.
-    """
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
-    base = dict(
-        model="SuperCricaVPR",
-        preset="SciceVPR-S",
-        model_overrides=dict(OFFLINE_MODEL_OVERRIDES),
-        weights="auto",
-        gsv_root=str(gsv_root),
-        places_per_batch=8,
-        img_per_place=4,
-        num_workers=2,
-        lr=1e-4,
-        epochs=10 if stage == "teacher" else 6,
-        val_root=str(vg_root),
-        val_dataset=dataset,
-        val_split="val",
-        eval_batch_size=16,
-        run_dir=str(run_dir),
-        device="cpu",
-        amp=False,
-        teacher=None if teacher is None else str(teacher),
-    )
-    model_overrides = {**base["model_overrides"], **(overrides.pop("model_overrides", None) or {})}
-    base.update(overrides, model_overrides=model_overrides)
-    return TrainConfig(**base)
 
 
 def loss_variant_config(student: TrainConfig, run_dir: PathLike, **loss: float) -> TrainConfig:
@@ -815,3 +745,7 @@ def train_teacher(config: TrainConfig, cache: FeatureCache | None = None) -> Run
 def train_student(config: TrainConfig, cache: FeatureCache | None = None) -> RunResult:
     """Stage 2: distil the teacher (``config.teacher``) into SciceVPR with ``L_T``. ``cache``: see :func:`fit`."""
     return fit("student", config, _build_student_stage, cache)
+
+
+# The offline recipe moved to scicevpr.offline.config; its name still imports from here.
+__getattr__ = moved_attributes(__name__, "scicevpr.offline.config", ("offline_train_config",))

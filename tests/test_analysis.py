@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from scicevpr.lab import analysis
-from scicevpr.config import OFFLINE_MODEL_OVERRIDES
+from scicevpr.offline.config import OFFLINE_MODEL_OVERRIDES
 
 
 def test_probe_keeps_the_negative_half_of_a_block_output():

@@ -212,7 +212,7 @@ def _damaged_index(name: str, content: bytes | None = None, edit: Callable[[dict
 
 
 def _bad_weights_folder(mp: pytest.MonkeyPatch, w: World) -> None:
-    from scicevpr.config import OFFLINE_BACKBONE
+    from scicevpr.offline.config import OFFLINE_BACKBONE
 
     (w.tmp / "w").mkdir()
     (w.tmp / "w" / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth").write_bytes(b"not a weight file" * 100)

@@ -90,7 +90,8 @@ def test_hub_refuses_a_checkpoint_carrying_a_pickled_object_unless_trusted(tmp_p
 
 
 def test_hub_docstrings_give_each_entry_its_descriptor_size():
-    from scicevpr.config import OFFLINE_MODEL_OVERRIDES, get_config
+    from scicevpr.config import get_config
+    from scicevpr.offline.config import OFFLINE_MODEL_OVERRIDES
     from scicevpr.hub import ENTRY_POINTS, OFFLINE_ENTRY_POINTS
 
     tree = ast.parse((REPO / "hubconf.py").read_text())

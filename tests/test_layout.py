@@ -89,13 +89,17 @@ def test_importing_the_package_and_the_method_changes_no_environment_variable():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_moved_function_imports_from_its_old_module_with_a_warning():
-    """The batch-stability sweep moved from ``scicevpr.evaluate`` to ``scicevpr.stability``."""
-    import scicevpr.evaluate
-    import scicevpr.stability
+@pytest.mark.parametrize("old, new, name", [
+    ("scicevpr.evaluate", "scicevpr.stability", "batch_stability"),  # the batch-stability sweep
+    ("scicevpr.config", "scicevpr.offline.config", "OFFLINE_BACKBONE"),  # the offline world's model and recipe
+    ("scicevpr.train", "scicevpr.offline.config", "offline_train_config"),
+])
+def test_a_moved_name_imports_from_its_old_module_with_a_warning(old, new, name):
+    import importlib
 
-    with pytest.warns(DeprecationWarning, match=r"scicevpr.evaluate.batch_stability moved to scicevpr.stability"):
-        old = scicevpr.evaluate.batch_stability
-    assert old is scicevpr.stability.batch_stability
+    before, after = importlib.import_module(old), importlib.import_module(new)
+    with pytest.warns(DeprecationWarning, match=rf"{old}.{name} moved to {new}.{name}"):
+        value = getattr(before, name)
+    assert value is getattr(after, name)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        scicevpr.evaluate.no_such_name  # noqa: B018
+        before.no_such_name  # noqa: B018

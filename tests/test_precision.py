@@ -18,7 +18,8 @@ from scicevpr.config import EvalConfig
 from scicevpr.evaluate import amp_enabled, compute_descriptors
 from scicevpr.stability import batch_stability, encode_in_batches
 from scicevpr.config import TrainConfig
-from scicevpr.train import offline_train_config, train_teacher
+from scicevpr.offline.config import offline_train_config
+from scicevpr.train import train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"image_size": 56, "mix_dim": 64, "encoder_heads": 4, "encoder_ffn": 128, "layers": (0, 1, 2, 3)}

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import scicevpr
 from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, file_sha256, manifest_path
 from scicevpr.cli import main
-from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
+from scicevpr.config import BackboneConfig, get_config
+from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.offline.synthetic import PRESETS, build_plan
 from scicevpr.data.transforms import normalize_uint8_batch, normalize_unit
 from scicevpr.files import holds_files, save_torch_file

@@ -478,7 +478,7 @@ def test_training_improves_on_the_untrained_model(tiny, tmp_path):
     iteration, would divide it by 64 within these 60 iterations."""
     from scicevpr.config import EvalConfig
     from scicevpr.evaluate import evaluate
-    from scicevpr.train import offline_train_config
+    from scicevpr.offline.config import offline_train_config
 
     config = offline_train_config(tiny.gsv_root, tiny.vg_root, tmp_path / "teacher", dataset=tiny.dataset,
                                   places_per_batch=4, epochs=20, lr_step_epochs=1000, val_dataset=None,

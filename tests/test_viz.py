@@ -29,7 +29,7 @@ from PIL import Image  # noqa: E402
 from scicevpr.lab import analysis  # noqa: E402
 from scicevpr.lab import notebook as nb  # noqa: E402
 from scicevpr.lab import viz  # noqa: E402
-from scicevpr.config import OFFLINE_BACKBONE  # noqa: E402
+from scicevpr.offline.config import OFFLINE_BACKBONE  # noqa: E402
 from scicevpr.pooling import region_boxes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,7 +372,7 @@ def test_repo_root_is_found_from_the_notebooks_folder(monkeypatch):
 def test_offline_is_the_default(clean_env):
     s = nb.setup(quiet=True)
     assert s.mode == "offline" and s.offline
-    from scicevpr.train import offline_train_config
+    from scicevpr.offline.config import offline_train_config
 
     recipe = offline_train_config("gsv", "vg", "run")
     assert s.preset == recipe.preset == "SciceVPR-S" and s.weights == recipe.weights == "auto" and s.device == "cpu"

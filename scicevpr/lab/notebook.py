@@ -5,7 +5,7 @@ Every notebook starts with this call. It reads one environment variable, ``SCICE
 ``offline`` (the default)
     Runs anywhere on a CPU in a few minutes, with no download: the synthetic benchmark
     (:mod:`scicevpr.offline.synthetic`, preset ``small``) is generated under ``<repo>/data`` (or
-    ``$SCICEVPR_DATA``) on first use; the model is the one :func:`scicevpr.train.offline_train_config`
+    ``$SCICEVPR_DATA``) on first use; the model is the one :func:`scicevpr.offline.config.offline_train_config`
     trains (the CPU-sized SciceVPR-S at 112 px), and training uses that recipe; the backbone is
     the compact ViT this project pretrained on synthetic streets (``config.OFFLINE_BACKBONE``,
     shipped in ``scicevpr/weights/``; not Meta's DINOv2 weights). Figures and tables say so.
@@ -393,7 +393,7 @@ class NotebookSettings:
     def train_config(self, stage: str = "teacher", teacher: str | os.PathLike | None = None, **overrides: Any):
         """The :class:`~scicevpr.config.TrainConfig` of ``stage`` (``"teacher"`` / ``"student"``).
 
-        Offline: :func:`scicevpr.train.offline_train_config`. Full: the paper's recipe on
+        Offline: :func:`scicevpr.offline.config.offline_train_config`. Full: the paper's recipe on
         GSV-Cities with validation on ``val_dataset``. Both resume a finished or interrupted run
         in :meth:`run_root` ``/<stage>`` instead of training again (delete it to retrain).
         """
@@ -401,7 +401,7 @@ class NotebookSettings:
 
     def _train_config(self, stage: str, run_dir: Path, teacher=None, **overrides: Any):
         from ..config import TrainConfig
-        from ..train import offline_train_config
+        from ..offline.config import offline_train_config
 
         common = dict(resume=True, progress=False, seed=self.seed)
         common.update(self.train_overrides)
@@ -531,7 +531,7 @@ def offline_settings(repo_root: Path, data_root: Path, synthetic: str = "small",
         seed, threads: as in :class:`NotebookSettings`.
         train_overrides: TrainConfig fields replaced in every stage (e.g. ``epochs``).
     """
-    from ..train import offline_train_config
+    from ..offline.config import offline_train_config
 
     bench_root = Path(data_root) / "synthetic" / synthetic
     # The model is the one the offline training recipe trains (single source of truth).

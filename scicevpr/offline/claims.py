@@ -1,7 +1,7 @@
 """The paper's claims, each tested offline with paired statistics over training seeds
 (``scicevpr claims``; PAPER.md, "The paper's claims").
 
-For every training seed, one recipe (:func:`scicevpr.train.offline_train_config`, the synthetic
+For every training seed, one recipe (:func:`scicevpr.offline.config.offline_train_config`, the synthetic
 benchmark, the shipped offline backbone) trains these models, each in its own run folder, so a
 killed run resumes without training a finished model again:
 
@@ -124,7 +124,7 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def _last_block() -> int:
-    from ..config import OFFLINE_MODEL_OVERRIDES
+    from .config import OFFLINE_MODEL_OVERRIDES
 
     return tuple(OFFLINE_MODEL_OVERRIDES["layers"])[-1]
 
@@ -132,7 +132,8 @@ def _last_block() -> int:
 def train_config(name: str, config: ClaimsConfig, bench, seed: int, run_dir: Path, teacher: PathLike | None = None):
     """The :class:`~scicevpr.config.TrainConfig` of model ``name`` (module docstring) for ``seed``:
     the offline recipe with validation off (the last epoch is kept), resumable."""
-    from ..train import loss_variant_config, offline_train_config
+    from ..train import loss_variant_config
+    from .config import offline_train_config
 
     stage = "student" if name in STAGE2 else "teacher"
     common: dict[str, Any] = dict(
@@ -457,7 +458,7 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
 def _backbone_label(weights: str | None) -> str:
     """The backbone file's name and SHA-256 (its content, whatever ``"auto"`` resolved to)."""
     from ..backbone import file_sha256, resolve_weights
-    from ..config import OFFLINE_BACKBONE
+    from .config import OFFLINE_BACKBONE
 
     path = resolve_weights(weights, OFFLINE_BACKBONE)
     return "random (no weights)" if path is None else f"`{path.name}` (sha256 {file_sha256(path)[:12]})"

@@ -1,17 +1,34 @@
-"""The configurations of the offline world's jobs: :class:`PretrainConfig` (``scicevpr
-pretrain-backbone``, :mod:`scicevpr.offline.pretrain`) and :class:`ClaimsConfig` (``scicevpr
-claims``, :mod:`scicevpr.offline.claims`). Like :mod:`scicevpr.config`, which holds the paper's,
-this module imports neither torch nor NumPy (the command line builds its options from it).
+"""The configurations of the offline world: its model (:data:`OFFLINE_BACKBONE`,
+:data:`OFFLINE_MODEL_OVERRIDES`) and training recipe (:func:`offline_train_config`), and its jobs,
+:class:`PretrainConfig` (``scicevpr pretrain-backbone``, :mod:`scicevpr.offline.pretrain`) and
+:class:`ClaimsConfig` (``scicevpr claims``, :mod:`scicevpr.offline.claims`). Like
+:mod:`scicevpr.config`, which holds the paper's, this module imports neither torch nor NumPy
+(the command line builds its options from it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import BACKBONE_ARCHS, BackboneConfig, LossConfig, check_seed
+from ..config import BACKBONE_ARCHS, BackboneConfig, LossConfig, TrainConfig, check_seed
+
+PathLike = str | os.PathLike
+
+# The compact backbone this project pretrains itself (``scicevpr pretrain-backbone``): DINOv2's
+# ViT-S/14 architecture and parameter names cut to its first 4 blocks (7.4 M parameters, 15 MB in
+# fp16), its position embedding learned at 112 px (8 x 8 patches), the offline image size.
+OFFLINE_BACKBONE = BackboneConfig(arch="vits14", num_blocks=4, pretrain_img_size=112)
+
+# The offline model: SciceVPR-S at 112 px on OFFLINE_BACKBONE with all four of its blocks fused
+# (M = 4, as in the paper, but blocks 0-3 of a 4-block network): ModelConfig fields.
+OFFLINE_MODEL_OVERRIDES: dict[str, Any] = {
+    "image_size": 112, "layers": (0, 1, 2, 3),
+    "backbone_num_blocks": OFFLINE_BACKBONE.num_blocks, "backbone_pretrain_img_size": OFFLINE_BACKBONE.pretrain_img_size,
+}
 
 OBJECTIVES = ("dino", "supervised", "distil", "cnn")  # pretraining objectives
 PLACE_OBJECTIVES = ("supervised", "cnn")  # those trained with L_MS on P x K place batches
@@ -333,3 +350,71 @@ class ClaimsConfig:
                 raise ValueError(f"{name} must be >= 1 (or None for the recipe's), got {v!r}")
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.num_orders < 1:
             raise ValueError(f"batch_sizes must be >= 1 and num_orders >= 1, got {self.batch_sizes!r}, {self.num_orders!r}")
+
+
+def offline_train_config(
+    gsv_root: PathLike,
+    vg_root: PathLike,
+    run_dir: PathLike,
+    stage: str = "teacher",
+    teacher: PathLike | None = None,
+    dataset: str = "synthetic",
+    **overrides: Any,
+) -> TrainConfig:
+    """The fast offline configuration: SciceVPR-S on the compact backbone this project pretrained
+    (:data:`OFFLINE_BACKBONE`, the file in ``scicevpr/weights/``: ViT-S/14 widths, 4 blocks,
+    112 px, trained on synthetic streets, not Meta's DINOv2 weights) and the synthetic ``small``
+    benchmark, sized for a 2-core CPU (fp32, ``OMP_WAIT_POLICY=PASSIVE``).
+
+    It keeps the paper's recipe (frozen backbone, P x K batches with K = 4, Adam at lr 1e-4, the
+    lr halved every 3 epochs stepped per iteration, ``L_MS`` then ``L_T`` with gamma = eta = 1,
+    validation each epoch, best by R@5, 10 epochs for stage 1) and changes only what the CPU
+    needs:
+
+    - 112 px (an 8 x 8 patch grid), in fp32 (``amp=False``): bf16 is emulated, about 7x slower
+      than fp32, on CPUs without native bf16, and fp32 gives the same numbers on every CPU
+      kind (with the kernels pinned, :data:`scicevpr.precision.PINNED_CPU_KERNELS`);
+    - a 4-block backbone whose four blocks are all fused (``layers=(0, 1, 2, 3)``, M = 4 as in
+      the paper, but the blocks of a 4-block network rather than blocks 8-11 of 12): a third of
+      the compute of ViT-S/14;
+    - P = 8 places (an epoch is the training split's places / 8 iterations: 10 on ``small``);
+    - stage 2 for 6 epochs instead of 1: one epoch is only a few iterations here.
+
+    ``weights=None`` (``SCICEVPR_WEIGHTS=random`` in the notebooks) gives the same model with a
+    random backbone, one setting away.
+
+    Args:
+        gsv_root, vg_root: the synthetic benchmark's ``.gsv_root`` and ``.vg_root``.
+        run_dir: the run folder.
+        stage: ``"teacher"`` or ``"student"``.
+        teacher: stage 2: the teacher checkpoint (stage 1's ``best.pt``).
+        dataset: the validation dataset name under ``vg_root``.
+        **overrides: any TrainConfig field; ``model_overrides`` are merged with the ones above.
+    """
+    from ..train import STAGES
+
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    base = dict(
+        model="SuperCricaVPR",
+        preset="SciceVPR-S",
+        model_overrides=dict(OFFLINE_MODEL_OVERRIDES),
+        weights="auto",
+        gsv_root=str(gsv_root),
+        places_per_batch=8,
+        img_per_place=4,
+        num_workers=2,
+        lr=1e-4,
+        epochs=10 if stage == "teacher" else 6,
+        val_root=str(vg_root),
+        val_dataset=dataset,
+        val_split="val",
+        eval_batch_size=16,
+        run_dir=str(run_dir),
+        device="cpu",
+        amp=False,
+        teacher=None if teacher is None else str(teacher),
+    )
+    model_overrides = {**base["model_overrides"], **(overrides.pop("model_overrides", None) or {})}
+    base.update(overrides, model_overrides=model_overrides)
+    return TrainConfig(**base)

@@ -5,7 +5,7 @@ heads exported as small files and loaded on the shipped compact backbone (the hu
 :func:`train_offline` trains what the notebooks train (04 and 05), in the same run folders:
 the teacher (Super-CricaVPR-S, ``L_MS``), then the student distilled from it (SciceVPR-S,
 ``L_T``), then the CricaVPR-S baseline, each with the offline recipe
-(:func:`scicevpr.train.offline_train_config`, :meth:`scicevpr.lab.notebook.NotebookSettings.cricavpr_config`)
+(:func:`scicevpr.offline.config.offline_train_config`, :meth:`scicevpr.lab.notebook.NotebookSettings.cricavpr_config`)
 on the default offline world (the synthetic ``small`` benchmark, seed 0). A run interrupted or
 finished is resumed from its ``last.pt``, as in the notebooks.
 
@@ -178,7 +178,7 @@ def load_heads(entry: str, heads: PathLike | None = None, device: str = "cpu"):
     """
     from ..backbone import resolve_weights
     from ..checkpoint import load_model
-    from ..config import OFFLINE_BACKBONE
+    from .config import OFFLINE_BACKBONE
     from ..backbone import weights_record
 
     if entry not in ENTRIES:
