@@ -129,6 +129,20 @@ def test_flip_example_finds_a_changed_query_or_none():
     assert analysis.flip_example(flat_model, flat_features, split, batch_size=2, num_orders=2) is None
 
 
+def test_companion_flipper_gives_what_the_flip_explorer_shows():
+    """The explorer's numbers come from analysis (viz computes nothing): the flip of a query found by
+    flip_example is found again with the same companions; alone, nothing changes."""
+    model, features, split = toy_world(mix=1.5)
+    ex = analysis.flip_example(model, features, split, batch_size=2, num_orders=1)
+    flip = analysis.companion_flipper(model, features)
+    again = flip(ex["query"], [*ex["companions"], ex["query"], 99])  # the query itself and out-of-range left out
+    assert again["companions"] == ex["companions"]
+    assert (again["top1_a"], again["top1_b"]) == (ex["top1_a"], ex["top1_b"])
+    assert again["cosine"] == pytest.approx(ex["cosine"], abs=1e-6) and again["cosine"] < 0.999
+    alone = flip(ex["query"], [])
+    assert alone["top1_a"] == alone["top1_b"] and alone["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_flip_example_after_the_sweep_reuses_its_encodings_and_agrees():
     model, fresh, split = toy_world(mix=1.5)
     expected = analysis.flip_example(model, fresh, split, batch_size=2, num_orders=2)

@@ -278,6 +278,19 @@ def test_widgets_are_built_and_redraw_on_change(tmp_path):
     controls.children[0].value = 1
     assert "first correct rank: none" in text.value
 
+    asked = []
+
+    def flip(query, companions):  # what analysis.companion_flipper returns, here by hand
+        asked.append((query, companions))
+        companions = [c for c in companions if c < split.num_queries and c != query]  # [1] of the 2 queries
+        return {"query": query, "companions": companions, "top1_a": 0, "top1_b": 1 if companions else 0,
+                "name_a": "alone", "name_b": "in the batch", "cosine": 0.5 if companions else 1.0}
+
+    controls, image, text = viz.flip_explorer(flip, split, label=LABEL).children
+    assert asked == [(0, [1, 2, 3])] and "top-1 changed: db 0 alone, db 1 in the batch" in text.value
+    controls.children[1].value = "x"  # not a list of indices: no companions
+    assert asked[-1] == (0, []) and "top-1 unchanged" in text.value and "1.0000" in text.value
+
 
 # ---------------------------------------------------------------------------------------------
 # PCA-to-RGB and the analysis helpers

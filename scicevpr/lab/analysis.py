@@ -23,7 +23,7 @@ Every function takes models, splits and tensors; the ones that need the notebook
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -413,6 +413,29 @@ def flip_example(model, features, split, batch_size: int = 2, num_orders: int = 
                 return ex
             fallback = fallback or ex
     return fallback
+
+
+def companion_flipper(model, features):
+    """``flip(query, companions) -> example``: the paper's Fig. 1 for any choice of batch, what
+    :func:`scicevpr.lab.viz.flip_explorer` shows. ``query`` is encoded in one batch with
+    ``companions`` (query indices; out-of-range ones and the query itself are left out) by
+    ``model``'s encoder (:func:`scicevpr.stability.encode_with_companions`); the example holds
+    its best database match alone (``top1_a``) and in that batch (``top1_b``) and the cosine of
+    the two descriptors, as :func:`flip_example` does. ``features``:
+    :func:`scicevpr.stability.stability_features` of ``model``."""
+    from ..stability import descriptor_cosines, encode_with_companions
+
+    num_queries = len(features.alone)
+
+    def flip(query: int, companions: Sequence[int]) -> dict[str, Any]:
+        comps = [int(c) for c in companions if 0 <= int(c) < num_queries and int(c) != int(query)]
+        d_batch = encode_with_companions(model, features, query, comps)  # (D,)
+        return {"query": int(query), "companions": comps, "top1_a": int(features.top1(features.alone[query : query + 1])[0]),
+                "top1_b": int(features.top1(d_batch[None])[0]), "name_a": "alone",
+                "name_b": f"with {len(comps)} companions",
+                "cosine": float(descriptor_cosines(d_batch[None], features.alone[query : query + 1])[0])}
+
+    return flip
 
 
 def failure_breakdown(result, near: float = 50.0) -> pd.DataFrame:

@@ -12,8 +12,9 @@ Conventions (checked by ``tests/test_viz.py``):
 - :func:`save_figure` writes ``figures/NN_<name>.png`` at the repository root with fixed DPI
   and no timestamp or version metadata, so that the same data give the same file.
 
-Nothing here computes model outputs; the numbers come from :mod:`scicevpr.evaluate` and the
-analysis helpers of :mod:`scicevpr.lab.notebook`.
+Nothing here computes model outputs; the numbers come from :mod:`scicevpr.evaluate`,
+:mod:`scicevpr.stability` and the measurements of :mod:`scicevpr.lab.analysis` (an explorer that
+needs new ones is given a function that computes them).
 """
 
 from __future__ import annotations
@@ -1040,32 +1041,25 @@ def plot_flip_example(split, example: Mapping, label: str | None = None, title: 
     return stamp(fig, label)
 
 
-def flip_explorer(model, split, features, label: str | None = None):
+def flip_explorer(flip, split, label: str | None = None):
     """An ipywidgets control for the paper's Fig. 1: pick a query and its batch companions
-    (query indices, comma-separated), see the teacher's best match alone and in that batch.
+    (query indices, comma-separated), see the model's best match alone and in that batch.
 
-    ``features``: :func:`scicevpr.stability.stability_features` of ``model``. Needs a live kernel.
+    ``flip``: ``flip(query, companions) -> example`` (:func:`scicevpr.lab.analysis.companion_flipper`
+    of the model and its stability features), called on every change. Needs a live kernel.
     """
     import ipywidgets as widgets
-
-    from ..stability import encode_with_companions
 
     def render(query: int, companions: str):
         try:
             comps = [int(c) for c in companions.replace(";", ",").split(",") if c.strip()]
         except ValueError:
             comps = []
-        comps = [c for c in comps if 0 <= c < split.num_queries and c != query]
-        d_batch = encode_with_companions(model, features, query, comps)
-        top_alone = int(features.top1(features.alone[query : query + 1])[0])
-        top_batch = int(features.top1(d_batch[None])[0])
-        cos = float(np.dot(d_batch, features.alone[query]) /
-                    max(np.linalg.norm(d_batch) * np.linalg.norm(features.alone[query]), 1e-12))
-        ex = {"query": query, "companions": comps, "top1_a": top_alone, "top1_b": top_batch,
-              "name_a": "alone", "name_b": f"with {len(comps)} companions"}
+        ex = flip(query, comps)
         fig = plot_flip_example(split, ex, label=label)
-        verdict = "changed" if top_alone != top_batch else "unchanged"
-        return fig, f"top-1 {verdict}: db {top_alone} alone, db {top_batch} in the batch; cosine to the alone descriptor {cos:.4f}"
+        verdict = "changed" if ex["top1_a"] != ex["top1_b"] else "unchanged"
+        return fig, (f"top-1 {verdict}: db {ex['top1_a']} alone, db {ex['top1_b']} in the batch; cosine to the alone "
+                     f"descriptor {ex['cosine']:.4f}")
 
     controls = [
         widgets.IntSlider(min=0, max=split.num_queries - 1, value=0, description="query"),
