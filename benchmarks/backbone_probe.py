@@ -46,7 +46,7 @@ from scicevpr.config import EvalConfig
 from scicevpr.evaluate import chance_recall, score
 from scicevpr.losses import MultiSimilarityLoss
 from scicevpr.precision import model_device
-from scicevpr.offline.pretrain import load_image_cache
+from scicevpr.offline.augment import load_image_cache
 from scicevpr.runtime import resolve_device
 
 IMAGE_SIZE = 112

@@ -24,7 +24,7 @@ from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.transforms import normalize_uint8_batch
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import chance_recall, recall_at_n, recall_intervals, search
-from scicevpr.offline.pretrain import load_image_cache
+from scicevpr.offline.augment import load_image_cache
 
 IMAGE_SIZE = 112
 

@@ -5,7 +5,7 @@ A ceiling check for the offline world rather than a model of this project: if a 
 no pretraining reaches a recall far above the baselines without learning (raw pixels, hue
 histograms), the places carry a signal that training can find, and a backbone that stays below it
 is under-trained rather than the world unlearnable. The network is
-:class:`scicevpr.offline.pretrain.LayoutCNN` (four convolution stages, 32 -> 64 -> 128 -> 256 channels,
+:class:`scicevpr.offline.objectives.LayoutCNN` (four convolution stages, 32 -> 64 -> 128 -> 256 channels,
 batch norm, ReLU; 8 x 8 maps at 64 px, averaged over a 2 x 4 grid, where each feature lies:
 above/below, four vertical strips, and projected to 512 dimensions), trained by
 ``scicevpr pretrain-backbone --objective cnn`` (resumable, CSV log, DDP; its export is also the
@@ -32,7 +32,8 @@ from scicevpr.config import EvalConfig
 from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.vg import load_vg_split
 from scicevpr.evaluate import EvalResult, chance_recall, recall_by_condition, score
-from scicevpr.offline.pretrain import LayoutCNN, load_image_cache
+from scicevpr.offline.augment import load_image_cache
+from scicevpr.offline.objectives import LayoutCNN
 
 RECALLS = (1, 5, 10)
 EVAL = EvalConfig(recall_values=RECALLS)

@@ -99,8 +99,8 @@ def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | Non
     """Verify a weight file against the manifest beside it, if there is one (else None).
 
     ``manifest_format``: the manifest's ``format`` entry this kind of file has (a backbone's,
-    or ``scicevpr.offline.pretrain.CNN_MANIFEST_FORMAT`` for the distillation's CNN teacher); a JSON
-    file of another format beside it is no manifest of it.
+    or ``scicevpr.offline.objectives.CNN_MANIFEST_FORMAT`` for the distillation's CNN teacher); a
+    JSON file of another format beside it is no manifest of it.
 
     The manifest is read on every call; the file's hash is computed once per version of the file
     (:func:`file_sha256`).

@@ -1,5 +1,6 @@
-"""Pretraining the compact backbone (scicevpr.offline.pretrain): objectives, resume, time budget, export,
-the weight file's manifest, the command line, and the pretraining data's disjointness.
+"""Pretraining the compact backbone (scicevpr.offline.pretrain, its augment and objectives modules):
+objectives, resume, time budget, export, the weight file's manifest, the command line, and the
+pretraining data's disjointness.
 
 Runs on the ``tiny`` synthetic benchmark with a one-block ViT-S/14 at 56 px (28 px local crops)
 and a small DINO head, so that a step takes a few hundredths of a second on 2 CPU cores.
@@ -25,19 +26,10 @@ from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.offline.synthetic import PRESETS, build_plan
 from scicevpr.data.transforms import normalize_uint8_batch, normalize_unit
 from scicevpr.files import holds_files, save_torch_file
-from scicevpr.offline.pretrain import (
-    MultiCropAugment,
-    CropSpec,
-    PretrainConfig,
-    dino_losses,
-    export_backbone,
-    koleo_loss,
-    pretrain,
-    random_masks,
-    read_pretrain_checkpoint,
-    schedule,
-    view_specs,
-)
+from scicevpr.offline.augment import CropSpec, MultiCropAugment, random_masks, view_specs
+from scicevpr.offline.config import PretrainConfig
+from scicevpr.offline.objectives import dino_losses, koleo_loss
+from scicevpr.offline.pretrain import export_backbone, pretrain, read_pretrain_checkpoint, schedule
 
 TINY = dict(num_blocks=1, image_size=56, local_size=28, local_crops=2, head_hidden=64, head_bottleneck=32,
             prototypes=128, batch_size=8, cache_size=64, num_workers=0, device="cpu", progress=False, log_every=1)
@@ -106,6 +98,13 @@ def test_defaults_build_the_offline_backbone():
     assert 2 * n <= 16e6  # the fp16 file stays within 16 MB
     assert len(model.blocks) == 4 and model.pos_embed.shape == (1, 1 + 8 * 8, 384)
 
+
+
+def test_every_objective_has_the_losses_of_its_step():
+    from scicevpr.offline.config import OBJECTIVES
+    from scicevpr.offline.objectives import STEP_LOSSES
+
+    assert sorted(STEP_LOSSES) == sorted(OBJECTIVES)
 
 def test_schedules_warm_up_then_follow_their_cosines():
     c = PretrainConfig(lr=1e-3, min_lr=1e-6, warmup_fraction=0.1, teacher_temp_warmup_fraction=0.5)
@@ -215,11 +214,11 @@ def test_supervised_steps_lower_the_loss(tiny_benchmark, tmp_path, pooling):
 
 def _student(bench, tmp_path, **overrides):
     """A seeded tiny student, its config and a random input batch (2, 3, S, S)."""
-    from scicevpr.offline.pretrain import _Student
+    from scicevpr.offline.objectives import Student
 
     torch.manual_seed(0)
     config = tiny_config(bench, tmp_path / "run", **overrides)
-    return _Student(config).eval(), config, torch.rand(2, 3, config.image_size, config.image_size)
+    return Student(config).eval(), config, torch.rand(2, 3, config.image_size, config.image_size)
 
 
 def test_regions_pooling_keeps_where_features_lie(tiny_benchmark, tmp_path):
@@ -258,7 +257,7 @@ def test_grid_pooling_is_a_projection_of_the_2x4_cell_means(tiny_benchmark, tmp_
 @pytest.fixture(scope="module")
 def cnn_file(tmp_path_factory):
     """A LayoutCNN state dict (seeded random weights: a teacher is a fixed function either way)."""
-    from scicevpr.offline.pretrain import LayoutCNN
+    from scicevpr.offline.objectives import LayoutCNN
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
@@ -267,7 +266,7 @@ def cnn_file(tmp_path_factory):
 
 
 def test_layout_cnn_keeps_where_features_lie():
-    from scicevpr.offline.pretrain import LayoutCNN
+    from scicevpr.offline.objectives import LayoutCNN
 
     torch.manual_seed(0)
     net = LayoutCNN().eval()
@@ -286,7 +285,7 @@ def test_layout_cnn_keeps_where_features_lie():
 
 
 def test_distil_losses_are_one_minus_cosines_cell_by_cell():
-    from scicevpr.offline.pretrain import distil_losses
+    from scicevpr.offline.objectives import distil_losses
 
     torch.manual_seed(0)
     f, d = torch.randn(3, 256, 4, 4), torch.randn(3, 512)
@@ -301,7 +300,7 @@ def test_distil_losses_are_one_minus_cosines_cell_by_cell():
 
 
 def test_distil_targets_keep_what_tells_images_and_cells_apart():
-    from scicevpr.offline.pretrain import distil_targets
+    from scicevpr.offline.objectives import distil_targets
 
     torch.manual_seed(0)
     f, d = torch.rand(6, 256, 8, 8), torch.randn(6, 512)
@@ -350,20 +349,20 @@ def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(ti
 def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchmark, tmp_path):
     """A backbone file as the teacher: the student's patch tokens learn its patch tokens, cell for
     cell; no token has a place objective (no W_c, no L_cls), and the export says so."""
-    from scicevpr.offline.pretrain import ViTMapTeacher, _load_teacher
+    from scicevpr.offline.objectives import ViTMapTeacher, load_teacher
 
     teacher_file = export_backbone(dino_run[1].run_dir, tmp_path / "teacher.pth")
     size = TINY["image_size"]
     with pytest.raises(ValueError, match="no place descriptor"):  # a ViT has no descriptor for the CLS token
-        _load_teacher(teacher_file, tiny_config(tiny_benchmark, tmp_path / "a", objective="distil",
+        load_teacher(teacher_file, tiny_config(tiny_benchmark, tmp_path / "a", objective="distil",
                                                 distil_teacher=str(teacher_file), distil_size=size))
     with pytest.raises(ValueError, match=f"distil_size={size}"):  # it sees the student's crop
-        _load_teacher(teacher_file, tiny_config(tiny_benchmark, tmp_path / "b", objective="distil", distil_size=8,
+        load_teacher(teacher_file, tiny_config(tiny_benchmark, tmp_path / "b", objective="distil", distil_size=8,
                                                 distil_teacher=str(teacher_file), distil_class_token=False))
     config = tiny_config(tiny_benchmark, tmp_path / "distil", objective="distil", distil_teacher=str(teacher_file),
                          distil_size=size, distil_class_token=False, steps=16, lr=2e-3,
                          val_root=str(tiny_benchmark.vg_root), val_every=16)
-    net, record = _load_teacher(teacher_file, config)
+    net, record = load_teacher(teacher_file, config)
     assert isinstance(net, ViTMapTeacher) and record["kind"] == "vit" and record["sha256"] == file_sha256(teacher_file)
     x = torch.rand(2, 3, size, size)
     g = size // net.backbone.patch_size
@@ -389,7 +388,7 @@ def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchma
 
 
 def test_distil_needs_a_trained_network(tiny_benchmark, tmp_path, capsys):
-    from scicevpr.offline.pretrain import LayoutCNN
+    from scicevpr.offline.objectives import LayoutCNN
 
     with pytest.raises(ValueError, match="distil_teacher"):
         tiny_config(tiny_benchmark, tmp_path / "a", objective="distil")
@@ -426,7 +425,7 @@ def cnn_run(tiny_benchmark, tmp_path_factory):
 
 
 def test_cnn_objective_lowers_L_MS_and_monitors_the_networks_descriptor(cnn_run):
-    from scicevpr.offline.pretrain import LayoutCNN
+    from scicevpr.offline.objectives import LayoutCNN
 
     config, result = cnn_run
     h = result.history
@@ -456,7 +455,7 @@ def test_cnn_resume_gives_the_same_network_as_an_uninterrupted_run(tiny_benchmar
 
 
 def test_cnn_export_is_the_distil_teacher_and_the_vit_manifest_records_it_as_read(cnn_run, tiny_benchmark, tmp_path):
-    from scicevpr.offline.pretrain import LayoutCNN
+    from scicevpr.offline.objectives import LayoutCNN
 
     config, result = cnn_run
     out = export_backbone(result.run_dir, tmp_path)
@@ -599,12 +598,12 @@ def test_too_few_places_for_a_batch_names_this_commands_options(tiny_benchmark, 
 
 
 def test_koleo_needs_two_images_on_every_process(tiny_benchmark, tmp_path):
-    from scicevpr.offline.pretrain import _Run
+    from scicevpr.offline.pretrain import Run
     from scicevpr.runtime import Dist
 
     config = tiny_config(tiny_benchmark, tmp_path / "run", steps=1, batch_size=2)
     with pytest.raises(ValueError, match="KoLeo compares the images of each process.*at least 4"):
-        _Run(config, torch.device("cpu"), Dist(rank=0, world_size=2), amp=False)
+        Run(config, torch.device("cpu"), Dist(rank=0, world_size=2), amp=False)
 
 
 @pytest.mark.parametrize("text", ['{"stage": "teacher", "train": {}}', "{"])
@@ -775,14 +774,15 @@ def test_retrieval_is_monitored_on_the_val_split(tiny_benchmark, tmp_path):
 
 def test_supervised_runs_also_score_the_descriptor_they_train(tiny_benchmark, tmp_path):
     from scicevpr.evaluate import recall_at_n, search
-    from scicevpr.offline.pretrain import RetrievalCheck, _Student, vit_descriptors
+    from scicevpr.offline.objectives import Student
+    from scicevpr.offline.pretrain import RetrievalCheck, vit_descriptors
 
     config = tiny_config(tiny_benchmark, tmp_path / "run", objective="supervised", pooling="regions", steps=2,
                          val_root=str(tiny_benchmark.vg_root), val_every=2)
     h = pretrain(config).history
     assert h.loc[h["step"].isin([0, 2]), ["R@1_desc", "R@5_desc", "R@1"]].notna().all().all()
     torch.manual_seed(0)
-    student = _Student(config).eval()
+    student = Student(config).eval()
     check = RetrievalCheck(config.val_root, "synthetic", "val", config.image_size, torch.device("cpu"))
     got = check.recalls(vit_descriptors(student.backbone, amp=False, describe=student.describe))
     with torch.no_grad():

@@ -1,8 +1,11 @@
 """The offline world: everything that lets SciceVPR be trained and tested without a GPU, real
 data or downloaded weights. The synthetic place-recognition benchmark (:mod:`~scicevpr.offline.render`
 draws the streets, :mod:`~scicevpr.offline.synthetic` writes them in the VG-benchmark and
-GSV-Cities layouts), the pretraining of the compact backbone (:mod:`~scicevpr.offline.pretrain`,
-its configuration in :mod:`~scicevpr.offline.config`), the trained offline models that torch.hub
-serves (:mod:`~scicevpr.offline.models`) and the paper's claims tested on them
-(:mod:`~scicevpr.offline.claims`). The method (:mod:`scicevpr`) imports none of it.
+GSV-Cities layouts), the pretraining of the compact backbone (the loop, checkpoints and export in
+:mod:`~scicevpr.offline.pretrain`, the objectives with their heads, teachers and losses in
+:mod:`~scicevpr.offline.objectives`, the image cache, views and masks in
+:mod:`~scicevpr.offline.augment`, the configuration in :mod:`~scicevpr.offline.config`), the
+trained offline models that torch.hub serves (:mod:`~scicevpr.offline.models`) and the paper's
+claims tested on them (:mod:`~scicevpr.offline.claims`). The method (:mod:`scicevpr`) imports
+none of it.
 """

@@ -56,7 +56,7 @@ class PretrainConfig:
         objective: ``"dino"`` (self-distillation, DINO + iBOT + KoLeo), ``"supervised"``
             (``L_MS`` on place batches), ``"distil"`` (the ViT learns a trained convolutional
             network's features, crop by crop: ``distil_teacher``) or ``"cnn"`` (no ViT: that
-            network, :class:`~scicevpr.offline.pretrain.LayoutCNN`, trained with ``L_MS`` on place
+            network, :class:`~scicevpr.offline.objectives.LayoutCNN`, trained with ``L_MS`` on place
             batches at ``distil_size`` pixels; its export is the teacher of ``"distil"``).
         data: a synthetic benchmark folder (holding ``gsv_cities/``) or a GSV-Cities-layout folder
             (``Dataframes/``, ``Images/``); ``scicevpr synth --preset pretrain --seed 1`` makes one.
@@ -99,16 +99,16 @@ class PretrainConfig:
             concatenated, so that the descriptor keeps where each feature lies; ``"grid"``: the patch
             tokens averaged over a 2 x 4 grid (2 rows, 4 columns) and projected to 512 dimensions by a
             linear layer trained with them and dropped at export (the head of
-            :class:`~scicevpr.offline.pretrain.LayoutCNN`).
+            :class:`~scicevpr.offline.objectives.LayoutCNN`).
         supervised_scale: area range of the single random resized crop per image (also the
             crop of ``objective="distil"`` and ``"cnn"``).
         loss: ``L_MS`` hyper-parameters (the paper's).
     Distillation from a convolutional network:
         distil_teacher: the teacher of ``"distil"``: the state dict of a trained
-            :class:`~scicevpr.offline.pretrain.LayoutCNN` (``objective="cnn"``'s export, a ``.pt`` file), or
+            :class:`~scicevpr.offline.objectives.LayoutCNN` (``objective="cnn"``'s export, a ``.pt`` file), or
             a backbone weight file with its manifest (a ``.pth`` exported by this command, of the
             same architecture), whose last block's patch tokens after the final norm are the map
-            to learn (:class:`~scicevpr.offline.pretrain.ViTMapTeacher`); required by ``"distil"``.
+            to learn (:class:`~scicevpr.offline.objectives.ViTMapTeacher`); required by ``"distil"``.
         distil_size: side (pixels) of the network's input, a multiple of 8: for ``"distil"`` the
             same crop as the ViT's, resized (64: the teacher's 8 x 8 map lies on the ViT's 8 x 8
             patches; a ViT teacher takes ``image_size``); for ``"cnn"`` the side at which it is trained.
