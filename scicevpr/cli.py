@@ -368,24 +368,18 @@ def require_folders(**folders: str | None) -> None:
 
 
 def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> list[Path]:
-    """The photos under ``folder`` (:data:`scicevpr.data.paths.PHOTO_SUFFIXES`, as ``search`` lists them);
+    """The photos under ``folder``, listed as ``search`` lists them (:func:`scicevpr.search.list_images`);
     with ``skip_corrupt`` the ones that decode, the others counted in a warning."""
-    from .data.decode import find_corrupt_images, warn_skipped
-    from .data.paths import PHOTO_SUFFIXES
-    from .data.vg import list_images
+    from .data.decode import warn_skipped
+    from .search import list_images, readable_images
 
     require_folder(option, folder, "a folder of .jpg/.png photos")
-    path = Path(folder)
-    paths = list_images(path, PHOTO_SUFFIXES, ignore_case=True)
-    if not paths:
-        raise FileNotFoundError(f"no .jpg, .jpeg or .png files under {option} {str(path)!r}; pass a folder of photos.")
+    paths = list_images(folder, role=option)
     if skip_corrupt:
-        bad = set(find_corrupt_images(paths))
-        if bad:
-            warn_skipped(sorted(bad), len(paths), str(path))
-            paths = [p for p in paths if p not in bad]
-            if not paths:
-                raise ValueError(f"none of the photos under {option} {str(path)!r} decodes.")
+        readable, skipped = readable_images(paths, folder, option, skip_unreadable=True)
+        if skipped:
+            warn_skipped(skipped, len(paths), str(folder))
+        paths = readable
     return paths
 
 

@@ -210,6 +210,22 @@ def test_a_corrupt_image_read_by_dataloader_workers_then_skipped(vg_copy, capsys
     assert "skipped 1 of" in err and bad.name in err
 
 
+def test_extract_skips_a_corrupt_photo_when_asked(vg_copy, tmp_path, capsys):
+    """``extract`` lists a folder as ``search`` does; ``--skip-corrupt`` leaves a truncated photo out and says so."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for q in _queries(vg_copy)[:3]:
+        (folder / q.name).write_bytes(q.read_bytes())
+    bad = sorted(folder.glob("*.jpg"))[1]
+    bad.write_bytes(bad.read_bytes()[:200])
+    argv = ["extract", *SMALL, "--images", str(folder), "--out", str(tmp_path / "d.npy"), "--num-workers", "0", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and f"cannot decode image {str(bad)!r}" in err and "--skip-corrupt" in err
+    code, _, err = run_cli([*argv, "--skip-corrupt"], capsys)
+    assert code == 0 and "skipped 1 of 3" in err and bad.name in err
+    assert np.load(tmp_path / "d.npy").shape[0] == 2
+
+
 def test_an_image_above_the_decompression_bomb_limit(vg_copy, capsys, monkeypatch):
     from PIL import Image
 
@@ -292,7 +308,7 @@ def test_weights_that_are_not_dinov2_are_summarised(vg_copy, tmp_path, capsys):
     (["stability", "--vg-root", "{vg}", "--dataset", "pitts30k"], "pitts30k"),
     (["extract", "--images", "{tmp}/nowhere", "--out", "{tmp}/d.npy"], "--images '.*nowhere' does not exist"),
     (["search", "--database", "{tmp}/nowhere", "--queries", "{tmp}/empty"], "--database '.*nowhere' does not exist"),
-    (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "no .jpg, .jpeg or .png files under --images"),
+    (["extract", "--images", "{tmp}/empty", "--out", "{tmp}/d.npy"], "--images folder .*empty' has no images: it is empty"),
     (["eval", "--vg-root", "{vg}", "--dataset", "synthetic", "--weights", "{tmp}/dinov2.pth"], "--weights '.*dinov2.pth' does not exist"),
 ])
 def test_path_errors_come_before_the_model_is_built(argv, match, vg_copy, tmp_path, capsys, no_model):

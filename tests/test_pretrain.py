@@ -22,12 +22,11 @@ import scicevpr
 from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, file_sha256, manifest_path
 from scicevpr.cli import main
 from scicevpr.config import BackboneConfig, get_config
-from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.offline.synthetic import PRESETS, build_plan
 from scicevpr.data.transforms import normalize_uint8_batch, normalize_unit
 from scicevpr.files import holds_files, save_torch_file
 from scicevpr.offline.augment import CropSpec, MultiCropAugment, random_masks, view_specs
-from scicevpr.offline.config import PretrainConfig
+from scicevpr.offline.config import OFFLINE_BACKBONE, PretrainConfig
 from scicevpr.offline.objectives import dino_losses, koleo_loss
 from scicevpr.offline.pretrain import export_backbone, pretrain, read_pretrain_checkpoint, schedule
 
