@@ -408,17 +408,15 @@ def test_demo_strips_widget_state_and_merges_streams_so_an_unchanged_notebook_st
                        nbformat.v4.new_output("stream", name="stderr", text="warning\n"),
                        nbformat.v4.new_output("stream", name="stdout", text="d\n")]
     nb.cells.append(printed)
+    assert tidy_outputs(nb)
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
-    tidy_outputs(path)
     cleaned = nbformat.read(path, as_version=4)
     assert "widgets" not in cleaned.metadata
     assert cleaned.cells[0].outputs[0]["data"] == {"text/plain": "VBox()"}
     assert [(o["name"], o["text"]) for o in cleaned.cells[1].outputs] == [("stdout", "a\nbc\n"), ("stderr", "warning\n"),
                                                                          ("stdout", "d\n")]
-    before = path.read_bytes()
-    tidy_outputs(path)
-    assert path.read_bytes() == before
+    assert not tidy_outputs(cleaned), "a tidy notebook is left as it is"
 
 
 def test_stored_notebooks_hold_no_random_widget_ids():
@@ -456,3 +454,7 @@ def test_demo_keeps_the_stored_notebook_when_a_cell_fails(tmp_path, monkeypatch,
     failed = nbformat.read(tmp_path / "runs" / "demo-failed" / "01_fails.ipynb", as_version=4)
     assert failed.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
     assert not [p for p in (tmp_path / "notebooks").iterdir() if p.name.startswith(".demo-")]
+    from scicevpr.lab.runner import run_notebook
+
+    row = run_notebook(path, tmp_path / "again.ipynb", record_timing=False)  # the demo's way: no timing stored
+    assert row["status"].startswith("error: ZeroDivisionError") and (row["cells_run"], row["cells"]) == (2, 2)

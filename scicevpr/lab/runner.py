@@ -20,15 +20,13 @@ from pathlib import Path
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-def tidy_outputs(path: Path) -> None:
-    """Make a re-run of an unchanged notebook leave the file unchanged: remove what the
-    interactive cells store with random ids (the widget state in the notebook's metadata, the
-    widget views in the outputs; their text form stays; the widgets come back when the cell is
-    run in Jupyter), and merge consecutive outputs of one stream (how a cell's printed text is
-    cut into outputs depends on timing, not on the text)."""
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
+def tidy_outputs(nb) -> bool:
+    """Make a re-run of an unchanged notebook leave the file unchanged: remove from ``nb`` (an
+    nbformat notebook, changed in place) what the interactive cells store with random ids (the
+    widget state in the notebook's metadata, the widget views in the outputs; their text form
+    stays; the widgets come back when the cell is run in Jupyter), and merge consecutive outputs of
+    one stream (how a cell's printed text is cut into outputs depends on timing, not on the text).
+    Returns whether anything changed."""
     changed = nb.metadata.pop("widgets", None) is not None
     for cell in nb.cells:
         merged = []
@@ -45,8 +43,7 @@ def tidy_outputs(path: Path) -> None:
             merged.append(out)
         if "outputs" in cell:
             cell["outputs"] = merged
-    if changed:
-        nbformat.write(nb, path)
+    return changed
 
 
 KERNEL_NAME = "scicevpr-run-python3"
@@ -129,13 +126,12 @@ def run_notebook(path: Path, out: Path, deadline: float = float("inf"), cell_tim
     seconds = time.perf_counter() - t0
     if kernelspec is not None:
         nb.metadata["kernelspec"] = kernelspec  # the notebook's own, not the temporary one that ran it
-    target = out / path.name if out.is_dir() else out
-    nbformat.write(nb, target)
-    tidy_outputs(target)
-    cells = cell_seconds(nb)
-    slowest = sorted(cells, key=lambda c: -c[1])[:3]
+    tidy_outputs(nb)
+    nbformat.write(nb, out / path.name if out.is_dir() else out)
+    slowest = sorted(cell_seconds(nb), key=lambda c: -c[1])[:3]
+    code = [c for c in nb.cells if c.cell_type == "code"]
     return {"notebook": path.name, "status": status, "seconds": round(seconds, 1),
-            "cells_run": len(cells), "cells": sum(c.cell_type == "code" for c in nb.cells),
+            "cells_run": sum(c.get("execution_count") is not None for c in code), "cells": len(code),
             "slowest": [{"cell": n, "seconds": round(s, 1), "code": src} for n, s, src in slowest]}
 
 
