@@ -35,7 +35,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .backbone import hash_tensors, tensor_bytes
 from .config import EvalConfig
 from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
 from .data.transforms import eval_transform
@@ -49,6 +48,7 @@ from .protocol import (
     eval_batch_size,
     num_groups,
 )
+from .weights import hash_tensors, tensor_bytes
 
 PathLike = str | os.PathLike
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .backbone import resolve_weights
 from .config import ModelConfig, get_config
 from .cricavpr import CricaVPR
 from .models import SciceVPR, SuperCricaVPR, VPRModel
+from .weights import resolve_weights
 
 PathLike = str | os.PathLike
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scicevpr import backbone as bb
+from scicevpr import weights as wts
 from scicevpr.config import BACKBONE_ARCHS, BackboneConfig
 
 dinov2_vt = pytest.importorskip("dinov2.models.vision_transformer")
@@ -149,7 +150,7 @@ def test_auto_finds_file_in_env_folder(tmp_path, monkeypatch):
     src = _random_small_backbone()
     torch.save(src.state_dict(), tmp_path / "dinov2_vits14_pretrain.pth")
     monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path))
-    monkeypatch.setattr(bb, "_download", _no_network)
+    monkeypatch.setattr(wts, "_download", _no_network)
     m = bb.build_backbone(BackboneConfig(arch="vits14"), weights="auto")
     assert m.weights_path == tmp_path / "dinov2_vits14_pretrain.pth"
 
@@ -160,7 +161,7 @@ def test_auto_finds_file_in_torch_hub_cache(tmp_path, monkeypatch):
     torch.save(src.state_dict(), tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")
     monkeypatch.delenv("SCICEVPR_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(bb, "_download", _no_network)
+    monkeypatch.setattr(wts, "_download", _no_network)
     m = bb.build_backbone(BackboneConfig(arch="vits14"), weights="auto")
     assert not m.is_random_init
 
@@ -178,11 +179,11 @@ def test_auto_offline_fails_once_with_instructions(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path / "w"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(bb, "_download", fake_download)
-    monkeypatch.setattr(bb, "_download_failed", set())
+    monkeypatch.setattr(wts, "_download", fake_download)
+    monkeypatch.setattr(wts, "_download_failed", set())
     for _ in range(2):
         with pytest.raises(FileNotFoundError) as e:
-            bb.resolve_weights("auto", BackboneConfig(arch="vitb14"))
+            wts.resolve_weights("auto", BackboneConfig(arch="vitb14"))
         msg = str(e.value)
         assert "dinov2_vitb14_pretrain.pth" in msg and "SCICEVPR_WEIGHTS" in msg
         assert str(tmp_path / "w") in msg and "weights=None" in msg

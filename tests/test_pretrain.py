@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import scicevpr
-from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, file_sha256, manifest_path
+from scicevpr.backbone import DinoVisionTransformer
 from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
 from scicevpr.offline.synthetic import PRESETS, build_plan
@@ -37,6 +37,7 @@ from scicevpr.offline.pretrain import (
     schedule,
     view_specs,
 )
+from scicevpr.weights import PACKAGE_WEIGHTS_DIR, check_manifest, file_sha256, manifest_path
 
 TINY = dict(num_blocks=1, image_size=56, local_size=28, local_crops=2, head_hidden=64, head_bottleneck=32,
             prototypes=128, batch_size=8, cache_size=64, num_workers=0, device="cpu", progress=False, log_every=1)

@@ -253,7 +253,7 @@ def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir
               log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Train (or resume) model ``name`` of ``seed`` and score it; both are kept in its run folder
     and reused when the checkpoint is the same."""
-    from ..backbone import file_sha256
+    from ..weights import file_sha256
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     tc, run = _train(name, config, bench, seed, seed_dir)
@@ -452,8 +452,8 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
 
 def _backbone_label(weights: str | None) -> str:
     """The backbone file's name and SHA-256 (its content, whatever ``"auto"`` resolved to)."""
-    from ..backbone import file_sha256, resolve_weights
     from ..config import OFFLINE_BACKBONE
+    from ..weights import file_sha256, resolve_weights
 
     path = resolve_weights(weights, OFFLINE_BACKBONE)
     return "random (no weights)" if path is None else f"`{path.name}` (sha256 {file_sha256(path)[:12]})"

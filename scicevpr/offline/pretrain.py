@@ -124,14 +124,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
-from ..backbone import (
-    MANIFEST_FORMAT,
-    DinoVisionTransformer,
-    RandomWeightsWarning,
-    check_manifest,
-    file_sha256,
-    manifest_path,
-)
+from ..backbone import DinoVisionTransformer, RandomWeightsWarning
 from ..config import BackboneConfig
 from .config import PLACE_OBJECTIVES, PretrainConfig
 from ..data.decode import load_rgb
@@ -153,6 +146,7 @@ from ..pooling import MultiRegionGeM
 from ..precision import autocast, describe, resolve_amp
 from ..runtime import Dist, gather_batch, resolve_device, rng_state, set_rng_state, setup_distributed
 from ..train import PlaceBatchSampler, refuse_config_changes
+from ..weights import MANIFEST_FORMAT, check_manifest, file_sha256, manifest_path
 
 PathLike = str | os.PathLike
 GRID, GRID_DIM = (2, 4), 512  # pooling="grid": (rows, columns) of the token grid's cells, and the projection's width
@@ -1395,7 +1389,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     Returns:
         The weight file. Beside it, ``<name>.json``: objective, data preset and seed, steps,
         images seen, wall time, machines, torch version, the backbone config and the file's
-        SHA-256, which loading checks (:func:`scicevpr.backbone.check_manifest`).
+        SHA-256, which loading checks (:func:`scicevpr.weights.check_manifest`).
         A ``"cnn"`` run has no ViT: its :class:`LayoutCNN` is written instead (fp32 state dict,
         default name ``layout_cnn_<size>px.pt``, the ``distil_teacher`` of a distil run).
     """
