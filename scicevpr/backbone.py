@@ -7,11 +7,12 @@ the official code are implementation only: attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU, identical maths),
 and no xFormers, drop-path or chunked blocks (not needed for a frozen backbone).
 
-Weights: ``weights=`` is a path, ``"auto"`` (``$SCICEVPR_WEIGHTS/``, then torch hub's
-checkpoint cache, then the official download, tried once), or ``None`` (a random
-initialisation, flagged by ``model.is_random_init`` and a :class:`RandomWeightsWarning`).
-
-Finding, checking (manifests, SHA-256) and loading the weight files: :mod:`scicevpr.weights`.
+This module holds the architecture (the layers, :class:`DinoVisionTransformer`, whose
+constructor builds a randomly initialised ViT and reads no file; its ``fingerprint``) and
+:func:`build_backbone`, which gives a model its frozen backbone: it finds the weight file for
+``weights=`` (a path, ``"auto"`` or ``None``), builds the ViT and loads the file into it, or
+warns with a :class:`RandomWeightsWarning` when there is none. Finding, checking (manifests,
+SHA-256) and loading weight files is :mod:`scicevpr.weights`.
 """
 
 from __future__ import annotations
@@ -178,11 +179,12 @@ def checkpoint_block(block: Block, tokens: torch.Tensor, grid: tuple[int, int]) 
 
 
 class DinoVisionTransformer(nn.Module):
-    """DINOv2 ViT/14 (official architecture and parameter names).
+    """DINOv2 ViT/14 (official architecture and parameter names), randomly initialised; building
+    it reads no file. :func:`build_backbone` gives a model its frozen backbone with weights, and
+    :func:`scicevpr.weights.load_weights` loads a weight file into one.
 
     Args:
         config: which ViT and its patch / position-embedding settings.
-        weights: a state-dict path, ``"auto"`` or ``None`` (random init; see module docstring).
         seed: draw the random initialisation after seeding torch's global CPU generator with
             ``seed`` (the RNG every ``nn.Module`` initialisation draws from; the GPUs' generators
             are left alone), so that a checkpoint can rebuild it from the seed alone; None draws
@@ -191,7 +193,8 @@ class DinoVisionTransformer(nn.Module):
     Attributes:
         is_random_init: True when no pretrained weights were loaded. Every figure or table
             built on such a model must say so.
-        weights_path: the file the weights came from, or None.
+        weights_path: the file the weights came from (set by
+            :func:`scicevpr.weights.load_weights`), or None.
         checkpoint_blocks: activation checkpointing (False by default): while gradients are
             recorded, each block keeps only its input and runs again in the backward pass
             (:func:`checkpoint_block`). For a backbone that gradients flow through (CricaVPR's
@@ -205,7 +208,7 @@ class DinoVisionTransformer(nn.Module):
             :meth:`mark_stored`).
     """
 
-    def __init__(self, config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None) -> None:
+    def __init__(self, config: BackboneConfig, *, seed: int | None = None) -> None:
         super().__init__()
         if seed is not None:
             torch.default_generator.manual_seed(seed)  # the CPU generator the initialisation draws from (GPUs' untouched)
@@ -230,17 +233,6 @@ class DinoVisionTransformer(nn.Module):
         self.provenance: dict[str, Any] = {"source": "stored"} if seed is None else {"source": "random", "seed": int(seed)}
         self._fingerprint: tuple[tuple, str] | None = None  # (stamp of the parameters hashed, digest)
         self.checkpoint_blocks = False
-        path = resolve_weights(weights, config)
-        if path is None:
-            warnings.warn(
-                f"DINOv2 {config.arch} is randomly initialised (weights=None): descriptors and "
-                f"recalls are NOT those of pretrained DINOv2. Pass weights='auto' or a path to "
-                f"{config.hub_name}_pretrain.pth for real results.",
-                RandomWeightsWarning,
-                stacklevel=3,
-            )
-        else:
-            load_weights(self, path)
 
     def _init_weights(self) -> None:
         """Official DINOv2 initialisation (timm ViT): trunc-normal 0.02, zero biases."""
@@ -371,8 +363,24 @@ class DinoVisionTransformer(nn.Module):
 def build_backbone(
     config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None
 ) -> DinoVisionTransformer:
-    """A frozen DINOv2 (all parameters ``requires_grad=False``); ``seed`` as in
-    :class:`DinoVisionTransformer`."""
-    model = DinoVisionTransformer(config, weights, seed)
-    model.requires_grad_(False)
-    return model
+    """A frozen DINOv2 (all parameters ``requires_grad=False``) with the weights ``weights``.
+
+    ``weights``: a weight file (or a folder that holds it), ``"auto"`` or ``None``
+    (:func:`scicevpr.weights.resolve_weights`). The file is found first, before the ViT is built,
+    so that a wrong path fails at once; it is then loaded with :func:`scicevpr.weights.load_weights`
+    (manifest and names checked). ``None`` keeps the random initialisation and warns with a
+    :class:`RandomWeightsWarning`. ``seed`` as in :class:`DinoVisionTransformer`.
+    """
+    path = resolve_weights(weights, config)
+    model = DinoVisionTransformer(config, seed=seed)
+    if path is None:
+        warnings.warn(
+            f"DINOv2 {config.arch} is randomly initialised (weights=None): descriptors and "
+            f"recalls are NOT those of pretrained DINOv2. Pass weights='auto' or a path to "
+            f"{config.hub_name}_pretrain.pth for real results.",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+    else:
+        load_weights(model, path)
+    return model.requires_grad_(False)

@@ -1,6 +1,6 @@
 """DINOv2 weight files (PAPER.md, "Architecture", step 1): where they are found, how they are
-checked and how a backbone loads them (:class:`scicevpr.backbone.DinoVisionTransformer` turns
-its ``weights=`` into a loaded backbone with this module).
+checked and how a backbone loads them. :func:`scicevpr.backbone.build_backbone` uses this module
+to turn ``weights=`` into a loaded backbone; the backbone's constructor reads no file.
 
 **Resolution** (:func:`resolve_weights`). ``weights=`` is a path (a folder stands for its
 ``<hub name>_pretrain.pth``), ``"auto"`` (``$SCICEVPR_WEIGHTS/``, then torch hub's checkpoint

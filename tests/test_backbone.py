@@ -42,9 +42,7 @@ def test_official_state_dict_layout_matches(arch):
     """Every architecture has the official parameter names and shapes (strict loading)."""
     with torch.device("meta"):
         ref = REFERENCE_BUILDERS[arch]()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-            ours = bb.DinoVisionTransformer(BackboneConfig(arch=arch), weights=None)
+        ours = bb.DinoVisionTransformer(BackboneConfig(arch=arch))
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert our_shapes == ref_shapes
@@ -110,9 +108,25 @@ def _random_small_backbone() -> bb.DinoVisionTransformer:
 
 
 def test_random_init_is_reported():
-    with pytest.warns(bb.RandomWeightsWarning, match="randomly initialised"):
-        m = bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), weights=None)
+    with pytest.warns(bb.RandomWeightsWarning, match="randomly initialised") as record:
+        m = bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
     assert m.is_random_init and m.weights_path is None
+    assert record[0].filename == __file__  # the warning points at the caller of build_backbone
+
+
+def test_the_constructor_reads_no_file(monkeypatch):
+    """Building the ViT only draws its random initialisation; weights are found and loaded by
+    build_backbone (scicevpr.weights)."""
+    def no_file(*args, **kwargs):
+        raise AssertionError("the constructor looked for a weight file")
+
+    for name in ("resolve_weights", "load_weights"):
+        monkeypatch.setattr(bb, name, no_file)
+    monkeypatch.setattr(wts, "load_torch_file", no_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and warns of nothing
+        m = bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), seed=0)
+    assert m.is_random_init and m.weights_path is None and m.provenance == {"source": "random", "seed": 0}
 
 
 def test_explicit_path_loads_and_missing_path_fails(tmp_path):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import scicevpr
-from scicevpr.backbone import DinoVisionTransformer
+from scicevpr.backbone import DinoVisionTransformer, build_backbone
 from scicevpr.cli import main
 from scicevpr.config import OFFLINE_BACKBONE, BackboneConfig, get_config
 from scicevpr.offline.synthetic import PRESETS, build_plan
@@ -98,10 +98,8 @@ def test_defaults_build_the_offline_backbone():
     config = PretrainConfig()
     assert config.backbone_config() == OFFLINE_BACKBONE
     assert config.objective == "dino" and config.image_size == 112 and config.local_size == 56
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
-        with torch.device("meta"):
-            model = DinoVisionTransformer(OFFLINE_BACKBONE, weights=None)
+    with torch.device("meta"):
+        model = DinoVisionTransformer(OFFLINE_BACKBONE)
     n = sum(p.numel() for p in model.parameters())
     assert 2 * n <= 16e6  # the fp16 file stays within 16 MB
     assert len(model.blocks) == 4 and model.pos_embed.shape == (1, 1 + 8 * 8, 384)
@@ -344,7 +342,7 @@ def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(ti
     assert manifest["objective"] == "distil" and manifest["model"] == "student"
     assert "distilled from a small CNN" in manifest["description"]
     assert manifest["distil_teacher"] == {"file": cnn_file.name, "sha256": file_sha256(cnn_file)}
-    DinoVisionTransformer(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
+    build_backbone(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
 
 
 def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchmark, tmp_path):

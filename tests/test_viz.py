@@ -524,7 +524,7 @@ def test_the_weights_file_is_hashed_once_per_version(clean_env, tmp_path):
 
 def test_building_models_on_one_weight_file_hashes_it_once(clean_env, monkeypatch):
     from scicevpr import weights
-    from scicevpr.backbone import DinoVisionTransformer
+    from scicevpr.backbone import build_backbone
 
     path = weights.PACKAGE_WEIGHTS_DIR / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth"
     if not path.is_file() or time.time() - path.stat().st_mtime < 3:
@@ -533,7 +533,7 @@ def test_building_models_on_one_weight_file_hashes_it_once(clean_env, monkeypatc
     real = weights._sha256_of_version.__wrapped__
     monkeypatch.setattr(weights, "_sha256_of_version", functools.lru_cache(lambda *key: read.append(key) or real(*key)))
     for _ in range(3):
-        DinoVisionTransformer(OFFLINE_BACKBONE, weights=path)
+        build_backbone(OFFLINE_BACKBONE, weights=path)
     weights.weights_record(path)
     assert len(read) == 1
 

@@ -109,7 +109,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -124,7 +123,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
-from ..backbone import DinoVisionTransformer, RandomWeightsWarning
+from ..backbone import DinoVisionTransformer, build_backbone
 from ..config import BackboneConfig
 from .config import PLACE_OBJECTIVES, PretrainConfig
 from ..data.decode import load_rgb
@@ -146,7 +145,7 @@ from ..pooling import MultiRegionGeM
 from ..precision import autocast, describe, resolve_amp
 from ..runtime import Dist, gather_batch, resolve_device, rng_state, set_rng_state, setup_distributed
 from ..train import PlaceBatchSampler, refuse_config_changes
-from ..weights import MANIFEST_FORMAT, check_manifest, file_sha256, manifest_path
+from ..weights import MANIFEST_FORMAT, check_manifest, file_sha256, load_weights, manifest_path, resolve_weights
 
 PathLike = str | os.PathLike
 GRID, GRID_DIM = (2, 4), 512  # pooling="grid": (rows, columns) of the token grid's cells, and the projection's width
@@ -579,9 +578,9 @@ class _Student(nn.Module):
     def __init__(self, config: PretrainConfig, target_channels: int = LayoutCNN.channels) -> None:
         super().__init__()
         self.objective = config.objective
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            self.backbone = DinoVisionTransformer(config.backbone_config(), weights=config.init_weights)
+        self.backbone = DinoVisionTransformer(config.backbone_config())  # trained here: not frozen
+        if config.init_weights is not None:  # start from an exported backbone (its manifest checked)
+            load_weights(self.backbone, resolve_weights(config.init_weights, self.backbone.config))
         self.grid = config.image_size // self.backbone.patch_size  # g: patches a side
         C = self.backbone.embed_dim
         last = len(self.backbone.blocks) - 1
@@ -1315,9 +1314,7 @@ def _load_teacher(path: PathLike, config: PretrainConfig) -> tuple[LayoutCNN | V
         if config.distil_size != config.image_size:
             raise ValueError(f"a ViT teacher sees the student's crop: set distil_size={config.image_size} (the image_size), "
                              f"not {config.distil_size}.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            net = ViTMapTeacher(DinoVisionTransformer(config.backbone_config(), weights=str(path)))
+        net = ViTMapTeacher(build_backbone(config.backbone_config(), path))
         record["kind"] = "vit"
         record["trained"] = {k: vit_manifest.get(k) for k in ("description", "label", "objective", "init", "distil_teacher", "steps", "train_s", "machines")}
         return net, record
@@ -1408,9 +1405,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     bb_config = BackboneConfig(**ckpt["backbone_config"])
     state = {k[len("backbone."):]: v.half() if v.is_floating_point() else v
              for k, v in models[which].items() if k.startswith("backbone.")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        DinoVisionTransformer(bb_config, weights=None).load_state_dict(state, strict=True)  # official names, all of them
+    DinoVisionTransformer(bb_config).load_state_dict(state, strict=True)  # official names, all of them
     out = _export_path(out_path, f"{bb_config.hub_name}_pretrain.pth")
     save_torch_file(state, out)
     init = None
