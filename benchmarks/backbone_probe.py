@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from scicevpr.lab.analysis import patch_maps
-from scicevpr.backbone import DinoVisionTransformer
+from scicevpr.backbone import DinoVisionTransformer, build_backbone
 from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.data.gsv import GSVCitiesDataset
 from scicevpr.offline.synthetic import default_synthetic_dir
@@ -94,7 +94,7 @@ def main() -> None:
         p.error(f"--device: {e}")
 
     weights = None if args.weights == "none" else args.weights
-    backbone = DinoVisionTransformer(OFFLINE_BACKBONE, weights=weights).eval().to(device)
+    backbone = build_backbone(OFFLINE_BACKBONE, weights=weights).eval().to(device)
     split = load_vg_split(args.test_root or default_synthetic_dir("small") / "vg", "synthetic", "test")
     t0 = time.time()
     test = block_features(backbone, load_image_cache(split.all_paths, IMAGE_SIZE, args.workers, progress=False))

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from scicevpr.backbone import DinoVisionTransformer, RandomWeightsWarning
+from scicevpr.backbone import DinoVisionTransformer, RandomWeightsWarning, build_backbone
 from scicevpr.offline.config import OFFLINE_BACKBONE
 from scicevpr.offline.synthetic import default_synthetic_dir
 from scicevpr.data.transforms import normalize_uint8_batch
@@ -54,7 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        backbone = DinoVisionTransformer(OFFLINE_BACKBONE, weights=None if args.weights == "none" else args.weights).eval()
+        backbone = build_backbone(OFFLINE_BACKBONE, weights=None if args.weights == "none" else args.weights).eval()
     split = load_vg_split(args.vg_root, "synthetic", "test")
     images = load_image_cache(split.all_paths, IMAGE_SIZE, num_workers=0, progress=False)
     n_db = split.num_database

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from scicevpr.lab.analysis import initial_student
-from scicevpr.backbone import file_sha256
+from scicevpr.weights import file_sha256
 from scicevpr.offline.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
 from scicevpr.config import EvalConfig

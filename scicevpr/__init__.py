@@ -12,9 +12,9 @@ the package (and ``scicevpr --help``) does not import torch. Importing it change
 the process (``scicevpr.lab``, the notebooks' helpers, and the command line ask OpenMP's idle
 threads to sleep: ``OMP_WAIT_POLICY=PASSIVE``).
 
-Layout: this package holds the method (configs, backbone, fusion, pooling, models, CricaVPR,
-losses, training, evaluation, ``data/`` readers) and beside it the command line, search, index
-and torch.hub; ``scicevpr.offline`` the synthetic world (renderer, benchmark, backbone
+Layout: this package holds the method (configs, backbone and its weight files, fusion, pooling,
+models, CricaVPR, losses, training, evaluation, ``data/`` readers) and beside it the command
+line, search, index and torch.hub; ``scicevpr.offline`` the synthetic world (renderer, benchmark, backbone
 pretraining, the trained offline models, the claims); ``scicevpr.lab`` what the notebooks use
 (the switch, measurements, plots, the notebook runner). The method imports neither.
 """

@@ -7,33 +7,23 @@ the official code are implementation only: attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU, identical maths),
 and no xFormers, drop-path or chunked blocks (not needed for a frozen backbone).
 
-Weights: ``weights=`` is a path, ``"auto"`` (``$SCICEVPR_WEIGHTS/``, then torch hub's
-checkpoint cache, then the official download, tried once), or ``None`` (a random
-initialisation, flagged by ``model.is_random_init`` and a :class:`RandomWeightsWarning`).
-
-A compact backbone trained by ``scicevpr pretrain-backbone`` (``BackboneConfig.num_blocks``,
-e.g. ``offline.config.OFFLINE_BACKBONE``) is one fp16 state dict in the same official naming, loaded
-through the same door; ``"auto"`` looks for it in the package's ``weights/`` folder, then in
-``$SCICEVPR_WEIGHTS/`` and the hub cache, and never downloads. When a manifest
-``<name>.json`` (:data:`MANIFEST_FORMAT`) lies beside a weight file, loading checks the file's
-SHA-256 against it and refuses a file that differs.
+This module holds the architecture (the layers, :class:`DinoVisionTransformer`, whose
+constructor builds a randomly initialised ViT and reads no file; its ``fingerprint``) and
+:func:`build_backbone`, which gives a model its frozen backbone: it finds the weight file for
+``weights=`` (a path, ``"auto"`` or ``None``), builds the ViT and loads the file into it, or
+warns with a :class:`RandomWeightsWarning` when there is none. Finding, checking (manifests,
+SHA-256) and loading weight files is :mod:`scicevpr.weights`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import json
 import math
 import os
-import shutil
-import time
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,114 +31,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import BackboneConfig
-from .data.paths import WEIGHTS_ENV
-from .files import atomic_write, load_torch_file
-
-WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{hub_name}/{hub_name}_pretrain.pth"
-PACKAGE_WEIGHTS_DIR = Path(__file__).parent / "weights"  # compact backbones shipped with scicevpr
-MANIFEST_FORMAT = "scicevpr-backbone"  # the "format" entry of a weight file's manifest
-
-
-def manifest_path(weights_path: str | os.PathLike) -> Path:
-    """The manifest beside a weight file: ``x/name.pth`` -> ``x/name.json``."""
-    return Path(weights_path).with_suffix(".json")
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor (any dtype, any device; row-major), for hashing."""
-    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def hash_tensors(h: Any, named: Iterable[tuple[str, torch.Tensor]], with_layout: bool = False) -> Any:
-    """Feed named tensors to the hash ``h`` in the order given: each name (``with_layout``: its
-    dtype and shape too), then its bytes. The backbone's fingerprint, an index's model identity
-    and the backbone cache's key all hash weights this way; returns ``h``."""
-    for name, t in named:
-        h.update((f"{name} {t.dtype} {tuple(t.shape)}" if with_layout else name).encode())
-        h.update(tensor_bytes(t))
-    return h
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, hex. Read once per process and version of the file (its
-    resolved path, inode, size and modification time): building several models on one 15 MB
-    weight file, or labelling every figure with it, hashes it once. A file modified in the last
-    :data:`_SETTLE_NS` is hashed every time (a second write within the file system's timestamp
-    granularity could keep size and time), as git treats "racy" index entries."""
-    path = Path(path).resolve()
-    st = path.stat()
-    if time.time_ns() - st.st_mtime_ns < _SETTLE_NS:
-        return _sha256_of_version.__wrapped__(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    return _sha256_of_version(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-_SETTLE_NS = 2_000_000_000  # files younger than 2 s are not cached (see file_sha256)
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_manifest(weights_path: str | os.PathLike, config: BackboneConfig | None = None,
-                   manifest_format: str = MANIFEST_FORMAT) -> dict | None:
-    """Verify a weight file against the manifest beside it, if there is one (else None).
-
-    ``manifest_format``: the manifest's ``format`` entry this kind of file has (a backbone's,
-    or ``scicevpr.offline.objectives.CNN_MANIFEST_FORMAT`` for the distillation's CNN teacher); a
-    JSON file of another format beside it is no manifest of it.
-
-    The manifest is read on every call; the file's hash is computed once per version of the file
-    (:func:`file_sha256`).
-
-    Raises ValueError when the file's SHA-256 differs from the manifest's (a modified or
-    swapped file) or when the manifest describes another backbone than ``config``.
-    """
-    mpath = manifest_path(weights_path)
-    if not mpath.is_file():
-        return None
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError as e:
-        raise ValueError(f"the weights manifest {str(mpath)!r} is not valid JSON ({e}); restore it or delete it.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != manifest_format:
-        return None  # some other JSON file that happens to share the name
-    digest = file_sha256(weights_path)
-    if digest != manifest.get("sha256"):
-        raise ValueError(
-            f"{str(weights_path)!r} does not match its manifest {mpath.name}: SHA-256 {digest[:16]}... but the "
-            f"manifest records {str(manifest.get('sha256'))[:16]}.... The file was modified or replaced. Restore the "
-            f"file the manifest describes, or export it again (scicevpr pretrain-backbone --export)."
-        )
-    recorded = manifest.get("backbone")
-    if config is not None and isinstance(recorded, dict):
-        try:
-            same = BackboneConfig(**recorded) == config
-        except (TypeError, ValueError):
-            same = False
-        if not same:
-            raise ValueError(
-                f"{str(weights_path)!r} holds a backbone built as BackboneConfig(**{recorded}) (its manifest), not "
-                f"{config}. Build the model with that backbone, e.g. get_config(..., backbone=BackboneConfig(**manifest['backbone']))."
-            )
-    return manifest
-
-
-def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
-    """``(sha256, manifest)`` of a weight file: its manifest verified against the file
-    (:func:`scicevpr.backbone.check_manifest`; None when it has none). The file is hashed once
-    per process and version (:func:`scicevpr.backbone.file_sha256`), however many run folders,
-    figure labels and model builds ask. Do not modify the returned manifest."""
-    manifest = check_manifest(path)  # hashes the file when it has a manifest: its sha256 is then the file's
-    return (file_sha256(path) if manifest is None else manifest["sha256"]), manifest
-
-
-def _preview(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+from .weights import hash_tensors, load_weights, resolve_weights
 
 
 class RandomWeightsWarning(UserWarning):
@@ -296,11 +179,12 @@ def checkpoint_block(block: Block, tokens: torch.Tensor, grid: tuple[int, int]) 
 
 
 class DinoVisionTransformer(nn.Module):
-    """DINOv2 ViT/14 (official architecture and parameter names).
+    """DINOv2 ViT/14 (official architecture and parameter names), randomly initialised; building
+    it reads no file. :func:`build_backbone` gives a model its frozen backbone with weights, and
+    :func:`scicevpr.weights.load_weights` loads a weight file into one.
 
     Args:
         config: which ViT and its patch / position-embedding settings.
-        weights: a state-dict path, ``"auto"`` or ``None`` (random init; see module docstring).
         seed: draw the random initialisation after seeding torch's global CPU generator with
             ``seed`` (the RNG every ``nn.Module`` initialisation draws from; the GPUs' generators
             are left alone), so that a checkpoint can rebuild it from the seed alone; None draws
@@ -309,7 +193,8 @@ class DinoVisionTransformer(nn.Module):
     Attributes:
         is_random_init: True when no pretrained weights were loaded. Every figure or table
             built on such a model must say so.
-        weights_path: the file the weights came from, or None.
+        weights_path: the file the weights came from (set by
+            :func:`scicevpr.weights.load_weights`), or None.
         checkpoint_blocks: activation checkpointing (False by default): while gradients are
             recorded, each block keeps only its input and runs again in the backward pass
             (:func:`checkpoint_block`). For a backbone that gradients flow through (CricaVPR's
@@ -323,7 +208,7 @@ class DinoVisionTransformer(nn.Module):
             :meth:`mark_stored`).
     """
 
-    def __init__(self, config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None) -> None:
+    def __init__(self, config: BackboneConfig, *, seed: int | None = None) -> None:
         super().__init__()
         if seed is not None:
             torch.default_generator.manual_seed(seed)  # the CPU generator the initialisation draws from (GPUs' untouched)
@@ -348,17 +233,6 @@ class DinoVisionTransformer(nn.Module):
         self.provenance: dict[str, Any] = {"source": "stored"} if seed is None else {"source": "random", "seed": int(seed)}
         self._fingerprint: tuple[tuple, str] | None = None  # (stamp of the parameters hashed, digest)
         self.checkpoint_blocks = False
-        path = resolve_weights(weights, config)
-        if path is None:
-            warnings.warn(
-                f"DINOv2 {config.arch} is randomly initialised (weights=None): descriptors and "
-                f"recalls are NOT those of pretrained DINOv2. Pass weights='auto' or a path to "
-                f"{config.hub_name}_pretrain.pth for real results.",
-                RandomWeightsWarning,
-                stacklevel=3,
-            )
-        else:
-            self.load_pretrained(path)
 
     def _init_weights(self) -> None:
         """Official DINOv2 initialisation (timm ViT): trunc-normal 0.02, zero biases."""
@@ -369,43 +243,6 @@ class DinoVisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load a DINOv2 state dict strictly (official names; fp16 or fp32), after checking it
-        against the manifest beside it when there is one (:func:`check_manifest`). The file is
-        read with ``weights_only=True``: a weight file holds tensors only."""
-        check_manifest(path, self.config)
-        state = load_torch_file(path, "DINOv2 weight file", opt_in=None)
-        expected = f"{self.config.hub_name}_pretrain.pth"
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(
-                f"DINOv2 weight file {str(path)!r} does not hold a state dict of tensors (a "
-                f"{type(state).__name__}{' with keys ' + _preview(sorted(map(str, state)), 5) if isinstance(state, dict) else ''}). "
-                f"Pass {expected} or a file exported by `scicevpr pretrain-backbone --export`; a scicevpr "
-                f"checkpoint loads with scicevpr.load_model (--checkpoint), an authors' one with load_official (--official)."
-            )
-        ours = self.state_dict()
-        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        shapes = [k for k in ours if k in state and state[k].shape != ours[k].shape]
-        if missing or unexpected or shapes:
-            found = []
-            if missing:
-                found.append(f"{len(missing)} missing key(s), e.g. {_preview(missing)}")
-            if unexpected:
-                found.append(f"{len(unexpected)} unexpected key(s), e.g. {_preview(unexpected)}")
-            if shapes:
-                k = shapes[0]
-                found.append(f"{len(shapes)} of another shape, e.g. {k}: {tuple(state[k].shape)} in the file, "
-                             f"{tuple(ours[k].shape)} here")
-            raise ValueError(
-                f"{str(path)!r} is not a DINOv2 {self.config.arch} state dict (expected {expected}): "
-                f"{'; '.join(found)}. Pass the weights of the backbone the preset uses, or a preset whose "
-                f"backbone these weights are."
-            )
-        self.load_state_dict(state, strict=True)
-        self.is_random_init = False
-        self.weights_path = Path(path)
-        self.provenance = {"source": "file", "path": str(path), "hub_name": self.config.hub_name}
 
     def mark_stored(self, random_init: bool = False) -> None:
         """Record that the weights just loaded came with a whole checkpoint (an authors' one, or a
@@ -523,94 +360,27 @@ class DinoVisionTransformer(nn.Module):
         return self.get_intermediate_layers(x, [len(self.blocks) - 1])[0][:, 0]
 
 
-# --------------------------------------------------------------------------------------------
-# Weight resolution
-# --------------------------------------------------------------------------------------------
-
-_download_failed: set[str] = set()
-
-
-def _hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _download(url: str, dst: Path, timeout: float = 20.0) -> None:
-    """Download ``url`` to ``dst`` atomically (:func:`scicevpr.files.atomic_write`)."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        atomic_write(dst, lambda f: shutil.copyfileobj(r, f))
-
-
-def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -> Path | None:
-    """Find the DINOv2 weight file for ``weights`` (a path, ``"auto"`` or ``None``).
-
-    ``"auto"`` looks for ``<hub name>_pretrain.pth`` in ``$SCICEVPR_WEIGHTS/``, then in torch
-    hub's checkpoint cache, then tries the official download once per process. Offline, it
-    fails at once with a message naming the file and where to put it. A compact backbone (``not config.is_official``) is looked for in the
-    package's ``weights/`` folder after ``$SCICEVPR_WEIGHTS/`` and is never downloaded: it is
-    made by ``scicevpr pretrain-backbone``. A folder given as ``weights`` stands for its
-    ``<hub name>_pretrain.pth``.
-    """
-    if weights is None:
-        return None
-    fname = f"{config.hub_name}_pretrain.pth"
-    if str(weights) != "auto":
-        path = Path(weights).expanduser()
-        if path.is_dir():
-            if (path / fname).is_file():
-                return path / fname
-            raise FileNotFoundError(
-                f"DINOv2 weights {path} is a folder without {fname} (this model's file). Pass the path of the file, "
-                f"a folder that holds {fname}, weights='auto', or weights=None for a random initialisation."
-            )
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"DINOv2 weights file {path} does not exist. Pass the path to {fname}, "
-                f"weights='auto' to search ${WEIGHTS_ENV} and the torch hub cache, or "
-                f"weights=None for a random initialisation."
-            )
-        return path
-    candidates = []
-    env = os.environ.get(WEIGHTS_ENV, "").strip()
-    if env and env.lower() != "random":  # "random": the notebooks' setting for weights=None
-        candidates.append(Path(env).expanduser() / fname)  # the user's folder first, before the shipped backbones
-    if not config.is_official:
-        candidates.append(PACKAGE_WEIGHTS_DIR / fname)
-    hub_dir = _hub_checkpoint_dir()
-    candidates.append(hub_dir / fname)
-    for c in candidates:
-        if c.is_file():
-            return c
-    if not config.is_official:
-        raise FileNotFoundError(
-            f"weights {fname} of the compact backbone {config} not found (looked in "
-            f"{', '.join(str(c.parent) for c in candidates)}). It is not one of Meta's DINOv2 models: make it with "
-            f"`scicevpr pretrain-backbone ... --export <folder>/{fname}` and put it in one of these folders (or set "
-            f"${WEIGHTS_ENV}), pass its path as weights=, or pass weights=None for a random initialisation."
-        )
-    url = WEIGHTS_URL.format(hub_name=config.hub_name)
-    where = " or ".join(str(c) for c in candidates)
-    hint = (
-        f"Download {fname} from {url} on a machine with internet access and put it at {where} "
-        f"(or set ${WEIGHTS_ENV} to its folder), or pass weights=None for a random "
-        f"initialisation."
-    )
-    if url in _download_failed:
-        raise FileNotFoundError(f"DINOv2 weights {fname} not found and the download failed earlier. {hint}")
-    try:
-        _download(url, hub_dir / fname)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        _download_failed.add(url)
-        raise FileNotFoundError(
-            f"DINOv2 weights {fname} not found locally and the download failed ({e}). {hint}"
-        ) from None
-    return hub_dir / fname
-
-
 def build_backbone(
     config: BackboneConfig, weights: str | os.PathLike | None = None, seed: int | None = None
 ) -> DinoVisionTransformer:
-    """A frozen DINOv2 (all parameters ``requires_grad=False``); ``seed`` as in
-    :class:`DinoVisionTransformer`."""
-    model = DinoVisionTransformer(config, weights, seed)
-    model.requires_grad_(False)
-    return model
+    """A frozen DINOv2 (all parameters ``requires_grad=False``) with the weights ``weights``.
+
+    ``weights``: a weight file (or a folder that holds it), ``"auto"`` or ``None``
+    (:func:`scicevpr.weights.resolve_weights`). The file is found first, before the ViT is built,
+    so that a wrong path fails at once; it is then loaded with :func:`scicevpr.weights.load_weights`
+    (manifest and names checked). ``None`` keeps the random initialisation and warns with a
+    :class:`RandomWeightsWarning`. ``seed`` as in :class:`DinoVisionTransformer`.
+    """
+    path = resolve_weights(weights, config)
+    model = DinoVisionTransformer(config, seed=seed)
+    if path is None:
+        warnings.warn(
+            f"DINOv2 {config.arch} is randomly initialised (weights=None): descriptors and "
+            f"recalls are NOT those of pretrained DINOv2. Pass weights='auto' or a path to "
+            f"{config.hub_name}_pretrain.pth for real results.",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+    else:
+        load_weights(model, path)
+    return model.requires_grad_(False)

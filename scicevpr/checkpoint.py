@@ -27,7 +27,7 @@ in training, so it is stored by reference when possible. ``backbone["source"]`` 
   authors' full checkpoint, or ``store_backbone=True``).
 
 This record is the backbone's ``provenance``, set when its weights are loaded
-(:class:`scicevpr.backbone.DinoVisionTransformer`). ``fingerprint`` (SHA-256 of the frozen
+(:func:`scicevpr.weights.load_weights`). ``fingerprint`` (SHA-256 of the frozen
 parameters, ``backbone.fingerprint``) is checked on load: a different weight file or a changed
 random initialisation is an error, never silently another model.
 
@@ -53,11 +53,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .backbone import RandomWeightsWarning, resolve_weights
+from .backbone import RandomWeightsWarning
 from .config import BackboneConfig, CricaVPRConfig, ModelConfig
 from .factory import MODELS, create_model
 from .files import NATIVE_FORMAT, read_model_file, save_torch_file
 from .models import VPRModel
+from .weights import resolve_weights
 
 PathLike = str | os.PathLike
 

@@ -772,7 +772,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     overrides = dataclass_overrides(args, PretrainConfig)
     check_pretrain_paths(overrides, args.export_only)
-    from .backbone import manifest_path
+    from .weights import manifest_path
     from .offline.pretrain import export_backbone, pretrain
     from .runtime import is_main_process
 

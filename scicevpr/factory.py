@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .backbone import resolve_weights
 from .config import ModelConfig, get_config
 from .cricavpr import CricaVPR
 from .models import SciceVPR, SuperCricaVPR, VPRModel
@@ -59,7 +58,8 @@ def create_model(
             ``"CricaVPR-S"``) or a ModelConfig; None: the name's :data:`DEFAULT_PRESETS` entry.
         weights: DINOv2 weights: a path, ``"auto"`` (``$SCICEVPR_WEIGHTS``, the torch hub cache,
             Meta's download; a compact backbone from the package's ``weights/``) or None (a random
-            initialisation). Found before anything is built, so a wrong path fails at once.
+            initialisation). Found once, before anything is built
+            (:func:`scicevpr.backbone.build_backbone`), so a wrong path fails at once.
         seed: every random part (the backbone when ``weights=None``, then the trainable heads)
             is drawn from torch's CPU generator seeded with ``seed``, in a forked RNG: the caller's RNG
             (the GPUs' included) is untouched.
@@ -67,5 +67,4 @@ def create_model(
     """
     cls = model_class(name)
     cfg = get_config(DEFAULT_PRESETS[name] if preset is None else preset, **overrides)
-    path = resolve_weights(weights, cfg.backbone)  # before the seconds a model takes to build
-    return cls(cfg, weights=path, seed=seed)
+    return cls(cfg, weights=weights, seed=seed)

@@ -168,8 +168,8 @@ def model_identity(model, eval_config=None) -> dict[str, Any]:
     buffer of the state dict, whatever its ``requires_grad``; BatchNorm step counters aside) and
     the :func:`descriptor_settings` of ``eval_config``: two models with the same identity give the
     same descriptors."""
-    from .backbone import hash_tensors
     from .checkpoint import config_to_dict
+    from .weights import hash_tensors
 
     weights = sorted(((n, t) for n, t in model.state_dict().items()
                       if not n.endswith("num_batches_tracked")), key=lambda nt: nt[0])  # BatchNorm step counters: no effect on descriptors

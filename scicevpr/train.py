@@ -62,7 +62,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .backbone import file_sha256
 from .checkpoint import (
     check_described,
     check_finite_state,
@@ -103,6 +102,7 @@ from .protocol import (
     utm_dtype,
 )
 from .runtime import Dist, gather_batch, resolve_device, rng_state, seed_everything, set_rng_state, setup_distributed
+from .weights import file_sha256
 
 PathLike = str | os.PathLike
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scicevpr import backbone as bb
+from scicevpr import weights as wts
 from scicevpr.config import BACKBONE_ARCHS, BackboneConfig
 
 dinov2_vt = pytest.importorskip("dinov2.models.vision_transformer")
@@ -41,9 +42,7 @@ def test_official_state_dict_layout_matches(arch):
     """Every architecture has the official parameter names and shapes (strict loading)."""
     with torch.device("meta"):
         ref = REFERENCE_BUILDERS[arch]()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-            ours = bb.DinoVisionTransformer(BackboneConfig(arch=arch), weights=None)
+        ours = bb.DinoVisionTransformer(BackboneConfig(arch=arch))
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert our_shapes == ref_shapes
@@ -109,9 +108,25 @@ def _random_small_backbone() -> bb.DinoVisionTransformer:
 
 
 def test_random_init_is_reported():
-    with pytest.warns(bb.RandomWeightsWarning, match="randomly initialised"):
-        m = bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), weights=None)
+    with pytest.warns(bb.RandomWeightsWarning, match="randomly initialised") as record:
+        m = bb.build_backbone(BackboneConfig(arch="vits14"), weights=None)
     assert m.is_random_init and m.weights_path is None
+    assert record[0].filename == __file__  # the warning points at the caller of build_backbone
+
+
+def test_the_constructor_reads_no_file(monkeypatch):
+    """Building the ViT only draws its random initialisation; weights are found and loaded by
+    build_backbone (scicevpr.weights)."""
+    def no_file(*args, **kwargs):
+        raise AssertionError("the constructor looked for a weight file")
+
+    for name in ("resolve_weights", "load_weights"):
+        monkeypatch.setattr(bb, name, no_file)
+    monkeypatch.setattr(wts, "load_torch_file", no_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and warns of nothing
+        m = bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), seed=0)
+    assert m.is_random_init and m.weights_path is None and m.provenance == {"source": "random", "seed": 0}
 
 
 def test_explicit_path_loads_and_missing_path_fails(tmp_path):
@@ -149,7 +164,7 @@ def test_auto_finds_file_in_env_folder(tmp_path, monkeypatch):
     src = _random_small_backbone()
     torch.save(src.state_dict(), tmp_path / "dinov2_vits14_pretrain.pth")
     monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path))
-    monkeypatch.setattr(bb, "_download", _no_network)
+    monkeypatch.setattr(wts, "_download", _no_network)
     m = bb.build_backbone(BackboneConfig(arch="vits14"), weights="auto")
     assert m.weights_path == tmp_path / "dinov2_vits14_pretrain.pth"
 
@@ -160,7 +175,7 @@ def test_auto_finds_file_in_torch_hub_cache(tmp_path, monkeypatch):
     torch.save(src.state_dict(), tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")
     monkeypatch.delenv("SCICEVPR_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(bb, "_download", _no_network)
+    monkeypatch.setattr(wts, "_download", _no_network)
     m = bb.build_backbone(BackboneConfig(arch="vits14"), weights="auto")
     assert not m.is_random_init
 
@@ -178,11 +193,11 @@ def test_auto_offline_fails_once_with_instructions(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SCICEVPR_WEIGHTS", str(tmp_path / "w"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(bb, "_download", fake_download)
-    monkeypatch.setattr(bb, "_download_failed", set())
+    monkeypatch.setattr(wts, "_download", fake_download)
+    monkeypatch.setattr(wts, "_download_failed", set())
     for _ in range(2):
         with pytest.raises(FileNotFoundError) as e:
-            bb.resolve_weights("auto", BackboneConfig(arch="vitb14"))
+            wts.resolve_weights("auto", BackboneConfig(arch="vitb14"))
         msg = str(e.value)
         assert "dinov2_vitb14_pretrain.pth" in msg and "SCICEVPR_WEIGHTS" in msg
         assert str(tmp_path / "w") in msg and "weights=None" in msg

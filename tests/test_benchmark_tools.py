@@ -58,7 +58,7 @@ def test_world_sweep_bad_calls_are_one_message_and_status_2(world_sweep, argv, m
 def test_probe_features_are_each_blocks_class_token_and_2x2_region_means():
     probe = _tool("backbone_probe")
     config = BackboneConfig(arch="vits14", patch_size=14, pretrain_img_size=probe.IMAGE_SIZE, num_blocks=2)
-    backbone = DinoVisionTransformer(config, weights=None, seed=0).eval()
+    backbone = DinoVisionTransformer(config, seed=0).eval()
     images = torch.randint(0, 256, (3, 3, probe.IMAGE_SIZE, probe.IMAGE_SIZE), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     features = probe.block_features(backbone, images, batch=2)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import scicevpr
-from scicevpr.backbone import PACKAGE_WEIGHTS_DIR, DinoVisionTransformer, check_manifest, file_sha256, manifest_path
+from scicevpr.backbone import DinoVisionTransformer, build_backbone
 from scicevpr.cli import main
 from scicevpr.config import BackboneConfig, get_config
 from scicevpr.offline.synthetic import PRESETS, build_plan
@@ -29,6 +29,7 @@ from scicevpr.offline.augment import CropSpec, MultiCropAugment, random_masks, v
 from scicevpr.offline.config import OFFLINE_BACKBONE, PretrainConfig
 from scicevpr.offline.objectives import dino_losses, koleo_loss
 from scicevpr.offline.pretrain import export_backbone, pretrain, read_pretrain_checkpoint, schedule
+from scicevpr.weights import PACKAGE_WEIGHTS_DIR, check_manifest, file_sha256, manifest_path
 
 TINY = dict(num_blocks=1, image_size=56, local_size=28, local_crops=2, head_hidden=64, head_bottleneck=32,
             prototypes=128, batch_size=8, cache_size=64, num_workers=0, device="cpu", progress=False, log_every=1)
@@ -89,10 +90,8 @@ def test_defaults_build_the_offline_backbone():
     config = PretrainConfig()
     assert config.backbone_config() == OFFLINE_BACKBONE
     assert config.objective == "dino" and config.image_size == 112 and config.local_size == 56
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scicevpr.RandomWeightsWarning)
-        with torch.device("meta"):
-            model = DinoVisionTransformer(OFFLINE_BACKBONE, weights=None)
+    with torch.device("meta"):
+        model = DinoVisionTransformer(OFFLINE_BACKBONE)
     n = sum(p.numel() for p in model.parameters())
     assert 2 * n <= 16e6  # the fp16 file stays within 16 MB
     assert len(model.blocks) == 4 and model.pos_embed.shape == (1, 1 + 8 * 8, 384)
@@ -342,7 +341,7 @@ def test_distil_lowers_its_losses_monitors_its_descriptor_and_exports_the_vit(ti
     assert manifest["objective"] == "distil" and manifest["model"] == "student"
     assert "distilled from a small CNN" in manifest["description"]
     assert manifest["distil_teacher"] == {"file": cnn_file.name, "sha256": file_sha256(cnn_file)}
-    DinoVisionTransformer(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
+    build_backbone(BackboneConfig(**manifest["backbone"]), weights=str(out))  # strict names: no heads
 
 
 def test_distil_from_a_vit_teaches_the_patch_tokens_alone(dino_run, tiny_benchmark, tmp_path):

@@ -505,7 +505,7 @@ def test_runs_are_not_reused_across_backbones_or_worlds(clean_env, monkeypatch, 
     assert s.with_weights(None).run_root() != base  # random backbone: other runs
     copy = tmp_path / "other.pth"  # the same name, other content: "auto" would find either
     copy.write_bytes(b"not the shipped weights")
-    monkeypatch.setattr("scicevpr.backbone.resolve_weights", lambda weights, config: copy)
+    monkeypatch.setattr("scicevpr.weights.resolve_weights", lambda weights, config: copy)
     assert s.run_root() != base
     monkeypatch.undo()
     monkeypatch.setitem(synthetic.PRESETS, "small", dataclasses.replace(synthetic.PRESETS["small"], max_lateral_offset=1.0))
@@ -515,38 +515,39 @@ def test_runs_are_not_reused_across_backbones_or_worlds(clean_env, monkeypatch, 
 def test_the_weights_file_is_hashed_once_per_version(clean_env, tmp_path):
     import os
 
-    from scicevpr import backbone
+    from scicevpr import weights
 
-    hashes = backbone._sha256_of_version.cache_info
+    hashes = weights._sha256_of_version.cache_info
     path = tmp_path / "w.pth"
     path.write_bytes(b"first")
     os.utime(path, ns=(1, 1))  # an old file: its hash is kept
     before = hashes().misses
-    assert backbone.weights_record(path) == (hashlib.sha256(b"first").hexdigest(), None)
-    assert backbone.weights_record(path)[0] == backbone.file_sha256(path)
+    assert weights.weights_record(path) == (hashlib.sha256(b"first").hexdigest(), None)
+    assert weights.weights_record(path)[0] == weights.file_sha256(path)
     assert hashes().misses == before + 1  # no manifest: hashed once, however often asked
     path.write_bytes(b"second")  # a new version (same size) is hashed anew...
-    assert backbone.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
-    assert backbone.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
+    assert weights.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
+    assert weights.weights_record(path)[0] == hashlib.sha256(b"second").hexdigest()
     assert hashes().misses == before + 1  # ...every time while it is young (a racy write could keep its mtime)
-    manifest = {"format": backbone.MANIFEST_FORMAT, "sha256": "0" * 64, "label": "x", "description": "y"}
-    backbone.manifest_path(path).write_text(json.dumps(manifest))  # the manifest is read on every call
+    manifest = {"format": weights.MANIFEST_FORMAT, "sha256": "0" * 64, "label": "x", "description": "y"}
+    weights.manifest_path(path).write_text(json.dumps(manifest))  # the manifest is read on every call
     with pytest.raises(ValueError, match="does not match its manifest"):
-        backbone.weights_record(path)
+        weights.weights_record(path)
 
 
 def test_building_models_on_one_weight_file_hashes_it_once(clean_env, monkeypatch):
-    from scicevpr import backbone
+    from scicevpr import weights
+    from scicevpr.backbone import build_backbone
 
-    path = backbone.PACKAGE_WEIGHTS_DIR / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth"
+    path = weights.PACKAGE_WEIGHTS_DIR / f"{OFFLINE_BACKBONE.hub_name}_pretrain.pth"
     if not path.is_file() or time.time() - path.stat().st_mtime < 3:
         pytest.skip(f"no settled shipped backbone at {path}")
     read = []
-    real = backbone._sha256_of_version.__wrapped__
-    monkeypatch.setattr(backbone, "_sha256_of_version", functools.lru_cache(lambda *key: read.append(key) or real(*key)))
+    real = weights._sha256_of_version.__wrapped__
+    monkeypatch.setattr(weights, "_sha256_of_version", functools.lru_cache(lambda *key: read.append(key) or real(*key)))
     for _ in range(3):
-        backbone.DinoVisionTransformer(OFFLINE_BACKBONE, weights=path)
-    backbone.weights_record(path)
+        build_backbone(OFFLINE_BACKBONE, weights=path)
+    weights.weights_record(path)
     assert len(read) == 1
 
 

@@ -127,7 +127,7 @@ def compact_backbone_label(config, weights: str | None, short: bool = True) -> s
     """How figures name a compact backbone pretrained by :mod:`scicevpr.offline.pretrain`, as its
     manifest records it: ``short`` the figure label (e.g. "ViT-S/14 self-supervised on
     synthetic streets (not Meta's DINOv2)"), else the full description."""
-    from ..backbone import resolve_weights, weights_record
+    from ..weights import resolve_weights, weights_record
 
     path = resolve_weights(weights, config)
     manifest = None if path is None else weights_record(path)[1]
@@ -452,8 +452,8 @@ class NotebookSettings:
         settings, so that a new backbone or world trains anew instead of reusing older runs."""
         from dataclasses import asdict
 
-        from ..backbone import resolve_weights, weights_record
         from ..offline.synthetic import FORMAT_VERSION, get_preset
+        from ..weights import resolve_weights, weights_record
 
         path = resolve_weights(self.weights, self.model_config().backbone)
         record: dict[str, Any] = {"backbone_sha256": None if path is None else weights_record(path)[0]}

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..backbone import hash_tensors, tensor_bytes
+from ..weights import hash_tensors, tensor_bytes
 
 
 class BackboneCache:

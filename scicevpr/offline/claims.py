@@ -258,7 +258,7 @@ def run_model(name: str, config: ClaimsConfig, bench, split, seed: int, seed_dir
     """Train (or resume) model ``name`` of ``seed`` and score it; both are kept in its run folder
     and reused when the checkpoint is the same. ``cache``: a
     :class:`~scicevpr.offline.cache.BackboneCache` shared by the runs (None: none)."""
-    from ..backbone import file_sha256
+    from ..weights import file_sha256
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     tc, run = _train(name, config, bench, seed, seed_dir, cache)
@@ -457,7 +457,7 @@ def write_tables(claims: pd.DataFrame, runs_df: pd.DataFrame, config: ClaimsConf
 
 def _backbone_label(weights: str | None) -> str:
     """The backbone file's name and SHA-256 (its content, whatever ``"auto"`` resolved to)."""
-    from ..backbone import file_sha256, resolve_weights
+    from ..weights import file_sha256, resolve_weights
     from .config import OFFLINE_BACKBONE
 
     path = resolve_weights(weights, OFFLINE_BACKBONE)

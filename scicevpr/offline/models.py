@@ -86,7 +86,7 @@ def train_offline(settings, cricavpr: bool = True) -> dict[str, Any]:
 
 
 def _file_sha256(path: Path) -> str:
-    from ..backbone import file_sha256
+    from ..weights import file_sha256
 
     return file_sha256(path)
 
@@ -102,10 +102,9 @@ def export_heads(runs: dict[str, Any], settings, out: PathLike, command: str | N
     """
     import torch
 
-    from ..backbone import resolve_weights
     from ..checkpoint import read_checkpoint
     from ..files import atomic_write_text, save_torch_file
-    from ..backbone import weights_record
+    from ..weights import resolve_weights, weights_record
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {EXPORT_DTYPES}")
@@ -176,10 +175,9 @@ def load_heads(entry: str, heads: PathLike | None = None, device: str = "cpu"):
     Refused, with what to do: a head file whose SHA-256 differs from the manifest's, and heads
     trained on another backbone than the one ``weights="auto"`` finds.
     """
-    from ..backbone import resolve_weights
     from ..checkpoint import load_model
+    from ..weights import resolve_weights, weights_record
     from .config import OFFLINE_BACKBONE
-    from ..backbone import weights_record
 
     if entry not in ENTRIES:
         raise ValueError(f"unknown offline entry {entry!r}; available: {sorted(ENTRIES)}")

@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -82,12 +81,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import DinoVisionTransformer, RandomWeightsWarning, check_manifest, file_sha256
+from ..backbone import DinoVisionTransformer, build_backbone
 from ..data.transforms import normalize_unit
 from ..files import load_torch_file
 from ..pooling import MultiRegionGeM
 from ..precision import autocast
 from ..runtime import gather_batch
+from ..weights import check_manifest, file_sha256, load_weights, resolve_weights
 from .augment import MultiCropAugment, random_masks
 from .config import PretrainConfig
 
@@ -304,7 +304,7 @@ class ViTMapTeacher(nn.Module):
 def load_teacher(path: PathLike, config: PretrainConfig) -> tuple[LayoutCNN | ViTMapTeacher, dict[str, Any]]:
     """The teacher of a distil run and its record as the run read it (kept in the checkpoint's data
     record and copied to the export's manifest): its file's name and sha256, and how it was trained
-    (from its manifest). A backbone weight file with its manifest (:data:`~scicevpr.backbone.MANIFEST_FORMAT`, the
+    (from its manifest). A backbone weight file with its manifest (:data:`~scicevpr.weights.MANIFEST_FORMAT`, the
     architecture of ``config``) gives a :class:`ViTMapTeacher`; any other file is read as a
     :class:`LayoutCNN` (:meth:`LayoutCNN.load`, which refuses a file its manifest does not describe)."""
     path = Path(path)
@@ -320,9 +320,7 @@ def load_teacher(path: PathLike, config: PretrainConfig) -> tuple[LayoutCNN | Vi
         if config.distil_size != config.image_size:
             raise ValueError(f"a ViT teacher sees the student's crop: set distil_size={config.image_size} (the image_size), "
                              f"not {config.distil_size}.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            net = ViTMapTeacher(DinoVisionTransformer(config.backbone_config(), weights=str(path)))
+        net = ViTMapTeacher(build_backbone(config.backbone_config(), path))
         record["kind"] = "vit"
         record["trained"] = {k: vit_manifest.get(k) for k in ("description", "label", "objective", "init", "distil_teacher", "steps", "train_s", "machines")}
         return net, record
@@ -373,9 +371,9 @@ class Student(nn.Module):
     def __init__(self, config: PretrainConfig, target_channels: int = LayoutCNN.channels) -> None:
         super().__init__()
         self.objective = config.objective
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            self.backbone = DinoVisionTransformer(config.backbone_config(), weights=config.init_weights)
+        self.backbone = DinoVisionTransformer(config.backbone_config())  # trained here: not frozen
+        if config.init_weights is not None:  # start from an exported backbone (its manifest checked)
+            load_weights(self.backbone, resolve_weights(config.init_weights, self.backbone.config))
         self.grid = config.image_size // self.backbone.patch_size  # g: patches a side
         C = self.backbone.embed_dim
         last = len(self.backbone.blocks) - 1

@@ -60,7 +60,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -73,14 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backbone import (
-    MANIFEST_FORMAT,
-    DinoVisionTransformer,
-    RandomWeightsWarning,
-    check_manifest,
-    file_sha256,
-    manifest_path,
-)
+from ..backbone import DinoVisionTransformer
 from ..config import BackboneConfig
 from .augment import load_image_cache, resolve_data_root, view_specs
 from .config import PLACE_OBJECTIVES, PretrainConfig
@@ -111,6 +103,7 @@ from ..losses import MultiSimilarityLoss
 from ..precision import autocast, describe, resolve_amp
 from ..runtime import Dist, resolve_device, rng_state, set_rng_state, setup_distributed
 from ..train import PlaceBatchSampler, refuse_config_changes
+from ..weights import MANIFEST_FORMAT, check_manifest, file_sha256, manifest_path
 
 PathLike = str | os.PathLike
 
@@ -751,7 +744,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     Returns:
         The weight file. Beside it, ``<name>.json``: objective, data preset and seed, steps,
         images seen, wall time, machines, torch version, the backbone config and the file's
-        SHA-256, which loading checks (:func:`scicevpr.backbone.check_manifest`).
+        SHA-256, which loading checks (:func:`scicevpr.weights.check_manifest`).
         A ``"cnn"`` run has no ViT: its :class:`~scicevpr.offline.objectives.LayoutCNN` is written
         instead (fp32 state dict, default name ``layout_cnn_<size>px.pt``, the ``distil_teacher``
         of a distil run).
@@ -771,9 +764,7 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     bb_config = BackboneConfig(**ckpt["backbone_config"])
     state = {k[len("backbone."):]: v.half() if v.is_floating_point() else v
              for k, v in models[which].items() if k.startswith("backbone.")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        DinoVisionTransformer(bb_config, weights=None).load_state_dict(state, strict=True)  # official names, all of them
+    DinoVisionTransformer(bb_config).load_state_dict(state, strict=True)  # official names, all of them
     out = _export_path(out_path, f"{bb_config.hub_name}_pretrain.pth")
     save_torch_file(state, out)
     init = None
