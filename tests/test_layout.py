@@ -103,3 +103,50 @@ def test_a_moved_name_imports_from_its_old_module_with_a_warning(old, new, name)
     assert value is getattr(after, name)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         before.no_such_name  # noqa: B018
+
+
+def _module_level_instances(path: Path, package_classes: set[str]) -> list[str]:
+    """Module-level assignments in ``path`` whose value is an instance of a class of the package
+    (``CACHE = BackboneCache()``), frozen configurations (dataclasses with ``frozen=True``) left out."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        if isinstance(value, ast.Call):
+            name = value.func.id if isinstance(value.func, ast.Name) else getattr(value.func, "attr", "")
+            if name in package_classes:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node)[:80]}")
+    return found
+
+
+def _mutable_package_classes() -> set[str]:
+    """Every class defined in the package that is not a frozen dataclass."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                frozen = any(isinstance(d, ast.Call) and any(k.arg == "frozen" and getattr(k.value, "value", False)
+                                                             for k in d.keywords) for d in node.decorator_list)
+                if not frozen:
+                    names.add(node.name)
+    return names
+
+
+def test_the_method_holds_no_module_level_object():
+    """No object of the package lives at module level in the method (the backbone cache was
+    ``evaluate.BACKBONE_CACHE``; now its user creates one and passes it as ``cache=``)."""
+    classes = _mutable_package_classes()
+    assert "BackboneCache" in classes and "BackboneConfig" not in classes
+    found = [f for path in _core_modules() for f in _module_level_instances(path, classes)]
+    assert not found, f"module-level objects in the method: {found}"
+
+
+def test_the_object_check_can_fail(tmp_path):
+    fake = tmp_path / "scicevpr"
+    fake.mkdir()
+    (fake / "evaluate.py").write_text("class Cache:\n    pass\n\n\nCACHE = Cache()\nSIZES = (1, 2)\n")
+    global PACKAGE
+    real, PACKAGE = PACKAGE, fake
+    try:
+        assert _module_level_instances(fake / "evaluate.py", _mutable_package_classes()) == ["evaluate.py:5 CACHE = Cache()"]
+    finally:
+        PACKAGE = real
