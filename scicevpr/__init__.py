@@ -13,9 +13,10 @@ the process (``scicevpr.lab``, the notebooks' helpers, and the command line ask 
 threads to sleep: ``OMP_WAIT_POLICY=PASSIVE``).
 
 Layout: this package holds the method (configs, backbone and its weight files, fusion, pooling,
-models, CricaVPR, losses, training, evaluation, ``data/`` readers) and beside it the command
-line, search, index and torch.hub; ``scicevpr.offline`` the synthetic world (renderer, benchmark, backbone
-pretraining, the trained offline models, the claims); ``scicevpr.lab`` what the notebooks use
+models, CricaVPR, losses, training, evaluation, the batch-stability sweep, ``data/`` readers) and
+beside it the command line, search, index and torch.hub; ``scicevpr.offline`` the synthetic world
+(renderer, benchmark, its model and recipe, backbone pretraining, the trained offline models, the
+claims, the backbone cache of its small runs); ``scicevpr.lab`` what the notebooks use
 (the switch, measurements, plots, the notebook runner). The method imports neither.
 """
 
