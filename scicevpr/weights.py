@@ -37,16 +37,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from .config import BackboneConfig
 from .data.paths import WEIGHTS_ENV
 from .files import atomic_write, load_torch_file
-
-if TYPE_CHECKING:
-    from .backbone import DinoVisionTransformer
 
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{hub_name}/{hub_name}_pretrain.pth"
 PACKAGE_WEIGHTS_DIR = Path(__file__).parent / "weights"  # compact backbones shipped with scicevpr
@@ -253,9 +250,10 @@ def _preview(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
 
 
-def load_weights(backbone: DinoVisionTransformer, path: str | os.PathLike) -> DinoVisionTransformer:
-    """Load the DINOv2 state dict at ``path`` (official names; fp16 or fp32) into ``backbone``
-    strictly, after checking the file against the manifest beside it when there is one
+def load_weights(backbone: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Load the DINOv2 state dict at ``path`` (official names; fp16 or fp32) into ``backbone``, a
+    :class:`~scicevpr.backbone.DinoVisionTransformer` (not imported here: the backbone imports this
+    module), strictly, after checking the file against the manifest beside it when there is one
     (:func:`check_manifest`, with ``backbone.config``). The file is read with
     ``weights_only=True``: a weight file holds tensors only. A file that is no state dict of
     tensors, or one with missing, unexpected or differently shaped entries, is refused with a

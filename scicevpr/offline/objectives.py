@@ -73,7 +73,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -91,8 +91,7 @@ from ..weights import check_manifest, file_sha256, load_weights, resolve_weights
 from .augment import MultiCropAugment, random_masks
 from .config import PretrainConfig
 
-if TYPE_CHECKING:
-    from .pretrain import Run
+Run = Any  # scicevpr.offline.pretrain.Run, which imports this module: the state a step's losses read
 
 PathLike = str | os.PathLike
 GRID, GRID_DIM = (2, 4), 512  # pooling="grid": (rows, columns) of the token grid's cells, and the projection's width
