@@ -578,7 +578,8 @@ def _fit(stage: str, config: TrainConfig, build, device: torch.device, ddp: Dist
     model = st.model.to(device)
     dataset = GSVCitiesDataset(config.gsv_root, cities=training_cities(config), img_per_place=config.img_per_place,
                                seed=config.seed, transform=train_transform(model.image_size, config.randaugment_ops),
-                               drop_small_places=config.drop_small_places, skip_corrupt=config.skip_corrupt)
+                               drop_small_places=config.drop_small_places, skip_corrupt=config.skip_corrupt,
+                               check_files=ddp.main)  # the same files on every rank: rank 0 reads their ends
     sampler = PlaceBatchSampler(len(dataset), config.places_per_batch, config.seed, ddp.rank, ddp.world_size,
                                 config.max_iters_per_epoch, order=config.protocol,
                                 place_cities=dataset.place_ids // CITY_ID_STRIDE)

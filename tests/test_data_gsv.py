@@ -217,3 +217,5 @@ def test_a_truncated_image_is_refused_when_the_dataset_is_built_not_when_it_is_d
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(CorruptImageError, match=rf"1 of 22 images in .* cannot be decoded.*{victim.name}.*skip_corrupt=True"):
         GSVCitiesDataset(gsv_root, img_per_place=4)
+    # under DDP only rank 0 checks (check_files=False elsewhere): the same files, read once
+    assert len(GSVCitiesDataset(gsv_root, img_per_place=4, check_files=False)) > 0

@@ -198,6 +198,9 @@ class GSVCitiesDataset(Dataset):
             error naming it, before any epoch); a file damaged only in its middle raises when it
             is loaded. True: every image is test-decoded now; the ones that fail are left out
             (before places are counted), listed in ``.skipped`` and reported in a warning.
+        check_files: with ``skip_corrupt=False``, whether to check the files now (default). A
+            training under DDP checks them on rank 0 only: every rank builds the same dataset,
+            and a failure there stops the whole launch.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class GSVCitiesDataset(Dataset):
         seed: int = 0,
         drop_small_places: bool = True,
         skip_corrupt: bool = False,
+        check_files: bool = True,
     ):
         root = Path(root) if root is not None else data_root() / "gsv_cities"
         if img_per_place < 1:
@@ -253,7 +257,7 @@ class GSVCitiesDataset(Dataset):
                 self.skipped = df.loc[~keep, "path"].tolist()
                 warn_skipped(self.skipped, len(df), str(root))
                 df = df[keep].reset_index(drop=True)
-        else:
+        elif check_files:
             check_images(df["path"].tolist(), f"the GSV-Cities folder {str(root)!r}")
         counts = df.groupby("place_id")["place_id"].transform("size")
         small = df[counts < self.img_per_place]
