@@ -313,12 +313,22 @@ def model_for_split(args: argparse.Namespace, cfg, split):
     return model, split
 
 
-def require_folder(option: str, folder: str | os.PathLike | None, hint: str) -> None:
-    """``option folder`` must name an existing folder: else one message, what is wrong and ``hint``."""
-    if folder and Path(folder).is_dir():
+def require_path(option: str, path: str | os.PathLike | None, hint: str, kind: str = "folder") -> None:
+    """``option path`` must name an existing ``kind`` (``"folder"``, ``"file"`` or ``"any"``): else
+    one message, what is wrong and ``hint``."""
+    p = Path(path) if path else None
+    if p is not None and p.exists() and (kind == "any" or p.is_dir() == (kind == "folder")):
         return
-    problem = "is a file, not a folder" if folder and Path(folder).exists() else "does not exist"
-    raise FileNotFoundError(f"{option} {str(folder) if folder is not None else None!r} {problem}; pass {hint}.")
+    if p is None or not p.exists():
+        problem = "does not exist"
+    else:
+        problem = "is a file, not a folder" if kind == "folder" else "is a folder, not a file"
+    raise FileNotFoundError(f"{option} {str(path) if path is not None else None!r} {problem}; pass {hint}.")
+
+
+def require_folder(option: str, folder: str | os.PathLike | None, hint: str) -> None:
+    """``option folder`` must name an existing folder (:func:`require_path`)."""
+    require_path(option, folder, hint, "folder")
 
 
 def require_run(option: str, run_dir: str | os.PathLike, verb: str, hint: str) -> None:
@@ -341,13 +351,10 @@ def check_paths_first(args: argparse.Namespace) -> None:
         path = getattr(args, option, None)
         if path is None or (option == "weights" and str(path).lower() in ("auto", "none")):
             continue
-        if not Path(path).exists():
-            hint = ("a DINOv2 .pth file (or its folder), 'auto' or 'none'" if option == "weights"
-                    else "a checkpoint file (e.g. runs/<name>/best.pt)")
-            raise FileNotFoundError(f"--{option} {path!r} does not exist; pass {hint}.")
-        if option != "weights" and Path(path).is_dir():
-            raise FileNotFoundError(f"--{option} {path!r} is a folder, not a file; pass a checkpoint file "
-                                    "(e.g. runs/<name>/best.pt).")
+        if option == "weights":  # a file or the folder that holds it
+            require_path("--weights", path, "a DINOv2 .pth file (or its folder), 'auto' or 'none'", "any")
+        else:
+            require_path(f"--{option}", path, "a checkpoint file (e.g. runs/<name>/best.pt)", "file")
     for folder in getattr(args, "descriptors", None) or ():
         require_folder("--descriptors", folder, "a folder written by `scicevpr eval --save-descriptors FOLDER`")
     for option in ("vg_root", "images", "database", "queries", "index", "database_root", "pca_images"):
