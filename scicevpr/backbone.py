@@ -185,6 +185,8 @@ class DinoVisionTransformer(nn.Module):
 
     Args:
         config: which ViT and its patch / position-embedding settings.
+        weights: must stay None (a weight file given here, as the constructor once took it, is
+            refused with the call to use instead: :func:`build_backbone`).
         seed: draw the random initialisation after seeding torch's global CPU generator with
             ``seed`` (the RNG every ``nn.Module`` initialisation draws from; the GPUs' generators
             are left alone), so that a checkpoint can rebuild it from the seed alone; None draws
@@ -208,8 +210,14 @@ class DinoVisionTransformer(nn.Module):
             :meth:`mark_stored`).
     """
 
-    def __init__(self, config: BackboneConfig, *, seed: int | None = None) -> None:
+    def __init__(self, config: BackboneConfig, weights: Any = None, *, seed: int | None = None) -> None:
         super().__init__()
+        if weights is not None:  # the constructor took a weight file before scicevpr.weights
+            raise TypeError(
+                f"DinoVisionTransformer(config, weights={str(weights)!r}): the constructor builds a random ViT and "
+                f"reads no file. Use scicevpr.build_backbone(config, weights=...) for a loaded, frozen backbone, or "
+                f"scicevpr.weights.load_weights(backbone, path)."
+            )
         if seed is not None:
             torch.default_generator.manual_seed(seed)  # the CPU generator the initialisation draws from (GPUs' untouched)
         self.config = config

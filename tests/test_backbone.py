@@ -127,6 +127,8 @@ def test_the_constructor_reads_no_file(monkeypatch):
         warnings.simplefilter("error")  # and warns of nothing
         m = bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), seed=0)
     assert m.is_random_init and m.weights_path is None and m.provenance == {"source": "random", "seed": 0}
+    with pytest.raises(TypeError, match=r"reads no file\. Use scicevpr.build_backbone\(config, weights=\.\.\.\)"):
+        bb.DinoVisionTransformer(BackboneConfig(arch="vits14"), "auto")  # how it was called before
 
 
 def test_explicit_path_loads_and_missing_path_fails(tmp_path):
