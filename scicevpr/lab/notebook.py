@@ -7,7 +7,7 @@ Every notebook starts with this call. It reads one environment variable, ``SCICE
     (:mod:`scicevpr.offline.synthetic`, preset ``small``) is generated under ``<repo>/data`` (or
     ``$SCICEVPR_DATA``) on first use; the model is the one :func:`scicevpr.offline.config.offline_train_config`
     trains (the CPU-sized SciceVPR-S at 112 px), and training uses that recipe; the backbone is
-    the compact ViT this project pretrained on synthetic streets (``config.OFFLINE_BACKBONE``,
+    the compact ViT this project pretrained on synthetic streets (``offline.config.OFFLINE_BACKBONE``,
     shipped in ``scicevpr/weights/``; not Meta's DINOv2 weights). Figures and tables say so.
     The backbone's outputs are kept for reuse (``settings.cache``, a
     :class:`scicevpr.offline.cache.BackboneCache` of up to ``OFFLINE_BACKBONE_CACHE_BYTES``, that
@@ -202,7 +202,6 @@ class NotebookSettings:
     seed: int = 0
     threads: int = 2
     train_overrides: dict[str, Any] = field(default_factory=dict)
-    # the backbone cache passed as cache= (offline: a BackboneCache; full mode: None, nothing kept)
     cache: BackboneCache | None = field(default=None, repr=False, compare=False)
 
     # ---- labels --------------------------------------------------------------------------
@@ -357,7 +356,9 @@ class NotebookSettings:
         from ..data.gsv import GSVCitiesDataset
 
         self.benchmark()
-        kw = dict(seed=self.seed) if "transform" in kwargs else dict(image_size=self.model_config().image_size, seed=self.seed)
+        kw: dict[str, Any] = {"seed": self.seed}
+        if "transform" not in kwargs:  # a transform brings its own size
+            kw["image_size"] = self.model_config().image_size
         kw.update(kwargs)
         return GSVCitiesDataset(self.gsv_root, **kw)
 

@@ -8,7 +8,7 @@ are disjoint), and exports it as one fp16 state dict in DINOv2's official parame
 loads through the ``weights=`` door like Meta's files.
 
 The backbone is :class:`~scicevpr.backbone.DinoVisionTransformer` itself, sized by
-:class:`~scicevpr.config.BackboneConfig` (default ``config.OFFLINE_BACKBONE``: ViT-S/14 widths,
+:class:`~scicevpr.config.BackboneConfig` (default ``offline.config.OFFLINE_BACKBONE``: ViT-S/14 widths,
 4 blocks, position table learned at 112 px). Four objectives, so that they can be measured, each
 defined with its heads, teachers and losses in :mod:`scicevpr.offline.objectives`:
 ``"dino"`` (DINO + iBOT + KoLeo self-distillation: a student and its EMA teacher ``g_t``),
