@@ -32,7 +32,8 @@ from scicevpr.weights import file_sha256
 from scicevpr.offline.synthetic import PRESETS, generate
 from scicevpr.data.vg import load_vg_split
 from scicevpr.config import EvalConfig
-from scicevpr.evaluate import chance_recall, colour_baseline_result, evaluate, pixel_baseline_result
+from scicevpr.evaluate import chance_recall, evaluate
+from scicevpr.lab.baselines import colour_baseline_result, pixel_baseline_result
 from scicevpr.config import TrainConfig
 from scicevpr.offline.config import offline_train_config
 from scicevpr.train import loss_variant_config, train_student, train_teacher

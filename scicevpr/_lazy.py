@@ -34,16 +34,18 @@ def lazy_attributes(package: str, exports: dict[str, tuple[str, str]], namespace
     return __getattr__
 
 
-def moved_attributes(module: str, new_module: str, names: tuple[str, ...]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``module`` whose ``names`` moved to ``new_module``: each still
-    imports from the old place, with a DeprecationWarning naming the new one."""
+def moved_attributes(module: str, moves: dict[str, tuple[str, ...]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``module`` whose names moved: ``moves[new_module]`` are the
+    names now in ``new_module``. Each still imports from the old place, with a DeprecationWarning
+    naming the new one."""
+    where = {name: new for new, names in moves.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name not in names:
+        if name not in where:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(f"{module}.{name} moved to {new_module}.{name}; import it from there.", DeprecationWarning,
+        warnings.warn(f"{module}.{name} moved to {where[name]}.{name}; import it from there.", DeprecationWarning,
                       stacklevel=2)
-        return getattr(importlib.import_module(new_module), name)
+        return getattr(importlib.import_module(where[name]), name)
 
     return __getattr__
 

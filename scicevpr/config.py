@@ -620,4 +620,4 @@ class TrainConfig:
 
 
 # The offline world's model moved to scicevpr.offline.config; its names still import from here.
-__getattr__ = moved_attributes(__name__, "scicevpr.offline.config", ("OFFLINE_BACKBONE", "OFFLINE_MODEL_OVERRIDES"))
+__getattr__ = moved_attributes(__name__, {"scicevpr.offline.config": ("OFFLINE_BACKBONE", "OFFLINE_MODEL_OVERRIDES")})

@@ -1,4 +1,4 @@
-"""Evaluation: descriptors, exact FAISS search, Recall@N with intervals and chance, baselines, PCA.
+"""Evaluation: descriptors, exact FAISS search, Recall@N with intervals and chance, PCA.
 
 Protocol (PAPER.md, "Evaluation protocol", the Visual Geo-localization Benchmark convention):
 database and query images are hard-resized to the model size and fed **in file order, in
@@ -23,13 +23,12 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._lazy import moved_attributes
 from .config import EvalConfig
-from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes, load_rgb
+from .data.decode import JpegBytesDataset, collate_jpeg_bytes, decode_jpeg_bytes
 from .data.transforms import eval_transform
 from .data.vg import ImageFileDataset, VGSplit, list_images
 from .files import atomic_write
@@ -309,70 +308,6 @@ def informative_recall_values(
     return tuple(keep)
 
 
-def pixel_descriptors(paths: Sequence[PathLike], thumb: int = 32, grayscale: bool = False) -> np.ndarray:
-    """(N, thumb * thumb * channels) float32 descriptors: each image bilinearly shrunk to
-    ``thumb`` x ``thumb`` pixels, values in [0, 1]."""
-    out = []
-    for p in paths:
-        im = load_rgb(p).convert("L" if grayscale else "RGB").resize((thumb, thumb), Image.BILINEAR)
-        out.append(np.asarray(im, dtype=np.float32).ravel() / 255.0)
-    return np.stack(out)
-
-
-def pixel_baseline_result(split: VGSplit, thumb: int = 32, grayscale: bool = False,
-                          recall_values: Sequence[int] = (1, 5, 10)) -> "EvalResult":
-    """Raw pixels (:func:`pixel_descriptors`) scored through the same exact :func:`search` and
-    :func:`recall_at_n` as every model (:func:`score`): an :class:`EvalResult`, so the floor any
-    learned descriptor must beat has intervals and a chance level like the models."""
-    db, q = pixel_descriptors(split.database_paths, thumb, grayscale), pixel_descriptors(split.query_paths, thumb, grayscale)
-    name = f"raw pixels {thumb}x{thumb}{' grey' if grayscale else ''} (baseline)"
-    return score(None, split, db, q, EvalConfig(recall_values=tuple(recall_values)), name=name)
-
-
-def colour_histogram_descriptors(paths: Sequence[PathLike], strips: int = 6, bins: int = 12, thumb: int = 64,
-                                 min_saturation: float = 0.15) -> np.ndarray:
-    """(N, strips * bins) float32 descriptors of colour layout without any learning: each image
-    shrunk to ``thumb`` x ``thumb`` pixels and cut into ``strips`` vertical strips (left to right);
-    per strip, the histogram of hue (HSV, ``bins`` bins over the colour wheel) of the pixels whose
-    saturation exceeds ``min_saturation`` (grey road, sky haze and night are left out), L1-normalised
-    and square-rooted (so L2 distances are Hellinger distances). A strip without a coloured pixel
-    is all zeros. It sees which colours lie left, ahead and right, not where edges are, so it
-    survives the small shifts of viewpoint that defeat raw pixels, not the changes of light."""
-    if strips < 1 or bins < 1 or thumb < strips:
-        raise ValueError(f"strips={strips}, bins={bins}, thumb={thumb}: need strips, bins >= 1 and thumb >= strips")
-    edges = np.linspace(0, thumb, strips + 1).round().astype(int)
-    out = []
-    for p in paths:
-        hsv = np.asarray(load_rgb(p).resize((thumb, thumb), Image.BILINEAR).convert("HSV"), dtype=np.float32) / 255.0
-        parts = []
-        for a, b in zip(edges[:-1], edges[1:]):
-            strip = hsv[:, a:b].reshape(-1, 3)  # (thumb * width, 3) H, S, V in [0, 1]
-            hue = strip[strip[:, 1] > min_saturation, 0]
-            hist = np.histogram(hue, bins=bins, range=(0.0, 1.0))[0].astype(np.float32)  # (bins,)
-            parts.append(np.sqrt(hist / max(hist.sum(), 1.0)))
-        out.append(np.concatenate(parts))
-    return np.stack(out)
-
-
-def colour_baseline_result(split: VGSplit, strips: int = 6, bins: int = 12,
-                           recall_values: Sequence[int] = (1, 5, 10)) -> "EvalResult":
-    """Hue histograms in vertical strips (:func:`colour_histogram_descriptors`) scored like every
-    model (:func:`score`). A second floor beside raw pixels: on the synthetic benchmark, whose
-    facades are flat colours, it measures how far colour layout alone identifies a place."""
-    db = colour_histogram_descriptors(split.database_paths, strips, bins)
-    q = colour_histogram_descriptors(split.query_paths, strips, bins)
-    name = f"hue histograms, {strips} strip{'' if strips == 1 else 's'} (baseline)"
-    return score(None, split, db, q, EvalConfig(recall_values=tuple(recall_values)), name=name)
-
-
-def pixel_baseline_recall(split: VGSplit, thumb: int = 32, grayscale: bool = False,
-                          recall_values: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Recall@N in percent of raw pixels (:func:`pixel_baseline_result`): the floor any learned
-    descriptor must beat. Low on the synthetic benchmark, whose queries come in other conditions
-    and at other viewpoints than the database."""
-    return pixel_baseline_result(split, thumb, grayscale, recall_values).recalls
-
-
 # --------------------------------------------------------------------------------------------
 # PCA
 # --------------------------------------------------------------------------------------------
@@ -488,11 +423,12 @@ def fit_pca_on_images(
 
 def recall_columns(recalls: dict[int, float], bounds: dict[int, tuple[float, float]] | None = None) -> dict[str, float]:
     """The Recall@N columns of a results row: ``R@N`` (percent, 2 decimals), each followed by
-    ``R@N lo`` and ``R@N hi`` when ``bounds`` (its interval) is given."""
+    ``R@N lo`` and ``R@N hi`` when ``bounds`` holds its interval. Every table of recalls in the
+    package builds its row here."""
     row: dict[str, float] = {}
     for n, v in recalls.items():
         row[f"R@{n}"] = round(v, 2)
-        if bounds is not None:
+        if bounds is not None and n in bounds:
             row[f"R@{n} lo"], row[f"R@{n} hi"] = (round(b, 2) for b in bounds[n])
     return row
 
@@ -661,8 +597,14 @@ def score(
                       None if pca is None else pca.dim, per_condition)
 
 
-# The batch-stability sweep moved to scicevpr.stability; its names still import from here.
-__getattr__ = moved_attributes(__name__, "scicevpr.stability", (
-    "StabilityFeatures", "batch_companions", "batch_orders", "batch_stability", "compute_regional_features",
-    "descriptor_cosines", "encode_in_batches", "encode_with_companions", "stability_features", "stability_summary",
-    "top1_changes"))
+# The batch-stability sweep moved to scicevpr.stability, the baselines without learning to
+# scicevpr.lab.baselines; their names still import from here.
+__getattr__ = moved_attributes(__name__, {
+    "scicevpr.stability": (
+        "StabilityFeatures", "batch_companions", "batch_orders", "batch_stability", "compute_regional_features",
+        "descriptor_cosines", "encode_in_batches", "encode_with_companions", "stability_features",
+        "stability_summary", "top1_changes"),
+    "scicevpr.lab.baselines": (
+        "colour_baseline_result", "colour_histogram_descriptors", "pixel_baseline_recall", "pixel_baseline_result",
+        "pixel_descriptors"),
+})

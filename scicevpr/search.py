@@ -164,11 +164,12 @@ class SearchResult:
         without UTM names."""
         import pandas as pd
 
+        from .evaluate import recall_columns  # here, so that importing this module does not import torch
+
         if self.recalls is None:
             return None
         row = {"model": self.model_name, "database": str(self.database_root), "queries": self.num_queries,
-               "dim": self.query_descriptors.shape[1]}
-        row.update({f"R@{n}": round(v, 2) for n, v in self.recalls.items()})
+               "dim": self.query_descriptors.shape[1], **recall_columns(self.recalls)}
         return pd.DataFrame([row])
 
 

@@ -749,4 +749,4 @@ def train_student(config: TrainConfig, cache: FeatureCache | None = None) -> Run
 
 
 # The offline recipe moved to scicevpr.offline.config; its name still imports from here.
-__getattr__ = moved_attributes(__name__, "scicevpr.offline.config", ("offline_train_config",))
+__getattr__ = moved_attributes(__name__, {"scicevpr.offline.config": ("offline_train_config",)})

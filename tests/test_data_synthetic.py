@@ -20,7 +20,7 @@ from scicevpr.offline.synthetic import (
     render_job,
     save_jpeg,
 )
-from scicevpr.evaluate import pixel_baseline_recall
+from scicevpr.lab.baselines import pixel_baseline_recall
 from scicevpr.data.vg import load_vg_split
 
 

@@ -166,7 +166,8 @@ def test_the_loading_door_tells_a_native_checkpoint_from_an_authors_one(tmp_path
 
 
 def test_pixel_baseline_recall_is_in_percent_and_matches_recall_at_n(tiny_benchmark):
-    from scicevpr.evaluate import pixel_baseline_recall, pixel_descriptors, recall_at_n
+    from scicevpr.evaluate import recall_at_n
+    from scicevpr.lab.baselines import pixel_baseline_recall, pixel_descriptors
 
     split = tiny_benchmark.load_split("test")
     recalls = pixel_baseline_recall(split, thumb=16, recall_values=(1, 5, 10))
@@ -183,7 +184,7 @@ def test_pixel_baseline_recall_is_in_percent_and_matches_recall_at_n(tiny_benchm
 def test_colour_histograms_see_which_hues_lie_in_which_strip(tmp_path):
     from PIL import Image
 
-    from scicevpr.evaluate import colour_histogram_descriptors
+    from scicevpr.lab.baselines import colour_histogram_descriptors
 
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     image[:, :32] = (255, 0, 0)  # red: hue 0 -> bin 0 of 12
@@ -207,7 +208,8 @@ def test_colour_histograms_see_which_hues_lie_in_which_strip(tmp_path):
 
 def test_colour_baseline_scores_its_descriptors_like_a_model(tiny_benchmark):
     from scicevpr.lab.analysis import colour_baseline_row
-    from scicevpr.evaluate import colour_baseline_result, colour_histogram_descriptors, recall_at_n
+    from scicevpr.evaluate import recall_at_n
+    from scicevpr.lab.baselines import colour_baseline_result, colour_histogram_descriptors
 
     split = tiny_benchmark.load_split("test")
     result = colour_baseline_result(split, strips=3, bins=12, recall_values=(1, 5, 10))

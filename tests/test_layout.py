@@ -91,6 +91,7 @@ def test_importing_the_package_and_the_method_changes_no_environment_variable():
 
 @pytest.mark.parametrize("old, new, name", [
     ("scicevpr.evaluate", "scicevpr.stability", "batch_stability"),  # the batch-stability sweep
+    ("scicevpr.evaluate", "scicevpr.lab.baselines", "pixel_baseline_result"),  # the floors without learning
     ("scicevpr.config", "scicevpr.offline.config", "OFFLINE_BACKBONE"),  # the offline world's model and recipe
     ("scicevpr.train", "scicevpr.offline.config", "offline_train_config"),
 ])

@@ -153,16 +153,15 @@ def layer_recall_table(model, split, layers, settings: "NotebookSettings", fusio
     """Recall@N on ``split`` of each :func:`layer_descriptors` descriptor (exact L2 search), with
     the bootstrap 95% interval of R@1 over queries (columns ``R@1 lo``, ``R@1 hi``)."""
 
-    from ..evaluate import score
+    from ..evaluate import recall_columns, score
 
     db = layer_descriptors(model, split.database_paths, layers, settings, fusions)
     q = layer_descriptors(model, split.query_paths, layers, settings, fusions)
     rows = []
     for name in db:
         res = score(None, split, db[name], q[name], settings.eval_config())
-        lo, hi = res.intervals(seed=settings.seed)[1]
-        rows.append({"features": name, "dim": db[name].shape[1], **{f"R@{n}": round(v, 2) for n, v in res.recalls.items()},
-                     "R@1 lo": round(lo, 2), "R@1 hi": round(hi, 2)})
+        r1 = {1: res.intervals(seed=settings.seed)[1]}
+        rows.append({"features": name, "dim": db[name].shape[1], **recall_columns(res.recalls, r1)})
     return pd.DataFrame(rows)
 
 
@@ -365,19 +364,19 @@ def training_batch(dataset, places, epoch: int = 0) -> tuple[torch.Tensor, torch
 
 def pixel_baseline_row(split, thumb: int = 32, ns=(1, 5, 10, 100), intervals: bool = False) -> dict[str, Any]:
     """Recall@N (percent) of nearest neighbours on raw ``thumb`` x ``thumb`` RGB thumbnails
-    (:func:`scicevpr.evaluate.pixel_baseline_result`): the floor any learned descriptor should
+    (:func:`scicevpr.lab.baselines.pixel_baseline_result`): the floor any learned descriptor should
     beat. A table row (``features``/``model`` = name); ``intervals``: with ``R@N lo`` / ``R@N hi``
     (the bootstrap interval over queries, as ``EvalResult.table(intervals=True)``)."""
-    from ..evaluate import pixel_baseline_result
+    from .baselines import pixel_baseline_result
 
     return _baseline_row(pixel_baseline_result(split, thumb=thumb, recall_values=ns), thumb * thumb * 3, intervals)
 
 
 def colour_baseline_row(split, strips: int = 6, bins: int = 12, ns=(1, 5, 10, 100), intervals: bool = False) -> dict[str, Any]:
     """Recall@N (percent) of hue histograms in ``strips`` vertical strips
-    (:func:`scicevpr.evaluate.colour_baseline_result`): how far colour layout alone, without any
+    (:func:`scicevpr.lab.baselines.colour_baseline_result`): how far colour layout alone, without any
     learning, identifies a place. A table row like :func:`pixel_baseline_row`."""
-    from ..evaluate import colour_baseline_result
+    from .baselines import colour_baseline_result
 
     return _baseline_row(colour_baseline_result(split, strips, bins, recall_values=ns), strips * bins, intervals)
 

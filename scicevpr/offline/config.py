@@ -78,7 +78,7 @@ class PretrainConfig:
             crop: jitter 0.8). False keeps each view's colours: crops, flips and blur only. DINO
             made its views differ in colour so that crops could not be matched by their colour
             histograms; on the synthetic streets, whose facades are flat colours, those
-            histograms identify places (``evaluate.colour_baseline_result``).
+            histograms identify places (``lab.baselines.colour_baseline_result``).
     DINO / iBOT / KoLeo:
         head_hidden, head_bottleneck, prototypes: DINO head C -> hidden -> hidden -> bottleneck,
             then ``K = prototypes`` weight-normalised prototypes.
