@@ -907,7 +907,7 @@ def add_index_parser(sub) -> None:
     b = isub.add_parser(
         "build", help="describe a database folder and save descriptors, FAISS index, file list and model identity",
         description="Writes index.json, index.faiss, descriptors.npy and files.txt into --out. Exact search by default; "
-        "--kind ivf or --kind hnsw for an approximate index (see README.md for its measured recall).")
+        "--kind ivf or --kind hnsw for an approximate index (see docs/tools.md for its measured recall).")
     _search_options(b, "database", queries=False)
     add_dataclass_options(b, IndexConfig, title="defaults: exact search")
     b.add_argument("--database", required=True, help="folder of database photos (.jpg/.jpeg/.png, searched recursively)")
@@ -1010,7 +1010,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help=COMMANDS["eval"],
                        description="Recall@1/5/10/100 under the VG-benchmark protocol (file order, batches of 16, exact L2 "
-                       "search); --protocol official: the authors' code to the detail (README table).")
+                       "search); --protocol official: the authors' code to the detail (docs/protocol.md).")
     add_model_options(p)
     add_eval_options(p)
     p.add_argument("--pca-images", help="folder of training images to fit the PCA on (with --pca-dim); "

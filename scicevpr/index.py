@@ -23,7 +23,7 @@ Index kinds (:class:`IndexConfig`): ``flat`` (default) is exact L2 search on the
 descriptors, the same ranking as :func:`scicevpr.evaluate.search` (``scicevpr eval``); ``ivf`` (``IndexIVFFlat``: k-means cells, ``nprobe`` of them
 visited) and ``hnsw`` (``IndexHNSWFlat``: a navigable small-world graph) are approximate,
 faster on large maps. :func:`approximate_recall` measures how many of the exact neighbours an
-approximate index returns; README.md and ``benchmarks/index_recall.md`` state it on the
+approximate index returns; docs/tools.md and ``benchmarks/index_recall.md`` state it on the
 synthetic benchmark.
 """
 

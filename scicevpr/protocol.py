@@ -1,8 +1,8 @@
 """The two protocols: ``"default"`` (what serves users best) and ``"official"`` (the authors' code).
 
 Every config that computes descriptors, trains or fits a PCA has a ``protocol`` field; this
-module holds the decisions that differ, so each is made in one place. The README's table
-"Where the default differs from the authors" lists them with their measured effects.
+module holds the decisions that differ, so each is made in one place. The table in
+``docs/protocol.md`` lists them with their measured effects.
 
 Under ``"official"`` (read from shuimushan/SciceVPR and Lu-Feng/CricaVPR):
 
@@ -61,7 +61,7 @@ def check_protocol(protocol: str, where: str = "protocol") -> str:
     if protocol not in PROTOCOLS:
         raise ValueError(
             f"{where}={protocol!r}: expected one of {PROTOCOLS} ('official' reproduces the authors' "
-            f"code; see the README table of differences)."
+            f"code; see the table of differences in docs/protocol.md)."
         )
     return protocol
 

@@ -165,7 +165,7 @@ def benchmark_descriptors(tiny_benchmark, checkpoint):
 
 
 def test_approximate_recall_against_exact_search_on_the_synthetic_benchmark(benchmark_descriptors):
-    """The thresholds README.md states: recall@10 against exact search >= 0.9 for IVF (8 cells,
+    """The thresholds docs/tools.md states: recall@10 against exact search >= 0.9 for IVF (8 cells,
     2 probed) and >= 0.95 for HNSW (defaults); exact search is 1.0; one cell probed of 16 is
     measurably worse (the measurement can tell)."""
     db, q = benchmark_descriptors
