@@ -4,8 +4,9 @@ Raw pixels (:func:`pixel_descriptors`: each image shrunk to a thumbnail) and hue
 vertical strips (:func:`colour_histogram_descriptors`: which colours lie left, ahead and right),
 each scored through the same exact search and Recall@N as every model
 (:func:`scicevpr.evaluate.score`), so that a floor has intervals and a chance level like the
-models. Notebooks 01 and 05 show them beside the models (:func:`scicevpr.lab.analysis.pixel_baseline_row`,
-:func:`~scicevpr.lab.analysis.colour_baseline_row`); they are not part of SciceVPR.
+models. Notebooks 01 and 05 show them beside the models
+(:func:`scicevpr.lab.analysis.pixel_baseline_row`, :func:`~scicevpr.lab.analysis.colour_baseline_row`);
+they are not part of SciceVPR.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def colour_histogram_descriptors(paths: Sequence[PathLike], strips: int = 6, bin
 def colour_baseline_result(split: VGSplit, strips: int = 6, bins: int = 12,
                            recall_values: Sequence[int] = (1, 5, 10)) -> EvalResult:
     """Hue histograms in vertical strips (:func:`colour_histogram_descriptors`) scored like every
-    model (:func:`~scicevpr.evaluate.score`). A second floor beside raw pixels: on the synthetic benchmark, whose
-    facades are flat colours, it measures how far colour layout alone identifies a place."""
+    model (:func:`~scicevpr.evaluate.score`). A second floor beside raw pixels: on the synthetic
+    benchmark, whose facades are flat colours, it measures how far colour layout alone identifies
+    a place."""
     db = colour_histogram_descriptors(split.database_paths, strips, bins)
     q = colour_histogram_descriptors(split.query_paths, strips, bins)
     name = f"hue histograms, {strips} strip{'' if strips == 1 else 's'} (baseline)"
