@@ -4,7 +4,7 @@ to turn ``weights=`` into a loaded backbone; the backbone's constructor reads no
 
 **Resolution** (:func:`resolve_weights`). ``weights=`` is a path (a folder stands for its
 ``<hub name>_pretrain.pth``), ``"auto"`` (``$SCICEVPR_WEIGHTS/``, then torch hub's checkpoint
-cache, then the official download :data:`WEIGHTS_URL`, tried once per process), or ``None`` (a
+cache, then the official download :data:`WEIGHTS_URL`), or ``None`` (a
 random initialisation, flagged by ``model.is_random_init`` and a
 :class:`~scicevpr.backbone.RandomWeightsWarning`). A compact backbone trained by ``scicevpr
 pretrain-backbone`` (``BackboneConfig.num_blocks``, e.g. ``offline.config.OFFLINE_BACKBONE``) is one fp16
@@ -162,9 +162,6 @@ def weights_record(path: str | os.PathLike) -> tuple[str, dict | None]:
 # Resolution
 # --------------------------------------------------------------------------------------------
 
-_download_failed: set[str] = set()
-
-
 def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -179,8 +176,9 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
     """Find the DINOv2 weight file for ``weights`` (a path, ``"auto"`` or ``None``).
 
     ``"auto"`` looks for ``<hub name>_pretrain.pth`` in ``$SCICEVPR_WEIGHTS/``, then in torch
-    hub's checkpoint cache, then tries the official download once per process. Offline, it
-    fails at once with a message naming the file and where to put it. A compact backbone (``not config.is_official``) is looked for in the
+    hub's checkpoint cache, then tries the official download. Offline, the download fails and
+    so does the call, with a message naming the file and where to put it (each call tries again:
+    the module keeps no memory of a failure). A compact backbone (``not config.is_official``) is looked for in the
     package's ``weights/`` folder after ``$SCICEVPR_WEIGHTS/`` and is never downloaded: it is
     made by ``scicevpr pretrain-backbone``. A folder given as ``weights`` stands for its
     ``<hub name>_pretrain.pth``.
@@ -229,12 +227,9 @@ def resolve_weights(weights: str | os.PathLike | None, config: BackboneConfig) -
         f"(or set ${WEIGHTS_ENV} to its folder), or pass weights=None for a random "
         f"initialisation."
     )
-    if url in _download_failed:
-        raise FileNotFoundError(f"DINOv2 weights {fname} not found and the download failed earlier. {hint}")
     try:
         _download(url, hub_dir / fname)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        _download_failed.add(url)
         raise FileNotFoundError(
             f"DINOv2 weights {fname} not found locally and the download failed ({e}). {hint}"
         ) from None

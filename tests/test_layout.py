@@ -151,3 +151,53 @@ def test_the_object_check_can_fail(tmp_path):
         assert _module_level_instances(fake / "evaluate.py", _mutable_package_classes()) == ["evaluate.py:5 CACHE = Cache()"]
     finally:
         PACKAGE = real
+
+
+_MUTATING_METHODS = {"add", "append", "clear", "discard", "extend", "insert", "pop", "popitem", "remove",
+                     "setdefault", "update"}
+
+
+def _module_state_written_by_functions(path: Path) -> list[str]:
+    """Names bound at module level in ``path`` that a function rebinds (``global``) or changes in
+    place (``NAME.add(...)``, ``NAME[k] = ...``, ``del NAME[k]``): state that one call leaves for
+    the next. Constants (``PRESETS``, tables) are read, never written, and pass."""
+    tree = ast.parse(path.read_text())
+    module_names = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    found = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Global):
+                found.update(f"global {n}" for n in node.names)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATING_METHODS
+                  and isinstance(node.func.value, ast.Name) and node.func.value.id in module_names):
+                found.add(f"{node.func.value.id}.{node.func.attr}()")
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                found.update(f"{t.value.id}[...]" for t in targets
+                             if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in module_names)
+    return sorted(f"{path.relative_to(PACKAGE)}: {f}" for f in found)
+
+
+def test_no_function_of_the_method_writes_module_level_state():
+    """What a call leaves behind lives in an object its caller holds, never in the module: a
+    failed download, for one, is not remembered by ``scicevpr.weights`` for the next call."""
+    found = [f for path in _core_modules() for f in _module_state_written_by_functions(path)]
+    assert not found, f"module-level state written by functions of the method: {found}"
+
+
+def test_the_module_state_check_can_fail(tmp_path):
+    module = tmp_path / "scicevpr" / "weights.py"
+    module.parent.mkdir()
+    module.write_text("FAILED: set[str] = set()\nTABLE = {'a': 1}\nCOUNT = 0\n\n\n"
+                      "def resolve(url):\n    global COUNT\n    FAILED.add(url)\n    return TABLE['a']\n\n\n"
+                      "def forget(url):\n    del FAILED[url]\n")
+    global PACKAGE
+    real, PACKAGE = PACKAGE, tmp_path / "scicevpr"
+    try:
+        assert _module_state_written_by_functions(module) == [
+            "weights.py: FAILED.add()", "weights.py: FAILED[...]", "weights.py: global COUNT"]
+    finally:
+        PACKAGE = real
