@@ -377,7 +377,7 @@ def build_plan(preset: SyntheticPreset, seed: int):
 # ----------------------------------------------------------------------------------------------
 # rendering and writing
 # ----------------------------------------------------------------------------------------------
-_WORKER: dict = {}
+_WORKER: dict = {}  # a pool worker's own copy of the streets (set by _init_worker in the child process)
 
 
 def _init_worker(streets, root, size):
@@ -539,10 +539,9 @@ def _generate(root: Path, preset: SyntheticPreset, seed: int, splits: tuple[str,
                 for _ in ex.map(_run_job, jobs, chunksize=8):
                     if bar is not None:
                         bar.update(1)
-    else:
-        _init_worker(streets, root, preset.image_size)
+    else:  # in this process, leaving nothing behind in _WORKER
         for job in jobs:
-            _run_job(job)
+            save_jpeg(render_job(job, streets, preset.image_size), root / job.path)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
