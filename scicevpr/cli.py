@@ -326,11 +326,6 @@ def require_path(option: str, path: str | os.PathLike | None, hint: str, kind: s
     raise FileNotFoundError(f"{option} {str(path) if path is not None else None!r} {problem}; pass {hint}.")
 
 
-def require_folder(option: str, folder: str | os.PathLike | None, hint: str) -> None:
-    """``option folder`` must name an existing folder (:func:`require_path`)."""
-    require_path(option, folder, hint, "folder")
-
-
 def require_run(option: str, run_dir: str | os.PathLike, verb: str, hint: str) -> None:
     """``run_dir`` must hold a run (its ``config.json``) for ``option`` to ``verb``."""
     if (Path(run_dir) / "config.json").is_file():
@@ -341,6 +336,12 @@ def require_run(option: str, run_dir: str | os.PathLike, verb: str, hint: str) -
 
 # The model files a command reads (--weights may also name a folder, or be 'auto' or 'none').
 INPUT_FILES = ("checkpoint", "official", "weights")
+# The folders a command reads, and what to pass instead of a wrong one.
+INPUT_FOLDERS = {
+    "vg_root": "an existing folder", "images": "a folder of photos", "database": "a folder of photos",
+    "queries": "a folder of photos", "index": "an index folder written by `scicevpr index build --database DIR --out FOLDER`",
+    "database_root": "a folder of photos", "pca_images": "an existing folder",
+}
 
 
 def check_paths_first(args: argparse.Namespace) -> None:
@@ -356,22 +357,13 @@ def check_paths_first(args: argparse.Namespace) -> None:
         else:
             require_path(f"--{option}", path, "a checkpoint file (e.g. runs/<name>/best.pt)", "file")
     for folder in getattr(args, "descriptors", None) or ():
-        require_folder("--descriptors", folder, "a folder written by `scicevpr eval --save-descriptors FOLDER`")
-    for option in ("vg_root", "images", "database", "queries", "index", "database_root", "pca_images"):
+        require_path("--descriptors", folder, "a folder written by `scicevpr eval --save-descriptors FOLDER`")
+    for option, hint in INPUT_FOLDERS.items():
         folder = getattr(args, option, None)
         if option == "queries" and hasattr(args, "vg_root"):  # eval's --queries names a folder of the split
             continue
         if folder is not None:
-            require_folder(f"--{option.replace('_', '-')}", folder,
-                           "an index folder written by `scicevpr index build --database DIR --out FOLDER`" if option == "index"
-                           else "an existing folder")
-
-
-def require_folders(**folders: str | None) -> None:
-    """Each ``--option folder`` must be an existing folder (checked before a model is built)."""
-    for option, folder in folders.items():
-        if folder is not None:
-            require_folder(f"--{option.replace('_', '-')}", folder, "a folder of photos")
+            require_path(f"--{option.replace('_', '-')}", folder, hint)
 
 
 def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> list[Path]:
@@ -380,7 +372,7 @@ def image_files(folder: str | None, option: str, skip_corrupt: bool = False) -> 
     from .data.decode import warn_skipped
     from .search import list_images, readable_images
 
-    require_folder(option, folder, "a folder of .jpg/.png photos")
+    require_path(option, folder, "a folder of .jpg/.png photos")
     paths = list_images(folder, role=option)
     if skip_corrupt:
         readable, skipped = readable_images(paths, folder, option, skip_unreadable=True)
@@ -530,7 +522,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_paths_first(args)
     from .search import report, search_folders, write_search_outputs
 
-    require_folders(database=args.database, queries=args.queries)
     check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     result = search_folders(model, args.database, args.queries, args.top_k, cfg, args.skip_unreadable, args.radius)
@@ -542,7 +533,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     check_paths_first(args)
     from .index import IndexConfig, build_index, describe
 
-    require_folders(database=args.database)
     check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     saved = build_index(model, args.database, args.out, IndexConfig(**dataclass_overrides(args, IndexConfig)), cfg,
@@ -559,7 +549,6 @@ def cmd_index_query(args: argparse.Namespace) -> int:
     from .search import report, write_search_outputs
 
     saved = load_index(args.index, args.database_root)
-    require_folders(queries=args.queries, database_root=args.database_root)
     check_output("--out", args.out, folder=True)
     model, cfg = build_model(args), eval_config(args)
     print(describe(saved))
@@ -720,7 +709,7 @@ def check_train_paths(config, stage: str) -> None:
         require_run("--resume", run_dir, "continue", "Check the --run-dir path, or leave out --resume to start a new run there.")
     for option, folder in (("--gsv-root", config.gsv_root), ("--val-root", config.val_root if config.val_dataset else None)):
         if folder is not None:
-            require_folder(option, folder, "the dataset folder (see data/README.md)")
+            require_path(option, folder, "the dataset folder (see data/README.md)")
     if stage == "student" and config.teacher is not None and not Path(config.teacher).exists():
         raise FileNotFoundError(f"--teacher {config.teacher!r} does not exist; pass stage 1's run folder or its best.pt.")
 
@@ -756,7 +745,7 @@ def check_pretrain_paths(overrides: dict[str, Any], export_only: bool) -> None:
     """What a pretraining reads, before torch is imported: the data folder, the weight files and,
     with ``--resume`` or ``--export-only``, the run folder."""
     if overrides.get("data") is not None:
-        require_folder("--data", overrides["data"], "a synthetic benchmark folder or a GSV-Cities-layout folder (see data/README.md)")
+        require_path("--data", overrides["data"], "a synthetic benchmark folder or a GSV-Cities-layout folder (see data/README.md)")
     for option in ("init_weights", "distil_teacher"):
         path = overrides.get(option)
         if path is not None and not Path(path).is_file():
