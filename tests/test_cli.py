@@ -458,3 +458,33 @@ def test_demo_keeps_the_stored_notebook_when_a_cell_fails(tmp_path, monkeypatch,
 
     row = run_notebook(path, tmp_path / "again.ipynb", record_timing=False)  # the demo's way: no timing stored
     assert row["status"].startswith("error: ZeroDivisionError") and (row["cells_run"], row["cells"]) == (2, 2)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix sockets: Windows kernels keep local TCP")
+def test_notebook_kernels_talk_over_private_unix_sockets(tmp_path, monkeypatch, capfd):
+    """The runner's kernels use IPC sockets in a temporary folder, not plain-text local TCP
+    (ipykernel's "running over TCP without encryption" warning at every start of `scicevpr demo`);
+    the folder and the kernelspec's folder are gone afterwards."""
+    import tempfile
+
+    import nbformat
+
+    from scicevpr.lab.runner import run_notebook, use_this_python
+
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))  # restored after the test
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the runner's temporary folders land here
+    use_this_python()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from ipykernel.kernelapp import IPKernelApp\nprint(IPKernelApp.instance().transport)")]
+    path = tmp_path / "transport.ipynb"
+    nbformat.write(nb, path)
+    row = run_notebook(path, path, record_timing=False)
+    assert row["status"] == "ok"
+    assert nbformat.read(path, as_version=4).cells[0].outputs[0]["text"] == "ipc\n"
+    assert "without encryption" not in capfd.readouterr().err
+    assert not list(tmp_path.glob("scicevpr-kernel-*"))  # the sockets' folder, removed with the kernel
+    code = "from scicevpr.lab.runner import use_this_python; print(use_this_python())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    folder = Path(out.strip())
+    assert folder.name.startswith("scicevpr-kernels-") and not folder.exists()

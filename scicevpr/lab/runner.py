@@ -9,9 +9,12 @@ an unchanged file: no widget state with random ids, one output per run of a stre
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -51,8 +54,10 @@ KERNEL_NAME = "scicevpr-run-python3"
 
 def use_this_python() -> Path:
     """A kernelspec that starts this Python, found first through JUPYTER_PATH, so that no
-    kernel installed elsewhere on the machine is picked instead (call once per process)."""
+    kernel installed elsewhere on the machine is picked instead (call once per process; the
+    temporary folder is removed when the process ends)."""
     root = Path(tempfile.mkdtemp(prefix="scicevpr-kernels-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     spec = root / "kernels" / KERNEL_NAME
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
@@ -87,6 +92,24 @@ def cell_seconds(nb) -> list[tuple[int, float, str]]:
     return out
 
 
+@contextlib.contextmanager
+def kernel_transport():
+    """The kernel manager's configuration for one notebook's kernel: where Unix sockets exist, the
+    kernel talks to this process over them, in a private temporary folder removed afterwards,
+    rather than over local TCP ports in plain text (which ipykernel warns about at every start);
+    elsewhere (Windows) over local TCP, as Jupyter does."""
+    from traitlets.config import Config
+
+    config = Config()
+    if os.name != "posix":
+        yield config
+        return
+    with tempfile.TemporaryDirectory(prefix="scicevpr-kernel-") as folder:
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = str(Path(folder) / "kernel")  # absolute: the kernel runs in the notebook's folder
+        yield config
+
+
 def run_notebook(path: Path, out: Path, deadline: float = float("inf"), cell_timeout: int = 3600,
                  record_timing: bool = True) -> dict:
     """Execute ``path`` top to bottom in a fresh kernel of this Python (:func:`use_this_python`),
@@ -107,14 +130,16 @@ def run_notebook(path: Path, out: Path, deadline: float = float("inf"), cell_tim
         left = deadline - time.monotonic()
         return cell_timeout if left >= cell_timeout else max(5, int(left))
 
-    client = NotebookClient(
-        nb, kernel_name=KERNEL_NAME, timeout=cell_timeout, timeout_func=timeout_for, record_timing=record_timing,
-        resources={"metadata": {"path": str(path.parent.resolve())}}, startup_timeout=120,
-    )
     t0 = time.perf_counter()
     status = "ok"
     try:
-        client.execute()
+        with kernel_transport() as config:
+            client = NotebookClient(
+                nb, kernel_name=KERNEL_NAME, timeout=cell_timeout, timeout_func=timeout_for,
+                record_timing=record_timing, resources={"metadata": {"path": str(path.parent.resolve())}},
+                startup_timeout=120, config=config,
+            )
+            client.execute()
     except CellTimeoutError as e:
         status = f"timeout: {str(e).splitlines()[0][:200]}"
     except CellExecutionError as e:
