@@ -104,7 +104,7 @@ def kernel_transport():
     if os.name != "posix":
         yield config
         return
-    with tempfile.TemporaryDirectory(prefix="scicevpr-kernel-") as folder:
+    with tempfile.TemporaryDirectory(prefix="scicevpr-kernel-", ignore_cleanup_errors=True) as folder:
         config.KernelManager.transport = "ipc"
         config.KernelManager.ip = str(Path(folder) / "kernel")  # absolute: the kernel runs in the notebook's folder
         yield config
