@@ -398,9 +398,13 @@ def save_jpeg(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels, "RGB").save(path, format="JPEG", quality=JPEG_QUALITY, subsampling="4:2:0", optimize=False, progressive=False)
 
 
+def write_job(job: _Job, streets: dict, root: Path, size: int) -> None:
+    """Render one planned image and save it at ``root / job.path``."""
+    save_jpeg(render_job(job, streets, size), root / job.path)
+
+
 def _run_job(job: _Job) -> None:
-    path = _WORKER["root"] / job.path
-    save_jpeg(render_job(job, _WORKER["streets"], _WORKER["size"]), path)
+    write_job(job, _WORKER["streets"], _WORKER["root"], _WORKER["size"])
 
 
 def _write_tables(root: Path, tables: dict) -> None:
@@ -541,7 +545,7 @@ def _generate(root: Path, preset: SyntheticPreset, seed: int, splits: tuple[str,
                         bar.update(1)
     else:  # in this process, leaving nothing behind in _WORKER
         for job in jobs:
-            save_jpeg(render_job(job, streets, preset.image_size), root / job.path)
+            write_job(job, streets, root, preset.image_size)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
