@@ -295,19 +295,6 @@ def chance_recall(num_database: int, positives: Sequence[np.ndarray], recall_val
     return out
 
 
-def informative_recall_values(
-    num_database: int, chance: dict[int, float], recall_values: Sequence[int] = (1, 5, 10, 100),
-    max_share: float = 0.1, max_chance: float = 90.0,
-) -> tuple[int, ...]:
-    """The N of ``recall_values`` worth reporting on a split: those whose top N is at most
-    ``max_share`` of the database (R@100 needs 1,000 database images) and whose chance level
-    (:func:`chance_recall`) is at most ``max_chance`` percent. A recall that a random ranking
-    nearly reaches says nothing about the model. N = 1 is always kept."""
-    keep = [int(n) for n in recall_values
-            if int(n) == 1 or (int(n) <= max_share * num_database and chance.get(int(n), 0.0) <= max_chance)]
-    return tuple(keep)
-
-
 # --------------------------------------------------------------------------------------------
 # PCA
 # --------------------------------------------------------------------------------------------
@@ -598,13 +585,13 @@ def score(
 
 
 # The batch-stability sweep moved to scicevpr.stability, the baselines without learning to
-# scicevpr.lab.baselines; their names still import from here.
+# scicevpr.lab.baselines, the notebooks' choice of N to scicevpr.lab.analysis; their names still import from here.
 __getattr__ = moved_attributes(__name__, {
     "scicevpr.stability": (
         "StabilityFeatures", "batch_companions", "batch_orders", "batch_stability", "compute_regional_features",
         "descriptor_cosines", "encode_in_batches", "encode_with_companions", "stability_features",
         "stability_summary", "top1_changes"),
     "scicevpr.lab.baselines": (
-        "colour_baseline_result", "colour_histogram_descriptors", "pixel_baseline_recall", "pixel_baseline_result",
-        "pixel_descriptors"),
+        "colour_baseline_result", "colour_histogram_descriptors", "pixel_baseline_result", "pixel_descriptors"),
+    "scicevpr.lab.analysis": ("informative_recall_values",),
 })

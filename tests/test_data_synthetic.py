@@ -20,7 +20,7 @@ from scicevpr.offline.synthetic import (
     render_job,
     save_jpeg,
 )
-from scicevpr.lab.baselines import pixel_baseline_recall
+from scicevpr.lab.baselines import pixel_baseline_result
 from scicevpr.data.vg import load_vg_split
 
 
@@ -139,8 +139,8 @@ def test_small_test_split_is_not_trivial_for_raw_pixels(tmp_path):
     split = b.load_split("test")
     assert split.num_database >= 100 and split.num_queries >= 100
     assert all(len(p) >= 1 for p in split.positives)
-    colour = pixel_baseline_recall(split, thumb=32)
-    grey = pixel_baseline_recall(split, thumb=32, grayscale=True)
+    colour = pixel_baseline_result(split, thumb=32).recalls
+    grey = pixel_baseline_result(split, thumb=32, grayscale=True).recalls
     assert colour[1] <= 35.0 and grey[1] <= 35.0, (colour, grey)  # percent
     assert colour[10] > colour[1]  # the ranking is not random noise either
     by_condition = pd.Series(split.query_conditions).value_counts()

@@ -165,12 +165,12 @@ def test_the_loading_door_tells_a_native_checkpoint_from_an_authors_one(tmp_path
 # --------------------------------------------------------------------------------------------
 
 
-def test_pixel_baseline_recall_is_in_percent_and_matches_recall_at_n(tiny_benchmark):
+def test_pixel_baseline_is_in_percent_and_matches_recall_at_n(tiny_benchmark):
     from scicevpr.evaluate import recall_at_n
-    from scicevpr.lab.baselines import pixel_baseline_recall, pixel_descriptors
+    from scicevpr.lab.baselines import pixel_baseline_result, pixel_descriptors
 
     split = tiny_benchmark.load_split("test")
-    recalls = pixel_baseline_recall(split, thumb=16, recall_values=(1, 5, 10))
+    recalls = pixel_baseline_result(split, thumb=16, recall_values=(1, 5, 10)).recalls
     db, q = pixel_descriptors(split.database_paths, 16), pixel_descriptors(split.query_paths, 16)
     assert db.shape == (split.num_database, 16 * 16 * 3) and q.dtype == np.float32
     d2 = ((q[:, None, :] - db[None, :, :]) ** 2).sum(-1)  # (N_q, N_db), by hand

@@ -16,7 +16,8 @@ import torch
 
 from scicevpr.lab import analysis, viz
 from scicevpr.config import EvalConfig
-from scicevpr.evaluate import EvalResult, chance_recall, informative_recall_values, recall_by_condition
+from scicevpr.evaluate import EvalResult, chance_recall, recall_by_condition
+from scicevpr.lab.analysis import informative_recall_values
 from scicevpr.stability import (
     StabilityFeatures,
     batch_companions,

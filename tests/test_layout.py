@@ -92,6 +92,7 @@ def test_importing_the_package_and_the_method_changes_no_environment_variable():
 @pytest.mark.parametrize("old, new, name", [
     ("scicevpr.evaluate", "scicevpr.stability", "batch_stability"),  # the batch-stability sweep
     ("scicevpr.evaluate", "scicevpr.lab.baselines", "pixel_baseline_result"),  # the floors without learning
+    ("scicevpr.evaluate", "scicevpr.lab.analysis", "informative_recall_values"),  # the notebooks' choice of N
     ("scicevpr.config", "scicevpr.offline.config", "OFFLINE_BACKBONE"),  # the offline world's model and recipe
     ("scicevpr.train", "scicevpr.offline.config", "offline_train_config"),
 ])

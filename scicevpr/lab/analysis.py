@@ -12,8 +12,8 @@ plots (:mod:`scicevpr.lab.viz`) and the notebooks' switch (:mod:`scicevpr.lab.no
   :func:`descriptor_cosines`, :func:`agreement` (how closely the student follows the teacher),
   :func:`agreement_difference` (which of two students follows it more closely, with a paired interval).
 - **Notebook 03, the paper's Fig. 1**: :func:`flip_example` (a query whose best match changes with the batch).
-- **Notebook 05, evaluation**: :func:`pixel_baseline_row` (the raw-pixel floor), :func:`colour_baseline_row`
-  (the colour-layout floor), :func:`pick_queries`,
+- **Notebooks 04-05, evaluation**: :func:`informative_recall_values` (the N a split can inform),
+  :func:`pixel_baseline_row` (the raw-pixel floor), :func:`colour_baseline_row` (the colour-layout floor), :func:`pick_queries`,
   :func:`failure_breakdown` (where wrong matches lie), :func:`conditions_with_enough_queries`.
 
 Every function takes models, splits and tensors; the ones that need the notebooks' sizes take the
@@ -464,6 +464,19 @@ def failure_breakdown(result, near: float = 50.0) -> pd.DataFrame:
     out["share (%)"] = (100.0 * out["wrong top-1"] / max(len(wrong), 1)).round(1)
     out["median distance (m)"] = [round(float(np.median(dist[np.array(kinds) == c])), 0) for c in order]
     return out
+
+
+def informative_recall_values(
+    num_database: int, chance: dict[int, float], recall_values: Sequence[int] = (1, 5, 10, 100),
+    max_share: float = 0.1, max_chance: float = 90.0,
+) -> tuple[int, ...]:
+    """The N of ``recall_values`` worth reporting on a split: those whose top N is at most
+    ``max_share`` of the database (R@100 needs 1,000 database images) and whose chance level
+    (:func:`~scicevpr.evaluate.chance_recall`) is at most ``max_chance`` percent. A recall that a
+    random ranking nearly reaches says nothing about the model. N = 1 is always kept."""
+    keep = [int(n) for n in recall_values
+            if int(n) == 1 or (int(n) <= max_share * num_database and chance.get(int(n), 0.0) <= max_chance)]
+    return tuple(keep)
 
 
 def conditions_with_enough_queries(table: pd.DataFrame, min_queries: int = 20) -> pd.DataFrame:

@@ -82,10 +82,3 @@ def colour_baseline_result(split: VGSplit, strips: int = 6, bins: int = 12,
     name = f"hue histograms, {strips} strip{'' if strips == 1 else 's'} (baseline)"
     return score(None, split, db, q, EvalConfig(recall_values=tuple(recall_values)), name=name)
 
-
-def pixel_baseline_recall(split: VGSplit, thumb: int = 32, grayscale: bool = False,
-                          recall_values: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Recall@N in percent of raw pixels (:func:`pixel_baseline_result`): the floor any learned
-    descriptor must beat. Low on the synthetic benchmark, whose queries come in other conditions
-    and at other viewpoints than the database."""
-    return pixel_baseline_result(split, thumb, grayscale, recall_values).recalls
