@@ -71,13 +71,12 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import EvalConfig, LossConfig, TrainConfig
 from .data.decode import check_images
 from .data.gsv import CITY_ID_STRIDE, GSVCitiesDataset, list_cities
 from .data.paths import data_root
 from .data.transforms import train_transform
 from .data.vg import load_vg_split
-from .config import EvalConfig
 from ._lazy import moved_attributes
 from .evaluate import FeatureCache, evaluate
 from .factory import create_model
@@ -90,7 +89,6 @@ from .files import (
     resume_csv_log,
     start_csv_log,
 )
-from .config import LossConfig
 from .losses import DistillationObjective, MultiSimilarityLoss
 from .memory import LOADER_PREFETCH, MemoryPlan, available_memory, plan_training_memory, step_memory
 from .models import SciceVPR, SuperCricaVPR, VPRModel
@@ -160,11 +158,6 @@ def loss_variant_config(student: TrainConfig, run_dir: PathLike, **loss: float) 
         raise ValueError("loss_variant_config: `student` has no teacher; pass the stage-2 (student) TrainConfig")
     return replace(student, run_dir=str(run_dir), loss=replace(student.loss, **loss),
                    val_every=student.epochs or PAPER_EPOCHS["student"])
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
