@@ -43,6 +43,27 @@ BACKBONE_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_number_fields(config: Any, prefix: str = "") -> None:
+    """The one type check of a config's numbers: a field annotated ``int`` holds an int (not a
+    bool, a float or a string), one annotated ``float`` a finite real number, and ``... | None``
+    also admits None. A wrong one raises naming the field and its default, before anything runs
+    (a float epoch count would otherwise fail inside the loop, after the run folder was written).
+    The ranges are each config's own checks, made after this one. ``prefix`` starts the message."""
+    for f in fields(config):
+        kind, optional = str(f.type).removesuffix(" | None"), str(f.type).endswith(" | None")
+        v = getattr(config, f.name)
+        if kind not in ("int", "float") or (optional and v is None):
+            continue
+        if kind == "int":
+            ok, what = not isinstance(v, bool) and isinstance(v, numbers.Integral), "an int"
+        else:
+            ok, what = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v), "a finite number"
+        if not ok:
+            example = "" if f.default in (dataclasses.MISSING, None) else f"; e.g. {f.name}={f.default!r}"
+            raise ValueError(f"{prefix}{f.name} must be {what}{' or None' if optional else ''}, got {v!r} "
+                             f"({type(v).__name__}){example}")
+
+
 def check_seed(seed: int) -> int:
     """A run's seed: a non-negative int (NumPy draws the data order from ``[seed, epoch]``, and
     refuses negative entries; a negative seed would fail at the first batch, after the run folder
@@ -95,9 +116,10 @@ class BackboneConfig:
                 f"Unknown DINOv2 architecture {self.arch!r}; expected one of "
                 f"{sorted(BACKBONE_ARCHS)}."
             )
+        check_number_fields(self)
         full = BACKBONE_ARCHS[self.arch]["depth"]
         if self.num_blocks is not None:
-            if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or not 1 <= self.num_blocks <= full:
+            if not 1 <= self.num_blocks <= full:
                 raise ValueError(
                     f"num_blocks={self.num_blocks!r} must be an int in [1, {full}] for {self.arch} (the first "
                     f"blocks kept), or None for all {full}."
@@ -175,10 +197,7 @@ class ModelConfig:
     student_layers: int = 1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("int", int) and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-                raise ValueError(f"{f.name} must be an int, got {v!r} ({type(v).__name__}); e.g. {f.name}={f.default!r}")
+        check_number_fields(self)
         depth = self.backbone.depth
         if not self.layers or any(not 0 <= i < depth for i in self.layers):
             raise ValueError(
@@ -354,10 +373,7 @@ class LossConfig:
     eta: float = 1.0  # weight of L_D in L_T
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"loss {f.name} must be a finite number, got {v!r}")
+        check_number_fields(self, "loss ")
         for name in ("ms_alpha", "ms_beta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"loss {name} must be > 0 (the paper's: {LossConfig.__dataclass_fields__[name].default}), "
@@ -415,13 +431,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_protocol(self.protocol, "EvalConfig.protocol")
         check_group_size(self.encoder_group_size, "EvalConfig.encoder_group_size")
-        if isinstance(self.recall_values, int):
-            object.__setattr__(self, "recall_values", (self.recall_values,))
+        rv = self.recall_values
+        object.__setattr__(self, "recall_values", (rv,) if isinstance(rv, numbers.Integral) else tuple(rv))
         if not self.recall_values or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in self.recall_values):
             raise ValueError(f"recall_values must be integers N >= 1 (Recall@N), e.g. 1,5,10,100; got {self.recall_values!r}")
+        check_number_fields(self)
         for name in ("batch_size", "query_batch_size", "pca_dim"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            if v is not None and v < 1:
                 raise ValueError(f"{name} must be an integer >= 1" + (" (or None)" if name != "batch_size" else "") + f", got {v!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
@@ -563,14 +580,17 @@ class TrainConfig:
                              "Leave amp unset, or use protocol='default'.")
         if self.model not in STAGE1_MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {STAGE1_MODELS}.")
+        check_number_fields(self)
         check_seed(self.seed)
         for name in ("lr", "lr_gamma"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name in ("places_per_batch", "img_per_place", "lr_step_epochs", "val_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "randaugment_ops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.img_per_place < 2:
             raise ValueError("img_per_place (K) must be >= 2: L_MS needs positive pairs within a place.")
         if self.epochs is not None and self.epochs < 1:
@@ -579,8 +599,8 @@ class TrainConfig:
             raise ValueError(f"max_iters_per_epoch must be >= 1 or None, got {self.max_iters_per_epoch}")
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
-        if self.cities is not None:
-            object.__setattr__(self, "cities", tuple(self.cities))
+        if self.cities is not None:  # one name is one city, not its letters
+            object.__setattr__(self, "cities", (self.cities,) if isinstance(self.cities, str) else tuple(self.cities))
 
     def group_size(self, which: str) -> int | None:
         """Images the cross-image encoder attends across: ``which`` is ``"train"`` (stage 1),

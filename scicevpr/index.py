@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import check_number_fields
 from .search import SKIPPED_FILE, SearchResult, describe_folder, make_result, model_label, search_settings
 
 PathLike = str | os.PathLike
@@ -76,6 +77,7 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}; expected one of {list(KINDS)}")
+        check_number_fields(self, "IndexConfig.")
         for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexConfig.{name} must be at least 1, got {getattr(self, name)}")

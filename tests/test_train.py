@@ -98,6 +98,40 @@ def test_train_config_rejects_a_model_preset_mismatch():
     assert TrainConfig(model="CricaVPR").model_config().name == "CricaVPR"
 
 
+def _config_classes():
+    from scicevpr.config import BackboneConfig, CricaVPRConfig, EvalConfig, LossConfig, ModelConfig
+    from scicevpr.index import IndexConfig
+    from scicevpr.offline.config import ClaimsConfig, PretrainConfig
+
+    return [BackboneConfig, ModelConfig, CricaVPRConfig, LossConfig, EvalConfig, TrainConfig, PretrainConfig,
+            ClaimsConfig, IndexConfig]
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_every_number_of_every_config_refuses_a_wrong_type_by_its_name(cls):
+    """``config.check_number_fields``: a string, a bool, a fractional int or a NaN in any number
+    field of any config is one message naming the field, when the config is built (before a run
+    folder is written), not a TypeError deep in a run."""
+    import dataclasses
+
+    numeric = [f for f in dataclasses.fields(cls) if str(f.type).removesuffix(" | None") in ("int", "float")]
+    assert len(numeric) >= 2
+    for f in numeric:
+        is_int = str(f.type).startswith("int")
+        for bad in ("3", True, 2.5 if is_int else float("nan")):
+            with pytest.raises(ValueError, match=rf"\b{f.name}\S* must be (an int|a positive int|a finite number)"):
+                cls(**{f.name: bad})
+
+
+def test_a_city_named_alone_is_one_city_and_recall_values_are_a_tuple():
+    from scicevpr.config import EvalConfig
+    from scicevpr.offline.config import PretrainConfig
+
+    assert TrainConfig(cities="London").cities == ("London",) == PretrainConfig(cities="London").cities
+    assert TrainConfig(cities=["London", "Boston"]).cities == ("London", "Boston")
+    assert EvalConfig(recall_values=[1, 5]).recall_values == (1, 5) and EvalConfig(recall_values=5).recall_values == (5,)
+
+
 def test_lr_halves_every_three_epochs_stepped_per_iteration():
     ipe = 5
     opt = make_optimizer(torch.nn.Linear(2, 2), TrainConfig())
@@ -388,9 +422,12 @@ def test_resume_into_a_folder_of_something_else_is_one_clear_error(tiny, tmp_pat
         train_teacher(quick_config(tiny, run, resume=True))
 
 
-def test_a_negative_seed_is_refused_before_a_run_starts(tiny, tmp_path):
-    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
-        quick_config(tiny, tmp_path / "run", seed=-1)
+@pytest.mark.parametrize("bad, match", [(dict(seed=-1), "seed must be an int >= 0, got -1"),
+                                        (dict(epochs=2.5), r"epochs must be an int or None, got 2.5 \(float\)"),
+                                        (dict(num_workers=-1), "num_workers must be >= 0, got -1")])
+def test_a_bad_setting_is_refused_before_a_run_starts(tiny, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train_teacher(quick_config(tiny, tmp_path / "run", **bad))
     assert not (tmp_path / "run").exists()
 
 

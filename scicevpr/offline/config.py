@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import BACKBONE_ARCHS, BackboneConfig, LossConfig, TrainConfig, check_seed
+from ..config import BACKBONE_ARCHS, BackboneConfig, LossConfig, TrainConfig, check_number_fields, check_seed
 
 PathLike = str | os.PathLike
 
@@ -208,11 +208,14 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
+        if isinstance(self.cities, str):  # one name is one city, not its letters
+            object.__setattr__(self, "cities", (self.cities,))
         for name in ("cities", "global_scale", "local_scale", "mask_ratio", "supervised_scale"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: expected one of {OBJECTIVES}.")
+        check_number_fields(self)
         check_seed(self.seed)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}.")
@@ -220,9 +223,8 @@ class PretrainConfig:
             raise ValueError(f"arch={self.arch!r}: expected one of {sorted(BACKBONE_ARCHS)}.")
         for name in ("cache_size", "image_size", "local_size", "head_hidden", "head_bottleneck", "prototypes",
                      "batch_size", "img_per_place", "checkpoint_every", "log_every", "num_blocks", "val_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.num_workers < 0 or self.local_crops < 0:
             raise ValueError("num_workers and local_crops must be >= 0")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
@@ -342,6 +344,7 @@ class ClaimsConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_number_fields(self)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
         for name in ("stage1_epochs", "stage2_epochs", "max_iters_per_epoch"):
