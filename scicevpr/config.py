@@ -395,7 +395,8 @@ class EvalConfig:
             ``query_batch_size`` is set); 16 officially (8 for CricaVPR on Pitts30k).
         query_batch_size: a different batch size for the queries, or None.
         recall_values: the N of Recall@N.
-        device: None keeps the model where it is; else the model is moved there.
+        device: None keeps the model where it is; else the model is moved there (``"auto"``:
+            CUDA when there is one, as in training).
         fast: the fast path: bf16 autocast (where the device computes bf16 natively, see
             :mod:`scicevpr.precision`), batched GPU JPEG decoding and ``torch.compile`` of the
             per-image part of the model. None means on for CUDA, off for CPU;

@@ -40,6 +40,7 @@ from .protocol import (
     eval_batch_size,
     num_groups,
 )
+from .runtime import resolve_device
 
 PathLike = str | os.PathLike
 
@@ -97,9 +98,10 @@ def per_image_function(model: torch.nn.Module, config: EvalConfig, device: torch
 
 
 def prepare_model(model: torch.nn.Module, config: EvalConfig) -> torch.device:
-    """Move ``model`` to ``config.device`` (when set), switch it to eval mode; its device."""
+    """Move ``model`` to ``config.device`` (when set; ``"auto"``: CUDA when there is one), switch
+    it to eval mode; its device."""
     if config.device is not None:
-        model.to(config.device)
+        model.to(resolve_device(config.device))
     model.eval()
     return model_device(model)
 
@@ -149,6 +151,9 @@ def compute_descriptors(
     ``batch_size`` (default ``config.batch_size``), as the VG-benchmark protocol does. The
     cross-image encoder sees exactly each batch, or its groups of ``config.encoder_group_size``.
     ``cache``: a :class:`FeatureCache` for the backbone's outputs (None: none)."""
+    if isinstance(paths, (str, os.PathLike)):  # not its characters, one by one
+        raise TypeError(f"compute_descriptors takes a list of image files, got one path {str(paths)!r}; for a "
+                        f"folder's images pass scicevpr.data.vg.list_images(folder)")
     device = prepare_model(model, config)
     bs = batch_size or config.batch_size
     amp = amp_enabled(config, device)
@@ -187,6 +192,9 @@ def search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
     """Exact L2 search (``faiss.IndexFlatL2``): (distances, indices), each (N_q, min(k, N_db))."""
     if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
         raise ValueError(f"descriptor shapes do not match: database {database.shape}, queries {queries.shape}")
+    if len(database) == 0 or k < 1:
+        raise ValueError(f"search needs a non-empty database and k >= 1 neighbours; got {len(database)} database "
+                         f"descriptors and k={k}")
     check_finite_descriptors(database, "the database descriptors")
     check_finite_descriptors(queries, "the query descriptors")
     index = faiss.IndexFlatL2(database.shape[1])
@@ -322,9 +330,10 @@ def principal_components(x: np.ndarray | torch.Tensor, dim: int) -> tuple[np.nda
     directions), components by decreasing variance. Exact: SVD of the centred samples when
     N <= D, else the eigenvectors of their covariance."""
     x = torch.as_tensor(x, dtype=torch.float64)
+    if x.ndim != 2 or len(x) < 2 or dim < 1:
+        raise ValueError(f"PCA needs (N, D) samples with N >= 2 and dim >= 1 components; got shape "
+                         f"{tuple(x.shape)} and dim={dim}")
     n, d_in = x.shape
-    if n < 2:
-        raise ValueError(f"PCA needs at least 2 samples, got {n}")
     dim = min(dim, n - 1, d_in)
     mean = x.mean(0)
     xc = x - mean
@@ -340,8 +349,6 @@ def principal_components(x: np.ndarray | torch.Tensor, dim: int) -> tuple[np.nda
 def fit_pca(descriptors: np.ndarray, dim: int = 4096) -> PCA:
     """PCA of (N, D) descriptors keeping ``min(dim, N - 1, D)`` components
     (:func:`principal_components`)."""
-    if len(descriptors) < 2:
-        raise ValueError(f"PCA needs at least 2 descriptors, got {len(descriptors)}")
     mean, comps, var = principal_components(descriptors, dim)
     return PCA(mean.astype(np.float32), comps.astype(np.float32), var)
 
@@ -547,6 +554,9 @@ def evaluate(
     ``cache``: a :class:`FeatureCache` for the backbone's outputs (the offline notebooks'
     :class:`~scicevpr.offline.cache.BackboneCache`); the numbers are the same without it.
     """
+    if not isinstance(split, VGSplit) or not isinstance(config, EvalConfig):
+        raise TypeError(f"evaluate(model, split, config) takes a VGSplit (scicevpr.data.load_vg_split(root, dataset, "
+                        f"split)) and an EvalConfig; got {type(split).__name__} and {type(config).__name__}")
     if split.num_database == 0 or split.num_queries == 0:
         raise ValueError(f"{split.dataset}/{split.split} has {split.num_database} database images and "
                          f"{split.num_queries} queries; both must be non-empty")

@@ -230,29 +230,35 @@ def _is_write_failure(error: RuntimeError) -> bool:
     return "inline_container" in text or "write failed" in text or "PytorchStreamWriter" in text
 
 
+# Failures of the path itself (no permission, a read-only file system, a folder where the file
+# goes): the disk's free space is beside the point (a read-only /sys reports 0 bytes free).
+PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
 def write_error(path: Path, error: BaseException) -> OSError:
-    """The error for a file that could not be written: which file, why, and that its previous
-    version (if any) is unchanged."""
+    """The error for a file that could not be written: which file, why, the fix, and that its
+    previous version (if any) is unchanged. A refused path is said as such; any other failure
+    is checked against the disk's free space."""
     reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-    full = getattr(error, "errno", None) == errno.ENOSPC
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 64 * 2**20:
-        full = True
+    code = getattr(error, "errno", None)
+    full, free = code == errno.ENOSPC, None
+    if code in PATH_ERRNOS:
+        fix = "Pass the path of a file, not a folder," if code == errno.EISDIR else "Choose a folder this user can write"
+    else:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            pass
+        full = full or (free is not None and free < 64 * 2**20)
+        fix = "Free space on its disk (or choose another folder)"
     if full:
-        why = "the disk is full"
+        why = "the disk is full" + (f" ({free / 2**20:.0f} MiB free)" if free is not None else "")
     elif isinstance(error, RuntimeError):
         why = f"the write stopped part-way, as it does when the disk is full ({reason})"
     else:
         why = reason
-    out = OSError(
-        f"cannot write {str(path)!r}: {why}" + (f" ({free / 2**20:.0f} MiB free)" if full and free is not None else "")
-        + f". Free space on its disk (or choose another folder) and run again; the previous {path.name}, if any, is "
-        f"unchanged."
-    )
-    out.errno = errno.ENOSPC if full else getattr(error, "errno", None) or errno.EIO
+    out = OSError(f"cannot write {str(path)!r}: {why}. {fix} and run again; the previous {path.name}, if any, is unchanged.")
+    out.errno = errno.ENOSPC if full else code or errno.EIO
     return out
 
 

@@ -58,7 +58,11 @@ def resolve_device(requested: str) -> torch.device:
     name = requested
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's message lists every backend it knows, not the fix
+        raise ValueError(f"device={requested!r} is not a device; use 'auto' (CUDA when there is one), 'cpu', "
+                         f"'cuda' or 'cuda:N'.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={requested!r} but CUDA is not available; use device='cpu'.")

@@ -92,6 +92,18 @@ def test_search_is_exact():
     assert search(db[:3], q, k=100)[1].shape == (9, 3)
     with pytest.raises(ValueError, match="do not match"):
         search(db, q[:, :3], k=1)
+    for bad_db, k in ((db, 0), (db[:0], 5)):  # FAISS would stop on a bare assertion
+        with pytest.raises(ValueError, match="non-empty database and k >= 1"):
+            search(bad_db, q, k)
+
+
+def test_pca_and_descriptors_refuse_what_they_cannot_use(student):
+    x = np.random.default_rng(0).normal(size=(10, 5))
+    for bad, dim in ((x, 0), (x[:1], 3), (x[:, 0], 3)):  # no component, one sample, not (N, D)
+        with pytest.raises(ValueError, match=r"PCA needs \(N, D\) samples with N >= 2 and dim >= 1"):
+            fit_pca(bad, dim)
+    with pytest.raises(TypeError, match="takes a list of image files, got one path '/some/folder'"):
+        compute_descriptors(student, "/some/folder", CFG)
 
 
 @pytest.mark.parametrize("n,d,dim", [(40, 10, 6), (8, 30, 100)])
@@ -237,6 +249,18 @@ def test_empty_split_is_rejected(toy_split, student):
     empty = dataclasses.replace(toy_split, query_paths=[], query_utms=np.zeros((0, 2)), positives=[])
     with pytest.raises(ValueError, match="must be non-empty"):
         evaluate(student, empty, CFG)
+
+
+def test_evaluate_names_what_it_takes_and_the_device_it_is_given(toy_split, student):
+    with pytest.raises(TypeError, match="takes a VGSplit .* got str and EvalConfig"):
+        evaluate(student, str(toy_split.split_dir), CFG)
+    with pytest.raises(TypeError, match="and an EvalConfig; got VGSplit and dict"):
+        evaluate(student, toy_split, {"batch_size": 4})
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device; use 'auto'"):
+        evaluate(student, toy_split, dataclasses.replace(CFG, device="gpu"))
+    auto = evaluate(student, toy_split, dataclasses.replace(CFG, device="auto"))  # the CPU here, as training's "auto"
+    assert auto.recalls == evaluate(student, toy_split, CFG).recalls
+    student.cpu()  # where the other tests expect it, on a machine where "auto" found a GPU
 
 
 def test_fast_flag_resolution_and_bf16_agreement(toy_split, student, monkeypatch):

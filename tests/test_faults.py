@@ -250,6 +250,8 @@ FAULTS = [
     Fault("eta negative", lambda w: ["train-student", "--teacher", str(w.teacher_run), *w.train("--eta", "-5")],
           r"loss eta must be >= 0.*got -5"),
     Fault("lr zero", lambda w: ["train-teacher", *TINY_MODEL, *w.train("--lr", "0")], r"lr must be a finite number > 0, got 0"),
+    Fault("device misspelt", lambda w: ["eval", *TINY_MODEL, *w.eval_on(), "--device", "gpu"],
+          r"device='gpu' is not a device; use 'auto'"),
     Fault("eval of a NaN checkpoint", lambda w: ["eval", "--checkpoint", str(w.tmp / "nan.pt"), *w.eval_on()],
           r"nan\.pt' holds weights that are not finite.*diverged", setup=_nan_checkpoint),
     Fault("eval of NaN descriptors", lambda w: ["eval", "--descriptors", str(w.tmp / "d"), *w.eval_on()],

@@ -169,3 +169,23 @@ def test_an_unwritable_run_folder_is_named(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot write to run folder '.*run' \(Read-only file system\)\. Choose a writable"):
         with lock_run_dir(tmp_path / "run"):
             pass
+
+
+def test_a_refused_path_is_named_as_such_not_as_a_full_disk(tmp_path, monkeypatch):
+    """``files.write_error``: a read-only file system reports 0 bytes free (Linux's /sys), so
+    only a failure that is not the path's own is checked against the free space."""
+    import errno
+    import shutil
+    from types import SimpleNamespace
+
+    from scicevpr.files import atomic_write, write_error
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=0, used=0, free=0))  # as /sys reports
+    denied = write_error(tmp_path / "x.pt", PermissionError(errno.EACCES, "Permission denied"))
+    assert "Permission denied. Choose a folder this user can write" in str(denied) and "full" not in str(denied)
+    full = write_error(tmp_path / "x.pt", OSError(errno.ENOSPC, "No space left on device"))
+    assert "the disk is full (0 MiB free). Free space on its disk" in str(full) and full.errno == errno.ENOSPC
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError, match=r"'.*folder': Is a directory\. Pass the path of a file, not a folder"):
+        atomic_write(tmp_path / "folder", lambda f: f.write(b"x"))
+    assert (tmp_path / "folder").is_dir() and not list(tmp_path.glob(".folder*"))  # nothing destroyed or left

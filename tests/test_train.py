@@ -424,7 +424,8 @@ def test_resume_into_a_folder_of_something_else_is_one_clear_error(tiny, tmp_pat
 
 @pytest.mark.parametrize("bad, match", [(dict(seed=-1), "seed must be an int >= 0, got -1"),
                                         (dict(epochs=2.5), r"epochs must be an int or None, got 2.5 \(float\)"),
-                                        (dict(num_workers=-1), "num_workers must be >= 0, got -1")])
+                                        (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
+                                        (dict(device="gpu"), "device='gpu' is not a device; use 'auto'")])
 def test_a_bad_setting_is_refused_before_a_run_starts(tiny, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         train_teacher(quick_config(tiny, tmp_path / "run", **bad))
