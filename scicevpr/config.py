@@ -50,7 +50,8 @@ def check_number_fields(config: Any, prefix: str = "") -> None:
     (a float epoch count would otherwise fail inside the loop, after the run folder was written).
     The ranges are each config's own checks, made after this one. ``prefix`` starts the message."""
     for f in fields(config):
-        kind, optional = str(f.type).removesuffix(" | None"), str(f.type).endswith(" | None")
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)  # "int | None"
+        kind, optional = ann.removesuffix(" | None"), ann.endswith(" | None")
         v = getattr(config, f.name)
         if kind not in ("int", "float") or (optional and v is None):
             continue
