@@ -474,6 +474,13 @@ def test_bad_switch_values_fail_with_the_choices(clean_env):
     clean_env.setenv("SCICEVPR_PRESET", "SciceVPR-XL")
     with pytest.raises(ValueError, match="SciceVPR-B"):
         nb.setup(quiet=True)
+    clean_env.delenv("SCICEVPR_PRESET")
+    for name, bad, minimum in (("SCICEVPR_SEED", "-1", 0), ("SCICEVPR_SEED", "abc", 0), ("SCICEVPR_THREADS", "0", 1),
+                               ("SCICEVPR_THREADS", "two", 1)):
+        clean_env.setenv(name, bad)
+        with pytest.raises(ValueError, match=rf"{name}='{bad}': expected a whole number >= {minimum}, or unset for"):
+            nb.setup(quiet=True)
+        clean_env.delenv(name)
 
 
 def test_setup_seeds_everything(clean_env):

@@ -109,17 +109,24 @@ def _weights_from_env(default: str | None) -> str | None:
     return None if value.lower() == RANDOM_WEIGHTS else "auto"
 
 
+def _int_from_env(name: str, default: int | None, minimum: int, unset: str) -> int | None:
+    """The whole number >= ``minimum`` in environment variable ``name``; ``default`` when it is
+    unset. Anything else is one message naming the variable (``unset``: what leaving it unset gives)."""
+    value = _env(name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= {minimum}, or unset for {unset}.")
+    return int(value)
+
+
 def _train_overrides_from_env() -> dict[str, int]:
     """TrainConfig fields capped by ``SCICEVPR_EPOCHS`` / ``SCICEVPR_MAX_ITERS`` (smoke runs)."""
     out = {}
     for name, fld in ((EPOCHS_ENV, "epochs"), (MAX_ITERS_ENV, "max_iters_per_epoch")):
-        value = _env(name)
-        if value is None:
-            continue
-        n = int(value) if value.isdigit() else 0
-        if n < 1:
-            raise ValueError(f"{name}={value!r}: expected a whole number >= 1, or unset for the recipe's {fld}.")
-        out[fld] = n
+        n = _int_from_env(name, None, 1, f"the recipe's {fld}")
+        if n is not None:
+            out[fld] = n
     return out
 
 
@@ -584,17 +591,17 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
     root = find_repo_root()
     data_env = _env(DATA_ENV)
     data_root = Path(data_env).expanduser() if data_env else root / "data"
-    seed = int(_env(SEED_ENV, "0"))
+    seed = _int_from_env(SEED_ENV, 0, 0, "seed 0")
     cuda = torch.cuda.is_available()
     train_overrides = _train_overrides_from_env()
     if mode == "offline":
-        settings = offline_settings(root, data_root, seed=seed, threads=int(_env(THREADS_ENV, "2")),
+        settings = offline_settings(root, data_root, seed=seed, threads=_int_from_env(THREADS_ENV, 2, 1, "2 threads"),
                                     train_overrides=train_overrides)
     else:
         preset = _env(PRESET_ENV, "SciceVPR-B")
         if preset not in FULL_PRESETS:
             raise ValueError(f"{PRESET_ENV}={preset!r}: expected one of {FULL_PRESETS} in full mode.")
-        threads = int(_env(THREADS_ENV, str(os.cpu_count() or 1)))
+        threads = _int_from_env(THREADS_ENV, os.cpu_count() or 1, 1, "all the CPU's threads")
         dataset = _env(DATASET_ENV, "pitts30k")
         settings = NotebookSettings(
             mode=mode, preset=preset, model_overrides={}, weights=_weights_from_env("auto"),
