@@ -79,7 +79,10 @@ def test_an_old_module_name_imports_the_moved_module_with_a_warning(old):
 
 
 def test_importing_the_package_and_the_method_changes_no_environment_variable():
-    code = ("import os, sys\nbefore = dict(os.environ)\n"
+    """The package's own imports set nothing. Its dependencies are imported first: importing
+    torchvision sets ``TORCHINDUCTOR_CACHE_DIR`` (torch's inductor cache), which the test would
+    otherwise see only when no earlier test of the session had imported torchvision."""
+    code = ("import os, sys\nimport torch, torchvision, numpy, pandas, faiss\nbefore = dict(os.environ)\n"
             "import scicevpr, scicevpr.models, scicevpr.evaluate, scicevpr.train\n"
             "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
             "sys.exit(f'changed: {sorted(changed)}' if changed else 0)\n")
@@ -202,3 +205,4 @@ def test_the_module_state_check_can_fail(tmp_path):
             "weights.py: FAILED.add()", "weights.py: FAILED[...]", "weights.py: global COUNT"]
     finally:
         PACKAGE = real
+
