@@ -1,4 +1,4 @@
-"""DINOv2 ViT with multi-layer outputs (PAPER.md, "Architecture", step 1).
+"""DINOv2 ViT with multi-layer outputs (docs/method.md, "Architecture", step 1).
 
 The modules below reproduce the official DINOv2 architecture (Oquab et al. 2023,
 ``facebookresearch/dinov2``) with its parameter names, so that an official

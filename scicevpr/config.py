@@ -10,7 +10,7 @@ presets) come first, then the configs of the jobs: :class:`LossConfig` (used by
 :mod:`scicevpr.offline.config`. This module imports neither torch nor NumPy, so the command line
 builds its options (and answers ``--help``) without loading them.
 
-Paper symbols used throughout (PAPER.md, Sec. "Architecture"):
+Paper symbols used throughout (docs/method.md, "Architecture"):
 
 - ``M``      number of last DINOv2 blocks fused (``len(ModelConfig.layers)``)
 - ``C``      DINOv2 embedding width (384 / 768 / 1024 / 1536 for S / B / L / g)
@@ -166,7 +166,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A SciceVPR / Super-CricaVPR model. Defaults: SciceVPR-B (PAPER.md, "Architecture").
+    """A SciceVPR / Super-CricaVPR model. Defaults: SciceVPR-B (docs/method.md, "Architecture").
 
     Attributes:
         name: preset name, for display and checkpoints.
@@ -455,7 +455,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults: the paper's (PAPER.md, "Training").
+    """One training run. Defaults: the paper's (docs/method.md, "Training").
 
     Model:
         model: stage-1 model class: ``"SuperCricaVPR"`` (the teacher, default), ``"CricaVPR"``

@@ -1,6 +1,6 @@
 """Evaluation: descriptors, exact FAISS search, Recall@N with intervals and chance, PCA.
 
-Protocol (PAPER.md, "Evaluation protocol", the Visual Geo-localization Benchmark convention):
+Protocol (docs/method.md, "Evaluation protocol", the Visual Geo-localization Benchmark convention):
 database and query images are hard-resized to the model size and fed **in file order, in
 batches of 16** (this matters only for cross-image models: the teacher, CricaVPR); descriptors
 are searched exhaustively with ``faiss.IndexFlatL2``; a query is correct at N when one of its N

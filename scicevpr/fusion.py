@@ -1,4 +1,4 @@
-"""Multi-layer feature fusion (PAPER.md, "Architecture", step 2; paper Fig. 5).
+"""Multi-layer feature fusion (docs/method.md, "Architecture", step 2; paper Fig. 5).
 
 The M fused DINOv2 layers arrive as one (B, M*C, H, W) map. Two steps mix them:
 

@@ -1,4 +1,4 @@
-"""Training losses (PAPER.md, "Training").
+"""Training losses (docs/method.md, "Training").
 
 - ``L_MS``: the multi-similarity loss (Wang et al. 2019) with alpha = 1, beta = 50, base
   (lambda) = 0 on dot-product similarities, over the pairs chosen by the multi-similarity miner

@@ -1,4 +1,4 @@
-"""Super-CricaVPR (teacher) and SciceVPR (student), assembled (PAPER.md; paper Fig. 3).
+"""Super-CricaVPR (teacher) and SciceVPR (student), assembled (docs/method.md; paper Fig. 3).
 
 Both models are the same pipeline and share every line of code but their encoder::
 
@@ -14,7 +14,7 @@ The backbone is frozen in both training stages, and in stage 2 so is the 1x1 con
 the teacher: :meth:`VPRModel.extract_features` (backbone + conv) is then the same for both
 models and can be computed once per batch.
 
-The two region encoders (PAPER.md, "Architecture", step 4; paper Fig. 3), the one place where
+The two region encoders (docs/method.md, "Architecture", step 4; paper Fig. 3), the one place where
 the models differ, both stack ``nn.TransformerEncoderLayer`` (d_model ``C_mix``, 16 heads, FFN
 2048, GELU, dropout 0.1, post-norm) and map the (B, 14, C_mix) regional features to
 (B, 14, C_mix). They differ only in what attends to what:
@@ -431,7 +431,7 @@ class SciceVPR(VPRModel):
 
     @classmethod
     def from_teacher(cls, teacher: SuperCricaVPR, seed: int | None = None) -> "SciceVPR":
-        """Stage-2 initialisation (PAPER.md, "Training"): share the teacher's frozen backbone,
+        """Stage-2 initialisation (docs/method.md, "Training"): share the teacher's frozen backbone,
         copy its 1x1 fusion conv and freeze it; token mixers, GeM and encoder start fresh, drawn
         from ``seed`` (see :class:`VPRModel`)."""
         student = cls(teacher.config, backbone=teacher.backbone, seed=seed)

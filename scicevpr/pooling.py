@@ -1,4 +1,4 @@
-"""GeM and the 14-region multi-scale GeM pooling (PAPER.md, "Architecture", step 3).
+"""GeM and the 14-region multi-scale GeM pooling (docs/method.md, "Architecture", step 3).
 
 Generalised mean pooling (Radenovic et al. 2018) of a region R of a (C, H, W) map:
 ``f_c = ( 1/|R| * sum_{(i,j) in R} max(x_cij, eps)^p )^(1/p)``, with one learnable ``p``

@@ -1,4 +1,4 @@
-"""The two training stages (PAPER.md, "Training"), one loop for both.
+"""The two training stages (docs/method.md, "Training"), one loop for both.
 
 - **Stage 1** (:func:`train_teacher`): Super-CricaVPR learns ``L_MS`` on GSV-Cities batches of
   P = 72 places x K = 4 images; the DINOv2 backbone is frozen; the fusion conv, token mixers,

@@ -1,4 +1,4 @@
-"""DINOv2 weight files (PAPER.md, "Architecture", step 1): where they are found, how they are
+"""DINOv2 weight files (docs/method.md, "Architecture", step 1): where they are found, how they are
 checked and how a backbone loads them. :func:`scicevpr.backbone.build_backbone` uses this module
 to turn ``weights=`` into a loaded backbone; the backbone's constructor reads no file.
 

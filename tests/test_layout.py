@@ -206,3 +206,21 @@ def test_the_module_state_check_can_fail(tmp_path):
     finally:
         PACKAGE = real
 
+
+def test_every_section_of_the_method_a_docstring_cites_exists():
+    """The docstrings cite ``docs/method.md, "Section", step N``: the file, each section and each step
+    named must be there for a reader who follows the reference."""
+    import re
+
+    method = (PACKAGE.parent / "docs" / "method.md").read_text()
+    sections = set(re.findall(r"^## (.+)$", method, flags=re.M))
+    cited = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for m in re.finditer(r'docs/method\.md(?:, "([^"]+)"(?:, step (\d+))?)?', path.read_text()):
+            cited.append((path.name, m.group(1), m.group(2)))
+    assert len(cited) >= 10, cited  # the method's modules cite it
+    for name, section, step in cited:
+        assert section is None or section in sections, f"{name} cites the section {section!r}; docs/method.md has {sorted(sections)}"
+        if step is not None:
+            body = method.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+            assert re.search(rf"^{step}\. \*\*", body, flags=re.M), f"{name} cites {section!r} step {step}, which is not there"

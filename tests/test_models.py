@@ -1,4 +1,4 @@
-"""Fusion, pooling, encoders and the two assembled models (PAPER.md, "Architecture")."""
+"""Fusion, pooling, encoders and the two assembled models (docs/method.md, "Architecture")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The paper's claims, each tested offline with paired statistics over training seeds
-(``scicevpr claims``; PAPER.md, "The paper's claims").
+(``scicevpr claims``; docs/method.md, "The paper's claims").
 
 For every training seed, one recipe (:func:`scicevpr.offline.config.offline_train_config`, the synthetic
 benchmark, the shipped offline backbone) trains these models, each in its own run folder, so a
