@@ -91,6 +91,21 @@ def test_offline_heads_of_another_backbone_or_modified_are_refused(trained, tmp_
         hub("cricavpr_s_offline", heads=str(heads))
 
 
+def test_the_shipped_heads_load_without_heads_as_the_readme_shows():
+    """``torch.hub.load(".", "scicevpr_s_offline", source="local")`` with no ``heads=``: the heads shipped
+    in ``scicevpr/weights/offline/``, on the shipped backbone (the README's and the hub docstrings' call)."""
+    from scicevpr.offline.models import HEADS_DIR
+
+    assert HEADS_DIR == REPO / "scicevpr" / "weights" / "offline"
+    for entry, (cls, batch_dependent) in ENTRIES.items():
+        model = hub(entry)
+        assert type(model).__name__ == cls and not model.training and not model.is_random_init
+        assert model.data_config["batch_dependent"] is batch_dependent
+        with torch.no_grad():
+            d = model(torch.randn(2, 3, 112, 112))
+        assert d.shape == (2, 5376) and torch.allclose(d.norm(dim=1), torch.ones(2))
+
+
 def test_offline_entry_without_heads_says_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"scicevpr train-offline --export"):
         hub("super_cricavpr_s_offline", heads=str(tmp_path))

@@ -41,7 +41,7 @@ from typing import Any
 
 PathLike = str | os.PathLike
 
-HEADS_DIR = Path(__file__).resolve().parent / "weights" / "offline"
+HEADS_DIR = Path(__file__).resolve().parents[1] / "weights" / "offline"  # scicevpr/weights/offline/
 MANIFEST_FILE = "manifest.json"
 FORMAT = "scicevpr-offline-heads"
 VERSION = 1
