@@ -8,15 +8,15 @@ An index folder holds::
     descriptors.npy   (N, D) database descriptors, fp32, the values the index holds (an index
                       written before 2026-12 holds them rounded to fp16)
     files.txt         the N database files, relative to the database folder, in row order
-    skipped.txt       unreadable files left out (only with skip_unreadable)
+    skipped.txt       unreadable files left out (only when skip_unreadable left some out)
 
 The model's identity (class, configuration, SHA-256 of every weight) and the evaluation settings
 that shape its descriptors (protocol; encoder group size of a cross-image model) are recorded,
 and a query with another model or other settings is refused: its descriptors would live in
 another space.
 
-The queries are encoded in batches of ``EvalConfig.query_batch_size`` (default the database's
-``batch_size``, recorded as ``database_batch_size``); a cross-image model's descriptors depend on
+The queries are encoded in batches of ``EvalConfig.query_batch_size`` (default the query's own
+``batch_size``; the index records its database's as ``database_batch_size``); a cross-image model's descriptors depend on
 it (:func:`scicevpr.search.search_settings`, written to the query's ``settings.json``).
 
 Index kinds (:class:`IndexConfig`): ``flat`` (default) is exact L2 search on the fp32
@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import check_number_fields
-from .search import SKIPPED_FILE, SearchResult, describe_folder, make_result, model_label, search_settings
+from .search import SearchResult, describe_folder, make_result, model_label, search_settings, write_skipped
 
 PathLike = str | os.PathLike
 
@@ -306,8 +306,7 @@ def build_index(model, database: PathLike, out: PathLike, config: IndexConfig = 
     faiss.write_index(index, str(out / INDEX_FILE))
     files = [p.relative_to(database).as_posix() for p in paths]
     (out / FILES_FILE).write_text("".join(f"{f}\n" for f in files))
-    if skipped:
-        (out / SKIPPED_FILE).write_text("".join(f"{p}\n" for p in skipped))
+    write_skipped(out, skipped)  # an overwritten index keeps no older list
     from . import __version__
 
     manifest = {

@@ -91,6 +91,16 @@ def readable_images(paths: Sequence[Path], folder: PathLike, role: str, skip_unr
     return readable, skipped
 
 
+def write_skipped(out: Path, skipped: Sequence[Path]) -> Path | None:
+    """``out/skipped.txt``: the files left out, one per line. With none left out there is no such
+    file: one that an earlier run left in the same folder is removed. Returns its path, or None."""
+    path = Path(out) / SKIPPED_FILE
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return None
+    path.write_text("".join(f"{p}\n" for p in skipped))
+    return path
+
 def utm_positives(database_paths: Sequence[Path], query_paths: Sequence[Path], radius: float = 25.0) -> list[np.ndarray] | None:
     """Per query, the database indices within ``radius`` metres when every file name carries
     UTM fields (``@east@north@...@.jpg``); None when any does not (then no recall is computed)."""
@@ -293,9 +303,8 @@ def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_
                            correct=result.correct, label=label or result.model_name)
         written["sheet"] = save_png(fig, out / SHEET_FILE)
         plt.close(fig)
-    if result.skipped:
+    if write_skipped(out, result.skipped) is not None:
         written["skipped"] = out / SKIPPED_FILE
-        written["skipped"].write_text("".join(f"{p}\n" for p in result.skipped))
     table = result.recall_table()
     if table is not None:
         written["recalls"] = out / RECALLS_FILE

@@ -145,6 +145,15 @@ def test_unreadable_files_fail_or_are_skipped_and_counted(photos, checkpoint, tm
     assert "skipped 1 unreadable files" in capsys.readouterr().out
     assert (tmp_path / "b" / "skipped.txt").read_text().strip().endswith("broken.jpg")
     assert "broken.jpg" not in pd.read_csv(tmp_path / "b" / "matches.csv")["query"].tolist()
+    index = ["index", "build", "--checkpoint", str(checkpoint), "--database", str(q), "--skip-unreadable", *RUN]
+    assert main([*index, "--out", str(tmp_path / "map")]) == 0
+    assert (tmp_path / "map" / "skipped.txt").is_file()
+    # the same folders written again with every file readable: no list of skipped files is left behind
+    (q / "broken.jpg").unlink()
+    assert main([*args, "--out", str(tmp_path / "b"), "--skip-unreadable"]) == 0
+    assert main([*index, "--out", str(tmp_path / "map"), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "b" / "skipped.txt").exists() and not (tmp_path / "map" / "skipped.txt").exists()
 
 
 # --------------------------------------------------------------------------------------------
