@@ -272,7 +272,8 @@ def build_model(args: argparse.Namespace):
     return create_model(args.model, args.preset, weights=weights, **overrides)
 
 
-def add_eval_options(p: argparse.ArgumentParser) -> None:
+def add_eval_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The dataset options and EvalConfig's, but ``skip``: EvalConfig fields the command does not use."""
     from .config import EvalConfig
 
     g = p.add_argument_group("dataset (VG-benchmark layout, see data/README.md)")
@@ -284,7 +285,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-corrupt", action="store_true",
                    help="test-decode every image first and leave out (and count) the ones that fail; default: a corrupt "
                         "image is an error naming it")
-    add_dataclass_options(p, EvalConfig, skip=("progress",))
+    add_dataclass_options(p, EvalConfig, skip=("progress",) + skip)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -729,7 +730,7 @@ def add_pretrain_parser(sub) -> None:
     add_dataclass_options(p, PretrainConfig, skip=("loss", "progress"),
                           title="defaults: the offline backbone, DINO; --objective cnn and distil start from their "
                                 "recipes instead, scicevpr.offline.config.OBJECTIVE_RECIPES")
-    add_dataclass_options(p, LossConfig, skip=("gamma", "eta"), title="L_MS of objective=supervised; defaults: the paper's values")
+    add_dataclass_options(p, LossConfig, skip=("gamma", "eta"), title="L_MS of objective=supervised and cnn; defaults: the paper's values")
     p.add_argument("--export", metavar="PATH", default=None,
                    help="after the run, write the backbone here (a .pth file, or a folder for the default name; "
                         "--objective cnn: the network's .pt file); default: None")
@@ -858,7 +859,7 @@ def _search_options(p, what: str, queries: bool = True) -> None:
     from .config import EvalConfig
 
     add_model_options(p)
-    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim") + (() if queries else ("query_batch_size",)))
+    add_dataclass_options(p, EvalConfig, skip=("progress", "pca_dim") + (() if queries else ("query_batch_size", "recall_values")))
     p.add_argument("--skip-unreadable", "--skip-corrupt", dest="skip_unreadable", action="store_true",
                    help=f"leave out {what} files that cannot be decoded (counted and listed in skipped.txt) instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -945,7 +946,8 @@ def add_synth_parser(sub) -> argparse.ArgumentParser:
         description="Render the synthetic place-recognition benchmark in the GSV-Cities and VG layouts.",
     )
     p.add_argument("--out", default=None, help="output folder (default: $SCICEVPR_DATA/synthetic/<preset>, else data/synthetic/<preset>)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), full (GPU training), pretrain (backbone pretraining, train split only)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), small-hard (the former small: harder viewpoints, more aliasing), "
+                        "full (GPU training), pretrain (backbone pretraining, train split only)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
     p.add_argument("--workers", type=non_negative_int, default=None, help="rendering processes (default: automatic; 0 = none)")
@@ -1017,7 +1019,7 @@ def add_stability_parser(sub) -> None:
     p = sub.add_parser("stability", help=COMMANDS["stability"],
                        description="Database in file order, batches of 16; queries re-encoded with each batch size and order.")
     add_model_options(p)
-    add_eval_options(p)
+    add_eval_options(p, skip=("pca_dim", "query_batch_size"))  # the queries' batch sizes are --batch-sizes
     p.add_argument("--batch-sizes", type=positive_ints, default=(1, 2, 4, 8, 16, 32), help="query batch sizes, e.g. 1,2,4")
     p.add_argument("--orders", type=positive_int, default=3, help="file order + (orders - 1) random orders")
     p.add_argument("--seed", type=int, default=0)
@@ -1031,7 +1033,7 @@ def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help=COMMANDS["extract"])
     add_model_options(p)
     add_dataclass_options(p, EvalConfig, skip=("progress", "recall_values", "pca_dim", "query_batch_size"))
-    p.add_argument("--images", required=True, help="folder searched recursively for .jpg")
+    p.add_argument("--images", required=True, help="folder searched recursively for .jpg, .jpeg and .png files (any case)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="test-decode every image first and leave out (and count) the ones that fail")
     p.add_argument("--out", required=True, help="output .npy path (the file list, in row order, goes beside it as .txt)")
