@@ -489,7 +489,8 @@ class TrainConfig:
             more (extended); it then trains as an uninterrupted run of that many epochs would, but
             with ``val_every`` > 1 the validation after its former last epoch stays in the log
             and may be the best, where the longer run would not have validated that epoch.
-        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch.
+        max_iters_per_epoch: cap on iterations per epoch (quick runs); None: every full batch (and under
+            ``protocol="official"`` the last partial one).
         loss: ``L_MS`` and ``L_T`` hyper-parameters (gamma = eta = 1).
     Validation:
         val_root, val_dataset, val_split: ``load_vg_split(val_root, val_dataset, val_split)``;
@@ -501,8 +502,9 @@ class TrainConfig:
         resume: continue from ``run_dir/last.pt``. Without it an existing run folder is an error.
         seed: seeds initialisation, data order, augmentation and dropout.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for CUDA,
-            on a CPU only where bf16 is native), False: fp32. ``protocol="official"``: fp32.
+        amp: bf16 autocast; None: the precision policy (:mod:`scicevpr.precision`: on for a CUDA
+            GPU with bf16, Ampere or newer, and on a CPU only where bf16 is native), False: fp32.
+            ``protocol="official"``: fp32.
         activation_checkpointing: checkpoint the backbone's blocks where gradients flow through
             them (CricaVPR's adapters): the same weights, for a second forward pass through the
             backbone and a fraction of the memory. None: chosen by the memory check before the
@@ -523,7 +525,7 @@ class TrainConfig:
     Protocol (:mod:`scicevpr.protocol`):
         protocol: ``"default"`` or ``"official"``: the authors' training order (cities in their
             list order, places shuffled once, the same order every epoch, the last partial batch
-            kept; see :class:`PlaceBatchSampler`), fp32, the group sizes below, the teacher's
+            kept; see :class:`scicevpr.train.PlaceBatchSampler`), fp32, the group sizes below, the teacher's
             ``last.pt``, their evaluation transform and float32 UTMs in validation.
         encoder_group_size: stage 1: the cross-image encoder attends within groups of this many
             images of each global batch (as ``nn.DataParallel`` splits it); None: the whole

@@ -59,7 +59,7 @@ def _cpuinfo_flags() -> frozenset[str]:
 
 
 def _isa_capped_below_bf16() -> bool:
-    """True when oneDNN / ATen were told to use only AVX2 kernels (see :func:`pinned_cpu_kernels`):
+    """True when oneDNN / ATen were told to use only AVX2 kernels (see :data:`PINNED_CPU_KERNELS`):
     bf16 is then emulated whatever the CPU can do."""
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
@@ -122,7 +122,7 @@ def resolve_amp(device: torch.device | str, amp: bool | None = None) -> bool:
         if amp and not native:
             warnings.warn(
                 f"bf16 autocast was requested on a CPU without native bf16 ({cpu_kind()}): it would be emulated "
-                "and about 7x slower than fp32 here, so fp32 is used. Pass amp=False (--no-amp) to silence this.",
+                "and about 7x slower than fp32 here, so fp32 is used. Pass amp=False (--amp false) to silence this.",
                 stacklevel=2,
             )
         return native

@@ -270,7 +270,7 @@ class MetricLearningStep(nn.Module):
         self.extract_features = model.extract_features  # fit() routes a frozen backbone through its cache, if any
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar loss."""
+        """(b, 3, S, S) images and (b,) place ids of this rank's share -> (scalar ``L_MS``, its parts)."""
         f = self.extract_features(images)  # (b, C_mix, H, W)
         r = gather_batch(self.model.regional_features(f))  # (B, 14, C): per image, gathered over ranks
         loss = self.ms(self.model.encode(r, self.groups), gather_batch(labels))  # the encoder sees the global batch
@@ -306,7 +306,8 @@ class DistillationStep(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(b, 3, S, S) images and (b,) place ids of this rank's share -> scalar ``L_T``."""
+        """(b, 3, S, S) images and (b,) place ids of this rank's share -> (scalar ``L_T``, its parts:
+        ``L_MS`` and ``L_D``)."""
         with torch.no_grad():
             f = self.extract_features(images)  # (b, C_mix, H, W), shared frozen backbone + conv
             t = self.teacher.encode(gather_batch(self.teacher.regional_features(f)), self.target_groups)  # (B, D)

@@ -1113,7 +1113,7 @@ def plot_similarity_matrix(result, label: str | None = None, title: str | None =
 def plot_positions(split, result, query: int, label: str | None = None, title: str | None = None,
                    window: float = 150.0) -> plt.Figure:
     """A map (UTM metres) around ``query``: database and query camera positions, the circle of
-    the positive radius (25 m), the query's true positives, and its top-1 retrieval (green
+    the positive radius (``split.radius``, 25 m by default), the query's true positives, and its top-1 retrieval (green
     inside the circle, red outside; an arrow when it lies off the map)."""
     from matplotlib.patches import Circle
 

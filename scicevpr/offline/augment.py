@@ -178,7 +178,7 @@ class MultiCropAugment:
     @staticmethod
     def apply(x: torch.Tensor, p: dict[str, torch.Tensor], spec: CropSpec, normalise: bool = True) -> torch.Tensor:
         """(B, 3, S, S) uint8 images and B views' parameters -> (B, 3, size, size) float32,
-        ImageNet-normalised (``normalise=False``: pixels in [0, 1], for :class:`LayoutCNN`)."""
+        ImageNet-normalised (``normalise=False``: pixels in [0, 1], for :class:`~scicevpr.offline.objectives.LayoutCNN`)."""
         B, _, H, W = x.shape
         dev = x.device
         max_sigma = float(p["blur_sigma"].max()) if B else 0.0  # decided on the CPU: no device sync

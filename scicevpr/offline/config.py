@@ -91,7 +91,7 @@ class PretrainConfig:
         mask_ratio: range of the share of patches masked in a masked crop.
         mask_probability: share of the student's global crops that are masked.
         koleo_weight: weight of the mean of the two global views' KoLeo terms (0 turns it off;
-            DINOv2 weights their sum, so its 0.1 is 0.05 here).
+            DINOv2 weights their sum, so 0.1 here is DINOv2's 0.05).
     Supervised (and ``"cnn"``):
         img_per_place: K; a step holds ``batch_size / K`` places (P).
         pooling: ``"mean"`` of the patch tokens, ``"gem"`` (GeM, learnable p), ``"cls"``, or

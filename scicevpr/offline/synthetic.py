@@ -456,7 +456,8 @@ def generate(
 
     Args:
         out_dir: output folder; None means ``$SCICEVPR_DATA/synthetic/<preset>`` (else ``data/...``).
-        preset: ``"tiny"`` (unit tests), ``"small"`` (CPU notebooks), ``"full"`` (GPU training),
+        preset: ``"tiny"`` (unit tests), ``"small"`` (CPU notebooks), ``"small-hard"`` (the former
+            ``"small"``: harder viewpoints, more aliasing), ``"full"`` (GPU training),
             ``"pretrain"`` (backbone pretraining: training split only), or a ``SyntheticPreset``.
         seed: the same preset and seed give byte-identical files.
         progress: show a tqdm bar.
