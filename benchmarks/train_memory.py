@@ -4,7 +4,7 @@ Each configuration runs in a fresh Python process: the model is built (random DI
 the preset's image size), then one training step runs on a random batch of P x K images (the
 batch, the forward pass with its autograd graph, backward, one Adam step). The step's memory is
 the process's peak resident set (``ru_maxrss``) minus its resident set just before the batch was
-made. That is the quantity :func:`scicevpr.memory.training_memory_need` predicts; two batch sizes
+made. That is the quantity :func:`scicevpr.memory.step_memory` predicts; two batch sizes
 per configuration give its line ``need(B) = base + per_image * B``.
 
     python benchmarks/train_memory.py --stage CricaVPR --preset CricaVPR --batches 2x4,4x4
