@@ -18,7 +18,7 @@ import scicevpr
 from scicevpr.cli import build_parser, main, parse_model_overrides
 
 COMMANDS = ("synth", "combine-gsv", "train-teacher", "train-student", "train-offline", "pretrain-backbone", "eval", "stability", "extract",
-            "search", "index", "demo")
+            "search", "index", "claims", "demo")
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "SciceVPR-S", "--weights", "none", "--set", "image_size=56", "mix_dim=64", "encoder_heads=4",
          "encoder_ffn=128"]
