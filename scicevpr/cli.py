@@ -946,8 +946,9 @@ def add_synth_parser(sub) -> argparse.ArgumentParser:
         description="Render the synthetic place-recognition benchmark in the GSV-Cities and VG layouts.",
     )
     p.add_argument("--out", default=None, help="output folder (default: $SCICEVPR_DATA/synthetic/<preset>, else data/synthetic/<preset>)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size: tiny (tests), small (CPU notebooks), small-hard (the former small: harder viewpoints, more aliasing), "
-                        "full (GPU training), pretrain (backbone pretraining, train split only)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                   help="size: tiny (tests), small (CPU notebooks), small-hard (the former small: harder viewpoints, "
+                        "more aliasing), full (GPU training), pretrain (backbone pretraining, train split only)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching benchmark exists")
     p.add_argument("--workers", type=non_negative_int, default=None, help="rendering processes (default: automatic; 0 = none)")

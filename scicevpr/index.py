@@ -16,8 +16,9 @@ and a query with another model or other settings is refused: its descriptors wou
 another space.
 
 The queries are encoded in batches of ``EvalConfig.query_batch_size`` (default the query's own
-``batch_size``; the index records its database's as ``database_batch_size``); a cross-image model's descriptors depend on
-it (:func:`scicevpr.search.search_settings`, written to the query's ``settings.json``).
+``batch_size``; the index records its database's as ``database_batch_size``); a cross-image
+model's descriptors depend on it (:func:`scicevpr.search.search_settings`, written to the
+query's ``settings.json``).
 
 Index kinds (:class:`IndexConfig`): ``flat`` (default) is exact L2 search on the fp32
 descriptors, the same ranking as :func:`scicevpr.evaluate.search` (``scicevpr eval``); ``ivf`` (``IndexIVFFlat``: k-means cells, ``nprobe`` of them

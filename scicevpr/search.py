@@ -101,6 +101,7 @@ def write_skipped(out: Path, skipped: Sequence[Path]) -> Path | None:
     path.write_text("".join(f"{p}\n" for p in skipped))
     return path
 
+
 def utm_positives(database_paths: Sequence[Path], query_paths: Sequence[Path], radius: float = 25.0) -> list[np.ndarray] | None:
     """Per query, the database indices within ``radius`` metres when every file name carries
     UTM fields (``@east@north@...@.jpg``); None when any does not (then no recall is computed)."""
