@@ -49,7 +49,6 @@ def test_options_default_to_the_paper_and_parse_types():
         parse_model_overrides(["imagesize=112"])
 
 
-
 @pytest.mark.parametrize("argv, option", [
     (["stability", "--vg-root", "v", "--dataset", "d", "--pca-dim", "8"], "--pca-dim"),  # the sweep applies no PCA
     (["stability", "--vg-root", "v", "--dataset", "d", "--query-batch-size", "4"], "--query-batch-size"),  # --batch-sizes
@@ -60,6 +59,7 @@ def test_an_option_a_command_would_ignore_is_refused(argv, option, capsys):
         build_parser().parse_args(argv)
     assert e.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
     assert build_parser().parse_args(["eval", "--vg-root", "v", "--dataset", "d", "--pca-dim", "8"])  # eval uses them
+
 
 def test_missing_dataset_folder_is_a_clear_error(tmp_path, capsys):
     code = main(["eval", "--preset", "SciceVPR-S", "--weights", "none", "--set", "image_size=56",
