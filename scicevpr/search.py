@@ -281,7 +281,8 @@ def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_
     """Write ``matches.csv`` (top-``k`` per query), ``contact_sheet.png`` (the first
     ``sheet_queries`` queries; none when 0), ``skipped.txt`` (when files were skipped),
     ``recalls.csv`` (with UTM names) and ``settings.json`` (:func:`search_settings`, when known)
-    into ``out``; returns the paths by kind."""
+    into ``out``; returns the paths by kind. One of these that this run does not write and an
+    earlier run left in ``out`` is removed: the folder describes this run alone."""
     import json
 
     import matplotlib.pyplot as plt
@@ -313,6 +314,9 @@ def write_search_outputs(result: SearchResult, out: PathLike, k: int = 5, sheet_
     if result.settings:
         written["settings"] = out / SETTINGS_FILE
         written["settings"].write_text(json.dumps({"model": result.model_name, **result.settings}, indent=1) + "\n")
+    for kind, name in (("sheet", SHEET_FILE), ("recalls", RECALLS_FILE), ("settings", SETTINGS_FILE)):
+        if kind not in written:  # skipped.txt: write_skipped
+            (out / name).unlink(missing_ok=True)
     return written
 
 

@@ -71,8 +71,10 @@ def test_search_with_utm_names_prints_the_recalls_of_eval(split, checkpoint, tmp
 def test_search_own_photos_without_labels(photos, checkpoint, split, tmp_path, capsys):
     db, q = photos
     out = tmp_path / "out"
-    assert main(["search", "--checkpoint", str(checkpoint), "--database", str(db), "--queries", str(q),
-                 "--out", str(out), *RUN]) == 0
+    out.mkdir()
+    (out / "recalls.csv").write_text("R@1\n99.0\n")  # an earlier search's, of photos with UTM names
+    args = ["search", "--checkpoint", str(checkpoint), "--database", str(db), "--queries", str(q), "--out", str(out), *RUN]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "no Recall@N" in printed and not (out / "recalls.csv").exists()
     matches = pd.read_csv(out / "matches.csv")
@@ -80,6 +82,9 @@ def test_search_own_photos_without_labels(photos, checkpoint, split, tmp_path, c
     assert matches["database"].str.match(r"street[01]/IMG_\d{4}\.jpg").all()
     assert matches["query"].str.match(r"(day|night)/photo \d+\.png").all()
     assert (out / "contact_sheet.png").is_file()
+    assert main([*args, "--sheet-queries", "0"]) == 0  # the same folder again: no sheet is left from the first run
+    assert not (out / "contact_sheet.png").exists() and (out / "matches.csv").is_file()
+    capsys.readouterr()
 
 
 def test_a_database_queried_with_itself_finds_each_image_first(photos, checkpoint):
