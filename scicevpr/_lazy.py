@@ -34,18 +34,26 @@ def lazy_attributes(package: str, exports: dict[str, tuple[str, str]], namespace
     return __getattr__
 
 
-def moved_attributes(module: str, moves: dict[str, tuple[str, ...]]) -> Callable[[str], Any]:
+def moved_attributes(module: str, moves: dict[str, tuple[str, ...]], removed: dict[str, str] | None = None,
+                     fallback: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``module`` whose names moved: ``moves[new_module]`` are the
-    names now in ``new_module``. Each still imports from the old place, with a DeprecationWarning
-    naming the new one."""
-    where = {name: new for new, names in moves.items() for name in names}
+    names now in ``new_module`` (``"old=new"`` where the name changed too). Each still imports
+    from the old place, with a DeprecationWarning naming the new one. A name in ``removed`` raises
+    AttributeError with its entry, what to use instead; any other name goes to ``fallback``."""
+    where = {old: (new_module, new) for new_module, names in moves.items()
+             for old, _, new in (n.partition("=") for n in names)}
 
     def __getattr__(name: str) -> Any:
-        if name not in where:
-            raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(f"{module}.{name} moved to {where[name]}.{name}; import it from there.", DeprecationWarning,
-                      stacklevel=2)
-        return getattr(importlib.import_module(where[name]), name)
+        if name in where:
+            new_module, new = where[name][0], where[name][1] or name
+            warnings.warn(f"{module}.{name} moved to {new_module}.{new}; import it from there.", DeprecationWarning,
+                          stacklevel=2)
+            return getattr(importlib.import_module(new_module), new)
+        if removed and name in removed:
+            raise AttributeError(f"{module}.{name} was removed: {removed[name]}")
+        if fallback is not None:
+            return fallback(name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ._lazy import moved_attributes
 from .config import BackboneConfig
 from .weights import hash_tensors, load_weights, resolve_weights
 
@@ -392,3 +393,9 @@ def build_backbone(
     else:
         load_weights(model, path)
     return model.requires_grad_(False)
+
+
+# The weight files' handling moved to scicevpr.weights; its names still import from here.
+__getattr__ = moved_attributes(__name__, {"scicevpr.weights": (
+    "MANIFEST_FORMAT", "PACKAGE_WEIGHTS_DIR", "WEIGHTS_URL", "check_manifest", "file_sha256", "manifest_path",
+    "tensor_bytes")})

@@ -53,6 +53,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ._lazy import moved_attributes
 from .backbone import RandomWeightsWarning
 from .config import BackboneConfig, CricaVPRConfig, ModelConfig
 from .factory import MODELS, create_model
@@ -335,3 +336,7 @@ def load_model(
         model = create_model(names[0], preset, weights=None, **overrides)
     model.load_official(file.content)
     return model.to(device).eval()
+
+
+# The one door that builds a model is scicevpr.factory.create_model; the old name still imports from here.
+__getattr__ = moved_attributes(__name__, {"scicevpr.factory": ("build_model=create_model",)})

@@ -643,5 +643,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# The offline world's model moved to scicevpr.offline.config; its names still import from here.
-__getattr__ = moved_attributes(__name__, {"scicevpr.offline.config": ("OFFLINE_BACKBONE", "OFFLINE_MODEL_OVERRIDES")})
+# The offline world's model and recipes moved to scicevpr.offline.config; their names still import
+# from here. Its configuration classes do not: each config class has one import path.
+__getattr__ = moved_attributes(
+    __name__,
+    {"scicevpr.offline.config": ("OFFLINE_BACKBONE", "OFFLINE_MODEL_OVERRIDES", "OBJECTIVES", "OBJECTIVE_RECIPES",
+                                 "PLACE_OBJECTIVES", "POOLINGS")},
+    removed={name: "import it from scicevpr.offline.config (one import path for each config class)"
+             for name in ("PretrainConfig", "ClaimsConfig")},
+)

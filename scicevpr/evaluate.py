@@ -595,7 +595,8 @@ def score(
 
 
 # The batch-stability sweep moved to scicevpr.stability, the baselines without learning to
-# scicevpr.lab.baselines, the notebooks' choice of N to scicevpr.lab.analysis; their names still import from here.
+# scicevpr.lab.baselines, the notebooks' choice of N to scicevpr.lab.analysis, the backbone cache's
+# class to scicevpr.offline.cache; their names still import from here.
 __getattr__ = moved_attributes(__name__, {
     "scicevpr.stability": (
         "StabilityFeatures", "batch_companions", "batch_orders", "batch_stability", "compute_regional_features",
@@ -604,4 +605,10 @@ __getattr__ = moved_attributes(__name__, {
     "scicevpr.lab.baselines": (
         "colour_baseline_result", "colour_histogram_descriptors", "pixel_baseline_result", "pixel_descriptors"),
     "scicevpr.lab.analysis": ("informative_recall_values",),
+    "scicevpr.offline.cache": ("BackboneCache",),
+}, removed={
+    "BACKBONE_CACHE": "the backbone cache is no longer module state; create a scicevpr.offline.cache.BackboneCache "
+                      "and pass it as cache= to evaluate(), the stability sweep and training",
+    "feature_extractor": "it served BACKBONE_CACHE; evaluate(..., cache=BackboneCache(...)) uses a cache",
+    "pixel_baseline_recall": "use scicevpr.lab.baselines.pixel_baseline_result(split, ...).recalls",
 })

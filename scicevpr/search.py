@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ._lazy import moved_attributes
 from .data.paths import PHOTO_SUFFIXES
 
 PathLike = str | os.PathLike
@@ -338,3 +339,7 @@ def report(result: SearchResult, written: dict[str, Path]) -> str:
         lines.append("no Recall@N: the file names carry no UTM fields (@east@north@...@.jpg)")
     lines += [f"written {p}" for kind, p in written.items() if kind != "skipped"]
     return "\n".join(lines)
+
+
+# One suffix rule for photo folders, in scicevpr.data.paths; the old name still imports from here.
+__getattr__ = moved_attributes(__name__, {"scicevpr.data.paths": ("IMAGE_SUFFIXES=PHOTO_SUFFIXES",)})

@@ -742,5 +742,7 @@ def train_student(config: TrainConfig, cache: FeatureCache | None = None) -> Run
     return fit("student", config, _build_student_stage, cache)
 
 
-# The offline recipe moved to scicevpr.offline.config; its name still imports from here.
-__getattr__ = moved_attributes(__name__, {"scicevpr.offline.config": ("offline_train_config",)})
+# The offline recipe moved to scicevpr.offline.config, the process helpers to scicevpr.runtime; their
+# names still import from here.
+__getattr__ = moved_attributes(__name__, {"scicevpr.offline.config": ("offline_train_config",),
+                                          "scicevpr.runtime": ("is_main_process",)})

@@ -98,6 +98,13 @@ def test_importing_the_package_and_the_method_changes_no_environment_variable():
     ("scicevpr.evaluate", "scicevpr.lab.analysis", "informative_recall_values"),  # the notebooks' choice of N
     ("scicevpr.config", "scicevpr.offline.config", "OFFLINE_BACKBONE"),  # the offline world's model and recipe
     ("scicevpr.train", "scicevpr.offline.config", "offline_train_config"),
+    ("scicevpr.train", "scicevpr.runtime", "is_main_process"),  # the process helpers
+    ("scicevpr.backbone", "scicevpr.weights", "file_sha256"),  # the weight files
+    ("scicevpr.evaluate", "scicevpr.offline.cache", "BackboneCache"),
+    ("scicevpr.offline.pretrain", "scicevpr.offline.objectives", "koleo_loss"),  # the pretraining's parts
+    ("scicevpr.offline.pretrain", "scicevpr.offline.augment", "random_masks"),
+    ("scicevpr.lab.notebook", "scicevpr.weights", "weights_record"),
+    ("scicevpr.data", "scicevpr.offline.synthetic", "generate"),
 ])
 def test_a_moved_name_imports_from_its_old_module_with_a_warning(old, new, name):
     import importlib
@@ -108,6 +115,73 @@ def test_a_moved_name_imports_from_its_old_module_with_a_warning(old, new, name)
     assert value is getattr(after, name)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         before.no_such_name  # noqa: B018
+
+
+# Names of the package before the layout that no longer import, each with the reason.
+REMOVED_NAMES = {
+    ("scicevpr.config", "PretrainConfig"): "one import path for each config class: scicevpr.offline.config",
+    ("scicevpr.config", "ClaimsConfig"): "one import path for each config class: scicevpr.offline.config",
+    ("scicevpr.evaluate", "BACKBONE_CACHE"): "module state: a BackboneCache is created and passed as cache=",
+    ("scicevpr.evaluate", "feature_extractor"): "it read BACKBONE_CACHE",
+    ("scicevpr.evaluate", "pixel_baseline_recall"): "one baseline function: pixel_baseline_result(...).recalls",
+    ("scicevpr.cli", "WIDGET_VIEW"): "the command line's helpers; its interface is its commands and flags",
+    ("scicevpr.cli", "require_folders"): "the command line's helpers; its interface is its commands and flags",
+    ("scicevpr.cli", "strip_widget_state"): "the command line's helpers; its interface is its commands and flags",
+}
+
+
+def _names_before_layout() -> list[tuple[str, str]]:
+    lines = (Path(__file__).parent / "names_before_layout.txt").read_text().splitlines()
+    return [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+
+
+def test_every_name_of_the_package_before_the_layout_still_imports():
+    """Every public name each module had before the layout imports from its old module (moved
+    ones with a DeprecationWarning), except the removed ones listed above; those of the library
+    say in the error what to use instead."""
+    import importlib
+    import warnings
+
+    names = _names_before_layout()
+    assert len(names) > 500 and set(REMOVED_NAMES) <= set(names)
+    missing = []
+    for module, name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                getattr(importlib.import_module(module), name)
+            except AttributeError as e:
+                if (module, name) not in REMOVED_NAMES:
+                    missing.append(f"{module}.{name}")
+                elif module != "scicevpr.cli":
+                    assert f"{module}.{name} was removed: " in str(e)
+            else:
+                assert (module, name) not in REMOVED_NAMES, f"{module}.{name} imports: take it off REMOVED_NAMES"
+    assert not missing, f"no longer import from their old module: {missing}"
+
+
+def test_a_renamed_name_and_the_fallback_of_a_package():
+    """``scicevpr.data.SYNTHETIC_PRESETS`` is ``scicevpr.offline.synthetic.PRESETS`` and
+    ``scicevpr.checkpoint.build_model`` is ``create_model``, each with the warning naming the new
+    name; the package's own names still load lazily without a warning."""
+    import warnings
+
+    import scicevpr.checkpoint
+    import scicevpr.data
+    from scicevpr.data.vg import VGSplit
+    from scicevpr.factory import create_model
+    from scicevpr.offline.synthetic import PRESETS
+
+    moved = r"scicevpr.data.SYNTHETIC_PRESETS moved to scicevpr.offline.synthetic.PRESETS"
+    with pytest.warns(DeprecationWarning, match=moved):
+        assert scicevpr.data.SYNTHETIC_PRESETS is PRESETS
+    with pytest.warns(DeprecationWarning, match=r"checkpoint.build_model moved to scicevpr.factory.create_model"):
+        assert scicevpr.checkpoint.build_model is create_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scicevpr.data.VGSplit is VGSplit
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        scicevpr.data.no_such_name  # noqa: B018
 
 
 def _module_level_instances(path: Path, package_classes: set[str]) -> list[str]:

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._lazy import moved_attributes
 from ..data.paths import DATA_ENV, WEIGHTS_ENV, find_repo_root
 from ..offline.cache import BackboneCache
 from ..precision import cpu_kernels_pinned, cpu_kind, resolve_amp
@@ -641,3 +642,7 @@ def setup(mode: str | None = None, *, quiet: bool = False) -> NotebookSettings:
         if mode == "full" and not cuda:
             print("NOTE: full mode without a CUDA GPU: everything runs, very slowly, on the CPU.")
     return settings
+
+
+# The record of a weight file moved to scicevpr.weights; its name still imports from here.
+__getattr__ = moved_attributes(__name__, {"scicevpr.weights": ("weights_record",)})

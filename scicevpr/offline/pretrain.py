@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._lazy import moved_attributes
 from ..backbone import DinoVisionTransformer
 from ..config import BackboneConfig
 from .augment import load_image_cache, resolve_data_root, view_specs
@@ -794,3 +795,11 @@ def export_backbone(source: PathLike, out_path: PathLike, which: str | None = No
     atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
     check_manifest(out, bb_config)
     return out
+
+
+# The views and masks moved to scicevpr.offline.augment, the objectives to scicevpr.offline.objectives;
+# their names still import from here (and from scicevpr.pretrain).
+__getattr__ = moved_attributes(__name__, {
+    "scicevpr.offline.augment": ("CropSpec", "MultiCropAugment", "random_masks"),
+    "scicevpr.offline.objectives": ("DINOHead", "dino_losses", "distil_losses", "distil_targets", "koleo_loss"),
+})
