@@ -7,14 +7,15 @@ STAMP  := $(VENV)/.installed
 # processes on a small CPU, spinning threads slow torch down by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
 # The same fp32 arithmetic on every x86-64 CPU (AMX, AVX-512 or AVX2 only), so that the stored
-# notebook outputs hold on each: ATen, oneDNN and MKL use AVX2 kernels (scicevpr/precision.py,
+# notebook outputs hold on each: ATen, oneDNN, MKL and FAISS use AVX2 kernels (scicevpr/precision.py,
 # PINNED_CPU_KERNELS; `make ... SCICEVPR_NATIVE_KERNELS=1` runs the CPU's own kernels instead).
-PINNED_VARS := ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA MKL_ENABLE_INSTRUCTIONS MKL_CBWR
+PINNED_VARS := ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA MKL_ENABLE_INSTRUCTIONS MKL_CBWR FAISS_SIMD_LEVEL
 ifndef SCICEVPR_NATIVE_KERNELS
 export ATEN_CPU_CAPABILITY ?= avx2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 export MKL_ENABLE_INSTRUCTIONS ?= AVX2
 export MKL_CBWR ?= AVX2
+export FAISS_SIMD_LEVEL ?= AVX2
 endif
 
 # Matplotlib's font cache inside this checkout's venv: a cache shared by several checkouts can

@@ -31,18 +31,24 @@ import torch
 # CPU feature flags (Linux /proc/cpuinfo names) that make bf16 matrix products native.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
-# Environment that makes every x86-64 CPU run the same fp32 kernels: ATen's vectorised ops,
-# oneDNN (convolutions, bf16 matmul) and MKL (fp32 GEMM, conditional numerical reproducibility)
-# all limited to AVX2. Read by the libraries when they first run, so it must be set before the
-# Python process starts (the Makefile exports it for `make test`, `make demo` and `make lab`;
-# `scicevpr demo` passes it to the notebook kernels). On an AMD EPYC with AVX-512 (Zen 4) the
-# fp32 forward of SciceVPR-S at 112 px ran at 46 images/s pinned and 45 unpinned: fp32 loses
-# nothing; only bf16 becomes emulated, so :func:`resolve_amp` then chooses fp32.
+# Environment that limits the fp32 kernels to AVX2 on every x86-64 CPU: ATen's vectorised ops,
+# oneDNN (convolutions, bf16 matmul), MKL (fp32 GEMM, conditional numerical reproducibility) and
+# FAISS's distance code (which otherwise takes AVX-512 where it can: on an Intel Xeon with AMX its
+# AVX512_SPR level ranked the hue-histogram baseline's neighbours differently, R@10 44.8 against
+# 44.4). Read by the libraries when they first run, so it must be set before the Python process
+# starts (the Makefile exports it for `make test`, `make demo` and `make lab`; `scicevpr demo`
+# passes it to the notebook kernels). On the two AMD kinds (AVX2 only; Zen 4 with AVX-512) it
+# reproduces the stored notebook outputs bit for bit; on an Intel Xeon with AMX not all of them,
+# because MKL's AVX2 GEMM there rounds a row differently with the number of rows multiplied
+# together (docs/precision.md). On an AMD EPYC with AVX-512 (Zen 4) the fp32 forward of
+# SciceVPR-S at 112 px ran at 46 images/s pinned and 45 unpinned: fp32 loses nothing; only bf16
+# becomes emulated, so :func:`resolve_amp` then chooses fp32.
 PINNED_CPU_KERNELS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "MKL_CBWR": "AVX2",
+    "FAISS_SIMD_LEVEL": "AVX2",
 }
 
 

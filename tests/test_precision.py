@@ -145,16 +145,18 @@ def test_the_makefile_pins_the_kernels_the_package_names():
 
 
 def test_pinned_kernels_take_effect_in_a_fresh_process():
-    """With the pinned environment torch reports AVX2 kernels and bf16 counts as not native."""
+    """With the pinned environment torch reports AVX2 kernels, bf16 counts as not native and FAISS
+    computes distances with its AVX2 code."""
     import os
     import subprocess
     import sys
 
-    code = ("import torch, scicevpr.precision as p; "
-            "print(torch.backends.cpu.get_cpu_capability(), p.cpu_has_native_bf16(), p.cpu_kernels_pinned())")
+    code = ("import faiss, torch, scicevpr.precision as p; "
+            "print(torch.backends.cpu.get_cpu_capability(), p.cpu_has_native_bf16(), p.cpu_kernels_pinned(), "
+            "faiss.SIMDConfig.get_level_name())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **precision.PINNED_CPU_KERNELS},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["AVX2", "False", "True"]
+    assert out == ["AVX2", "False", "True", "AVX2"]
 
 
 def test_the_settings_banner_states_precision_and_kernels(monkeypatch):

@@ -561,9 +561,9 @@ def offline_settings(repo_root: Path, data_root: Path, synthetic: str = "small",
 def _cpu_kernels_line() -> str:
     """The banner's statement of which CPU kernels run (machine-specific when not pinned)."""
     if cpu_kernels_pinned():
-        return "AVX2, pinned (make sets it): identical numbers on every x86-64 CPU"
+        return "AVX2, pinned (make sets it), the kernels the stored outputs were made with"
     return (f"native {cpu_kind()} (not pinned: numbers may differ from the stored outputs in the "
-            "last digits; run through `make lab` / `make test` for identical ones)")
+            "last digits; run through `make lab` / `make test` for the kernels they were made with)")
 
 
 def _inline_figures() -> None:
