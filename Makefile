@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 # OpenMP threads sleep instead of spinning while they wait: with DataLoader workers or other
 # processes on a small CPU, spinning threads slow torch down by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
-# The same fp32 arithmetic on every x86-64 CPU (AMX, AVX-512 or AVX2 only), so that the stored
-# notebook outputs hold on each: ATen, oneDNN, MKL and FAISS use AVX2 kernels (scicevpr/precision.py,
-# PINNED_CPU_KERNELS; `make ... SCICEVPR_NATIVE_KERNELS=1` runs the CPU's own kernels instead).
+# AVX2 kernels on every x86-64 CPU (AMX, AVX-512 or AVX2 only): ATen, oneDNN, MKL and FAISS
+# (scicevpr/precision.py, PINNED_CPU_KERNELS; `make ... SCICEVPR_NATIVE_KERNELS=1` runs the CPU's
+# own kernels instead). The stored notebook outputs hold bit for bit on the AMD kinds; on an Intel
+# Xeon with AMX MKL rounds a few of them differently (docs/precision.md).
 PINNED_VARS := ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA MKL_ENABLE_INSTRUCTIONS MKL_CBWR FAISS_SIMD_LEVEL
 ifndef SCICEVPR_NATIVE_KERNELS
 export ATEN_CPU_CAPABILITY ?= avx2
