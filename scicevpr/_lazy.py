@@ -40,12 +40,12 @@ def moved_attributes(module: str, moves: dict[str, tuple[str, ...]], removed: di
     names now in ``new_module`` (``"old=new"`` where the name changed too). Each still imports
     from the old place, with a DeprecationWarning naming the new one. A name in ``removed`` raises
     AttributeError with its entry, what to use instead; any other name goes to ``fallback``."""
-    where = {old: (new_module, new) for new_module, names in moves.items()
-             for old, _, new in (n.partition("=") for n in names)}
+    where = {old: (new_module, new or old) for new_module, names in moves.items()
+             for old, _, new in (n.partition("=") for n in names)}  # old name -> (module, name there)
 
     def __getattr__(name: str) -> Any:
         if name in where:
-            new_module, new = where[name][0], where[name][1] or name
+            new_module, new = where[name]
             warnings.warn(f"{module}.{name} moved to {new_module}.{new}; import it from there.", DeprecationWarning,
                           stacklevel=2)
             return getattr(importlib.import_module(new_module), new)
