@@ -25,7 +25,8 @@ the models differ, both stack ``nn.TransformerEncoderLayer`` (d_model ``C_mix``,
   many: the instability of paper Fig. 1-2.
 - :class:`SelfEnhancedEncoder` (SciceVPR, the student, 1 layer): each of the B x 14 regional
   features is a sequence of length 1. Attention over a single token is the identity on its
-  value, so no image sees another and descriptors do not depend on the batch.
+  value, so no image sees another and descriptors do not depend on the batch (in eval mode
+  bit for bit: the layer runs image by image, so that no kernel's rounding can depend on B).
 
 Keys: ``encoder.layers.{i}.*`` (the official ``nn.TransformerEncoder``'s names).
 """
@@ -100,11 +101,22 @@ class CrossImageEncoder(_RegionEncoder):
 
 
 class SelfEnhancedEncoder(_RegionEncoder):
-    """SciceVPR's encoder: each regional feature is enhanced on its own (sequence length 1)."""
+    """SciceVPR's encoder: each regional feature is enhanced on its own (sequence length 1).
+
+    In eval mode the layer runs image by image: a matrix kernel may round a row differently
+    with the number of rows multiplied together (MKL on an Intel Xeon does, by up to 1e-6 for
+    ``nn.Linear(384, 2048)``; GPU libraries pick their kernels by shape), so only products of
+    the same shape make an image's descriptor bit for bit the same in every batch. In training
+    mode the B*14 features go through the layer together: the same values up to that rounding,
+    one product per weight for the forward pass and its gradient.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 14, C) -> (B, 14, C); every one of the B*14 features is its own sequence."""
         B, R, C = x.shape
+        if not self.training:
+            # (1, 14, C) per image: (S=1, N=14, C), the same product whatever B
+            return torch.cat([self._run(x[b : b + 1]) for b in range(B)], dim=0)
         x = self._run(x.reshape(1, B * R, C))  # (B, 14, C) -> (S=1, N=B*14, C)
         return x.reshape(B, R, C)  # (1, B*14, C) -> (B, 14, C)
 

@@ -123,6 +123,23 @@ def test_student_descriptors_do_not_depend_on_the_batch():
         assert (d["batch"] - d[other]).abs().max() <= 1e-6
 
 
+def test_student_encoder_is_bit_for_bit_the_same_in_every_batch():
+    """What the batch-stability sweep re-runs (notebooks 02, 03, 05): the encoder on the same
+    regional features. In eval mode it runs image by image, so no matrix kernel can round an
+    image's rows differently with the batch's size (MKL on an Intel Xeon does, by 1e-8 here)."""
+    m = make(scicevpr.SciceVPR, encoder_dropout=0.0)
+    torch.manual_seed(2)
+    r = torch.randn(40, 14, m.config.mix_dim)  # (B, 14, C_mix) regional features
+    perm = torch.randperm(40)
+    with torch.no_grad():
+        batch = m.encode(r)
+        for size in (1, 3, 16):
+            assert torch.equal(torch.cat([m.encode(r[i : i + size]) for i in range(0, 40, size)]), batch), size
+        assert torch.equal(m.encode(r[perm])[torch.argsort(perm)], batch)
+        m.encoder.train()  # training mode: one product over the whole batch, the same values up to rounding
+        torch.testing.assert_close(m.encode(r), batch, rtol=0, atol=1e-6)
+
+
 def test_teacher_descriptors_change_with_the_batch():
     d = _batchings(make(scicevpr.SuperCricaVPR))
     assert (d["batch"] - d["single"]).abs().max() > 1e-3
