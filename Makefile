@@ -46,12 +46,51 @@ NBVAL := -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -q -p no
 
 test: $(STAMP)
 	$(PY) -m pytest tests/ -q
-	$(PY) $(NBVAL) notebooks/
+	$(MAKE) --no-print-directory test-notebooks
 	$(MAKE) --no-print-directory test-figures
 	$(MAKE) --no-print-directory test-native-kernels
 
+# How the notebooks' stored outputs are checked. exact (nbval, every output as stored) where the
+# pinned kernels give them bit for bit: the AMD kinds they were made on (EPYC with AVX2 only; Zen 4
+# with AVX-512). tolerance elsewhere: on an Intel Xeon with AMX, MKL rounds some products
+# differently even under the pins (docs/precision.md), training (04) ends in weights a last bit
+# apart and one of the teacher's near-ties in 03 counts 119 top-1 changes for the stored 120.
+# There 01 and 02 (no training) are still compared exactly, and 04, 05 and 03 within
+# tests/nbcompare.py's tolerance, in a copy, so that figures/ keeps its committed files.
+# NOTEBOOK_CHECK=exact or NOTEBOOK_CHECK=tolerance picks either on any CPU.
+NOTEBOOK_CHECK ?= $(if $(shell grep -qw AuthenticAMD /proc/cpuinfo 2>/dev/null && echo yes),exact,tolerance)
+UNTRAINED_NOTEBOOKS := notebooks/01_*.ipynb notebooks/02_*.ipynb
+# 04 trains; 05 and 03 read its runs.
+TRAINED_NOTEBOOKS := notebooks/04_*.ipynb notebooks/05_*.ipynb notebooks/03_*.ipynb
+
+PINNED_CHECK := runs/pinned-kernels-check
+
+# $(call notebook_copy,FOLDER): the notebooks in FOLDER, a copy with its own runs/ (so that 04
+# really trains again) and figures/, the synthetic data shared.
+define notebook_copy
+	rm -rf $(1) && mkdir -p $(1)/data $(1)/notebooks $(1)/figures data/synthetic
+	cp pyproject.toml $(1)/
+	cp figures/claims.csv $(1)/figures/  # the committed claims table that 01, 03, 04 and 05 read
+	cp notebooks/sanitize.cfg notebooks/0*.ipynb $(1)/notebooks/
+	ln -s $(CURDIR)/data/synthetic $(1)/data/synthetic
+endef
+
+test-notebooks: $(STAMP)
+ifeq ($(NOTEBOOK_CHECK),exact)
+	$(PY) $(NBVAL) notebooks/
+else ifeq ($(NOTEBOOK_CHECK),tolerance)
+	@echo "test-notebooks: NOTEBOOK_CHECK=tolerance (not one of the AMD kinds the stored outputs were made on): 01 and 02 exactly, 04, 05 and 03 within tests/nbcompare.py's tolerance, their figures not compared (docs/precision.md)"
+	$(PY) $(NBVAL) $(UNTRAINED_NOTEBOOKS)
+	$(call notebook_copy,$(PINNED_CHECK))
+	cd $(PINNED_CHECK) && MPLBACKEND=Agg $(CURDIR)/$(PY) $(CURDIR)/tests/nbcompare.py $(TRAINED_NOTEBOOKS)
+	rm -rf $(PINNED_CHECK)
+else
+	@echo "NOTEBOOK_CHECK=$(NOTEBOOK_CHECK): expected exact or tolerance"; exit 2
+endif
+
 # The notebooks just rewrote figures/ (PNGs and results.md/.csv): in a git checkout they must
-# equal the committed ones byte for byte, as the stored outputs do.
+# equal the committed ones byte for byte, as the stored outputs do. (With NOTEBOOK_CHECK=tolerance
+# only 01 and 02 ran here, the others in a copy.)
 test-figures:
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 	  git diff --stat --exit-code -- figures/ || { echo "figures/ differ from the committed ones: run 'make demo' and commit them, or find what made them change"; exit 1; }; \
@@ -60,13 +99,9 @@ test-figures:
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/ -q
 
-test-notebooks: $(STAMP)
-	$(PY) $(NBVAL) notebooks/
-
 # The stored outputs hold with the CPU's own kernels too (AVX-512 or AMX where the machine has
-# them), in a copy of the notebooks with its own runs/ (so that 04 really trains again) and the
-# synthetic data shared. 01 (untrained features ranked) must match exactly; 04 (training), 05
-# and 03 (the trained models, read from 04's runs) within the tolerance stated in
+# them), in a copy of the notebooks: 01 (untrained features ranked) must match exactly; 04
+# (training), 05 and 03 (the trained models, read from 04's runs) within the tolerance stated in
 # tests/nbcompare.py: last-bit differences grow through training into another best epoch or a
 # query more or less found.
 # On a CPU without AVX-512 or AMX the CPU's own kernels are the AVX2 ones that make pins, so there
@@ -78,13 +113,9 @@ test-native-kernels: $(STAMP)
 ifeq ($(WIDE_CPU)$(SCICEVPR_NATIVE_CHECK),)
 	@echo "test-native-kernels: skipped: this CPU has neither AVX-512 nor AMX, so its own kernels are the AVX2 ones that the other targets pin (SCICEVPR_NATIVE_CHECK=always runs it)"
 else
-	rm -rf $(NATIVE_CHECK) && mkdir -p $(NATIVE_CHECK)/data $(NATIVE_CHECK)/notebooks $(NATIVE_CHECK)/figures data/synthetic
-	cp pyproject.toml $(NATIVE_CHECK)/
-	cp figures/claims.csv $(NATIVE_CHECK)/figures/  # the committed claims table that 01, 03, 04 and 05 read
-	cp notebooks/sanitize.cfg notebooks/01_*.ipynb notebooks/03_*.ipynb notebooks/04_*.ipynb notebooks/05_*.ipynb $(NATIVE_CHECK)/notebooks/
-	ln -s $(CURDIR)/data/synthetic $(NATIVE_CHECK)/data/synthetic
+	$(call notebook_copy,$(NATIVE_CHECK))
 	cd $(NATIVE_CHECK) && $(UNPIN) $(CURDIR)/$(PY) $(NBVAL) notebooks/01_*.ipynb
-	cd $(NATIVE_CHECK) && $(UNPIN) MPLBACKEND=Agg $(CURDIR)/$(PY) $(CURDIR)/tests/nbcompare.py notebooks/04_*.ipynb notebooks/05_*.ipynb notebooks/03_*.ipynb
+	cd $(NATIVE_CHECK) && $(UNPIN) MPLBACKEND=Agg $(CURDIR)/$(PY) $(CURDIR)/tests/nbcompare.py $(TRAINED_NOTEBOOKS)
 	rm -rf $(NATIVE_CHECK)
 endif
 

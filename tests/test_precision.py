@@ -5,6 +5,7 @@ outputs hold on every CPU kind."""
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -169,3 +170,26 @@ def test_the_settings_banner_states_precision_and_kernels(monkeypatch):
     assert "CPU kernels     : AVX2, pinned" in text
     monkeypatch.delenv("MKL_CBWR")
     assert "CPU kernels     : native" in setup("offline", quiet=True).describe()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_checks_the_stored_outputs_exactly_on_the_amd_kinds_and_within_tolerance_elsewhere():
+    """``make test-notebooks``: nbval on every notebook where the pinned kernels give the stored
+    outputs bit for bit (the AMD kinds they were made on); elsewhere nbval on the untrained 01 and
+    02 and ``tests/nbcompare.py`` on 04, 05 and 03. ``make -n`` prints the commands, runs none."""
+    import subprocess
+
+    def commands(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "--no-print-directory", "test-notebooks", *args], cwd=REPO,
+                              capture_output=True, text=True)
+
+    exact = commands("NOTEBOOK_CHECK=exact").stdout
+    assert re.search(r"--nbval .* notebooks/$", exact, flags=re.M) and "nbcompare" not in exact
+    tolerance = commands("NOTEBOOK_CHECK=tolerance").stdout
+    assert re.search(r"--nbval .* notebooks/01_\*\.ipynb notebooks/02_\*\.ipynb$", tolerance, flags=re.M)
+    assert re.search(r"nbcompare\.py notebooks/04_\*\.ipynb notebooks/05_\*\.ipynb notebooks/03_\*\.ipynb$",
+                     tolerance, flags=re.M)
+    amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    assert commands().stdout == (exact if amd else tolerance)
+    wrong = commands("NOTEBOOK_CHECK=approximately")
+    assert "expected exact or tolerance" in wrong.stdout
