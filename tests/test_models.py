@@ -126,7 +126,7 @@ def test_student_descriptors_do_not_depend_on_the_batch():
 def test_student_encoder_is_bit_for_bit_the_same_in_every_batch():
     """What the batch-stability sweep re-runs (notebooks 02, 03, 05): the encoder on the same
     regional features. In eval mode it runs image by image, so no matrix kernel can round an
-    image's rows differently with the batch's size (MKL on an Intel Xeon does, by 1e-8 here)."""
+    image's rows differently with the batch's size (MKL on an Intel Xeon does)."""
     m = make(scicevpr.SciceVPR, encoder_dropout=0.0)
     torch.manual_seed(2)
     r = torch.randn(40, 14, m.config.mix_dim)  # (B, 14, C_mix) regional features

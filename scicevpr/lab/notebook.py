@@ -172,8 +172,8 @@ class NotebookSettings:
         eval_batch_size: images per batch in evaluation (16, the official protocol).
         stability_batch_sizes, stability_orders: the query batching sweep (paper Fig. 2).
         num_workers: DataLoader workers.
-        amp: bf16 autocast (resolved by :mod:`scicevpr.precision`; offline always False: fp32 gives
-            the same numbers on every CPU kind).
+        amp: bf16 autocast (resolved by :mod:`scicevpr.precision`; offline always False: fp32 on
+            every CPU kind, where bf16 would be emulated on most).
         pca_dim, pca_max_images: PCA of the descriptors and how many training images fit it.
         demo_images: how many images the explanatory notebooks (01, 02) look at.
         seed, threads: random seed and torch CPU threads.
@@ -273,7 +273,7 @@ class NotebookSettings:
             f"{cfg.image_size} px, C_mix {cfg.mix_dim}, {cfg.descriptor_dim}-d)",
             f"DINOv2 weights  : {weights}",
             f"device          : {self.device}, {self.threads} CPU threads, {'bf16 autocast' if self.amp else 'fp32'}"
-            + (" (offline: the same arithmetic on every CPU kind)" if self.offline else ""),
+            + (" (offline: fp32 on every CPU kind, never emulated bf16)" if self.offline else ""),
             f"CPU kernels     : {_cpu_kernels_line()}",
             f"data            : {_relative(self.data_root, self.repo_root)}"
             + (f" (synthetic preset '{self.synthetic_preset}')" if self.synthetic_preset else ""),
