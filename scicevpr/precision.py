@@ -40,9 +40,10 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # passes it to the notebook kernels). On the two AMD kinds (AVX2 only; Zen 4 with AVX-512) it
 # reproduces the stored notebook outputs bit for bit; on an Intel Xeon with AMX not all of them:
 # MKL's AVX2 GEMM rounds some products differently there and training ends a last bit apart, so
-# `make test` compares the notebooks that train within a stated tolerance (docs/precision.md). On an AMD EPYC with AVX-512 (Zen 4) the fp32 forward of
-# SciceVPR-S at 112 px ran at 46 images/s pinned and 45 unpinned: fp32 loses nothing; only bf16
-# becomes emulated, so :func:`resolve_amp` then chooses fp32.
+# `make test` compares the notebooks that train within a stated tolerance (docs/precision.md).
+# On an AMD EPYC with AVX-512 (Zen 4) the fp32 forward of SciceVPR-S at 112 px ran at 46 images/s
+# pinned and 45 unpinned: fp32 loses nothing; only bf16 becomes emulated, so :func:`resolve_amp`
+# then chooses fp32.
 PINNED_CPU_KERNELS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
