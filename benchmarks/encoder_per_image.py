@@ -1,6 +1,7 @@
 """What SciceVPR's image-by-image encoder costs: the eval forward pass with the encoder run image
-by image (``SelfEnhancedEncoder`` in eval mode, the shipped path) against one product over the
-whole batch (the path before 2026-12-08, defined here), on random weights, alternating the two.
+by image (``SelfEnhancedEncoder`` in eval mode) against one product over the whole batch (its
+training mode, the eval path before 2026-12-08; dropout 0 so that it computes the same), on random
+weights, alternating the two.
 
     python benchmarks/encoder_per_image.py SciceVPR-S 112
     python benchmarks/encoder_per_image.py SciceVPR-B 224 --device cuda
@@ -18,13 +19,6 @@ import warnings
 import torch
 
 import scicevpr
-from scicevpr.models import SelfEnhancedEncoder
-
-
-def batched_forward(self: SelfEnhancedEncoder, x: torch.Tensor) -> torch.Tensor:
-    """The encoder as it ran before: the B*14 features through the layer in one product."""
-    B, R, C = x.shape
-    return self._run(x.reshape(1, B * R, C)).reshape(B, R, C)  # (B, 14, C) -> (1, B*14, C) -> (B, 14, C)
 
 
 def main() -> None:
@@ -40,8 +34,8 @@ def main() -> None:
     device = torch.device(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights, said above
-        m = scicevpr.SciceVPR(args.preset, weights=None, seed=0, image_size=args.image_size).to(device).eval()
-    per_image = SelfEnhancedEncoder.forward
+        m = scicevpr.SciceVPR(args.preset, weights=None, seed=0, image_size=args.image_size,
+                              encoder_dropout=0.0).to(device).eval()
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -54,22 +48,20 @@ def main() -> None:
 
     print(f"| {args.preset}, {args.image_size} px, {device} | batch | encoder | forward (ms) | encoder alone (ms) |")
     print("|---|---|---|---|---|")
-    try:
-        for B in args.batch_sizes:
-            x = torch.randn(B, 3, args.image_size, args.image_size, device=device)
-            times: dict[str, list[tuple[float, float]]] = {"image by image": [], "one product": []}
-            with torch.no_grad():
-                r = m.regional_features(m.extract_features(x))  # (B, 14, C_mix)
-                for _ in range(args.repeats + 1):  # the first round warms up
-                    for name, forward in (("image by image", per_image), ("one product", batched_forward)):
-                        SelfEnhancedEncoder.forward = forward
-                        times[name].append((timed(lambda: m(x)), timed(lambda: m.encode(r))))
-            for name, t in times.items():
-                f = statistics.median(a for a, _ in t[1:]) * 1e3
-                e = statistics.median(b for _, b in t[1:]) * 1e3
-                print(f"| | {B} | {name} | {f:.1f} | {e:.1f} |")
-    finally:
-        SelfEnhancedEncoder.forward = per_image
+    for B in args.batch_sizes:
+        x = torch.randn(B, 3, args.image_size, args.image_size, device=device)
+        times: dict[str, list[tuple[float, float]]] = {"image by image": [], "one product": []}
+        with torch.no_grad():
+            r = m.regional_features(m.extract_features(x))  # (B, 14, C_mix)
+            for _ in range(args.repeats + 1):  # the first round warms up
+                for name, one_product in (("image by image", False), ("one product", True)):
+                    m.encoder.train(one_product)
+                    times[name].append((timed(lambda: m(x)), timed(lambda: m.encode(r))))
+        m.encoder.eval()
+        for name, t in times.items():
+            f = statistics.median(a for a, _ in t[1:]) * 1e3
+            e = statistics.median(b for _, b in t[1:]) * 1e3
+            print(f"| | {B} | {name} | {f:.1f} | {e:.1f} |")
 
 
 if __name__ == "__main__":
