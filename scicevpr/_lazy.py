@@ -3,6 +3,7 @@ the package (``import scicevpr``, the command line's ``--help``) does not import
 
 from __future__ import annotations
 
+import dis
 import importlib
 import importlib.abc
 import importlib.util
@@ -38,24 +39,37 @@ def moved_attributes(module: str, moves: dict[str, tuple[str, ...]], removed: di
                      fallback: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``module`` whose names moved: ``moves[new_module]`` are the
     names now in ``new_module`` (``"old=new"`` where the name changed too). Each still imports
-    from the old place, with a DeprecationWarning naming the new one. A name in ``removed`` raises
-    AttributeError with its entry, what to use instead; any other name goes to ``fallback``."""
+    from the old place, with one DeprecationWarning naming the new one. A name in ``removed`` raises
+    AttributeError with its entry, what to use instead (ImportError in ``from module import
+    name``, where Python would replace an AttributeError's message with "cannot import name");
+    any other name goes to ``fallback``."""
     where = {old: (new_module, new or old) for new_module, names in moves.items()
              for old, _, new in (n.partition("=") for n in names)}  # old name -> (module, name there)
 
     def __getattr__(name: str) -> Any:
+        caller = sys._getframe(1)
         if name in where:
             new_module, new = where[name]
-            warnings.warn(f"{module}.{name} moved to {new_module}.{new}; import it from there.", DeprecationWarning,
-                          stacklevel=2)
+            if caller.f_code.co_name != "_handle_fromlist":  # import's probe before ``from package import name``
+                warnings.warn(f"{module}.{name} moved to {new_module}.{new}; import it from there.",
+                              DeprecationWarning, stacklevel=2)
             return getattr(importlib.import_module(new_module), new)
         if removed and name in removed:
-            raise AttributeError(f"{module}.{name} was removed: {removed[name]}")
+            message = f"{module}.{name} was removed: {removed[name]}"
+            if _runs_import_from(caller):  # Python turns an AttributeError there into "cannot import name"
+                raise ImportError(message, name=module)
+            raise AttributeError(message)
         if fallback is not None:
             return fallback(name)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def _runs_import_from(frame) -> bool:
+    """Whether ``frame`` is executing ``from module import name`` (the opcode at its last instruction)."""
+    code = frame.f_code.co_code
+    return 0 <= frame.f_lasti < len(code) and code[frame.f_lasti] == dis.opmap.get("IMPORT_FROM")
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

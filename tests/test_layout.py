@@ -160,6 +160,24 @@ def test_every_name_of_the_package_before_the_layout_still_imports():
     assert not missing, f"no longer import from their old module: {missing}"
 
 
+def test_from_import_of_a_removed_name_says_what_to_use_and_a_moved_name_warns_once():
+    """``from scicevpr.config import PretrainConfig`` (a module) and ``from scicevpr.evaluate import
+    BACKBONE_CACHE`` raise ImportError with the reason, not Python's bare "cannot import name";
+    ``from scicevpr.data import generate`` (a package, which import probes with ``hasattr`` first)
+    warns once, at the caller's line."""
+    import warnings
+
+    for module, name, fix in [("scicevpr.config", "PretrainConfig", "import it from scicevpr.offline.config"),
+                              ("scicevpr.evaluate", "BACKBONE_CACHE", "create a scicevpr.offline.cache.BackboneCache")]:
+        with pytest.raises(ImportError, match=rf"{module}.{name} was removed: .*{fix}"):
+            exec(f"from {module} import {name}", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile("from scicevpr.data import generate", "user_cell.py", "exec"), {})
+    moved = [w for w in caught if "scicevpr.data.generate moved to" in str(w.message)]
+    assert [w.filename for w in moved] == ["user_cell.py"], [(w.filename, str(w.message)) for w in caught]
+
+
 def test_a_renamed_name_and_the_fallback_of_a_package():
     """``scicevpr.data.SYNTHETIC_PRESETS`` is ``scicevpr.offline.synthetic.PRESETS`` and
     ``scicevpr.checkpoint.build_model`` is ``create_model``, each with the warning naming the new
